@@ -1,0 +1,8 @@
+//! rimg: mount container images straight from a registry as a read-only
+//! filesystem, or export them as loadable archives.
+//!
+//! Data flows one way: [`reference`] -> [`registry`] -> [`cache`] ->
+//! [`layer`] -> [`tree`] -> [`fuse`] or [`export`]. No module reaches back up.
+
+pub mod reference;
+pub mod registry;
