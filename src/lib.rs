@@ -4,5 +4,6 @@
 //! Data flows one way: [`reference`] -> [`registry`] -> [`cache`] ->
 //! [`layer`] -> [`tree`] -> [`fuse`] or [`export`]. No module reaches back up.
 
+pub mod commands;
 pub mod reference;
 pub mod registry;

@@ -1,4 +1,23 @@
-//! The distribution API v2 client: auth, manifest resolution and blob streams.
+//! The distribution API v2 client: references in, verified manifests, configs
+//! and blob streams out, with every auth mode real registries use.
 
+mod blob;
+mod challenge;
+mod client;
+mod credentials;
+mod error;
+mod image;
+mod platform;
 mod types;
+
+pub use blob::BlobReader;
+pub use challenge::{Challenge, parse_challenges};
+pub use client::{Client, ClientOptions, Mirror};
+pub use credentials::{CredentialStore, Credentials};
+pub use error::RegistryError;
+pub use image::{
+    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, RawManifest, ResolvedImage,
+    sha256_digest,
+};
+pub use platform::PlatformSpec;
 pub use types::*;

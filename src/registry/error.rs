@@ -1,0 +1,184 @@
+//! The registry client's error type: every variant names the registry,
+//! reference or digest it is about.
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry answered with its JSON error body.
+    #[error("{code}: {message} ({what})")]
+    Api {
+        status: u16,
+        code: String,
+        message: String,
+        what: String,
+    },
+    #[error("authentication refused by {registry} for {what}: {reason}")]
+    Auth {
+        registry: String,
+        what: String,
+        reason: String,
+    },
+    #[error("cannot reach registry {registry}: {detail}")]
+    Unreachable { registry: String, detail: String },
+    #[error("TLS failure talking to {registry}: {detail}")]
+    Tls { registry: String, detail: String },
+    #[error("HTTP {status} from {registry} for {what}")]
+    Http {
+        registry: String,
+        status: u16,
+        what: String,
+    },
+    #[error("{reference}: no manifest for platform {wanted}; the index has: {available}")]
+    NoPlatform {
+        reference: String,
+        wanted: String,
+        available: String,
+    },
+    #[error(
+        "{reference} is a Docker schema1 manifest, which rimg does not read: re-push the image with a current docker, podman or skopeo"
+    )]
+    Schema1 { reference: String },
+    #[error("{reference}: unsupported manifest media type {media_type:?}")]
+    MediaType {
+        reference: String,
+        media_type: String,
+    },
+    #[error("{what}: content digest mismatch: expected {expected}, got {actual}")]
+    Digest {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{what}: invalid {kind}: {detail}")]
+    Invalid {
+        what: String,
+        kind: &'static str,
+        detail: String,
+    },
+    #[error("credentials: {0}")]
+    Credentials(String),
+    #[error("registry configuration: {0}")]
+    Config(String),
+}
+
+impl RegistryError {
+    /// Errors worth another try: the network, or a server having a bad moment.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            RegistryError::Unreachable { .. } => true,
+            RegistryError::Http { status, .. } | RegistryError::Api { status, .. } => {
+                *status >= 500 || *status == 429
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    #[serde(default)]
+    errors: Vec<ErrorItem>,
+}
+
+#[derive(Deserialize)]
+struct ErrorItem {
+    #[serde(default)]
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Builds the error for a failed response, using the distribution JSON error
+/// body when the registry sent one.
+pub(crate) fn from_response(registry: &str, status: u16, body: &[u8], what: &str) -> RegistryError {
+    if let Ok(parsed) = serde_json::from_slice::<ErrorBody>(body)
+        && let Some(first) = parsed.errors.into_iter().next()
+        && !first.code.is_empty()
+    {
+        if status == 401 || status == 403 {
+            return RegistryError::Auth {
+                registry: registry.to_string(),
+                what: what.to_string(),
+                reason: format!("{}: {}", first.code, first.message),
+            };
+        }
+        return RegistryError::Api {
+            status,
+            code: first.code,
+            message: first.message,
+            what: what.to_string(),
+        };
+    }
+    match status {
+        401 | 403 => RegistryError::Auth {
+            registry: registry.to_string(),
+            what: what.to_string(),
+            reason: format!("HTTP {status}"),
+        },
+        404 => RegistryError::Api {
+            status,
+            code: "NOT_FOUND".into(),
+            message: "not found".into(),
+            what: what.to_string(),
+        },
+        _ => RegistryError::Http {
+            registry: registry.to_string(),
+            status,
+            what: what.to_string(),
+        },
+    }
+}
+
+/// Classifies a transport error: TLS problems are told apart from plain unreachability.
+pub(crate) fn from_transport(registry: &str, err: &reqwest::Error) -> RegistryError {
+    let mut detail = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(s) = source {
+        detail.push_str(": ");
+        detail.push_str(&s.to_string());
+        source = s.source();
+    }
+    let lower = detail.to_ascii_lowercase();
+    if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
+        RegistryError::Tls {
+            registry: registry.to_string(),
+            detail,
+        }
+    } else {
+        RegistryError::Unreachable {
+            registry: registry.to_string(),
+            detail,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_error_body_gives_code_message_and_reference() {
+        let body =
+            br#"{"errors":[{"code":"MANIFEST_UNKNOWN","message":"manifest unknown","detail":{}}]}"#;
+        let e = from_response("docker.io", 404, body, "docker.io/library/alpine:3.99");
+        assert_eq!(
+            e.to_string(),
+            "MANIFEST_UNKNOWN: manifest unknown (docker.io/library/alpine:3.99)"
+        );
+    }
+
+    #[test]
+    fn unauthorized_becomes_an_auth_error() {
+        let body = br#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#;
+        let e = from_response("r", 401, body, "r/x:y");
+        assert!(matches!(e, RegistryError::Auth { .. }), "{e}");
+    }
+
+    #[test]
+    fn server_errors_are_transient_and_client_errors_are_not() {
+        assert!(from_response("r", 503, b"", "x").is_transient());
+        assert!(from_response("r", 429, b"", "x").is_transient());
+        assert!(!from_response("r", 404, b"", "x").is_transient());
+    }
+}

@@ -1,0 +1,378 @@
+//! From a reference to a verified manifest and config: content negotiation,
+//! index resolution to one platform, and digest checks.
+
+use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
+use reqwest::Method;
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use super::client::{Client, Endpoint, Target};
+use super::error::{RegistryError, from_response, from_transport};
+use super::platform::{PlatformSpec, select};
+use super::types::LayerDesc;
+use crate::reference::Reference;
+
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+const SCHEMA1: [&str; 3] = [
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+    "application/json",
+];
+/// Manifests bigger than this are not manifests (the spec suggests 4 MiB).
+const MANIFEST_MAX: usize = 4 << 20;
+const CONFIG_MAX: usize = 32 << 20;
+
+/// A reference resolved to one platform's manifest, its config and layers.
+#[derive(Debug, Clone)]
+pub struct ResolvedImage {
+    pub reference: Reference,
+    /// Digest of the platform manifest (what `@digest` pins).
+    pub digest: String,
+    /// Digest of the index or manifest list it was chosen from, if any.
+    pub index_digest: Option<String>,
+    pub media_type: String,
+    pub manifest_bytes: Vec<u8>,
+    pub manifest: ImageManifest,
+    pub config_digest: String,
+    pub config_bytes: Vec<u8>,
+    pub config: ImageConfiguration,
+    pub platform: String,
+    pub layers: Vec<LayerDesc>,
+}
+
+/// A manifest as served, before interpretation.
+#[derive(Debug, Clone, Serialize)]
+pub struct RawManifest {
+    pub media_type: String,
+    pub digest: String,
+    #[serde(skip)]
+    pub bytes: Vec<u8>,
+}
+
+pub fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+fn accept_all() -> HeaderValue {
+    HeaderValue::from_str(&[OCI_INDEX, DOCKER_LIST, OCI_MANIFEST, DOCKER_MANIFEST].join(", "))
+        .expect("static header")
+}
+
+/// The media type a manifest declares in its body, for registries that serve a
+/// generic Content-Type.
+fn declared_media_type(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+        #[serde(rename = "schemaVersion")]
+        schema_version: Option<u32>,
+        manifests: Option<serde_json::Value>,
+        layers: Option<serde_json::Value>,
+    }
+    let p: Probe = serde_json::from_slice(bytes).ok()?;
+    if p.schema_version == Some(1) {
+        return Some(SCHEMA1[0].to_string());
+    }
+    p.media_type.or_else(|| {
+        if p.manifests.is_some() {
+            Some(OCI_INDEX.to_string())
+        } else if p.layers.is_some() {
+            Some(OCI_MANIFEST.to_string())
+        } else {
+            None
+        }
+    })
+}
+
+impl Client {
+    /// Fetches the manifest `reference` points at, as served, trying mirrors first.
+    pub async fn fetch_manifest(
+        &self,
+        reference: &Reference,
+    ) -> Result<RawManifest, RegistryError> {
+        let endpoints = self.endpoints(reference).await?;
+        let mut last_err = None;
+        for ep in &endpoints {
+            match self.fetch_manifest_from(ep, reference).await {
+                Ok(m) => return Ok(m),
+                Err(e) if ep.is_mirror => {
+                    tracing::info!(
+                        "mirror {} failed for {reference}: {e}; trying the next",
+                        ep.base
+                    );
+                    last_err = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.expect("at least one endpoint"))
+    }
+
+    async fn fetch_manifest_from(
+        &self,
+        ep: &Endpoint,
+        reference: &Reference,
+    ) -> Result<RawManifest, RegistryError> {
+        let what = reference.to_string();
+        let t = Target {
+            endpoint: ep,
+            repository: &reference.repository,
+            what: what.clone(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert(header::ACCEPT, accept_all());
+        let path = format!(
+            "/v2/{}/manifests/{}",
+            reference.repository,
+            reference.target()
+        );
+        let resp = self.request(&t, Method::GET, &path, headers).await?;
+        let status = resp.status().as_u16();
+        let content_type = resp
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
+        let header_digest = resp
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        if resp
+            .content_length()
+            .is_some_and(|l| l as usize > MANIFEST_MAX)
+        {
+            return Err(RegistryError::Invalid {
+                what,
+                kind: "manifest",
+                detail: format!("larger than {MANIFEST_MAX} bytes"),
+            });
+        }
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| from_transport(&ep.registry, &e))?;
+        if !(200..300).contains(&status) {
+            return Err(from_response(&ep.registry, status, &body, &what));
+        }
+        if body.len() > MANIFEST_MAX {
+            return Err(RegistryError::Invalid {
+                what,
+                kind: "manifest",
+                detail: format!("larger than {MANIFEST_MAX} bytes"),
+            });
+        }
+        let digest = sha256_digest(&body);
+        let expected = reference
+            .digest
+            .clone()
+            .or(header_digest.filter(|d| d.starts_with("sha256:")));
+        if let Some(expected) = expected
+            && expected != digest
+        {
+            return Err(RegistryError::Digest {
+                what: format!("manifest of {what}"),
+                expected,
+                actual: digest,
+            });
+        }
+        let declared = declared_media_type(&body);
+        let media_type = match content_type.as_deref() {
+            Some(ct) if ct != "application/json" && ct != "text/plain" => ct.to_string(),
+            _ => declared.clone().unwrap_or_default(),
+        };
+        if SCHEMA1.contains(&media_type.as_str()) || declared.as_deref() == Some(SCHEMA1[0]) {
+            return Err(RegistryError::Schema1 { reference: what });
+        }
+        Ok(RawManifest {
+            media_type,
+            digest,
+            bytes: body.to_vec(),
+        })
+    }
+
+    /// Resolves `reference` to one platform's image manifest and its config.
+    pub async fn resolve(
+        &self,
+        reference: &Reference,
+        platform: Option<&PlatformSpec>,
+    ) -> Result<ResolvedImage, RegistryError> {
+        let what = reference.to_string();
+        let want = platform.cloned().unwrap_or_else(PlatformSpec::host);
+        let mut raw = self.fetch_manifest(reference).await?;
+        let mut index_digest = None;
+        let mut platform_name = None;
+        if matches!(raw.media_type.as_str(), OCI_INDEX | DOCKER_LIST) {
+            let index: ImageIndex =
+                serde_json::from_slice(&raw.bytes).map_err(|e| RegistryError::Invalid {
+                    what: what.clone(),
+                    kind: "image index",
+                    detail: e.to_string(),
+                })?;
+            let chosen = select(&index, &want).map_err(|available| RegistryError::NoPlatform {
+                reference: what.clone(),
+                wanted: want.to_string(),
+                available,
+            })?;
+            platform_name = chosen.platform().as_ref().map(|p| {
+                let mut s = format!("{}/{}", p.os(), p.architecture());
+                if let Some(v) = p.variant().as_deref().filter(|v| !v.is_empty()) {
+                    s = format!("{s}/{v}");
+                }
+                s
+            });
+            let child = reference.with_digest(chosen.digest().as_ref());
+            index_digest = Some(raw.digest.clone());
+            raw = self.fetch_manifest(&child).await?;
+            if matches!(raw.media_type.as_str(), OCI_INDEX | DOCKER_LIST) {
+                return Err(RegistryError::Invalid {
+                    what,
+                    kind: "image index",
+                    detail: "an index entry points at another index".into(),
+                });
+            }
+        }
+        if !matches!(raw.media_type.as_str(), OCI_MANIFEST | DOCKER_MANIFEST) {
+            return Err(RegistryError::MediaType {
+                reference: what,
+                media_type: raw.media_type,
+            });
+        }
+        let manifest: ImageManifest =
+            serde_json::from_slice(&raw.bytes).map_err(|e| RegistryError::Invalid {
+                what: what.clone(),
+                kind: "image manifest",
+                detail: e.to_string(),
+            })?;
+        let config_digest = manifest.config().digest().to_string();
+        let config_bytes = self
+            .fetch_small_blob(reference, &config_digest, CONFIG_MAX)
+            .await?;
+        let config: ImageConfiguration =
+            serde_json::from_slice(&config_bytes).map_err(|e| RegistryError::Invalid {
+                what: format!("{what} config {config_digest}"),
+                kind: "image config",
+                detail: e.to_string(),
+            })?;
+        let platform = platform_name.unwrap_or_else(|| {
+            let mut s = format!("{}/{}", config.os(), config.architecture());
+            if let Some(v) = config.variant().as_deref().filter(|v| !v.is_empty()) {
+                s = format!("{s}/{v}");
+            }
+            s
+        });
+        let layers = manifest
+            .layers()
+            .iter()
+            .map(|d| LayerDesc {
+                digest: d.digest().to_string(),
+                media_type: d.media_type().to_string(),
+                size: d.size(),
+                urls: d.urls().clone().unwrap_or_default(),
+            })
+            .collect();
+        Ok(ResolvedImage {
+            reference: reference.clone(),
+            digest: raw.digest,
+            index_digest,
+            media_type: raw.media_type,
+            manifest_bytes: raw.bytes,
+            manifest,
+            config_digest,
+            config_bytes,
+            config,
+            platform,
+            layers,
+        })
+    }
+
+    /// A whole blob in memory (configs), verified against its digest.
+    pub async fn fetch_small_blob(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let what = format!("{} blob {digest}", reference.name());
+        let endpoints = self.endpoints(reference).await?;
+        let mut last_err = None;
+        for ep in &endpoints {
+            let t = Target {
+                endpoint: ep,
+                repository: &reference.repository,
+                what: what.clone(),
+            };
+            let path = format!("/v2/{}/blobs/{digest}", reference.repository);
+            let result = async {
+                let resp = self
+                    .request(&t, Method::GET, &path, HeaderMap::new())
+                    .await?;
+                let status = resp.status().as_u16();
+                let body = resp
+                    .bytes()
+                    .await
+                    .map_err(|e| from_transport(&ep.registry, &e))?;
+                if !(200..300).contains(&status) {
+                    return Err(from_response(&ep.registry, status, &body, &what));
+                }
+                if body.len() > max {
+                    return Err(RegistryError::Invalid {
+                        what: what.clone(),
+                        kind: "blob",
+                        detail: format!("larger than {max} bytes"),
+                    });
+                }
+                let actual = sha256_digest(&body);
+                if actual != digest {
+                    return Err(RegistryError::Digest {
+                        what: what.clone(),
+                        expected: digest.to_string(),
+                        actual,
+                    });
+                }
+                Ok(body.to_vec())
+            }
+            .await;
+            match result {
+                Ok(b) => return Ok(b),
+                Err(e) if ep.is_mirror => last_err = Some(e),
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last_err.expect("at least one endpoint"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn media_type_is_read_from_the_body_when_the_header_is_generic() {
+        assert_eq!(
+            declared_media_type(br#"{"schemaVersion":2,"manifests":[]}"#).as_deref(),
+            Some(OCI_INDEX)
+        );
+        assert_eq!(
+            declared_media_type(br#"{"schemaVersion":2,"config":{},"layers":[]}"#).as_deref(),
+            Some(OCI_MANIFEST)
+        );
+        assert_eq!(
+            declared_media_type(br#"{"schemaVersion":1,"fsLayers":[]}"#).as_deref(),
+            Some(SCHEMA1[0])
+        );
+    }
+
+    #[test]
+    fn digest_of_bytes_is_sha256_prefixed() {
+        assert_eq!(
+            sha256_digest(b""),
+            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+    }
+}
