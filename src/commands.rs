@@ -1,17 +1,22 @@
 //! The CLI edge: each subcommand as a function over parsed arguments. This is
 //! the only place that uses anyhow; it adds the context a user needs.
 
-use std::io::{Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
+use crate::cache::Cache;
+use crate::fuse::mounts::{self, MountRecord};
+use crate::image::{ImageSource, short_digest};
+use crate::layer::EntryKind;
 use crate::reference::Reference;
 use crate::registry::{
     Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, ResolvedImage,
 };
+use crate::tree::NodeId;
 
 /// Options every subcommand shares.
 #[derive(Debug, Clone, Default)]
@@ -119,6 +124,10 @@ impl Common {
     }
 
     pub(crate) fn client(&self) -> Result<Arc<Client>> {
+        self.client_with(self.explicit_credentials()?)
+    }
+
+    pub(crate) fn client_with(&self, explicit: Option<Credentials>) -> Result<Arc<Client>> {
         let mut mirrors = Vec::new();
         let env_mirrors = std::env::var("RIMG_MIRRORS").unwrap_or_default();
         for m in self.mirrors.iter().map(String::as_str).chain(
@@ -134,7 +143,7 @@ impl Common {
             insecure: self.insecure,
             ca_certs: self.ca_certs.clone(),
             mirrors,
-            credentials: CredentialStore::from_env(self.explicit_credentials()?),
+            credentials: CredentialStore::from_env(explicit),
             ..ClientOptions::default()
         };
         Ok(Arc::new(Client::new(opts)?))
@@ -241,42 +250,714 @@ pub fn tags(common: &Common, repository: &str) -> Result<()> {
     Ok(())
 }
 
-pub fn ls(_common: &Common, _args: &LsArgs) -> Result<()> {
-    bail!("ls is not available yet")
+/// Parses sizes like `10G`, `500M`, `4096` (binary multiples).
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => {
+            let unit = t[i..].to_ascii_uppercase();
+            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
+                "" => 1,
+                "K" => 1 << 10,
+                "M" => 1 << 20,
+                "G" => 1 << 30,
+                "T" => 1 << 40,
+                _ => bail!("size {s:?}: unknown unit (use K, M, G or T)"),
+            };
+            (&t[..i], m)
+        }
+        None => (t, 1),
+    };
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow!("size {s:?} is not a number with an optional K/M/G/T unit"))?;
+    if !n.is_finite() || n < 0.0 {
+        bail!("size {s:?} must be positive");
+    }
+    Ok((n * mult as f64) as u64)
 }
 
-pub fn cat(_common: &Common, _reference: &str, _path: &str) -> Result<()> {
-    bail!("cat is not available yet")
+const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
+
+impl Common {
+    pub(crate) fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(crate::cache::default_dir)
+    }
+
+    pub(crate) fn cache_limit(&self) -> Result<u64> {
+        self.cache_size
+            .as_deref()
+            .map(parse_size)
+            .transpose()
+            .map(|s| s.unwrap_or(DEFAULT_CACHE_SIZE))
+    }
+
+    pub(crate) fn cache(&self) -> Result<Arc<Cache>> {
+        let dir = self.cache_dir();
+        let cache = Cache::open(&dir, self.cache_limit()?)
+            .with_context(|| format!("cannot open the cache at {}", dir.display()))?;
+        Ok(Arc::new(cache))
+    }
+
+    fn max_layer_size(&self) -> Result<u64> {
+        match &self.max_layer_size {
+            Some(s) => parse_size(s),
+            None => self.cache_limit(),
+        }
+    }
+
+    /// Resolves `reference` and opens it for reading.
+    pub(crate) fn open_image(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        reference: &str,
+        progress: bool,
+    ) -> Result<Arc<ImageSource>> {
+        let reference = parse_reference(reference)?;
+        let client = self.client()?;
+        let image = rt.block_on(resolve(&client, self, &reference))?;
+        Ok(Arc::new(ImageSource::new(
+            image,
+            client,
+            self.cache()?,
+            self.max_layer_size()?,
+            progress,
+        )))
+    }
 }
 
-pub fn mount(_common: &Common, _args: &MountArgs) -> Result<()> {
-    bail!("mount is not available yet")
+fn mode_string(kind: EntryKind, mode: u32) -> String {
+    let t = match kind {
+        EntryKind::Dir => 'd',
+        EntryKind::Symlink => 'l',
+        EntryKind::Char => 'c',
+        EntryKind::Block => 'b',
+        EntryKind::Fifo => 'p',
+        _ => '-',
+    };
+    let mut s = String::with_capacity(10);
+    s.push(t);
+    let bits = [
+        (0o400, 'r'),
+        (0o200, 'w'),
+        (0o100, 'x'),
+        (0o040, 'r'),
+        (0o020, 'w'),
+        (0o010, 'x'),
+        (0o004, 'r'),
+        (0o002, 'w'),
+        (0o001, 'x'),
+    ];
+    for (i, (bit, c)) in bits.iter().enumerate() {
+        let set = mode & bit != 0;
+        let special = match i {
+            2 => mode & 0o4000 != 0,
+            5 => mode & 0o2000 != 0,
+            8 => mode & 0o1000 != 0,
+            _ => false,
+        };
+        s.push(match (set, special) {
+            (true, false) => *c,
+            (false, false) => '-',
+            (true, true) => {
+                if i == 8 {
+                    't'
+                } else {
+                    's'
+                }
+            }
+            (false, true) => {
+                if i == 8 {
+                    'T'
+                } else {
+                    'S'
+                }
+            }
+        });
+    }
+    s
 }
 
-pub fn serve(_common: &Common, _args: &MountArgs) -> Result<()> {
-    bail!("serve is not available yet")
+fn format_time(secs: i64) -> String {
+    // Civil-from-days (Howard Hinnant), so no date crate is needed for one column.
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60
+    )
 }
 
-pub fn umount(_mountpoint: &std::path::Path) -> Result<()> {
-    bail!("umount is not available yet")
+pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
+    init_logging(common.verbose);
+    let rt = runtime()?;
+    let source = common.open_image(&rt, &args.reference, std::io::stderr().is_terminal())?;
+    let (tree, _layers) = rt.block_on(source.tree(None))?;
+    let start = tree
+        .resolve(&args.path, true)
+        .with_context(|| format!("{}: {}", source.image.reference, args.path))?;
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let base = normalize_display(&args.path);
+    let print = |out: &mut dyn Write, path: &str, id: NodeId| -> std::io::Result<()> {
+        let n = tree.node(id);
+        if args.long {
+            let layer = &source.image.layers[n.layer as usize];
+            let size = match n.kind {
+                EntryKind::Char | EntryKind::Block => format!("{},{}", n.rdev.0, n.rdev.1),
+                _ => n.size.to_string(),
+            };
+            write!(
+                out,
+                "{} {:>5} {:>5} {:>10} {} {}:{} {}",
+                mode_string(n.kind, n.mode),
+                n.uid,
+                n.gid,
+                size,
+                format_time(n.mtime),
+                n.layer,
+                short_digest(&layer.digest),
+                path
+            )?;
+            if let Some(l) = &n.link {
+                let arrow = if n.kind == EntryKind::Symlink {
+                    "->"
+                } else {
+                    "=>"
+                };
+                write!(out, " {arrow} {l}")?;
+            }
+            writeln!(out)
+        } else {
+            writeln!(out, "{path}")
+        }
+    };
+    if tree.node(start).kind != EntryKind::Dir {
+        print(&mut out, &base, start)?;
+        return Ok(out.flush()?);
+    }
+    let mut stack = vec![(base, start)];
+    while let Some((dir, id)) = stack.pop() {
+        let mut subdirs = Vec::new();
+        for (name, child) in tree.children(id) {
+            let path = if dir == "/" {
+                format!("/{name}")
+            } else {
+                format!("{dir}/{name}")
+            };
+            print(&mut out, &path, child)?;
+            if args.recursive && tree.node(child).kind == EntryKind::Dir {
+                subdirs.push((path, child));
+            }
+        }
+        stack.extend(subdirs.into_iter().rev());
+    }
+    Ok(out.flush()?)
+}
+
+fn normalize_display(path: &str) -> String {
+    let parts: Vec<&str> = path
+        .split('/')
+        .filter(|p| !p.is_empty() && *p != ".")
+        .collect();
+    format!("/{}", parts.join("/"))
+}
+
+pub fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
+    init_logging(common.verbose);
+    let rt = runtime()?;
+    let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
+    let (tree, layers) = rt.block_on(source.tree(None))?;
+    let what = format!("{}: {path}", source.image.reference);
+    let id = tree.resolve(path, true).with_context(|| what.clone())?;
+    let n = tree.node(id);
+    if n.kind != EntryKind::File {
+        bail!("{what}: not a regular file");
+    }
+    let layer = &layers[n.layer as usize];
+    let mut out = std::io::stdout().lock();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut done = 0u64;
+    while done < n.size {
+        let want = (n.size - done).min(buf.len() as u64) as usize;
+        let got = layer
+            .read_at(n.offset + done, &mut buf[..want])
+            .with_context(|| {
+                format!(
+                    "{what}: reading layer {}",
+                    source.image.layers[n.layer as usize].digest
+                )
+            })?;
+        if got == 0 {
+            bail!(
+                "{what}: layer {} ends before the file does",
+                source.image.layers[n.layer as usize].digest
+            );
+        }
+        out.write_all(&buf[..got])?;
+        done += got as u64;
+    }
+    Ok(out.flush()?)
+}
+
+/// Arguments the background server needs to behave like this process.
+fn child_args(common: &Common) -> Vec<String> {
+    let mut a = Vec::new();
+    if common.plain_http {
+        a.push("--plain-http".into());
+    }
+    if common.insecure {
+        a.push("--insecure".into());
+    }
+    for c in &common.ca_certs {
+        a.push("--ca-cert".into());
+        a.push(c.display().to_string());
+    }
+    for m in &common.mirrors {
+        a.push("--mirror".into());
+        a.push(m.clone());
+    }
+    a.push("--cache-dir".into());
+    a.push(common.cache_dir().display().to_string());
+    for (flag, v) in [
+        ("--cache-size", &common.cache_size),
+        ("--max-layer-size", &common.max_layer_size),
+        ("--platform", &common.platform),
+    ] {
+        if let Some(v) = v {
+            a.push(flag.into());
+            a.push(v.clone());
+        }
+    }
+    if common.verbose > 0 {
+        a.push(format!("-{}", "v".repeat(common.verbose as usize)));
+    }
+    a
+}
+
+pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
+    init_logging(common.verbose);
+    crate::fuse::check_mountpoint(&args.mountpoint)?;
+    let reference = parse_reference(&args.reference)?;
+    let rt = runtime()?;
+    let creds = common.explicit_credentials()?;
+    let client = common.client_with(creds.clone())?;
+    // Resolve here so a bad reference, refused auth or missing platform is
+    // reported on this terminal and nothing is mounted.
+    let image = rt.block_on(resolve(&client, common, &reference))?;
+    let source = Arc::new(ImageSource::new(
+        image,
+        client,
+        common.cache()?,
+        common.max_layer_size()?,
+        args.foreground && std::io::stderr().is_terminal(),
+    ));
+    let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
+    if args.foreground {
+        return serve_source(&rt, source, args, only, None);
+    }
+    let pinned = source
+        .image
+        .reference
+        .with_digest(&source.image.digest)
+        .to_string();
+    let log_dir = common.cache_dir().join("logs");
+    std::fs::create_dir_all(&log_dir)
+        .with_context(|| format!("cannot create {}", log_dir.display()))?;
+    let canonical = std::fs::canonicalize(&args.mountpoint)?;
+    let log_path = log_dir.join(format!(
+        "mount-{}.log",
+        &crate::registry::sha256_digest(canonical.as_os_str().as_encoded_bytes())[7..19]
+    ));
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&log_path)
+        .with_context(|| format!("cannot open the log {}", log_path.display()))?;
+    let mut cmd = std::process::Command::new(
+        std::env::current_exe().context("cannot find the rimg executable")?,
+    );
+    cmd.args(child_args(common))
+        .arg("serve")
+        .arg(&pinned)
+        .arg(&canonical);
+    if args.allow_other {
+        cmd.arg("--allow-other");
+    }
+    if args.prefetch {
+        cmd.arg("--prefetch");
+    }
+    if let Some(l) = args.layer {
+        cmd.arg(format!("--layer={l}"));
+    }
+    if let Some(c) = &creds {
+        cmd.arg("--username")
+            .arg(&c.username)
+            .arg("--password-stdin");
+    }
+    use std::os::unix::process::CommandExt;
+    cmd.stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(log)
+        .env("RIMG_LOG_FILE", &log_path)
+        // Its own process group: Ctrl-C at this terminal must not stop the server.
+        .process_group(0);
+    let mut child = cmd.spawn().context("cannot start the mount server")?;
+    if let (Some(mut stdin), Some(c)) = (child.stdin.take(), &creds) {
+        stdin.write_all(c.password.as_bytes())?;
+    }
+    let mut line = String::new();
+    if let Some(stdout) = child.stdout.take() {
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+    }
+    if line.trim() != "ready" {
+        let status = child.wait()?;
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        let reason = log
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("rimg: "))
+            .map(|l| l.trim_start_matches("rimg: ").to_string())
+            .unwrap_or_else(|| format!("the mount server exited with {status}"));
+        bail!("{reason} (log: {})", log_path.display());
+    }
+    println!(
+        "mounted {} at {} (pid {}, log {})",
+        source.image.reference,
+        canonical.display(),
+        child.id(),
+        log_path.display()
+    );
+    Ok(())
+}
+
+pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
+    init_logging(common.verbose);
+    let result = (|| {
+        let rt = runtime()?;
+        let source = common.open_image(&rt, &args.reference, false)?;
+        let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
+        serve_source(&rt, source, args, only, Some(()))
+    })();
+    if let Err(e) = &result {
+        // The parent reads this line from the log to explain the failure.
+        eprintln!("rimg: {}", one_line(e));
+    }
+    result
+}
+
+fn serve_source(
+    rt: &tokio::runtime::Runtime,
+    source: Arc<ImageSource>,
+    args: &MountArgs,
+    only: Option<usize>,
+    background: Option<()>,
+) -> Result<()> {
+    let mountpoint = std::fs::canonicalize(&args.mountpoint)
+        .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    let opts = crate::fuse::MountOptions {
+        allow_other: args.allow_other,
+        only_layer: only,
+    };
+    let mount = crate::fuse::mount(rt.handle().clone(), Arc::clone(&source), &mountpoint, &opts)?;
+    let record = MountRecord {
+        reference: source.image.reference.to_string(),
+        digest: source.image.digest.clone(),
+        mountpoint: mountpoint.clone(),
+        pid: std::process::id(),
+        log: std::env::var_os("RIMG_LOG_FILE").map(PathBuf::from),
+    };
+    if let Err(e) = mounts::save(&record) {
+        tracing::warn!(
+            "cannot record the mount in {}: {e}",
+            mounts::state_dir().display()
+        );
+    }
+    if background.is_some() {
+        println!("ready");
+        std::io::stdout().flush()?;
+        // Nobody reads stdout once the parent has gone.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: both descriptors are valid for the duration of the call.
+            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        }
+    } else {
+        eprintln!(
+            "mounted {} at {}; Ctrl-C unmounts",
+            source.image.reference,
+            mountpoint.display()
+        );
+    }
+    tracing::info!(
+        "serving {} ({}) at {}",
+        record.reference,
+        record.digest,
+        mountpoint.display()
+    );
+    if args.prefetch {
+        let state = Arc::clone(&mount.state);
+        rt.spawn(async move {
+            if let Err(e) = state.mounted().await {
+                tracing::error!("prefetch: {e}");
+            }
+        });
+    }
+    let served = mount.serve(rt);
+    mounts::remove(&mountpoint);
+    tracing::info!("unmounted {}", mountpoint.display());
+    Ok(served?)
+}
+
+pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
+    let canonical = std::fs::canonicalize(mountpoint)
+        .with_context(|| format!("mount point {}", mountpoint.display()))?;
+    if !mounts::kernel_mounts()
+        .iter()
+        .any(|(_, mp)| *mp == canonical)
+    {
+        bail!("{} is not a rimg mount", canonical.display());
+    }
+    let record = mounts::find(&canonical);
+    let c = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())?;
+    // SAFETY: c is a valid NUL-terminated path.
+    let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
+    if rc != 0 {
+        let err = std::io::Error::last_os_error();
+        if err.raw_os_error() == Some(libc::EPERM) {
+            let status = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(&canonical)
+                .status()
+                .context("cannot run fusermount3")?;
+            if !status.success() {
+                bail!("fusermount3 -u {} failed", canonical.display());
+            }
+        } else {
+            bail!("cannot unmount {}: {err}", canonical.display());
+        }
+    }
+    if let Some(r) = record {
+        for _ in 0..100 {
+            if !mounts::pid_alive(r.pid) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+    mounts::remove(&canonical);
+    Ok(())
 }
 
 pub fn mounts() -> Result<()> {
-    bail!("mounts is not available yet")
+    let list = mounts::list();
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<50} {:<19} {:>7} MOUNTPOINT",
+        "REFERENCE", "DIGEST", "PID"
+    )?;
+    for r in list {
+        writeln!(
+            out,
+            "{:<50} {:<19} {:>7} {}",
+            r.reference,
+            if r.digest.is_empty() {
+                "-".to_string()
+            } else {
+                format!("sha256:{}", short_digest(&r.digest))
+            },
+            if r.pid == 0 {
+                "-".to_string()
+            } else {
+                r.pid.to_string()
+            },
+            r.mountpoint.display()
+        )?;
+    }
+    Ok(())
 }
 
-pub fn export(_common: &Common, _args: &ExportArgs) -> Result<()> {
-    bail!("export is not available yet")
+/// Counts bytes written, for the progress display.
+struct ProgressWriter<W> {
+    inner: W,
+    bar: indicatif::ProgressBar,
 }
 
-pub fn cache_ls(_common: &Common) -> Result<()> {
-    bail!("cache ls is not available yet")
+impl<W: Write> Write for ProgressWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
-pub fn cache_prune(_common: &Common, _size: Option<&str>) -> Result<()> {
-    bail!("cache prune is not available yet")
+pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
+    init_logging(common.verbose);
+    let format = match args.format.as_str() {
+        "docker" => crate::export::Format::Docker,
+        "oci" => crate::export::Format::Oci,
+        "rootfs" => crate::export::Format::Rootfs,
+        other => bail!("unknown export format {other:?} (docker, oci or rootfs)"),
+    };
+    let to_stdout = args.output == "-";
+    if to_stdout && std::io::stdout().is_terminal() {
+        bail!("refusing to write a tar archive to a terminal; give a file name or redirect stdout");
+    }
+    let rt = runtime()?;
+    let show = std::io::stderr().is_terminal();
+    let source = common.open_image(&rt, &args.reference, show)?;
+    let name = crate::export::archive_name(&source, args.tag.as_deref());
+    let bar = if show {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.set_style(
+            indicatif::ProgressStyle::with_template("writing {bytes} {bytes_per_sec}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    if to_stdout {
+        let out = ProgressWriter {
+            inner: std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()),
+            bar: bar.clone(),
+        };
+        let mut out = rt.block_on(crate::export::export(
+            source,
+            format,
+            args.flatten,
+            name,
+            out,
+        ))?;
+        out.flush()?;
+        bar.finish_and_clear();
+        return Ok(());
+    }
+    let target = PathBuf::from(&args.output);
+    let dir = target
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(std::path::Path::new("."));
+    // A temporary name in the same directory, renamed at the end, so an
+    // interrupted export never leaves a file that looks complete.
+    let tmp = tempfile::Builder::new()
+        .prefix(".rimg-export-")
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a file in {}", dir.display()))?;
+    let file = tmp.reopen()?;
+    let out = ProgressWriter {
+        inner: std::io::BufWriter::with_capacity(1 << 20, file),
+        bar: bar.clone(),
+    };
+    let out = rt
+        .block_on(crate::export::export(
+            source,
+            format,
+            args.flatten,
+            name,
+            out,
+        ))
+        .with_context(|| format!("exporting to {}", target.display()))?;
+    let file = out.inner.into_inner().map_err(|e| e.into_error())?;
+    file.sync_all()?;
+    bar.finish_and_clear();
+    tmp.persist(&target)
+        .with_context(|| format!("cannot write {}", target.display()))?;
+    Ok(())
 }
 
-pub fn cache_clear(_common: &Common) -> Result<()> {
-    bail!("cache clear is not available yet")
+pub fn cache_ls(common: &Common) -> Result<()> {
+    let cache = common.cache()?;
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{:<19} {:>12} {:>12} {:<16} IMAGES",
+        "LAYER", "BLOB", "UNPACKED", "LAST USE"
+    )?;
+    let mut total = 0;
+    for l in cache.list()? {
+        total += l.blob_size + l.tar_size;
+        writeln!(
+            out,
+            "{:<19} {:>12} {:>12} {:<16} {}",
+            format!("sha256:{}", short_digest(&l.digest)),
+            l.blob_size,
+            l.tar_size,
+            format_time(l.last_use),
+            l.images.join(", ")
+        )?;
+    }
+    writeln!(out, "total {total} bytes in {}", cache.root().display())?;
+    Ok(())
+}
+
+pub fn cache_prune(common: &Common, size: Option<&str>) -> Result<()> {
+    let cache = common.cache()?;
+    let limit = size
+        .map(parse_size)
+        .transpose()?
+        .unwrap_or(common.cache_limit()?);
+    let freed = cache.prune(limit)?;
+    println!("freed {freed} bytes");
+    Ok(())
+}
+
+pub fn cache_clear(common: &Common) -> Result<()> {
+    let cache = common.cache()?;
+    let freed = cache.prune(0)?;
+    println!("freed {freed} bytes");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse_with_binary_units() {
+        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
+        assert_eq!(parse_size("500M").unwrap(), 500 << 20);
+        assert_eq!(parse_size("1.5k").unwrap(), 1536);
+        assert_eq!(parse_size("4096").unwrap(), 4096);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert!(parse_size("ten").is_err());
+        assert!(parse_size("5X").is_err());
+    }
+
+    #[test]
+    fn mode_strings_show_type_and_special_bits() {
+        assert_eq!(mode_string(EntryKind::Dir, 0o755), "drwxr-xr-x");
+        assert_eq!(mode_string(EntryKind::File, 0o4755), "-rwsr-xr-x");
+        assert_eq!(mode_string(EntryKind::Dir, 0o1777), "drwxrwxrwt");
+        assert_eq!(mode_string(EntryKind::File, 0o2644), "-rw-r-Sr--");
+    }
+
+    #[test]
+    fn times_format_as_utc_dates() {
+        assert_eq!(format_time(0), "1970-01-01 00:00");
+        assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13");
+    }
+
+    #[test]
+    fn one_line_joins_the_chain_without_repeats() {
+        let e = anyhow!("inner").context("outer");
+        assert_eq!(one_line(&e), "outer: inner");
+    }
 }

@@ -4,6 +4,12 @@
 //! Data flows one way: [`reference`] -> [`registry`] -> [`cache`] ->
 //! [`layer`] -> [`tree`] -> [`fuse`] or [`export`]. No module reaches back up.
 
+pub mod cache;
 pub mod commands;
+pub mod export;
+pub mod fuse;
+pub mod image;
+pub mod layer;
 pub mod reference;
 pub mod registry;
+pub mod tree;

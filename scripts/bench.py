@@ -1,0 +1,295 @@
+#!/usr/bin/env python3
+"""rimg benchmarks: cold and warm mounts, grep/find overhead, memory and export,
+each against a baseline measured in the same run. Run through scripts/bench.sh,
+which installs what this needs and builds rimg.
+
+The benchmark image (Debian bookworm minbase, a layer of pip-installed Python
+packages, and a top layer that deletes and adds files) is built once and kept
+under $RIMG_BENCH_DIR (default ~/.cache/rimg-bench)."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RIMG = ROOT / "target" / "release" / "rimg"
+BENCH = Path(os.environ.get("RIMG_BENCH_DIR", Path.home() / ".cache" / "rimg-bench"))
+RUNS = int(os.environ.get("RIMG_BENCH_RUNS", "3"))
+MIRROR = os.environ.get("RIMG_BENCH_DEBIAN_MIRROR", "http://deb.debian.org/debian")
+PIP_PACKAGES = os.environ.get("RIMG_BENCH_PIP", "numpy pandas requests django sympy scipy botocore").split()
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, **kw)
+
+
+def timed(fn):
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+def median_of(fn, setup=None, runs=RUNS):
+    samples = []
+    for _ in range(runs):
+        if setup:
+            setup()
+        samples.append(timed(fn))
+    return statistics.median(samples)
+
+
+def tar_gz(src: Path, out: Path):
+    sh(["tar", "--numeric-owner", "--xattrs", "-C", str(src), "-czf", str(out), "."])
+
+
+def build_layers():
+    """Three layers, built once: debootstrap minbase, pip packages, deletions."""
+    BENCH.mkdir(parents=True, exist_ok=True)
+    layers = [BENCH / f"layer{i}.tar.gz" for i in (1, 2, 3)]
+    if all(p.exists() for p in layers):
+        return layers
+    work = Path(tempfile.mkdtemp(prefix="rimg-bench-", dir=BENCH))
+    try:
+        base = work / "base"
+        if not layers[0].exists():
+            print("building layer 1: debootstrap bookworm minbase", file=sys.stderr)
+            sh(["debootstrap", "--variant=minbase", "bookworm", str(base), MIRROR])
+            # As an image build would: no downloaded .debs left behind.
+            for deb in (base / "var/cache/apt/archives").glob("*.deb"):
+                deb.unlink()
+            tar_gz(base, layers[0])
+        if not layers[1].exists():
+            print("building layer 2: pip " + " ".join(PIP_PACKAGES), file=sys.stderr)
+            py = work / "py"
+            site = py / "usr/local/lib/python3.11/site-packages"
+            site.mkdir(parents=True)
+            sh([sys.executable, "-m", "pip", "install", "--quiet", "--no-compile",
+                "--target", str(site)] + PIP_PACKAGES)
+            tar_gz(py, layers[1])
+        if not layers[2].exists():
+            print("building layer 3: deletions and an opaque directory", file=sys.stderr)
+            top = work / "top"
+            (top / "usr/share").mkdir(parents=True)
+            (top / "usr/share/.wh.doc").touch()
+            (top / "usr/share/locale").mkdir()
+            (top / "usr/share/locale/.wh..wh..opq").touch()
+            (top / "etc").mkdir()
+            (top / "etc/bench-release").write_text("rimg bench image\n")
+            tar_gz(top, layers[2])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return layers
+
+
+def free_port():
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class Registry:
+    def __init__(self, work: Path):
+        self.port = free_port()
+        cfg = work / "registry.yml"
+        cfg.write_text(
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {work}/registry\n"
+            f"http:\n  addr: 127.0.0.1:{self.port}\n"
+        )
+        self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(100):
+            if subprocess.run(["curl", "-sf", f"http://127.0.0.1:{self.port}/v2/"],
+                              stdout=subprocess.DEVNULL).returncode == 0:
+                return
+            time.sleep(0.1)
+        raise SystemExit("registry did not start")
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def rss_kib(pid, field):
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def serving_pid(mnt: Path):
+    out = subprocess.run([str(RIMG), "mounts"], capture_output=True, text=True).stdout
+    for line in out.splitlines()[1:]:
+        parts = line.split()
+        if parts and parts[-1] == str(mnt):
+            return int(parts[-2])
+    return None
+
+
+def main():
+    layers = build_layers()
+    work = Path(tempfile.mkdtemp(prefix="rimg-bench-run-"))
+    reg = Registry(work)
+    mnt = work / "mnt"
+    mnt.mkdir()
+    cache = work / "cache"
+    env = dict(os.environ, RIMG_CACHE_DIR=str(cache))
+    results = {}
+    try:
+        sh([str(ROOT / "scripts/push-image.sh"), f"127.0.0.1:{reg.port}", "bench/image", "v1", "amd64"]
+           + [str(p) for p in layers], stdout=subprocess.DEVNULL)
+        ref = f"127.0.0.1:{reg.port}/bench/image:v1"
+        sizes = [p.stat().st_size for p in layers]
+        unpacked = sum(int(subprocess.run(f"gzip -dc {p} | wc -c", shell=True, capture_output=True,
+                                          text=True).stdout) for p in layers)
+
+        def rimg(*args, **kw):
+            return subprocess.run([str(RIMG), *args], env=env, check=True, **kw)
+
+        def umount():
+            subprocess.run([str(RIMG), "umount", str(mnt)], env=env, stderr=subprocess.DEVNULL)
+
+        def clear_cache():
+            umount()
+            shutil.rmtree(cache, ignore_errors=True)
+
+        # 1. Cold: mount + first byte, against pull-and-extract and the gunzip floor.
+        def cold():
+            rimg("mount", ref, str(mnt), stdout=subprocess.DEVNULL)
+            Path(mnt / "etc/os-release").read_bytes()
+        results["cold_mount_cat_s"] = median_of(cold, setup=clear_cache)
+        umount()
+
+        oci = work / "oci"
+        bundle = work / "bundle"
+
+        def pull_clean():
+            shutil.rmtree(oci, ignore_errors=True)
+            shutil.rmtree(bundle, ignore_errors=True)
+
+        def pull_extract():
+            sh(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}", f"oci:{oci}:v1"])
+            sh(["umoci", "unpack", "--image", f"{oci}:v1", str(bundle)], stdout=subprocess.DEVNULL)
+            (bundle / "rootfs/etc/os-release").read_bytes()
+        results["pull_extract_s"] = median_of(pull_extract, setup=pull_clean)
+
+        def gunzip_floor():
+            for p in layers:
+                sh(f"gzip -dc {p} >/dev/null")
+        results["gunzip_floor_s"] = median_of(gunzip_floor)
+
+        # 2. Warm: everything cached; time until a stat inside the image answers.
+        rimg("mount", ref, str(mnt), stdout=subprocess.DEVNULL)
+        sh(["find", str(mnt), "-maxdepth", "1"], stdout=subprocess.DEVNULL)
+        umount()
+
+        def warm():
+            rimg("mount", ref, str(mnt), stdout=subprocess.DEVNULL)
+            os.stat(mnt / "etc/os-release")
+        results["warm_mount_stat_s"] = median_of(warm, setup=umount)
+
+        # 3. Overhead of grep -r and find over the mount vs the extracted tree (both warm).
+        rootfs = bundle / "rootfs"
+        pattern = "rimg-no-such-pattern-xyzzy"
+
+        def grep_in(d):
+            return lambda: subprocess.run(["grep", "-r", "-s", pattern, "."], cwd=d,
+                                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+        def find_in(d):
+            return lambda: subprocess.run(f"find . -type f | wc -l", shell=True, cwd=d,
+                                          stdout=subprocess.DEVNULL)
+        for d in (mnt, rootfs):  # warm both page caches
+            grep_in(d)()
+        results["grep_mount_s"] = median_of(grep_in(mnt))
+        results["grep_extracted_s"] = median_of(grep_in(rootfs))
+        results["find_mount_s"] = median_of(find_in(mnt))
+        results["find_extracted_s"] = median_of(find_in(rootfs))
+
+        # 4. Memory: peak RSS of the server after a full walk, per indexed entry.
+        umount()
+        rimg("mount", ref, str(mnt), stdout=subprocess.DEVNULL)
+        pid = serving_pid(mnt)
+        base_kib = rss_kib(pid, "VmRSS") if pid else 0
+        entries = int(subprocess.run(f"find {mnt} | wc -l", shell=True, capture_output=True,
+                                     text=True).stdout)
+        peak_kib = rss_kib(pid, "VmHWM") if pid else 0
+        results["entries"] = entries
+        results["rss_base_kib"] = base_kib
+        results["rss_peak_kib"] = peak_kib
+        results["bytes_per_entry"] = (peak_kib - base_kib) * 1024 / max(entries, 1)
+        umount()
+
+        # 5. Export of the cached image vs skopeo's docker-archive.
+        out = work / "export.tar"
+
+        def rimg_export():
+            out.unlink(missing_ok=True)
+            rimg("export", ref, str(out))
+
+        def skopeo_export():
+            out.unlink(missing_ok=True)
+            sh(["skopeo", "copy", "-q", "--src-tls-verify=false", f"docker://{ref}",
+                f"docker-archive:{out}:bench/image:v1"])
+        results["export_rimg_s"] = median_of(rimg_export)
+        results["export_skopeo_s"] = median_of(skopeo_export)
+    finally:
+        subprocess.run([str(RIMG), "umount", str(mnt)], stderr=subprocess.DEVNULL)
+        reg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    r = results
+    ratios = {
+        "cold_vs_pull_extract": r["cold_mount_cat_s"] / r["pull_extract_s"],
+        "cold_vs_gunzip_floor": r["cold_mount_cat_s"] / r["gunzip_floor_s"],
+        "grep_mount_vs_extracted": r["grep_mount_s"] / r["grep_extracted_s"],
+        "find_mount_vs_extracted": r["find_mount_s"] / r["find_extracted_s"],
+        "export_rimg_vs_skopeo": r["export_rimg_s"] / r["export_skopeo_s"],
+    }
+    report = {
+        "cores": os.cpu_count(),
+        "runs": RUNS,
+        "image": {"layers": len(layers), "compressed_bytes": sum(sizes), "unpacked_bytes": unpacked,
+                  "entries": r["entries"]},
+        "results": r,
+        "ratios": ratios,
+        "targets": {
+            "cold_vs_pull_extract": 0.3, "cold_vs_gunzip_floor": 1.0,
+            "warm_mount_stat_s": 0.05, "grep_mount_vs_extracted": 1.5, "bytes_per_entry": 200,
+        },
+    }
+    rows = [
+        ("cold mount + cat", r["cold_mount_cat_s"], "pull+extract", r["pull_extract_s"]),
+        ("cold mount + cat", r["cold_mount_cat_s"], "gunzip floor", r["gunzip_floor_s"]),
+        ("warm mount + stat", r["warm_mount_stat_s"], "target 50 ms", 0.05),
+        ("grep -r (mount)", r["grep_mount_s"], "grep -r (extracted)", r["grep_extracted_s"]),
+        ("find | wc (mount)", r["find_mount_s"], "find | wc (extracted)", r["find_extracted_s"]),
+        ("rimg export", r["export_rimg_s"], "skopeo docker-archive", r["export_skopeo_s"]),
+    ]
+    print(f"\nrimg benchmark: {len(layers)} layers, {sum(sizes) / 1e6:.0f} MB compressed, "
+          f"{unpacked / 1e6:.0f} MB unpacked, {r['entries']} entries, {os.cpu_count()} cores, "
+          f"median of {RUNS}")
+    print(f"| {'measure':<20} | {'rimg s':>8} | {'baseline':<22} | {'base s':>8} | {'ratio':>6} |")
+    print(f"|{'-' * 22}|{'-' * 10}|{'-' * 24}|{'-' * 10}|{'-' * 8}|")
+    for name, a, bname, b in rows:
+        print(f"| {name:<20} | {a:>8.3f} | {bname:<22} | {b:>8.3f} | {a / b:>6.2f} |")
+    print(f"| {'memory per entry':<20} | {r['bytes_per_entry']:>6.0f} B | {'target 200 B':<22} | "
+          f"{'':>8} | {r['bytes_per_entry'] / 200:>6.2f} |")
+    out = Path(os.environ.get("RIMG_BENCH_JSON", ROOT / "bench-results.json"))
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\nJSON: {out}")
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    main()

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Benchmarks: installs what they need, builds rimg in release mode, builds (once,
+# cached) a 3-layer Debian + Python image, pushes it to a local registry, and
+# prints a table of rimg against baselines measured in the same run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/install-deps.sh
+command -v debootstrap >/dev/null || { apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap; }
+cargo build --release
+exec python3 scripts/bench.py "$@"

@@ -1,0 +1,763 @@
+//! The on-disk, content-addressed layer cache: each layer's original blob, its
+//! uncompressed tar and the tar's entry index, published only once complete
+//! and verified, shared safely between processes, and kept under a size limit
+//! by evicting least recently used layers that no mount is using.
+//!
+//! Layout under the root (mode 0700):
+//! - `blobs/sha256/<hex>`: the blob as the registry served it (for export);
+//! - `layers/sha256/<hex>.tar`: the uncompressed tar that reads come from;
+//! - `layers/sha256/<hex>.idx`: the index; its presence marks a layer complete;
+//! - `layers/sha256/<hex>.refs`: the image references that used the layer;
+//! - `locks/<hex>.lock`: exclusive while fetching or evicting, shared while in use;
+//! - `tmp/`: files being written, renamed into place when done.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufWriter, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use flate2::bufread::MultiGzDecoder;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::layer::{self, Compression, LayerError, LayerIndex};
+use crate::registry::LayerDesc;
+
+/// Bumped whenever the index format changes, so old indexes are rebuilt.
+const INDEX_VERSION: u32 = 1;
+const IO_BUFFER: usize = 1 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("cache {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {digest}: download failed: {detail}")]
+    Fetch { digest: String, detail: String },
+    #[error(
+        "layer {digest} inflates past {limit} bytes (the cache size or --max-layer-size); refused"
+    )]
+    TooLarge { digest: String, limit: u64 },
+    #[error(
+        "layer {digest}: uncompressed content hashes to {actual}, but the image config says {expected}"
+    )]
+    DiffId {
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+    #[error(transparent)]
+    Layer(#[from] LayerError),
+    #[error("invalid layer digest {0:?}")]
+    BadDigest(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
+    move |source| CacheError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// `$RIMG_CACHE_DIR`, `$XDG_CACHE_HOME/rimg` or `~/.cache/rimg`.
+pub fn default_dir() -> PathBuf {
+    let env = |k: &str| {
+        std::env::var_os(k)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+    };
+    env("RIMG_CACHE_DIR")
+        .or_else(|| env("XDG_CACHE_HOME").map(|d| d.join("rimg")))
+        .or_else(|| env("HOME").map(|h| h.join(".cache/rimg")))
+        .unwrap_or_else(|| PathBuf::from("/var/cache/rimg"))
+}
+
+#[derive(Serialize, Deserialize)]
+struct IndexFile {
+    version: u32,
+    digest: String,
+    diff_id: String,
+    blob_size: u64,
+    tar_size: u64,
+    index: LayerIndex,
+}
+
+/// A cached layer, open for reading. While it lives, it holds a shared lock
+/// that keeps other processes from evicting it.
+pub struct Layer {
+    pub digest: String,
+    pub diff_id: String,
+    index: LayerIndex,
+    tar: File,
+    _in_use: File,
+}
+
+impl std::fmt::Debug for Layer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Layer")
+            .field("digest", &self.digest)
+            .field("entries", &self.index.entries.len())
+            .finish()
+    }
+}
+
+impl Layer {
+    pub fn index(&self) -> &LayerIndex {
+        &self.index
+    }
+
+    /// Reads from the uncompressed tar at `offset`. This is the one interface
+    /// the tree and FUSE read through, whatever form the storage takes.
+    pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.tar.read_at(buf, offset)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CachedLayer {
+    pub digest: String,
+    pub blob_size: u64,
+    pub tar_size: u64,
+    /// Seconds since the epoch.
+    pub last_use: i64,
+    pub images: Vec<String>,
+}
+
+pub struct Cache {
+    root: PathBuf,
+    limit: u64,
+}
+
+/// Copies everything read through it to `out`, hashing and counting it.
+struct Tee<R, W> {
+    inner: R,
+    out: W,
+    hasher: Option<Sha256>,
+    count: u64,
+    limit: u64,
+}
+
+impl<R: Read, W: Write> Read for Tee<R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.count += n as u64;
+        if self.count > self.limit {
+            return Err(io::Error::other(TooLargeMarker));
+        }
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+#[derive(Debug)]
+struct TooLargeMarker;
+impl std::fmt::Display for TooLargeMarker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("size limit reached")
+    }
+}
+impl std::error::Error for TooLargeMarker {}
+
+fn hex_of(digest: &str) -> Result<&str, CacheError> {
+    match digest.split_once(':') {
+        Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            Ok(hex)
+        }
+        _ => Err(CacheError::BadDigest(digest.to_string())),
+    }
+}
+
+fn mtime_secs(meta: &fs::Metadata) -> i64 {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Cache {
+    pub fn open(root: &Path, limit: u64) -> Result<Cache, CacheError> {
+        for sub in ["blobs/sha256", "layers/sha256", "locks", "tmp"] {
+            let dir = root.join(sub);
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(io_err(&dir))?;
+        }
+        Ok(Cache {
+            root: root.to_path_buf(),
+            limit,
+        })
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn paths(&self, hex: &str) -> (PathBuf, PathBuf, PathBuf) {
+        let layers = self.root.join("layers/sha256");
+        (
+            self.root.join("blobs/sha256").join(hex),
+            layers.join(format!("{hex}.tar")),
+            layers.join(format!("{hex}.idx")),
+        )
+    }
+
+    fn lock_file(&self, hex: &str) -> Result<File, CacheError> {
+        let path = self.root.join("locks").join(format!("{hex}.lock"));
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err(&path))
+    }
+
+    /// The original blob of a cached layer.
+    pub fn blob_path(&self, digest: &str) -> Option<PathBuf> {
+        let hex = hex_of(digest).ok()?;
+        let (blob, _, idx) = self.paths(hex);
+        (idx.exists() && blob.exists()).then_some(blob)
+    }
+
+    /// Opens a complete layer, or `None` if it is not (or no longer validly) cached.
+    fn load(&self, hex: &str, in_use: File) -> Result<Option<Layer>, CacheError> {
+        let (_, tar_path, idx_path) = self.paths(hex);
+        let bytes = match fs::read(&idx_path) {
+            Ok(b) => b,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&idx_path)(e)),
+        };
+        let Ok(file) = postcard::from_bytes::<IndexFile>(&bytes) else {
+            tracing::warn!(
+                "{}: unreadable index; rebuilding the layer",
+                idx_path.display()
+            );
+            return Ok(None);
+        };
+        if file.version != INDEX_VERSION {
+            return Ok(None);
+        }
+        let tar = match File::open(&tar_path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&tar_path)(e)),
+        };
+        let len = tar.metadata().map_err(io_err(&tar_path))?.len();
+        if len != file.tar_size {
+            tracing::warn!(
+                "{}: size does not match its index; rebuilding",
+                tar_path.display()
+            );
+            return Ok(None);
+        }
+        // Last use is the index file's mtime.
+        if let Ok(f) = File::options().write(true).open(&idx_path) {
+            let _ = f.set_modified(SystemTime::now());
+        }
+        Ok(Some(Layer {
+            digest: file.digest,
+            diff_id: file.diff_id,
+            index: file.index,
+            tar,
+            _in_use: in_use,
+        }))
+    }
+
+    fn note_image(&self, hex: &str, image_ref: &str) {
+        let path = self.root.join("layers/sha256").join(format!("{hex}.refs"));
+        let known = fs::read_to_string(&path).unwrap_or_default();
+        if !known.lines().any(|l| l == image_ref)
+            && let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path)
+        {
+            let _ = writeln!(f, "{image_ref}");
+        }
+    }
+
+    /// The layer `desc`, from the cache or fetched with `open_blob` now.
+    ///
+    /// `open_blob` must return a reader that fails instead of reaching
+    /// end-of-file when the blob does not match its digest (as
+    /// `registry::BlobReader` does): nothing is published before that end.
+    pub fn ensure_layer<F>(
+        &self,
+        desc: &LayerDesc,
+        image_ref: &str,
+        max_layer_size: u64,
+        open_blob: F,
+    ) -> Result<Arc<Layer>, CacheError>
+    where
+        F: FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let hex = hex_of(&desc.digest)?.to_string();
+        let lock = self.lock_file(&hex)?;
+        let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
+        // Shared first: the common case is a layer that is already here.
+        lock.lock_shared().map_err(io_err(&lock_path))?;
+        if let Some(l) = self.load(&hex, lock.try_clone().map_err(io_err(&lock_path))?)? {
+            self.note_image(&hex, image_ref);
+            return Ok(Arc::new(l));
+        }
+        lock.unlock().map_err(io_err(&lock_path))?;
+        // Exclusive while fetching: a second process waits here, then finds it done.
+        lock.lock().map_err(io_err(&lock_path))?;
+        let result: Result<(), CacheError> = (|| {
+            if self
+                .load(&hex, lock.try_clone().map_err(io_err(&lock_path))?)?
+                .is_none()
+            {
+                self.fetch(desc, &hex, max_layer_size, open_blob)?;
+            }
+            Ok(())
+        })();
+        // Back to shared: in use from here on.
+        lock.unlock().map_err(io_err(&lock_path))?;
+        result?;
+        lock.lock_shared().map_err(io_err(&lock_path))?;
+        let layer = self.load(&hex, lock)?.ok_or_else(|| CacheError::Io {
+            path: self.paths(&hex).2.display().to_string(),
+            source: io::Error::other("evicted right after it was fetched"),
+        })?;
+        self.note_image(&hex, image_ref);
+        if let Err(e) = self.evict(self.limit) {
+            tracing::warn!("cache eviction: {e}");
+        }
+        Ok(Arc::new(layer))
+    }
+
+    /// One streaming pass: the blob is copied aside as it arrives, inflated,
+    /// written out as a tar and indexed; files are renamed into place, index
+    /// last, only after the stream ended cleanly.
+    fn fetch<F>(
+        &self,
+        desc: &LayerDesc,
+        hex: &str,
+        max: u64,
+        open_blob: F,
+    ) -> Result<(), CacheError>
+    where
+        F: FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let digest = &desc.digest;
+        let tmp_dir = self.root.join("tmp");
+        let tmp = |suffix: &str| {
+            tempfile::Builder::new()
+                .prefix(&format!("{}-", &hex[..12]))
+                .suffix(suffix)
+                .tempfile_in(&tmp_dir)
+                .map_err(io_err(&tmp_dir))
+        };
+        let blob_tmp = tmp(".blob")?;
+        let tar_tmp = tmp(".tar")?;
+        let idx_tmp = tmp(".idx")?;
+        let reader = open_blob().map_err(|e| CacheError::Fetch {
+            digest: digest.clone(),
+            detail: e.to_string(),
+        })?;
+        let fetch_err = |e: io::Error| CacheError::Fetch {
+            digest: digest.clone(),
+            detail: e.to_string(),
+        };
+        let mut compressed = Tee {
+            inner: reader,
+            out: BufWriter::with_capacity(IO_BUFFER, blob_tmp.as_file()),
+            hasher: None,
+            count: 0,
+            limit: u64::MAX,
+        };
+        let mut head = Vec::with_capacity(512);
+        (&mut compressed)
+            .take(512)
+            .read_to_end(&mut head)
+            .map_err(fetch_err)?;
+        let compression = layer::detect(digest, &desc.media_type, &head)?;
+        let mut source =
+            io::BufReader::with_capacity(IO_BUFFER, io::Cursor::new(head).chain(&mut compressed));
+        let decoder: Box<dyn Read + '_> = match compression {
+            Compression::Gzip => Box::new(MultiGzDecoder::new(&mut source)),
+            Compression::Zstd => {
+                Box::new(zstd::Decoder::with_buffer(&mut source).map_err(fetch_err)?)
+            }
+            Compression::None => Box::new(&mut source),
+        };
+        let mut plain = Tee {
+            inner: decoder,
+            out: BufWriter::with_capacity(IO_BUFFER, tar_tmp.as_file()),
+            hasher: Some(Sha256::new()),
+            count: 0,
+            limit: max,
+        };
+        let indexed = layer::index_tar(&mut plain, digest);
+        let index = match indexed {
+            Ok(i) => i,
+            Err(LayerError::Io { source, .. }) => {
+                return Err(classify(source, digest, max));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let tar_size = plain.count;
+        let diff_id = format!(
+            "sha256:{}",
+            hex::encode(plain.hasher.take().expect("hasher").finalize())
+        );
+        plain.out.flush().map_err(io_err(tar_tmp.path()))?;
+        drop(plain);
+        // Whatever trails the compressed stream still belongs to the blob.
+        io::copy(&mut source, &mut io::sink()).map_err(|e| classify(e, digest, max))?;
+        drop(source);
+        compressed.out.flush().map_err(io_err(blob_tmp.path()))?;
+        let blob_size = compressed.count;
+        drop(compressed);
+
+        let record = IndexFile {
+            version: INDEX_VERSION,
+            digest: digest.clone(),
+            diff_id,
+            blob_size,
+            tar_size,
+            index,
+        };
+        let bytes = postcard::to_stdvec(&record)
+            .map_err(|e| io_err(idx_tmp.path())(io::Error::other(e)))?;
+        idx_tmp
+            .as_file()
+            .write_all(&bytes)
+            .map_err(io_err(idx_tmp.path()))?;
+        // Durable before visible: a crash never leaves an index naming missing bytes.
+        for f in [&blob_tmp, &tar_tmp, &idx_tmp] {
+            f.as_file().sync_data().map_err(io_err(f.path()))?;
+        }
+        let (blob_path, tar_path, idx_path) = self.paths(hex);
+        blob_tmp
+            .persist(&blob_path)
+            .map_err(|e| io_err(&blob_path)(e.error))?;
+        tar_tmp
+            .persist(&tar_path)
+            .map_err(|e| io_err(&tar_path)(e.error))?;
+        idx_tmp
+            .persist(&idx_path)
+            .map_err(|e| io_err(&idx_path)(e.error))?;
+        Ok(())
+    }
+
+    /// Cached layers, least recently used first.
+    pub fn list(&self) -> Result<Vec<CachedLayer>, CacheError> {
+        let dir = self.root.join("layers/sha256");
+        let mut out = Vec::new();
+        for e in fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let e = e.map_err(io_err(&dir))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(hex) = name.strip_suffix(".idx") else {
+                continue;
+            };
+            let Ok(meta) = e.metadata() else { continue };
+            let (blob, tar, _) = self.paths(hex);
+            let size = |p: &Path| fs::metadata(p).map_or(0, |m| m.len());
+            let refs = fs::read_to_string(dir.join(format!("{hex}.refs"))).unwrap_or_default();
+            out.push(CachedLayer {
+                digest: format!("sha256:{hex}"),
+                blob_size: size(&blob),
+                tar_size: size(&tar),
+                last_use: mtime_secs(&meta),
+                images: refs.lines().map(str::to_string).collect(),
+            });
+        }
+        out.sort_by_key(|l| l.last_use);
+        Ok(out)
+    }
+
+    /// Evicts least recently used layers until the cache holds at most `limit`
+    /// bytes, skipping layers in use. Returns the bytes freed.
+    pub fn prune(&self, limit: u64) -> Result<u64, CacheError> {
+        self.evict(limit)
+    }
+
+    fn evict(&self, limit: u64) -> Result<u64, CacheError> {
+        let layers = self.list()?;
+        let mut lru: lru::LruCache<String, u64> = lru::LruCache::unbounded();
+        let mut total = 0;
+        for l in &layers {
+            let bytes = l.blob_size + l.tar_size;
+            total += bytes;
+            lru.put(l.digest.clone(), bytes);
+        }
+        let mut freed = 0;
+        let mut busy = Vec::new();
+        while total > limit {
+            let Some((digest, bytes)) = lru.pop_lru() else {
+                break;
+            };
+            let hex = hex_of(&digest)?.to_string();
+            let lock = self.lock_file(&hex)?;
+            if lock.try_lock().is_err() {
+                busy.push(digest);
+                continue;
+            }
+            let (blob, tar, idx) = self.paths(&hex);
+            // Index first: once it is gone, nothing trusts the rest.
+            for p in [
+                idx,
+                tar,
+                blob,
+                self.root.join("layers/sha256").join(format!("{hex}.refs")),
+            ] {
+                let _ = fs::remove_file(p);
+            }
+            total -= bytes;
+            freed += bytes;
+            tracing::info!("evicted layer {digest} ({bytes} bytes)");
+        }
+        if total > limit && !busy.is_empty() {
+            tracing::info!(
+                "{} layers in use were kept although the cache is over its limit",
+                busy.len()
+            );
+        }
+        self.clean_tmp();
+        Ok(freed)
+    }
+
+    /// Removes temporary files that no process is writing (left by a crash).
+    fn clean_tmp(&self) {
+        let dir = self.root.join("tmp");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(prefix) = name.get(..12) else {
+                continue;
+            };
+            // A fetch in progress holds the exclusive lock of its layer.
+            let busy = fs::read_dir(self.root.join("locks"))
+                .ok()
+                .into_iter()
+                .flatten()
+                .flatten()
+                .filter(|l| l.file_name().to_string_lossy().starts_with(prefix))
+                .any(|l| File::open(l.path()).is_ok_and(|f| f.try_lock().is_err()));
+            if !busy {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+/// Turns the size-limit marker back into its own error.
+fn classify(e: io::Error, digest: &str, limit: u64) -> CacheError {
+    let too_large = e
+        .get_ref()
+        .is_some_and(|inner| inner.is::<TooLargeMarker>());
+    if too_large {
+        CacheError::TooLarge {
+            digest: digest.to_string(),
+            limit,
+        }
+    } else {
+        CacheError::Fetch {
+            digest: digest.to_string(),
+            detail: e.to_string(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Opener =
+        Box<dyn FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>>;
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn desc(blob: &[u8]) -> LayerDesc {
+        LayerDesc {
+            digest: format!("sha256:{}", hex::encode(Sha256::digest(blob))),
+            media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+            size: blob.len() as u64,
+            urls: vec![],
+        }
+    }
+
+    fn serve(blob: Vec<u8>) -> Opener {
+        Box::new(move || Ok(Box::new(io::Cursor::new(blob)) as Box<dyn Read + Send>))
+    }
+
+    /// Fails after `n` good bytes, like a dropped connection or a digest mismatch.
+    struct Broken {
+        data: io::Cursor<Vec<u8>>,
+        left: usize,
+    }
+    impl Read for Broken {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if self.left == 0 {
+                return Err(io::Error::other("connection reset"));
+            }
+            let n = buf.len().min(self.left);
+            let got = self.data.read(&mut buf[..n])?;
+            self.left -= got;
+            Ok(got)
+        }
+    }
+
+    fn files_under(dir: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        for sub in ["blobs/sha256", "layers/sha256", "tmp"] {
+            for e in fs::read_dir(dir.join(sub)).unwrap() {
+                out.push(format!(
+                    "{sub}/{}",
+                    e.unwrap().file_name().to_string_lossy()
+                ));
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn a_layer_is_fetched_once_then_loaded_from_its_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let tar = tar_of(&[("etc/os-release", b"NAME=test\n")]);
+        let blob = gzip(&tar);
+        let d = desc(&blob);
+        let layer = cache
+            .ensure_layer(&d, "r:1", u64::MAX, serve(blob.clone()))
+            .unwrap();
+        let e = &layer.index().entries[0];
+        let mut buf = vec![0; e.size as usize];
+        layer.read_at(e.offset, &mut buf).unwrap();
+        assert_eq!(buf, b"NAME=test\n");
+        assert_eq!(
+            layer.diff_id,
+            format!("sha256:{}", hex::encode(Sha256::digest(&tar)))
+        );
+        let again = cache
+            .ensure_layer(&d, "r:2", u64::MAX, || {
+                panic!("a cached layer must not be fetched again")
+            })
+            .unwrap();
+        assert_eq!(again.index(), layer.index());
+        assert_eq!(fs::read(cache.blob_path(&d.digest).unwrap()).unwrap(), blob);
+        let listed = cache.list().unwrap();
+        assert_eq!(listed[0].images, ["r:1", "r:2"]);
+    }
+
+    #[test]
+    fn a_download_that_breaks_leaves_nothing_trusted() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let blob = gzip(&tar_of(&[("f", &[1u8; 100_000])]));
+        let d = desc(&blob);
+        let broken = blob.clone();
+        let err = cache
+            .ensure_layer(&d, "r", u64::MAX, move || {
+                Ok(Box::new(Broken {
+                    data: io::Cursor::new(broken),
+                    left: 600,
+                }) as Box<dyn Read + Send>)
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains(&d.digest), "{err}");
+        assert_eq!(files_under(dir.path()), Vec::<String>::new());
+        // The next run fetches it whole.
+        cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
+    }
+
+    #[test]
+    fn a_gzip_bomb_is_stopped_at_the_size_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let blob = gzip(&tar_of(&[("zeros", &vec![0u8; 4 << 20])]));
+        let d = desc(&blob);
+        let err = cache
+            .ensure_layer(&d, "r", 1 << 20, serve(blob))
+            .unwrap_err();
+        assert!(matches!(err, CacheError::TooLarge { .. }), "{err}");
+        assert!(err.to_string().contains("inflates past"), "{err}");
+        assert_eq!(files_under(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_blob_that_is_not_a_tar_is_refused_naming_the_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let blob = gzip(
+            b"this is not a tar archive at all, just text. "
+                .repeat(20)
+                .as_slice(),
+        );
+        let d = desc(&blob);
+        let err = cache
+            .ensure_layer(&d, "r", u64::MAX, serve(blob))
+            .unwrap_err();
+        assert!(err.to_string().contains(&d.digest), "{err}");
+        assert_eq!(files_under(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn zstd_and_plain_layers_are_read_by_their_magic() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let tar = tar_of(&[("a", b"1")]);
+        let zst = zstd::encode_all(&tar[..], 3).unwrap();
+        for blob in [zst, tar.clone()] {
+            let d = desc(&blob);
+            let l = cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
+            assert_eq!(l.index().entries[0].path, "a");
+        }
+    }
+
+    #[test]
+    fn eviction_keeps_the_limit_and_spares_layers_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let mut held = Vec::new();
+        let mut digests = Vec::new();
+        for i in 0..3u8 {
+            let blob = gzip(&tar_of(&[("f", &vec![i; 50_000])]));
+            let d = desc(&blob);
+            let l = cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
+            digests.push(d.digest.clone());
+            if i == 0 {
+                held.push(l);
+            }
+            // Distinct last-use times for a deterministic order.
+            std::thread::sleep(std::time::Duration::from_millis(1100));
+        }
+        let freed = cache.prune(0).unwrap();
+        assert!(freed > 0);
+        let left: Vec<String> = cache
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.digest)
+            .collect();
+        assert_eq!(left, [digests[0].clone()], "only the layer in use survives");
+        drop(held);
+        cache.prune(0).unwrap();
+        assert!(cache.list().unwrap().is_empty());
+    }
+}

@@ -1,0 +1,507 @@
+//! Writing an image as an archive other tools load: a docker-save archive that
+//! also holds an OCI layout (sharing one copy of each blob, as docker 25+
+//! writes), an OCI layout alone, a flattened single-layer image, or a plain
+//! rootfs tar of the merged tree.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+use flate2::Compression;
+use flate2::write::GzEncoder;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::cache::Layer;
+use crate::image::ImageSource;
+use crate::layer::EntryKind;
+use crate::registry::{OCI_MANIFEST, sha256_digest};
+use crate::tree::{NodeId, Tree};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ExportError {
+    #[error("writing the archive: {0}")]
+    Io(#[from] io::Error),
+    #[error("layer {digest} is not in the cache after fetching it")]
+    MissingBlob { digest: String },
+    #[error("{path}: reading layer {digest}: {source}")]
+    Read {
+        path: String,
+        digest: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("image config of {reference} is not JSON: {detail}")]
+    Config { reference: String, detail: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Docker,
+    Oci,
+    Rootfs,
+}
+
+/// Reads `len` bytes of a file's data from its layer.
+struct DataReader<'a> {
+    layer: &'a Layer,
+    offset: u64,
+    remaining: u64,
+}
+
+impl Read for DataReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.remaining == 0 {
+            return Ok(0);
+        }
+        let want = (buf.len() as u64).min(self.remaining) as usize;
+        let n = self.layer.read_at(self.offset, &mut buf[..want])?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "layer ends before the file's data",
+            ));
+        }
+        self.offset += n as u64;
+        self.remaining -= n as u64;
+        Ok(n)
+    }
+}
+
+/// Hashes what passes through a writer.
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    written: u64,
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+fn header_for(kind: EntryKind) -> tar::EntryType {
+    match kind {
+        EntryKind::Dir => tar::EntryType::Directory,
+        EntryKind::Symlink => tar::EntryType::Symlink,
+        EntryKind::Hardlink => tar::EntryType::Link,
+        EntryKind::Char => tar::EntryType::Char,
+        EntryKind::Block => tar::EntryType::Block,
+        EntryKind::Fifo => tar::EntryType::Fifo,
+        EntryKind::File => tar::EntryType::Regular,
+    }
+}
+
+/// Writes the merged tree as a tar: depth first, parents before children,
+/// hardlinks as links to the first name written, long names and xattrs as PAX.
+pub fn write_rootfs<W: Write>(
+    tree: &Tree,
+    layers: &[Arc<Layer>],
+    digests: &[String],
+    out: W,
+) -> Result<W, ExportError> {
+    let mut builder = tar::Builder::new(out);
+    builder.mode(tar::HeaderMode::Complete);
+    let mut first_name: HashMap<NodeId, String> = HashMap::new();
+    let mut stack: Vec<(String, NodeId)> = tree
+        .children(tree.root())
+        .map(|(name, id)| (name.to_string(), id))
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    while let Some((path, id)) = stack.pop() {
+        let n = tree.node(id);
+        let mut pax: Vec<(String, Vec<u8>)> = n
+            .xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.clone()))
+            .collect();
+        let mut header = tar::Header::new_ustar();
+        header.set_mode(n.mode & 0o7777);
+        header.set_uid(n.uid as u64);
+        header.set_gid(n.gid as u64);
+        header.set_mtime(n.mtime.max(0) as u64);
+        header.set_size(0);
+        let linked = n.kind != EntryKind::Dir && n.nlink > 1;
+        if linked && let Some(target) = first_name.get(&id) {
+            header.set_entry_type(tar::EntryType::Link);
+            append_pax(&mut builder, &mut pax, &path, Some(target))?;
+            builder.append_link(&mut header, &path, target)?;
+            continue;
+        }
+        if linked {
+            first_name.insert(id, path.clone());
+        }
+        header.set_entry_type(header_for(n.kind));
+        match n.kind {
+            EntryKind::Dir => {
+                append_pax(&mut builder, &mut pax, &path, None)?;
+                builder.append_data(&mut header, format!("{path}/"), io::empty())?;
+                let children: Vec<(String, NodeId)> = tree
+                    .children(id)
+                    .map(|(name, c)| (format!("{path}/{name}"), c))
+                    .collect();
+                stack.extend(children.into_iter().rev());
+            }
+            EntryKind::Symlink => {
+                let target: String = n.link.as_deref().unwrap_or_default().to_string();
+                append_pax(&mut builder, &mut pax, &path, Some(&target))?;
+                builder.append_link(&mut header, &path, &target)?;
+            }
+            EntryKind::Char | EntryKind::Block => {
+                header.set_device_major(n.rdev.0)?;
+                header.set_device_minor(n.rdev.1)?;
+                append_pax(&mut builder, &mut pax, &path, None)?;
+                builder.append_data(&mut header, &path, io::empty())?;
+            }
+            EntryKind::Fifo => {
+                append_pax(&mut builder, &mut pax, &path, None)?;
+                builder.append_data(&mut header, &path, io::empty())?;
+            }
+            EntryKind::File | EntryKind::Hardlink => {
+                header.set_entry_type(tar::EntryType::Regular);
+                header.set_size(n.size);
+                let layer = &layers[n.layer as usize];
+                let reader = DataReader {
+                    layer,
+                    offset: n.offset,
+                    remaining: n.size,
+                };
+                append_pax(&mut builder, &mut pax, &path, None)?;
+                builder
+                    .append_data(&mut header, &path, reader)
+                    .map_err(|source| ExportError::Read {
+                        path: format!("/{path}"),
+                        digest: digests.get(n.layer as usize).cloned().unwrap_or_default(),
+                        source,
+                    })?;
+            }
+        }
+    }
+    Ok(builder.into_inner()?)
+}
+
+/// Xattrs go in a PAX header; long names are left to the tar crate, which
+/// writes them as GNU long-name entries that every reader understands.
+fn append_pax<W: Write>(
+    builder: &mut tar::Builder<W>,
+    pax: &mut Vec<(String, Vec<u8>)>,
+    _path: &str,
+    _link: Option<&str>,
+) -> io::Result<()> {
+    if pax.is_empty() {
+        return Ok(());
+    }
+    builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    pax.clear();
+    Ok(())
+}
+
+/// A blob to place in the archive: from a file or from memory.
+enum BlobData<'a> {
+    File(&'a Path),
+    Bytes(&'a [u8]),
+}
+
+fn append_file<W: Write>(
+    builder: &mut tar::Builder<W>,
+    name: &str,
+    data: BlobData<'_>,
+) -> io::Result<()> {
+    let mut header = tar::Header::new_ustar();
+    header.set_mode(0o644);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Regular);
+    match data {
+        BlobData::Bytes(b) => {
+            header.set_size(b.len() as u64);
+            builder.append_data(&mut header, name, b)
+        }
+        BlobData::File(p) => {
+            let f = std::fs::File::open(p)?;
+            header.set_size(f.metadata()?.len());
+            builder.append_data(&mut header, name, f)
+        }
+    }
+}
+
+fn append_dir<W: Write>(builder: &mut tar::Builder<W>, name: &str) -> io::Result<()> {
+    let mut header = tar::Header::new_ustar();
+    header.set_mode(0o755);
+    header.set_mtime(0);
+    header.set_entry_type(tar::EntryType::Directory);
+    header.set_size(0);
+    builder.append_data(&mut header, name, io::empty())
+}
+
+fn blob_name(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+}
+
+/// The image as an archive's contents: manifest, config and layer files.
+struct ArchiveImage<'a> {
+    manifest: Vec<u8>,
+    manifest_media_type: String,
+    config: Vec<u8>,
+    config_digest: String,
+    layers: Vec<(String, &'a Path)>,
+}
+
+/// Writes docker's files (when `docker`) and the OCI layout around one set of blobs.
+fn write_archive<W: Write>(
+    img: &ArchiveImage<'_>,
+    name: &str,
+    docker: bool,
+    out: W,
+) -> Result<W, ExportError> {
+    let mut b = tar::Builder::new(out);
+    let manifest_digest = sha256_digest(&img.manifest);
+    append_dir(&mut b, "blobs")?;
+    append_dir(&mut b, "blobs/sha256")?;
+    let mut written = std::collections::HashSet::new();
+    for (digest, path) in &img.layers {
+        if written.insert(digest.clone()) {
+            append_file(&mut b, &blob_name(digest), BlobData::File(path))?;
+        }
+    }
+    append_file(
+        &mut b,
+        &blob_name(&img.config_digest),
+        BlobData::Bytes(&img.config),
+    )?;
+    append_file(
+        &mut b,
+        &blob_name(&manifest_digest),
+        BlobData::Bytes(&img.manifest),
+    )?;
+    append_file(
+        &mut b,
+        "oci-layout",
+        BlobData::Bytes(br#"{"imageLayoutVersion":"1.0.0"}"#),
+    )?;
+    let tag = name
+        .rsplit_once(':')
+        .filter(|(n, _)| !n.ends_with('/') && !n.is_empty())
+        .map(|(_, t)| t)
+        .unwrap_or("latest");
+    let index = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{
+            "mediaType": img.manifest_media_type,
+            "digest": manifest_digest,
+            "size": img.manifest.len(),
+            "annotations": {
+                "io.containerd.image.name": name,
+                "org.opencontainers.image.ref.name": tag,
+            }
+        }]
+    });
+    append_file(
+        &mut b,
+        "index.json",
+        BlobData::Bytes(&serde_json::to_vec(&index).expect("json")),
+    )?;
+    if docker {
+        let layers: Vec<String> = img.layers.iter().map(|(d, _)| blob_name(d)).collect();
+        let manifest = json!([{
+            "Config": blob_name(&img.config_digest),
+            "RepoTags": [name],
+            "Layers": layers,
+        }]);
+        append_file(
+            &mut b,
+            "manifest.json",
+            BlobData::Bytes(&serde_json::to_vec(&manifest).expect("json")),
+        )?;
+        let (repo, tag) = name.rsplit_once(':').unwrap_or((name, "latest"));
+        let top = img
+            .layers
+            .last()
+            .map(|(d, _)| d.trim_start_matches("sha256:").to_string())
+            .unwrap_or_default();
+        let repositories = json!({ repo: { tag: top } });
+        append_file(
+            &mut b,
+            "repositories",
+            BlobData::Bytes(&serde_json::to_vec(&repositories).expect("json")),
+        )?;
+    }
+    Ok(b.into_inner()?)
+}
+
+/// The name images get in the archive: `--tag`, else the reference as docker
+/// names it (`alpine:3.10` for Docker Hub's library, `host/repo:tag` elsewhere).
+pub fn archive_name(source: &ImageSource, tag: Option<&str>) -> String {
+    if let Some(t) = tag {
+        return if t.contains(':')
+            && !t.ends_with(':')
+            && t.rsplit_once(':').is_some_and(|(_, x)| !x.contains('/'))
+        {
+            t.to_string()
+        } else {
+            format!("{t}:latest")
+        };
+    }
+    let r = &source.image.reference;
+    let repo = if r.registry == crate::reference::DOCKER_HUB {
+        r.repository.trim_start_matches("library/").to_string()
+    } else {
+        format!("{}/{}", r.registry, r.repository)
+    };
+    format!("{repo}:{}", r.tag.as_deref().unwrap_or("latest"))
+}
+
+/// Exports `source` in `format` to `out`. Layers are fetched into the cache first.
+pub async fn export<W: Write + Send + 'static>(
+    source: Arc<ImageSource>,
+    format: Format,
+    flatten: bool,
+    name: String,
+    out: W,
+) -> Result<W, ExportError> {
+    let layers = source
+        .layers()
+        .await
+        .map_err(|e| ExportError::Io(io::Error::other(e)))?;
+    let digests: Vec<String> = source
+        .image
+        .layers
+        .iter()
+        .map(|l| l.digest.clone())
+        .collect();
+    if format == Format::Rootfs || flatten {
+        let (tree, layers) = source
+            .tree(None)
+            .await
+            .map_err(|e| ExportError::Io(io::Error::other(e)))?;
+        let src = Arc::clone(&source);
+        return tokio::task::spawn_blocking(move || {
+            if format == Format::Rootfs {
+                return write_rootfs(&tree, &layers, &digests, out);
+            }
+            write_flattened(
+                &src,
+                &tree,
+                &layers,
+                &digests,
+                &name,
+                format == Format::Docker,
+                out,
+            )
+        })
+        .await
+        .map_err(|e| ExportError::Io(io::Error::other(e)))?;
+    }
+    drop(layers);
+    tokio::task::spawn_blocking(move || {
+        let cache = source.cache();
+        let paths: Vec<(String, std::path::PathBuf)> = digests
+            .iter()
+            .map(|d| {
+                cache
+                    .blob_path(d)
+                    .map(|p| (d.clone(), p))
+                    .ok_or_else(|| ExportError::MissingBlob { digest: d.clone() })
+            })
+            .collect::<Result<_, _>>()?;
+        let img = ArchiveImage {
+            manifest: source.image.manifest_bytes.clone(),
+            manifest_media_type: source.image.media_type.clone(),
+            config: source.image.config_bytes.clone(),
+            config_digest: source.image.config_digest.clone(),
+            layers: paths
+                .iter()
+                .map(|(d, p)| (d.clone(), p.as_path()))
+                .collect(),
+        };
+        write_archive(&img, &name, format == Format::Docker, out)
+    })
+    .await
+    .map_err(|e| ExportError::Io(io::Error::other(e)))?
+}
+
+/// One gzip layer holding the merged tree, with a config and manifest to match.
+fn write_flattened<W: Write>(
+    source: &ImageSource,
+    tree: &Tree,
+    layers: &[Arc<Layer>],
+    digests: &[String],
+    name: &str,
+    docker: bool,
+    out: W,
+) -> Result<W, ExportError> {
+    let tmp = tempfile_in(source.cache().root())?;
+    let file = tmp.reopen()?;
+    let compressed = HashingWriter {
+        inner: io::BufWriter::new(file),
+        hasher: Sha256::new(),
+        written: 0,
+    };
+    let gz = GzEncoder::new(compressed, Compression::fast());
+    let plain = HashingWriter {
+        inner: gz,
+        hasher: Sha256::new(),
+        written: 0,
+    };
+    let plain = write_rootfs(tree, layers, digests, plain)?;
+    let diff_id = format!("sha256:{}", hex::encode(plain.hasher.finalize()));
+    let mut compressed = plain.inner.finish()?;
+    compressed.flush()?;
+    let layer_digest = format!("sha256:{}", hex::encode(compressed.hasher.finalize()));
+    let layer_size = compressed.written;
+
+    let reference = source.image.reference.to_string();
+    let mut config: Value =
+        serde_json::from_slice(&source.image.config_bytes).map_err(|e| ExportError::Config {
+            reference: reference.clone(),
+            detail: e.to_string(),
+        })?;
+    config["rootfs"] = json!({"type": "layers", "diff_ids": [diff_id]});
+    config["history"] = json!([{
+        "created_by": format!("rimg export --flatten {reference}"),
+        "comment": format!("flattened from {} layers of {}", digests.len(), source.image.digest),
+    }]);
+    let config_bytes = serde_json::to_vec(&config).expect("json");
+    let config_digest = sha256_digest(&config_bytes);
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": config_digest,
+            "size": config_bytes.len(),
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+            "digest": layer_digest,
+            "size": layer_size,
+        }],
+    });
+    let img = ArchiveImage {
+        manifest: serde_json::to_vec(&manifest).expect("json"),
+        manifest_media_type: OCI_MANIFEST.to_string(),
+        config: config_bytes,
+        config_digest,
+        layers: vec![(layer_digest, tmp.path())],
+    };
+    write_archive(&img, name, docker, out)
+}
+
+fn tempfile_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
+    let dir = dir.join("tmp");
+    std::fs::create_dir_all(&dir)?;
+    tempfile::Builder::new()
+        .prefix("flatten-")
+        .suffix(".tar.gz")
+        .tempfile_in(dir)
+}

@@ -1,0 +1,181 @@
+//! An image opened for reading: its resolved manifest, its layers fetched into
+//! the cache on first need (in parallel, inflating while downloading), and the
+//! merged tree built from them. FUSE, `ls`, `cat` and export all start here.
+
+use std::io::Read;
+use std::sync::Arc;
+
+use futures_util::future::try_join_all;
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::cache::{Cache, Layer};
+use crate::registry::{Client, LayerDesc, ResolvedImage};
+use crate::tree::{self, Tree};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("layer {index} ({digest}) of {reference}: {source}")]
+    Layer {
+        index: usize,
+        digest: String,
+        reference: String,
+        #[source]
+        source: Box<crate::cache::CacheError>,
+    },
+    #[error("merging the layers of {reference}: {source}")]
+    Tree {
+        reference: String,
+        #[source]
+        source: crate::tree::TreeError,
+    },
+    #[error("{reference} has {count} layers; layer {asked} does not exist")]
+    NoSuchLayer {
+        reference: String,
+        count: usize,
+        asked: i64,
+    },
+    #[error("worker for layer {digest} stopped: {detail}")]
+    Worker { digest: String, detail: String },
+}
+
+/// A resolved image with access to its layers.
+pub struct ImageSource {
+    pub image: ResolvedImage,
+    client: Arc<Client>,
+    cache: Arc<Cache>,
+    max_layer_size: u64,
+    progress: MultiProgress,
+}
+
+/// Counts bytes into a progress bar as the decompressor pulls them.
+struct Counted<R> {
+    inner: R,
+    bar: ProgressBar,
+}
+
+impl<R: Read> Read for Counted<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bar.inc(n as u64);
+        Ok(n)
+    }
+}
+
+impl ImageSource {
+    pub fn new(
+        image: ResolvedImage,
+        client: Arc<Client>,
+        cache: Arc<Cache>,
+        max_layer_size: u64,
+        show_progress: bool,
+    ) -> Self {
+        let target = if show_progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        ImageSource {
+            image,
+            client,
+            cache,
+            max_layer_size,
+            progress: MultiProgress::with_draw_target(target),
+        }
+    }
+
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// Maps `--layer N` (negative counts from the top) to a layer index.
+    pub fn layer_index(&self, asked: i64) -> Result<usize, ImageError> {
+        let count = self.image.layers.len() as i64;
+        let idx = if asked < 0 { count + asked } else { asked };
+        if idx < 0 || idx >= count {
+            return Err(ImageError::NoSuchLayer {
+                reference: self.image.reference.to_string(),
+                count: count as usize,
+                asked,
+            });
+        }
+        Ok(idx as usize)
+    }
+
+    /// Layer `index`, from the cache or fetched now. Runs the download on the
+    /// runtime and the inflate-and-index pass on a blocking thread.
+    pub async fn layer(&self, index: usize) -> Result<Arc<Layer>, ImageError> {
+        let desc: LayerDesc = self.image.layers[index].clone();
+        let reference = self.image.reference.clone();
+        let image_ref = reference.to_string();
+        let client = Arc::clone(&self.client);
+        let cache = Arc::clone(&self.cache);
+        let max = self.max_layer_size;
+        let bar = self.progress.add(ProgressBar::new(desc.size));
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(short_digest(&desc.digest).to_string());
+        let handle = tokio::runtime::Handle::current();
+        let digest = desc.digest.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let _enter = handle.enter();
+            let open =
+                || -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>> {
+                    tracing::info!(
+                        "fetching layer {index} {} ({} bytes)",
+                        desc.digest,
+                        desc.size
+                    );
+                    Ok(Box::new(Counted {
+                        inner: client.blob_reader(&reference, &desc),
+                        bar: bar.clone(),
+                    }))
+                };
+            let r = cache.ensure_layer(&desc, &image_ref, max, open);
+            bar.finish_and_clear();
+            r
+        })
+        .await
+        .map_err(|e| ImageError::Worker {
+            digest: digest.clone(),
+            detail: e.to_string(),
+        })?;
+        result.map_err(|source| ImageError::Layer {
+            index,
+            digest,
+            reference: self.image.reference.to_string(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Every layer, fetched in parallel.
+    pub async fn layers(&self) -> Result<Vec<Arc<Layer>>, ImageError> {
+        try_join_all((0..self.image.layers.len()).map(|i| self.layer(i))).await
+    }
+
+    /// The merged tree (or one layer's own tree when `only` is given).
+    pub async fn tree(&self, only: Option<usize>) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
+        if let Some(i) = only {
+            let layer = self.layer(i).await?;
+            let t = tree::single_layer(layer.index());
+            return Ok((t, vec![layer]));
+        }
+        let layers = self.layers().await?;
+        let indexes: Vec<_> = layers.iter().map(|l| l.index()).collect();
+        let t = tree::merge(&indexes).map_err(|source| ImageError::Tree {
+            reference: self.image.reference.to_string(),
+            source,
+        })?;
+        Ok((t, layers))
+    }
+}
+
+/// `sha256:abcdef012345...` -> `abcdef012345`
+pub fn short_digest(d: &str) -> &str {
+    let hex = d.split_once(':').map_or(d, |(_, h)| h);
+    &hex[..hex.len().min(12)]
+}
