@@ -20,6 +20,8 @@ use crate::reference::{DOCKER_HUB, Reference};
 
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 const MAX_REDIRECTS: usize = 10;
+/// Tags asked per page; Docker Hub serves at most 100.
+const TAGS_PAGE: usize = 100;
 /// A token this young that is refused is not stale; asking again would loop.
 const TOKEN_FRESH: Duration = Duration::from_secs(2);
 /// Docker's default when a token server omits `expires_in`.
@@ -666,7 +668,7 @@ impl Client {
         };
         let mut url = endpoint
             .base
-            .join(&format!("/v2/{}/tags/list", reference.repository))
+            .join(&format!("/v2/{}/tags/list?n={TAGS_PAGE}", reference.repository))
             .map_err(|e| RegistryError::Config(e.to_string()))?;
         let mut all = Vec::new();
         for _ in 0..10_000 {

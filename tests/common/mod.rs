@@ -1,0 +1,375 @@
+//! Test harness: real registries (Debian's docker-registry, distribution 2.8)
+//! on loopback in three auth modes, a token server whose JWTs the registry
+//! verifies for real, an image builder and pusher, and tree listings to compare
+//! rimg's view with umoci's.
+#![allow(dead_code, unused_imports)]
+
+pub mod image;
+pub mod listing;
+pub mod proxy;
+pub mod token;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+pub use image::*;
+pub use listing::*;
+pub use proxy::RedirectProxy;
+pub use token::TokenServer;
+
+pub const USER: &str = "alice";
+pub const PASS: &str = "s3cret-pass";
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn shared_images() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/images")
+}
+
+pub fn alpine(version: &str, arch: &str) -> PathBuf {
+    shared_images().join(format!("alpine-{version}/alpine-minirootfs-{version}-{arch}.tar.gz"))
+}
+
+pub enum Auth {
+    None,
+    Basic,
+    /// Token auth through a token server of the tests.
+    Token(TokenServer),
+}
+
+pub struct Registry {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Option<Child>,
+    pub auth: Auth,
+    config: PathBuf,
+}
+
+impl Registry {
+    pub fn start(auth: Auth) -> Registry {
+        Self::start_with(auth, None)
+    }
+
+    /// A pull-through cache (distribution's proxy mode) in front of `upstream`.
+    pub fn proxy_of(upstream: &Registry) -> Registry {
+        Self::start_with(Auth::None, Some(upstream.url()))
+    }
+
+    fn start_with(auth: Auth, proxy: Option<String>) -> Registry {
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let mut cfg = format!(
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}/data\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().display()
+        );
+        match &auth {
+            Auth::None => {}
+            Auth::Basic => {
+                let out = Command::new("htpasswd").args(["-Bbn", USER, PASS]).output().unwrap();
+                assert!(out.status.success(), "htpasswd failed");
+                let file = dir.path().join("htpasswd");
+                std::fs::write(&file, out.stdout).unwrap();
+                cfg += &format!(
+                    "auth:\n  htpasswd:\n    realm: rimg-test\n    path: {}\n",
+                    file.display()
+                );
+            }
+            Auth::Token(t) => {
+                cfg += &format!(
+                    "auth:\n  token:\n    realm: {}/token\n    service: {}\n    issuer: {}\n    rootcertbundle: {}\n",
+                    t.url(),
+                    token::SERVICE,
+                    token::ISSUER,
+                    t.cert_path().display()
+                );
+            }
+        }
+        if let Some(up) = proxy {
+            cfg += &format!("proxy:\n  remoteurl: {up}\n");
+        }
+        let config = dir.path().join("config.yml");
+        std::fs::write(&config, cfg).unwrap();
+        let mut r = Registry {
+            port,
+            dir,
+            child: None,
+            auth,
+            config,
+        };
+        r.restart();
+        r
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr())
+    }
+
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&self.config)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("docker-registry must be installed (scripts/install-deps.sh)");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if std::net::TcpStream::connect(self.addr()).is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("registry on {} did not start", self.addr());
+    }
+
+    /// The Authorization header that lets the harness push.
+    pub fn push_auth(&self, repo: &str) -> Option<String> {
+        match &self.auth {
+            Auth::None => None,
+            Auth::Basic => Some(format!("Basic {}", b64(format!("{USER}:{PASS}").as_bytes()))),
+            Auth::Token(t) => Some(format!("Bearer {}", t.mint(repo, &["pull", "push"], 300))),
+        }
+    }
+
+    /// Path of a blob in the registry's own storage (to corrupt it in tests).
+    pub fn blob_file(&self, digest: &str) -> PathBuf {
+        let hex = digest.trim_start_matches("sha256:");
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+pub fn b64(data: &[u8]) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(data)
+}
+
+/// The rimg binary under test.
+pub fn rimg_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_rimg"))
+}
+
+/// An isolated environment for one rimg invocation: its own cache and state.
+pub struct Env {
+    pub dir: tempfile::TempDir,
+    pub vars: Vec<(String, String)>,
+}
+
+impl Env {
+    pub fn new() -> Env {
+        let dir = tempfile::tempdir().unwrap();
+        let vars = vec![
+            ("RIMG_CACHE_DIR".into(), dir.path().join("cache").display().to_string()),
+            ("RIMG_STATE_DIR".into(), dir.path().join("state").display().to_string()),
+            ("HOME".into(), dir.path().join("home").display().to_string()),
+            ("XDG_RUNTIME_DIR".into(), dir.path().join("run").display().to_string()),
+            ("DOCKER_CONFIG".into(), dir.path().join("docker").display().to_string()),
+        ];
+        Env { dir, vars }
+    }
+
+    pub fn set(mut self, k: &str, v: &str) -> Env {
+        self.vars.retain(|(key, _)| key != k);
+        self.vars.push((k.into(), v.into()));
+        self
+    }
+
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dir.path().join("cache")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(rimg_bin());
+        c.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        for (k, v) in &self.vars {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// Runs rimg with `stdin`, killing it after `timeout` so a hang fails the test.
+    pub fn run_with(&self, args: &[&str], stdin: &[u8], timeout: Duration) -> Output {
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::Write;
+            let mut s = child.stdin.take().unwrap();
+            let _ = s.write_all(stdin);
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            if child.try_wait().unwrap().is_some() {
+                return child.wait_with_output().unwrap();
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let out = child.wait_with_output().unwrap();
+                panic!(
+                    "rimg {args:?} hung for {timeout:?}; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.run_with(args, b"", Duration::from_secs(120))
+    }
+
+    /// Runs and insists on success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "rimg {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs and insists on failure; returns stderr, checked to be one line.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success(), "rimg {args:?} should have failed");
+        let lines: Vec<&str> = err.lines().filter(|l| l.starts_with("rimg: ")).collect();
+        assert_eq!(lines.len(), 1, "one error line expected, got: {err}");
+        assert!(!err.contains("panicked"), "rimg panicked: {err}");
+        lines[0].to_string()
+    }
+}
+
+/// A mount made by `rimg mount`, unmounted on drop.
+pub struct Mounted {
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Mounted {
+    pub fn new(env: &Env, reference: &str, extra: &[&str]) -> Mounted {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mnt");
+        std::fs::create_dir(&path).unwrap();
+        let mut args = vec!["mount"];
+        args.extend_from_slice(extra);
+        args.push(reference);
+        let p = path.display().to_string();
+        args.push(&p);
+        env.ok(&args);
+        Mounted { path, _dir: dir }
+    }
+
+    pub fn is_mounted(&self) -> bool {
+        is_mountpoint(&self.path)
+    }
+}
+
+pub fn is_mountpoint(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = path.display().to_string();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+}
+
+/// Waits until `cond` holds, up to `timeout`.
+pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if self.is_mounted() {
+            let _ = Command::new("fusermount3").arg("-u").arg(&self.path).status();
+            if self.is_mounted() {
+                let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+            }
+        }
+    }
+}
+
+/// `skopeo copy` the image to an OCI layout and `umoci unpack` it: the
+/// reference implementation's rootfs.
+pub fn umoci_unpack(registry: &Registry, repo: &str, tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = dir.path().join("oci");
+    let mut copy = Command::new("skopeo");
+    copy.args(["copy", "-q", "--src-tls-verify=false"]);
+    match &registry.auth {
+        Auth::None => {}
+        _ => {
+            copy.arg(format!("--src-creds={USER}:{PASS}"));
+        }
+    }
+    copy.arg(format!("docker://{}/{repo}:{tag}", registry.addr()))
+        .arg(format!("oci:{}:{tag}", layout.display()));
+    run_ok(&mut copy);
+    unpack_layout(dir, &layout, tag)
+}
+
+/// `umoci unpack` of an OCI layout directory.
+pub fn unpack_layout(dir: tempfile::TempDir, layout: &Path, tag: &str) -> (tempfile::TempDir, PathBuf) {
+    let bundle = dir.path().join("bundle");
+    run_ok(
+        Command::new("umoci")
+            .args(["unpack", "--image"])
+            .arg(format!("{}:{tag}", layout.display()))
+            .arg(&bundle),
+    );
+    let rootfs = bundle.join("rootfs");
+    (dir, rootfs)
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

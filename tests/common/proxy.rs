@@ -1,0 +1,164 @@
+//! A front for a registry that answers blob GETs with a 307 to another host
+//! (`localhost` instead of `127.0.0.1`, like a CDN), which serves the blob from
+//! the registry's storage and records whether it was sent credentials.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use super::Registry;
+
+#[derive(Default)]
+struct Seen {
+    redirected: AtomicUsize,
+    cdn_requests: AtomicUsize,
+    cdn_auth: AtomicBool,
+    registry_auth: AtomicBool,
+}
+
+pub struct RedirectProxy {
+    port: u16,
+    seen: Arc<Seen>,
+}
+
+struct Request {
+    head: Vec<String>,
+    body: Vec<u8>,
+}
+
+fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
+    let mut head = Vec::new();
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).ok()? == 0 {
+            return None;
+        }
+        let line = line.trim_end().to_string();
+        if line.is_empty() {
+            break;
+        }
+        head.push(line);
+    }
+    let len = head
+        .iter()
+        .find_map(|h| {
+            let (k, v) = h.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    r.read_exact(&mut body).ok()?;
+    Some(Request { head, body })
+}
+
+fn has_auth(req: &Request) -> bool {
+    req.head.iter().any(|h| h.to_ascii_lowercase().starts_with("authorization:"))
+}
+
+impl RedirectProxy {
+    pub fn start(reg: &Registry) -> RedirectProxy {
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = front.local_addr().unwrap().port();
+        let cdn_port = cdn.local_addr().unwrap().port();
+        let seen = Arc::new(Seen::default());
+        let upstream = reg.addr();
+        let storage: PathBuf = reg.dir.path().join("data/docker/registry/v2/blobs/sha256");
+
+        let s = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for conn in front.incoming().flatten() {
+                let s = Arc::clone(&s);
+                let upstream = upstream.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut out = conn;
+                    while let Some(req) = read_request(&mut r) {
+                        if has_auth(&req) {
+                            s.registry_auth.store(true, Ordering::SeqCst);
+                        }
+                        let target = req.head[0].split(' ').nth(1).unwrap_or("").to_string();
+                        if req.head[0].starts_with("GET ") && target.contains("/blobs/sha256:") {
+                            s.redirected.fetch_add(1, Ordering::SeqCst);
+                            let digest = target.rsplit('/').next().unwrap().to_string();
+                            let _ = write!(
+                                out,
+                                "HTTP/1.1 307 Temporary Redirect\r\nLocation: http://localhost:{cdn_port}/cdn/{digest}\r\nContent-Length: 0\r\n\r\n"
+                            );
+                            continue;
+                        }
+                        // Forward verbatim, one request per upstream connection.
+                        let Ok(mut up) = TcpStream::connect(&upstream) else { return };
+                        let mut head = String::new();
+                        for h in &req.head {
+                            if !h.to_ascii_lowercase().starts_with("connection:") {
+                                head.push_str(h);
+                                head.push_str("\r\n");
+                            }
+                        }
+                        head.push_str("Connection: close\r\n\r\n");
+                        let _ = up.write_all(head.as_bytes());
+                        let _ = up.write_all(&req.body);
+                        let mut resp = Vec::new();
+                        let _ = up.read_to_end(&mut resp);
+                        let _ = out.write_all(&resp);
+                        return;
+                    }
+                });
+            }
+        });
+
+        let s = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            for conn in cdn.incoming().flatten() {
+                let s = Arc::clone(&s);
+                let storage = storage.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut out = conn;
+                    while let Some(req) = read_request(&mut r) {
+                        s.cdn_requests.fetch_add(1, Ordering::SeqCst);
+                        if has_auth(&req) {
+                            s.cdn_auth.store(true, Ordering::SeqCst);
+                        }
+                        let target = req.head[0].split(' ').nth(1).unwrap_or("");
+                        let hex = target.rsplit("sha256:").next().unwrap_or("");
+                        let path = storage.join(hex.get(..2).unwrap_or("xx")).join(hex).join("data");
+                        match std::fs::read(path) {
+                            Ok(data) => {
+                                let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", data.len());
+                                let _ = out.write_all(&data);
+                            }
+                            Err(_) => {
+                                let _ = write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        RedirectProxy { port, seen }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn redirected(&self) -> usize {
+        self.seen.redirected.load(Ordering::SeqCst)
+    }
+
+    pub fn cdn_requests(&self) -> usize {
+        self.seen.cdn_requests.load(Ordering::SeqCst)
+    }
+
+    pub fn cdn_saw_authorization(&self) -> bool {
+        self.seen.cdn_auth.load(Ordering::SeqCst)
+    }
+
+    pub fn registry_saw_authorization(&self) -> bool {
+        self.seen.registry_auth.load(Ordering::SeqCst)
+    }
+}
