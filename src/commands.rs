@@ -732,24 +732,8 @@ pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
         bail!("{} is not a rimg mount", canonical.display());
     }
     let record = mounts::find(&canonical);
-    let c = std::ffi::CString::new(canonical.as_os_str().as_encoded_bytes())?;
-    // SAFETY: c is a valid NUL-terminated path.
-    let rc = unsafe { libc::umount2(c.as_ptr(), 0) };
-    if rc != 0 {
-        let err = std::io::Error::last_os_error();
-        if err.raw_os_error() == Some(libc::EPERM) {
-            let status = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .arg(&canonical)
-                .status()
-                .context("cannot run fusermount3")?;
-            if !status.success() {
-                bail!("fusermount3 -u {} failed", canonical.display());
-            }
-        } else {
-            bail!("cannot unmount {}: {err}", canonical.display());
-        }
-    }
+    crate::fuse::unmount(&canonical)
+        .with_context(|| format!("cannot unmount {}", canonical.display()))?;
     if let Some(r) = record {
         for _ in 0..100 {
             if !mounts::pid_alive(r.pid) {

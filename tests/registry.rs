@@ -50,7 +50,13 @@ fn manifest_list_resolves_to_the_host_or_requested_platform_skipping_attestation
     for oci in [false, true] {
         let amd = push_alpine(&reg, "multi", "amd", "3.10.9", "amd64", oci);
         let arm = push_alpine(&reg, "multi", "arm", "3.10.9", "arm64/v8", oci);
-        let index = push_index(&reg, "multi", "latest", &[("linux/amd64", &amd), ("linux/arm64/v8", &arm)], oci);
+        let index = push_index(
+            &reg,
+            "multi",
+            "latest",
+            &[("linux/amd64", &amd), ("linux/arm64/v8", &arm)],
+            oci,
+        );
         let env = Env::new();
         let r = format!("{}/multi:latest", reg.addr());
         let v = inspect(&env, &r, &["--platform", "linux/arm64"]);
@@ -60,8 +66,14 @@ fn manifest_list_resolves_to_the_host_or_requested_platform_skipping_attestation
         let v = inspect(&env, &r, &["--platform", "linux/amd64"]);
         assert_eq!(v["manifest"]["digest"], amd.manifest_digest);
         let err = env.fails(&["inspect", "--platform", "linux/s390x", &r]);
-        assert!(err.contains("linux/s390x") && err.contains("linux/amd64, linux/arm64/v8"), "{err}");
-        assert!(!err.contains("unknown"), "attestations must not be offered: {err}");
+        assert!(
+            err.contains("linux/s390x") && err.contains("linux/amd64, linux/arm64/v8"),
+            "{err}"
+        );
+        assert!(
+            !err.contains("unknown"),
+            "attestations must not be offered: {err}"
+        );
     }
 }
 
@@ -71,7 +83,11 @@ fn digest_references_are_verified_and_win_over_tags() {
     let p = push_alpine(&reg, "x", "one", "3.10.9", "amd64", false);
     push_alpine(&reg, "x", "two", "3.20.3", "amd64", false);
     let env = Env::new();
-    let v = inspect(&env, &format!("{}/x:two@{}", reg.addr(), p.manifest_digest), &[]);
+    let v = inspect(
+        &env,
+        &format!("{}/x:two@{}", reg.addr(), p.manifest_digest),
+        &[],
+    );
     assert_eq!(v["manifest"]["digest"], p.manifest_digest);
 }
 
@@ -82,7 +98,10 @@ fn unknown_tag_reports_the_registry_error_code_and_reference() {
     let env = Env::new();
     let r = format!("{}/library/alpine:3.99", reg.addr());
     let err = env.fails(&["inspect", &r]);
-    assert!(err.contains("MANIFEST_UNKNOWN") && err.contains(&r), "{err}");
+    assert!(
+        err.contains("MANIFEST_UNKNOWN") && err.contains(&r),
+        "{err}"
+    );
     let err = env.fails(&["inspect", &format!("{}/nope/nope:1", reg.addr())]);
     assert!(err.contains("UNKNOWN"), "{err}");
 }
@@ -92,7 +111,10 @@ fn unreachable_registry_and_bad_references_fail_with_one_line() {
     let env = Env::new();
     let port = free_port();
     let err = env.fails(&["inspect", &format!("127.0.0.1:{port}/a:b")]);
-    assert!(err.contains(&format!("127.0.0.1:{port}")) && err.contains("reach"), "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{port}")) && err.contains("reach"),
+        "{err}"
+    );
     let err = env.fails(&["inspect", "UPPER/Case"]);
     assert!(err.contains("lowercase"), "{err}");
     let err = env.fails(&["inspect", "a@sha256:1234"]);
@@ -121,7 +143,10 @@ fn basic_auth_private_repository_needs_credentials() {
     let r = format!("{}/private/app:1", reg.addr());
     let env = Env::new();
     let err = env.fails(&["inspect", &r]);
-    assert!(err.contains("authentication") && err.contains("credentials"), "{err}");
+    assert!(
+        err.contains("authentication") && err.contains("credentials"),
+        "{err}"
+    );
 
     // --username with --password-stdin
     let out = env.run_with(
@@ -129,15 +154,25 @@ fn basic_auth_private_repository_needs_credentials() {
         format!("{PASS}\n").as_bytes(),
         Duration::from_secs(60),
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // a wrong password is refused, and never echoed
-    let out = env.run_with(&["inspect", "--username", USER, "--password-stdin", &r], b"wrong-pass", Duration::from_secs(60));
+    let out = env.run_with(
+        &["inspect", "--username", USER, "--password-stdin", &r],
+        b"wrong-pass",
+        Duration::from_secs(60),
+    );
     assert!(!out.status.success());
     assert!(!String::from_utf8_lossy(&out.stderr).contains("wrong-pass"));
 
     // environment variables
-    let env_creds = Env::new().set("RIMG_USERNAME", USER).set("RIMG_PASSWORD", PASS);
+    let env_creds = Env::new()
+        .set("RIMG_USERNAME", USER)
+        .set("RIMG_PASSWORD", PASS);
     env_creds.ok(&["inspect", &r]);
 }
 
@@ -151,7 +186,11 @@ fn credentials_come_from_podman_and_docker_auth_files_and_helpers() {
     // REGISTRY_AUTH_FILE (podman/skopeo)
     let env = Env::new();
     let file = env.dir.path().join("auth.json");
-    std::fs::write(&file, format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr())).unwrap();
+    std::fs::write(
+        &file,
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr()),
+    )
+    .unwrap();
     let env = env.set("REGISTRY_AUTH_FILE", &file.display().to_string());
     env.ok(&["inspect", &r]);
 
@@ -159,14 +198,25 @@ fn credentials_come_from_podman_and_docker_auth_files_and_helpers() {
     let env = Env::new();
     let run = env.dir.path().join("run/containers");
     std::fs::create_dir_all(&run).unwrap();
-    std::fs::write(run.join("auth.json"), format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr())).unwrap();
+    std::fs::write(
+        run.join("auth.json"),
+        format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.addr()),
+    )
+    .unwrap();
     env.ok(&["inspect", &r]);
 
     // docker config.json auths
     let env = Env::new();
     let docker = env.dir.path().join("docker");
     std::fs::create_dir_all(&docker).unwrap();
-    std::fs::write(docker.join("config.json"), format!(r#"{{"auths":{{"http://{}/":{{"auth":"{auth}"}}}}}}"#, reg.addr())).unwrap();
+    std::fs::write(
+        docker.join("config.json"),
+        format!(
+            r#"{{"auths":{{"http://{}/":{{"auth":"{auth}"}}}}}}"#,
+            reg.addr()
+        ),
+    )
+    .unwrap();
     env.ok(&["inspect", &r]);
 
     // credHelpers and credsStore run docker-credential-NAME get
@@ -183,8 +233,12 @@ fn credentials_come_from_podman_and_docker_auth_files_and_helpers() {
             ),
         )
         .unwrap();
-        std::os::unix::fs::PermissionsExt::set_mode(&mut std::fs::metadata(&helper).unwrap().permissions(), 0o755);
-        std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+        std::os::unix::fs::PermissionsExt::set_mode(
+            &mut std::fs::metadata(&helper).unwrap().permissions(),
+            0o755,
+        );
+        std::fs::set_permissions(&helper, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
         let docker = env.dir.path().join("docker");
         std::fs::create_dir_all(&docker).unwrap();
         let cfg = if key == "credHelpers" {
@@ -198,7 +252,11 @@ fn credentials_come_from_podman_and_docker_auth_files_and_helpers() {
         let mut cmd = env.command(&["inspect", &r]);
         cmd.env("PATH", &path);
         let out = cmd.output().unwrap();
-        assert!(out.status.success(), "{key}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{key}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }
 
@@ -212,11 +270,18 @@ fn token_auth_allows_anonymous_public_pulls_and_refuses_private_ones() {
     let private = format!("{}/private/app:1", reg.addr());
     let err = env.fails(&["inspect", &private]);
     assert!(err.contains("authentication"), "{err}");
-    let creds = Env::new().set("RIMG_USERNAME", USER).set("RIMG_PASSWORD", PASS);
+    let creds = Env::new()
+        .set("RIMG_USERNAME", USER)
+        .set("RIMG_PASSWORD", PASS);
     creds.ok(&["inspect", &private]);
-    let bad = Env::new().set("RIMG_USERNAME", USER).set("RIMG_PASSWORD", "nope");
+    let bad = Env::new()
+        .set("RIMG_USERNAME", USER)
+        .set("RIMG_PASSWORD", "nope");
     let err = bad.fails(&["inspect", &private]);
-    assert!(err.contains("authentication") && !err.contains("nope"), "{err}");
+    assert!(
+        err.contains("authentication") && !err.contains("nope"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -229,12 +294,21 @@ fn identity_token_from_docker_config_is_exchanged_with_an_oauth2_post() {
     std::fs::create_dir_all(&docker).unwrap();
     std::fs::write(
         docker.join("config.json"),
-        format!(r#"{{"auths":{{"{}":{{"auth":"","identitytoken":"{}"}}}}}}"#, reg.addr(), token::REFRESH_TOKEN),
+        format!(
+            r#"{{"auths":{{"{}":{{"auth":"","identitytoken":"{}"}}}}}}"#,
+            reg.addr(),
+            token::REFRESH_TOKEN
+        ),
     )
     .unwrap();
     env.ok(&["inspect", &format!("{}/private/app:1", reg.addr())]);
-    let Auth::Token(t) = &reg.auth else { unreachable!() };
-    assert!(t.posts() >= 1, "the identity token must go through the POST form");
+    let Auth::Token(t) = &reg.auth else {
+        unreachable!()
+    };
+    assert!(
+        t.posts() >= 1,
+        "the identity token must go through the POST form"
+    );
 }
 
 #[test]
@@ -243,13 +317,18 @@ fn a_token_that_expires_mid_session_is_renewed() {
     push_alpine(&reg, "public/app", "1", "3.10.9", "amd64", false);
     let env = Env::new();
     let m = Mounted::new(&env, &format!("{}/public/app:1", reg.addr()), &[]);
-    let Auth::Token(t) = &reg.auth else { unreachable!() };
+    let Auth::Token(t) = &reg.auth else {
+        unreachable!()
+    };
     let before = t.requests();
     // Outlive the token, then make the mount fetch the layer.
     std::thread::sleep(Duration::from_secs(3));
     let os = std::fs::read_to_string(m.path.join("etc/os-release")).unwrap();
     assert!(os.contains("3.10.9"));
-    assert!(t.requests() > before, "a fresh token must have been fetched");
+    assert!(
+        t.requests() > before,
+        "a fresh token must have been fetched"
+    );
 }
 
 #[test]
@@ -257,14 +336,25 @@ fn blob_redirects_to_another_host_carry_no_authorization() {
     let reg = Registry::start(Auth::Basic);
     let p = push_alpine(&reg, "private/app", "1", "3.10.9", "amd64", false);
     let proxy = RedirectProxy::start(&reg);
-    let env = Env::new().set("RIMG_USERNAME", USER).set("RIMG_PASSWORD", PASS);
+    let env = Env::new()
+        .set("RIMG_USERNAME", USER)
+        .set("RIMG_PASSWORD", PASS);
     let r = format!("{}/private/app:1", proxy.addr());
     let out = env.ok(&["cat", &r, "/etc/os-release"]);
     assert!(out.contains("3.10.9"));
-    assert!(proxy.redirected() >= 1, "blob GETs must have been redirected");
+    assert!(
+        proxy.redirected() >= 1,
+        "blob GETs must have been redirected"
+    );
     assert!(proxy.cdn_requests() >= 1);
-    assert!(!proxy.cdn_saw_authorization(), "Authorization leaked to the other host");
-    assert!(proxy.registry_saw_authorization(), "the registry itself must get credentials");
+    assert!(
+        !proxy.cdn_saw_authorization(),
+        "Authorization leaked to the other host"
+    );
+    assert!(
+        proxy.registry_saw_authorization(),
+        "the registry itself must get credentials"
+    );
     let _ = p;
 }
 
@@ -280,7 +370,13 @@ fn a_corrupted_blob_fails_verification_and_leaves_nothing_cached() {
     let env = Env::new();
     let err = env.fails(&["cat", &format!("{}/c/app:1", reg.addr()), "/etc/os-release"]);
     assert!(err.contains(&p.layers[0]), "{err}");
-    assert!(err.contains("digest") || err.contains("gzip") || err.contains("corrupt") || err.contains("invalid"), "{err}");
+    assert!(
+        err.contains("digest")
+            || err.contains("gzip")
+            || err.contains("corrupt")
+            || err.contains("invalid"),
+        "{err}"
+    );
     let cached: Vec<_> = walk_files(&env.cache_dir().join("layers"));
     assert!(cached.is_empty(), "nothing may be cached: {cached:?}");
     assert!(walk_files(&env.cache_dir().join("blobs")).is_empty());
@@ -289,13 +385,29 @@ fn a_corrupted_blob_fails_verification_and_leaves_nothing_cached() {
 #[test]
 fn mirrors_are_tried_first_and_fall_back_to_the_registry() {
     let upstream = Registry::start(Auth::None);
-    push_alpine(&upstream, "library/alpine", "3.10", "3.10.9", "amd64", false);
+    push_alpine(
+        &upstream,
+        "library/alpine",
+        "3.10",
+        "3.10.9",
+        "amd64",
+        false,
+    );
     let mirror = Registry::proxy_of(&upstream);
     let r = format!("{}/library/alpine:3.10", upstream.addr());
     let env = Env::new();
-    env.ok(&["--mirror", &format!("{}={}", upstream.addr(), mirror.url()), "cat", &r, "/etc/os-release"]);
+    env.ok(&[
+        "--mirror",
+        &format!("{}={}", upstream.addr(), mirror.url()),
+        "cat",
+        &r,
+        "/etc/os-release",
+    ]);
     // The pull-through cache stored what it served.
-    assert!(!walk_files(&mirror.dir.path().join("data")).is_empty(), "the mirror was not used");
+    assert!(
+        !walk_files(&mirror.dir.path().join("data")).is_empty(),
+        "the mirror was not used"
+    );
 
     // A dead mirror first: rimg falls back to the next mirror, then upstream.
     let dead = format!("http://127.0.0.1:{}", free_port());
@@ -306,7 +418,9 @@ fn mirrors_are_tried_first_and_fall_back_to_the_registry() {
 
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for e in rd.flatten() {
         let p = e.path();
         if p.is_dir() {

@@ -90,11 +90,42 @@ fn config(source_name: &str, opts: &MountOptions) -> Config {
     config
 }
 
+/// Unmounts `path`: directly when privileged, else through fusermount3.
+pub fn unmount(path: &Path) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    // SAFETY: c is a valid NUL-terminated path.
+    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EPERM) => {
+            let status = std::process::Command::new("fusermount3")
+                .arg("-u")
+                .arg(path)
+                .status()?;
+            if status.success() {
+                Ok(())
+            } else {
+                Err(std::io::Error::other(format!(
+                    "fusermount3 -u exited with {status}"
+                )))
+            }
+        }
+        // Already gone (unmounted by someone else in the meantime).
+        Some(libc::EINVAL) | Some(libc::ENOENT) => Ok(()),
+        _ => Err(err),
+    }
+}
+
 /// A mounted session, not yet serving.
 pub struct Mount {
     session: Session<ImageFs>,
     path: String,
     pub state: Arc<State>,
+    /// Registered at mount time, so a signal that arrives as soon as the mount
+    /// is announced is already caught.
+    signals: (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
 }
 
 /// Mounts `source` at `mountpoint`. Returns once the kernel has the mount.
@@ -105,6 +136,17 @@ pub fn mount(
     opts: &MountOptions,
 ) -> Result<Mount, FuseError> {
     let reference = source.image.reference.to_string();
+    let signals = {
+        use tokio::signal::unix::{SignalKind, signal};
+        let _enter = rt.enter();
+        let sig = |kind| {
+            signal(kind).map_err(|source| FuseError::Serve {
+                path: mountpoint.display().to_string(),
+                source,
+            })
+        };
+        (sig(SignalKind::terminate())?, sig(SignalKind::interrupt())?)
+    };
     let state = State::new(Arc::clone(&source), opts.only_layer);
     let fs = ImageFs::new(rt, Arc::clone(&state));
     // Commas would split the option string that carries the source name.
@@ -119,6 +161,7 @@ pub fn mount(
         session,
         path: mountpoint.display().to_string(),
         state,
+        signals,
     })
 }
 
@@ -128,21 +171,20 @@ impl Mount {
     pub fn serve(mut self, rt: &tokio::runtime::Runtime) -> Result<(), FuseError> {
         let mut unmounter = self.session.unmount_callable();
         let path = self.path.clone();
+        let mountpoint = std::path::PathBuf::from(&self.path);
+        let (mut term, mut int) = self.signals;
         rt.spawn(async move {
-            let mut term =
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        tracing::error!("cannot watch SIGTERM: {e}");
-                        return;
-                    }
-                };
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
+                _ = int.recv() => {},
                 _ = term.recv() => {},
             }
             tracing::info!("signal received; unmounting {path}");
+            // Closing the auto_unmount socket alone leaves fusermount3 unsure
+            // the mount is gone, so unmount explicitly as well.
             if let Err(e) = unmounter.unmount() {
+                tracing::warn!("closing the auto_unmount watcher of {path}: {e}");
+            }
+            if let Err(e) = unmount(&mountpoint) {
                 tracing::error!("unmounting {path}: {e}");
             }
         });

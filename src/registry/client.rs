@@ -668,7 +668,10 @@ impl Client {
         };
         let mut url = endpoint
             .base
-            .join(&format!("/v2/{}/tags/list?n={TAGS_PAGE}", reference.repository))
+            .join(&format!(
+                "/v2/{}/tags/list?n={TAGS_PAGE}",
+                reference.repository
+            ))
             .map_err(|e| RegistryError::Config(e.to_string()))?;
         let mut all = Vec::new();
         for _ in 0..10_000 {

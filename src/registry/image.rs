@@ -259,6 +259,24 @@ impl Client {
                 kind: "image config",
                 detail: e.to_string(),
             })?;
+        // An explicit --platform on a single-platform image must match it, as docker checks.
+        if let (Some(asked), None) = (platform, &index_digest)
+            && !asked.matches(
+                &config.os().to_string(),
+                &config.architecture().to_string(),
+                config.variant().as_deref(),
+            )
+        {
+            let mut actual = format!("{}/{}", config.os(), config.architecture());
+            if let Some(v) = config.variant().as_deref().filter(|v| !v.is_empty()) {
+                actual = format!("{actual}/{v}");
+            }
+            return Err(RegistryError::NoPlatform {
+                reference: what,
+                wanted: asked.to_string(),
+                available: actual,
+            });
+        }
         let platform = platform_name.unwrap_or_else(|| {
             let mut s = format!("{}/{}", config.os(), config.architecture());
             if let Some(v) = config.variant().as_deref().filter(|v| !v.is_empty()) {

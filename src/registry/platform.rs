@@ -40,7 +40,7 @@ impl PlatformSpec {
         }
     }
 
-    fn matches(&self, os: &str, arch: &str, variant: Option<&str>) -> bool {
+    pub(crate) fn matches(&self, os: &str, arch: &str, variant: Option<&str>) -> bool {
         if self.os != os || self.arch != arch {
             return false;
         }

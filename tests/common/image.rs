@@ -44,7 +44,9 @@ impl LayerBuilder {
 
     pub fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
         let mut h = header(tar::EntryType::Directory, mode);
-        self.b.append_data(&mut h, format!("{path}/"), std::io::empty()).unwrap();
+        self.b
+            .append_data(&mut h, format!("{path}/"), std::io::empty())
+            .unwrap();
         self
     }
 
@@ -52,7 +54,14 @@ impl LayerBuilder {
         self.file_owned(path, data, mode, 0, 0)
     }
 
-    pub fn file_owned(&mut self, path: &str, data: &[u8], mode: u32, uid: u64, gid: u64) -> &mut Self {
+    pub fn file_owned(
+        &mut self,
+        path: &str,
+        data: &[u8],
+        mode: u32,
+        uid: u64,
+        gid: u64,
+    ) -> &mut Self {
         let mut h = header(tar::EntryType::Regular, mode);
         h.set_uid(uid);
         h.set_gid(gid);
@@ -86,7 +95,11 @@ impl LayerBuilder {
     }
 
     pub fn device(&mut self, path: &str, block: bool, major: u32, minor: u32) -> &mut Self {
-        let kind = if block { tar::EntryType::Block } else { tar::EntryType::Char };
+        let kind = if block {
+            tar::EntryType::Block
+        } else {
+            tar::EntryType::Char
+        };
         let mut h = header(kind, 0o660);
         h.set_device_major(major).unwrap();
         h.set_device_minor(minor).unwrap();
@@ -103,7 +116,11 @@ impl LayerBuilder {
     /// `.wh.NAME` beside `path`: deletes `path` from lower layers.
     pub fn whiteout(&mut self, path: &str) -> &mut Self {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
-        let wh = if dir.is_empty() { format!(".wh.{name}") } else { format!("{dir}/.wh.{name}") };
+        let wh = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{dir}/.wh.{name}")
+        };
         self.file(&wh, b"", 0o644)
     }
 
@@ -202,7 +219,12 @@ fn curl(reg: &Registry, repo: &str, args: &[&str], data: Option<&[u8]>) -> Strin
     if data.is_some() {
         c.args(["--data-binary", "@-"]);
     }
-    let mut child = c.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut child = c
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut stdin = child.stdin.take().unwrap();
     if let Some(d) = data {
         stdin.write_all(d).unwrap();
@@ -220,15 +242,29 @@ fn curl(reg: &Registry, repo: &str, args: &[&str], data: Option<&[u8]>) -> Strin
 
 pub fn push_blob(reg: &Registry, repo: &str, bytes: &[u8]) -> String {
     let digest = sha256(bytes);
-    let head = curl(reg, repo, &["-X", "POST", &format!("{}/v2/{repo}/blobs/uploads/", reg.url())], None);
+    let head = curl(
+        reg,
+        repo,
+        &[
+            "-X",
+            "POST",
+            &format!("{}/v2/{repo}/blobs/uploads/", reg.url()),
+        ],
+        None,
+    );
     let location = head
         .lines()
         .find_map(|l| {
             let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("location").then(|| v.trim().to_string())
+            k.eq_ignore_ascii_case("location")
+                .then(|| v.trim().to_string())
         })
         .expect("upload location");
-    let location = if location.starts_with("http") { location } else { format!("{}{location}", reg.url()) };
+    let location = if location.starts_with("http") {
+        location
+    } else {
+        format!("{}{location}", reg.url())
+    };
     let sep = if location.contains('?') { '&' } else { '?' };
     curl(
         reg,
@@ -245,7 +281,13 @@ pub fn push_blob(reg: &Registry, repo: &str, bytes: &[u8]) -> String {
     digest
 }
 
-pub fn push_manifest(reg: &Registry, repo: &str, reference: &str, media_type: &str, body: &[u8]) -> String {
+pub fn push_manifest(
+    reg: &Registry,
+    repo: &str,
+    reference: &str,
+    media_type: &str,
+    body: &[u8],
+) -> String {
     curl(
         reg,
         repo,
@@ -262,7 +304,14 @@ pub fn push_manifest(reg: &Registry, repo: &str, reference: &str, media_type: &s
 }
 
 /// Pushes layers, a config and a manifest; returns what was pushed.
-pub fn push_image(reg: &Registry, repo: &str, tag: &str, layers: &[Blob], arch: &str, oci: bool) -> Pushed {
+pub fn push_image(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    layers: &[Blob],
+    arch: &str,
+    oci: bool,
+) -> Pushed {
     for l in layers {
         push_blob(reg, repo, &l.bytes);
     }
@@ -289,7 +338,10 @@ pub fn push_image(reg: &Registry, repo: &str, tag: &str, layers: &[Blob], arch: 
     let config_bytes = serde_json::to_vec(&config).unwrap();
     let config_digest = push_blob(reg, repo, &config_bytes);
     let (mt, config_mt) = if oci {
-        ("application/vnd.oci.image.manifest.v1+json", "application/vnd.oci.image.config.v1+json")
+        (
+            "application/vnd.oci.image.manifest.v1+json",
+            "application/vnd.oci.image.config.v1+json",
+        )
     } else {
         (
             "application/vnd.docker.distribution.manifest.v2+json",
@@ -317,7 +369,13 @@ pub fn push_image(reg: &Registry, repo: &str, tag: &str, layers: &[Blob], arch: 
 
 /// Pushes a manifest list (or OCI index) over `entries` ("os/arch[/variant]",
 /// image), with an attestation entry that clients must skip.
-pub fn push_index(reg: &Registry, repo: &str, tag: &str, entries: &[(&str, &Pushed)], oci: bool) -> String {
+pub fn push_index(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    entries: &[(&str, &Pushed)],
+    oci: bool,
+) -> String {
     let mut manifests: Vec<serde_json::Value> = entries
         .iter()
         .map(|(platform, p)| {
@@ -345,12 +403,22 @@ pub fn push_index(reg: &Registry, repo: &str, tag: &str, entries: &[(&str, &Push
     } else {
         "application/vnd.docker.distribution.manifest.list.v2+json"
     };
-    let body = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": mt, "manifests": manifests})).unwrap();
+    let body = serde_json::to_vec(
+        &serde_json::json!({"schemaVersion": 2, "mediaType": mt, "manifests": manifests}),
+    )
+    .unwrap();
     push_manifest(reg, repo, tag, mt, &body)
 }
 
 /// Pushes the real Alpine rootfs as a single-layer image.
-pub fn push_alpine(reg: &Registry, repo: &str, tag: &str, version: &str, arch: &str, oci: bool) -> Pushed {
+pub fn push_alpine(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    version: &str,
+    arch: &str,
+    oci: bool,
+) -> Pushed {
     let file_arch = match arch {
         "amd64" => "x86_64",
         "arm64/v8" | "arm64" => "aarch64",

@@ -34,11 +34,18 @@ fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
             return out;
         }
         let mut names = vec![0u8; n as usize];
-        let n = libc::llistxattr(c.as_ptr(), names.as_mut_ptr() as *mut libc::c_char, names.len());
+        let n = libc::llistxattr(
+            c.as_ptr(),
+            names.as_mut_ptr() as *mut libc::c_char,
+            names.len(),
+        );
         if n <= 0 {
             return out;
         }
-        for name in names[..n as usize].split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        for name in names[..n as usize]
+            .split(|&b| b == 0)
+            .filter(|n| !n.is_empty())
+        {
             let key = String::from_utf8_lossy(name).into_owned();
             // Only the image's own user xattrs are compared; rimg adds user.rimg.*.
             if !key.starts_with("user.") || key.starts_with("user.rimg.") {
@@ -47,7 +54,12 @@ fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
             let cname = CString::new(name).unwrap();
             let len = libc::lgetxattr(c.as_ptr(), cname.as_ptr(), std::ptr::null_mut(), 0);
             let mut value = vec![0u8; len.max(0) as usize];
-            let len = libc::lgetxattr(c.as_ptr(), cname.as_ptr(), value.as_mut_ptr() as *mut libc::c_void, value.len());
+            let len = libc::lgetxattr(
+                c.as_ptr(),
+                cname.as_ptr(),
+                value.as_mut_ptr() as *mut libc::c_void,
+                value.len(),
+            );
             value.truncate(len.max(0) as usize);
             out.insert(key, value);
         }
@@ -85,10 +97,12 @@ pub fn tree_listing(root: &Path) -> BTreeMap<String, EntryInfo> {
                 '-'
             };
             let content = (kind == '-').then(|| {
-                let data = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                let data =
+                    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 hex::encode(Sha256::digest(&data))
             });
-            let link = (kind == 'l').then(|| std::fs::read_link(&path).unwrap().display().to_string());
+            let link =
+                (kind == 'l').then(|| std::fs::read_link(&path).unwrap().display().to_string());
             if kind != 'd' && meta.nlink() > 1 {
                 inodes.entry(meta.ino()).or_default().push(rel.clone());
             }
@@ -102,7 +116,11 @@ pub fn tree_listing(root: &Path) -> BTreeMap<String, EntryInfo> {
                     size: if kind == '-' { meta.len() } else { 0 },
                     content,
                     link,
-                    rdev: if matches!(kind, 'c' | 'b') { meta.rdev() } else { 0 },
+                    rdev: if matches!(kind, 'c' | 'b') {
+                        meta.rdev()
+                    } else {
+                        0
+                    },
                     xattrs: xattrs(&path),
                     links: Vec::new(),
                 },
@@ -123,7 +141,10 @@ pub fn tree_listing(root: &Path) -> BTreeMap<String, EntryInfo> {
 }
 
 /// Readable differences between two listings (empty when equal).
-pub fn diff_listings(ours: &BTreeMap<String, EntryInfo>, reference: &BTreeMap<String, EntryInfo>) -> Vec<String> {
+pub fn diff_listings(
+    ours: &BTreeMap<String, EntryInfo>,
+    reference: &BTreeMap<String, EntryInfo>,
+) -> Vec<String> {
     let mut out = Vec::new();
     for (path, r) in reference {
         match ours.get(path) {

@@ -4,6 +4,7 @@
 //! rimg's view with umoci's.
 #![allow(dead_code, unused_imports)]
 
+pub mod fixtures;
 pub mod image;
 pub mod listing;
 pub mod proxy;
@@ -35,7 +36,9 @@ pub fn shared_images() -> PathBuf {
 }
 
 pub fn alpine(version: &str, arch: &str) -> PathBuf {
-    shared_images().join(format!("alpine-{version}/alpine-minirootfs-{version}-{arch}.tar.gz"))
+    shared_images().join(format!(
+        "alpine-{version}/alpine-minirootfs-{version}-{arch}.tar.gz"
+    ))
 }
 
 pub enum Auth {
@@ -73,7 +76,10 @@ impl Registry {
         match &auth {
             Auth::None => {}
             Auth::Basic => {
-                let out = Command::new("htpasswd").args(["-Bbn", USER, PASS]).output().unwrap();
+                let out = Command::new("htpasswd")
+                    .args(["-Bbn", USER, PASS])
+                    .output()
+                    .unwrap();
                 assert!(out.status.success(), "htpasswd failed");
                 let file = dir.path().join("htpasswd");
                 std::fs::write(&file, out.stdout).unwrap();
@@ -148,7 +154,10 @@ impl Registry {
     pub fn push_auth(&self, repo: &str) -> Option<String> {
         match &self.auth {
             Auth::None => None,
-            Auth::Basic => Some(format!("Basic {}", b64(format!("{USER}:{PASS}").as_bytes()))),
+            Auth::Basic => Some(format!(
+                "Basic {}",
+                b64(format!("{USER}:{PASS}").as_bytes())
+            )),
             Auth::Token(t) => Some(format!("Bearer {}", t.mint(repo, &["pull", "push"], 300))),
         }
     }
@@ -191,11 +200,23 @@ impl Env {
     pub fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let vars = vec![
-            ("RIMG_CACHE_DIR".into(), dir.path().join("cache").display().to_string()),
-            ("RIMG_STATE_DIR".into(), dir.path().join("state").display().to_string()),
+            (
+                "RIMG_CACHE_DIR".into(),
+                dir.path().join("cache").display().to_string(),
+            ),
+            (
+                "RIMG_STATE_DIR".into(),
+                dir.path().join("state").display().to_string(),
+            ),
             ("HOME".into(), dir.path().join("home").display().to_string()),
-            ("XDG_RUNTIME_DIR".into(), dir.path().join("run").display().to_string()),
-            ("DOCKER_CONFIG".into(), dir.path().join("docker").display().to_string()),
+            (
+                "XDG_RUNTIME_DIR".into(),
+                dir.path().join("run").display().to_string(),
+            ),
+            (
+                "DOCKER_CONFIG".into(),
+                dir.path().join("docker").display().to_string(),
+            ),
         ];
         Env { dir, vars }
     }
@@ -212,7 +233,9 @@ impl Env {
 
     pub fn command(&self, args: &[&str]) -> Command {
         let mut c = Command::new(rimg_bin());
-        c.args(args).env_clear().env("PATH", std::env::var("PATH").unwrap_or_default());
+        c.args(args)
+            .env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default());
         for (k, v) in &self.vars {
             c.env(k, v);
         }
@@ -305,7 +328,8 @@ impl Mounted {
 pub fn is_mountpoint(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let p = path.display().to_string();
-    info.lines().any(|l| l.split(' ').nth(4) == Some(p.as_str()))
+    info.lines()
+        .any(|l| l.split(' ').nth(4) == Some(p.as_str()))
 }
 
 /// Waits until `cond` holds, up to `timeout`.
@@ -323,7 +347,10 @@ pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
 impl Drop for Mounted {
     fn drop(&mut self) {
         if self.is_mounted() {
-            let _ = Command::new("fusermount3").arg("-u").arg(&self.path).status();
+            let _ = Command::new("fusermount3")
+                .arg("-u")
+                .arg(&self.path)
+                .status();
             if self.is_mounted() {
                 let _ = Command::new("umount").arg("-l").arg(&self.path).status();
             }
@@ -351,7 +378,11 @@ pub fn umoci_unpack(registry: &Registry, repo: &str, tag: &str) -> (tempfile::Te
 }
 
 /// `umoci unpack` of an OCI layout directory.
-pub fn unpack_layout(dir: tempfile::TempDir, layout: &Path, tag: &str) -> (tempfile::TempDir, PathBuf) {
+pub fn unpack_layout(
+    dir: tempfile::TempDir,
+    layout: &Path,
+    tag: &str,
+) -> (tempfile::TempDir, PathBuf) {
     let bundle = dir.path().join("bundle");
     run_ok(
         Command::new("umoci")

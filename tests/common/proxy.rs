@@ -45,7 +45,8 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
         .iter()
         .find_map(|h| {
             let (k, v) = h.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length").then(|| v.trim().parse().ok())?
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
         })
         .unwrap_or(0);
     let mut body = vec![0; len];
@@ -54,7 +55,9 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
 }
 
 fn has_auth(req: &Request) -> bool {
-    req.head.iter().any(|h| h.to_ascii_lowercase().starts_with("authorization:"))
+    req.head
+        .iter()
+        .any(|h| h.to_ascii_lowercase().starts_with("authorization:"))
 }
 
 impl RedirectProxy {
@@ -90,7 +93,9 @@ impl RedirectProxy {
                             continue;
                         }
                         // Forward verbatim, one request per upstream connection.
-                        let Ok(mut up) = TcpStream::connect(&upstream) else { return };
+                        let Ok(mut up) = TcpStream::connect(&upstream) else {
+                            return;
+                        };
                         let mut head = String::new();
                         for h in &req.head {
                             if !h.to_ascii_lowercase().starts_with("connection:") {
@@ -125,14 +130,24 @@ impl RedirectProxy {
                         }
                         let target = req.head[0].split(' ').nth(1).unwrap_or("");
                         let hex = target.rsplit("sha256:").next().unwrap_or("");
-                        let path = storage.join(hex.get(..2).unwrap_or("xx")).join(hex).join("data");
+                        let path = storage
+                            .join(hex.get(..2).unwrap_or("xx"))
+                            .join(hex)
+                            .join("data");
                         match std::fs::read(path) {
                             Ok(data) => {
-                                let _ = write!(out, "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", data.len());
+                                let _ = write!(
+                                    out,
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                                    data.len()
+                                );
                                 let _ = out.write_all(&data);
                             }
                             Err(_) => {
-                                let _ = write!(out, "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
+                                let _ = write!(
+                                    out,
+                                    "HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n"
+                                );
                             }
                         }
                     }

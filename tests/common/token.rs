@@ -39,7 +39,10 @@ struct Signer {
 
 impl Signer {
     fn sign(&self, repo: &str, actions: &[&str], ttl: u64) -> String {
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs();
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
         let header = serde_json::json!({"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]});
         let access: Vec<serde_json::Value> = if actions.is_empty() {
             vec![]
@@ -64,7 +67,12 @@ impl Signer {
             .stdout(Stdio::piped())
             .spawn()
             .unwrap();
-        child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(input.as_bytes())
+            .unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "openssl signing failed");
         format!("{input}.{}", URL_SAFE_NO_PAD.encode(out.stdout))
@@ -74,7 +82,12 @@ impl Signer {
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u64(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64);
+    h.write_u64(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64,
+    );
     h.finish()
 }
 
@@ -86,7 +99,9 @@ impl TokenServer {
         let cert = dir.path().join("cert.pem");
         super::run_ok(
             Command::new("openssl")
-                .args(["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2"])
+                .args([
+                    "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                ])
                 .arg("-keyout")
                 .arg(&key)
                 .arg("-out")
@@ -157,7 +172,9 @@ impl TokenServer {
 }
 
 fn query_pairs(s: &str) -> Vec<(String, String)> {
-    url::form_urlencoded::parse(s.as_bytes()).into_owned().collect()
+    url::form_urlencoded::parse(s.as_bytes())
+        .into_owned()
+        .collect()
 }
 
 fn handle(
@@ -213,12 +230,19 @@ fn handle(
     }
     if method == "POST" {
         let form = query_pairs(&String::from_utf8_lossy(&body));
-        let get = |k: &str| form.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        let get = |k: &str| {
+            form.iter()
+                .find(|(key, _)| key == k)
+                .map(|(_, v)| v.clone())
+        };
         match get("grant_type").as_deref() {
             Some("refresh_token") if get("refresh_token").as_deref() == Some(REFRESH_TOKEN) => {
                 authenticated = true
             }
-            Some("password") if get("username").as_deref() == Some(USER) && get("password").as_deref() == Some(PASS) => {
+            Some("password")
+                if get("username").as_deref() == Some(USER)
+                    && get("password").as_deref() == Some(PASS) =>
+            {
                 authenticated = true
             }
             _ => bad_credentials = true,

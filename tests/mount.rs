@@ -1,0 +1,309 @@
+//! `rimg mount`: real kernel mounts of images in a real local registry,
+//! compared entry by entry with umoci's unpacked rootfs.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+use std::time::Duration;
+
+use common::fixtures::*;
+use common::*;
+
+#[test]
+fn alpine_mount_matches_umoci_unpack_entry_by_entry() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "library/alpine", "3.10", "3.10.9", "amd64", false);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/library/alpine:3.10", reg.addr()), &[]);
+    let (_keep, rootfs) = umoci_unpack(&reg, "library/alpine", "3.10");
+    assert_same_tree(&m.path, &rootfs);
+    let os = std::fs::read_to_string(m.path.join("etc/os-release")).unwrap();
+    assert!(os.contains("VERSION_ID=3.10.9"), "{os}");
+}
+
+#[test]
+fn rules_image_through_the_mount_matches_umoci() {
+    let reg = Registry::start(Auth::None);
+    push_rules(&reg, "rules", "v1", true);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/rules:v1", reg.addr()), &[]);
+    let (_keep, rootfs) = umoci_unpack(&reg, "rules", "v1");
+    assert_same_tree(&m.path, &rootfs);
+    // The rules themselves, so a shared mistake with umoci cannot hide.
+    let p = &m.path;
+    assert!(
+        !p.join("data/sub").exists(),
+        "whiteout must delete the subtree"
+    );
+    assert!(!p.join("etc/link").exists());
+    assert!(!p.join("opq/old").exists() && !p.join("opq/lower").exists());
+    assert!(p.join("opq/new").exists());
+    assert!(p.join("replace_dir").is_file());
+    assert!(p.join("replace_file/inside").is_file());
+    assert!(!p.join("keep/k").exists() && p.join("keep/stays").exists());
+    assert_eq!(
+        std::fs::metadata(p.join("data")).unwrap().mode() & 0o7777,
+        0o700
+    );
+    let prog = std::fs::metadata(p.join("usr/bin/prog")).unwrap();
+    assert_eq!(prog.nlink(), 2);
+    assert_eq!(
+        prog.ino(),
+        std::fs::metadata(p.join("usr/bin/prog-link2"))
+            .unwrap()
+            .ino()
+    );
+    assert_ne!(
+        prog.ino(),
+        std::fs::metadata(p.join("usr/bin/prog-link"))
+            .unwrap()
+            .ino()
+    );
+    assert_eq!(
+        std::fs::read_to_string(p.join("etc/os-release")).unwrap(),
+        "NAME=rules\nVERSION_ID=2\n"
+    );
+    let names: Vec<String> = walk(p).into_iter().filter(|n| n.contains(".wh.")).collect();
+    assert!(names.is_empty(), "whiteouts must not show: {names:?}");
+}
+
+fn walk(root: &std::path::Path) -> Vec<String> {
+    tree_listing(root).into_keys().collect()
+}
+
+#[test]
+fn files_report_owner_mode_devices_and_layer_xattr() {
+    let reg = Registry::start(Auth::None);
+    let pushed = push_rules(&reg, "rules", "v1", false);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/rules:v1", reg.addr()), &[]);
+    let a = std::fs::metadata(m.path.join("data/a.txt")).unwrap();
+    assert_eq!(
+        (a.uid(), a.gid(), a.mode() & 0o7777, a.len()),
+        (1000, 1000, 0o640, 14)
+    );
+    let su = std::fs::metadata(m.path.join("usr/bin/su")).unwrap();
+    assert_eq!(su.mode() & 0o7777, 0o4755, "setuid is shown");
+    let null = std::fs::symlink_metadata(m.path.join("dev/null")).unwrap();
+    assert_eq!(null.rdev(), libc::makedev(1, 3));
+    let out = run_ok(
+        Command::new("getfattr")
+            .args(["-n", "user.rimg.layer", "--only-values"])
+            .arg(m.path.join("etc/os-release")),
+    );
+    assert_eq!(out, pushed.layers[2]);
+    let out = run_ok(
+        Command::new("getfattr")
+            .args(["-n", "user.comment", "--only-values"])
+            .arg(m.path.join("data/x.txt")),
+    );
+    assert_eq!(out, "hello");
+    let big = std::fs::read(m.path.join("big.bin")).unwrap();
+    assert_eq!(big.len(), 300_000);
+    assert!(big.iter().all(|&b| b == 0xab));
+    // nosuid,nodev,ro and the reference as the source
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+    let line = mounts
+        .lines()
+        .find(|l| l.contains(m.path.to_str().unwrap()))
+        .unwrap();
+    assert!(
+        line.contains("fuse.rimg")
+            && line.contains("ro,")
+            && line.contains("nosuid")
+            && line.contains("nodev"),
+        "{line}"
+    );
+    assert!(
+        line.starts_with(&format!("{}/rules:v1", reg.addr())),
+        "{line}"
+    );
+}
+
+#[test]
+fn cat_and_grep_work_over_the_mount() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "library/alpine", "3.20", "3.20.3", "amd64", true);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/library/alpine:3.20", reg.addr()), &[]);
+    let out = run_ok(Command::new("cat").arg(m.path.join("etc/os-release")));
+    assert!(out.contains("3.20.3"));
+    let out = run_ok(
+        Command::new("grep")
+            .args(["-r", "-l", "root:x:0:0"])
+            .arg(m.path.join("etc")),
+    );
+    assert!(out.contains("etc/passwd"), "{out}");
+    let mounts = env.ok(&["mounts"]);
+    assert!(
+        mounts.contains(m.path.to_str().unwrap()) && mounts.contains("alpine:3.20"),
+        "{mounts}"
+    );
+}
+
+#[test]
+fn writes_fail_with_erofs() {
+    let reg = Registry::start(Auth::None);
+    push_rules(&reg, "rules", "v1", true);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/rules:v1", reg.addr()), &[]);
+    std::fs::read_dir(&m.path).unwrap().count();
+    let erofs =
+        |r: std::io::Result<()>| assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::EROFS));
+    erofs(std::fs::write(m.path.join("new"), b"x"));
+    erofs(std::fs::write(m.path.join("etc/os-release"), b"x"));
+    erofs(std::fs::create_dir(m.path.join("d")));
+    erofs(std::fs::remove_file(m.path.join("etc/os-release")));
+    erofs(std::fs::rename(m.path.join("abs"), m.path.join("abs2")));
+    erofs(std::os::unix::fs::symlink("x", m.path.join("s")));
+    erofs(std::fs::set_permissions(
+        m.path.join("etc/os-release"),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    ));
+}
+
+#[test]
+fn layer_option_mounts_one_layer_with_its_whiteouts() {
+    let reg = Registry::start(Auth::None);
+    push_rules(&reg, "rules", "v1", true);
+    let env = Env::new();
+    let r = format!("{}/rules:v1", reg.addr());
+    let m = Mounted::new(&env, &r, &["--layer", "1"]);
+    assert!(m.path.join("data/.wh.sub").exists());
+    assert!(m.path.join("opq/.wh..wh..opq").exists());
+    assert!(
+        !m.path.join("etc/os-release").exists(),
+        "only layer 1's own entries"
+    );
+    drop(m);
+    let top = Mounted::new(&env, &r, &["--layer=-1"]);
+    assert!(top.path.join("keep/.wh.k").exists());
+    let other = tempfile::tempdir().unwrap();
+    let err = env.fails(&["mount", "--layer", "7", &r, other.path().to_str().unwrap()]);
+    assert!(err.contains("layer 7"), "{err}");
+}
+
+#[test]
+fn each_way_of_unmounting_works() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let env = Env::new();
+    let r = format!("{}/a:1", reg.addr());
+    let pid_of = |m: &Mounted| -> i32 {
+        let out = env.ok(&["mounts"]);
+        let line = out
+            .lines()
+            .find(|l| l.ends_with(m.path.to_str().unwrap()))
+            .expect("listed");
+        line.split_whitespace()
+            .rev()
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let gone = |m: &Mounted| wait_for(Duration::from_secs(10), || !m.is_mounted());
+
+    let m = Mounted::new(&env, &r, &[]);
+    env.ok(&["umount", m.path.to_str().unwrap()]);
+    assert!(!m.is_mounted());
+    assert!(!env.ok(&["mounts"]).contains(m.path.to_str().unwrap()));
+
+    let m = Mounted::new(&env, &r, &[]);
+    run_ok(Command::new("fusermount3").arg("-u").arg(&m.path));
+    assert!(gone(&m));
+
+    let m = Mounted::new(&env, &r, &[]);
+    run_ok(Command::new("umount").arg(&m.path));
+    assert!(gone(&m));
+
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let m = Mounted::new(&env, &r, &[]);
+        let pid = pid_of(&m);
+        unsafe { libc::kill(pid, sig) };
+        assert!(gone(&m), "signal {sig} must unmount");
+        assert!(wait_for(Duration::from_secs(10), || !std::path::Path::new(
+            &format!("/proc/{pid}")
+        )
+        .exists()));
+    }
+
+    // kill -9: auto_unmount (fusermount3) cleans up; no wedged mount is left.
+    let m = Mounted::new(&env, &r, &[]);
+    let pid = pid_of(&m);
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    assert!(gone(&m), "kill -9 must not leave a wedged mount");
+    assert!(std::fs::read_dir(&m.path).is_ok());
+}
+
+#[test]
+fn a_registry_that_goes_away_gives_eio_and_a_later_access_retries() {
+    let mut reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/a:1", reg.addr()), &[]);
+    reg.stop();
+    let started = std::time::Instant::now();
+    let err = std::fs::read_to_string(m.path.join("etc/os-release")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60), "must not hang");
+    reg.restart();
+    let os = std::fs::read_to_string(m.path.join("etc/os-release")).unwrap();
+    assert!(os.contains("3.10.9"));
+}
+
+#[test]
+fn bad_references_and_missing_platforms_fail_before_mounting() {
+    let reg = Registry::start(Auth::Basic);
+    push_alpine(&reg, "p", "1", "3.10.9", "amd64", false);
+    let env = Env::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mp = dir.path().to_str().unwrap();
+    let err = env.fails(&["mount", &format!("{}/p:1", reg.addr()), mp]);
+    assert!(err.contains("authentication"), "{err}");
+    let creds = Env::new()
+        .set("RIMG_USERNAME", USER)
+        .set("RIMG_PASSWORD", PASS);
+    let err = creds.fails(&[
+        "mount",
+        "--platform",
+        "linux/ppc64le",
+        &format!("{}/p:1", reg.addr()),
+        mp,
+    ]);
+    assert!(err.contains("platform") || err.contains("ppc64le"), "{err}");
+    let err = env.fails(&["mount", "Bad/Ref", mp]);
+    assert!(err.contains("lowercase"), "{err}");
+    assert!(!is_mountpoint(dir.path()));
+}
+
+#[test]
+fn eight_parallel_readers_all_make_progress() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.20.3", "amd64", false);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/a:1", reg.addr()), &[]);
+    let out = run_ok(
+        Command::new("sh")
+            .arg("-c")
+            .arg("find . -type f -print0 | xargs -0 -P8 -n16 sha256sum | wc -l")
+            .current_dir(&m.path),
+    );
+    let files = tree_listing(&m.path)
+        .values()
+        .filter(|e| e.kind == '-')
+        .count();
+    assert_eq!(out.trim().parse::<usize>().unwrap(), files);
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let p = m.path.clone();
+            std::thread::spawn(move || tree_listing(&p).len())
+        })
+        .collect();
+    let counts: Vec<usize> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(
+        counts.windows(2).all(|w| w[0] == w[1]) && counts[0] > 50,
+        "{counts:?}"
+    );
+}
