@@ -267,7 +267,7 @@ fn handle(
     let repo = scope.split(':').nth(1).unwrap_or("").to_string();
     let actions: Vec<&str> = if authenticated {
         vec!["pull", "push"]
-    } else if public.iter().any(|p| *p == repo) {
+    } else if public.contains(&repo) {
         vec!["pull"]
     } else {
         vec![]
