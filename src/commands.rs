@@ -408,7 +408,7 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
     let source = common.open_image(&rt, &args.reference, std::io::stderr().is_terminal())?;
     let (tree, _layers) = rt.block_on(source.tree(None))?;
     let start = tree
-        .resolve(&args.path, true)
+        .resolve(&args.path, !args.long)
         .with_context(|| format!("{}: {}", source.image.reference, args.path))?;
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let base = normalize_display(&args.path);

@@ -129,9 +129,9 @@ impl LayerBuilder {
         self.file(&format!("{dir}/.wh..wh..opq"), b"", 0o644)
     }
 
-    pub fn raw(&mut self, mut h: tar::Header, path: &str, data: &[u8]) -> &mut Self {
-        h.set_size(data.len() as u64);
-        self.b.append_data(&mut h, path, data).unwrap();
+    /// An entry with a header as given (names the tar crate would refuse).
+    pub fn raw(&mut self, h: tar::Header, data: &[u8]) -> &mut Self {
+        self.b.append(&h, data).unwrap();
         self
     }
 

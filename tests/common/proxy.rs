@@ -62,6 +62,11 @@ fn has_auth(req: &Request) -> bool {
 
 impl RedirectProxy {
     pub fn start(reg: &Registry) -> RedirectProxy {
+        Self::start_throttled(reg, None)
+    }
+
+    /// Like `start`, with the redirected host serving at most `rate` bytes/s.
+    pub fn start_throttled(reg: &Registry, rate: Option<usize>) -> RedirectProxy {
         let front = TcpListener::bind("127.0.0.1:0").unwrap();
         let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = front.local_addr().unwrap().port();
@@ -141,7 +146,22 @@ impl RedirectProxy {
                                     "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
                                     data.len()
                                 );
-                                let _ = out.write_all(&data);
+                                match rate {
+                                    None => {
+                                        let _ = out.write_all(&data);
+                                    }
+                                    Some(rate) => {
+                                        let chunk = (rate / 20).max(1);
+                                        for c in data.chunks(chunk) {
+                                            if out.write_all(c).is_err() {
+                                                return;
+                                            }
+                                            std::thread::sleep(std::time::Duration::from_millis(
+                                                50,
+                                            ));
+                                        }
+                                    }
+                                }
                             }
                             Err(_) => {
                                 let _ = write!(
