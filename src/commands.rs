@@ -807,7 +807,7 @@ pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
     let rt = runtime()?;
     let show = std::io::stderr().is_terminal();
     let source = common.open_image(&rt, &args.reference, show)?;
-    let name = crate::export::archive_name(&source, args.tag.as_deref());
+    let name = crate::export::archive_name(&source, args.tag.as_deref())?;
     let bar = if show {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(

@@ -32,6 +32,8 @@ pub enum ExportError {
         #[source]
         source: io::Error,
     },
+    #[error("--tag: {0}")]
+    Name(String),
     #[error("image config of {reference} is not JSON: {detail}")]
     Config { reference: String, detail: String },
 }
@@ -259,7 +261,7 @@ struct ArchiveImage<'a> {
 /// Writes docker's files (when `docker`) and the OCI layout around one set of blobs.
 fn write_archive<W: Write>(
     img: &ArchiveImage<'_>,
-    name: &str,
+    name: &ArchiveName,
     docker: bool,
     out: W,
 ) -> Result<W, ExportError> {
@@ -288,11 +290,6 @@ fn write_archive<W: Write>(
         "oci-layout",
         BlobData::Bytes(br#"{"imageLayoutVersion":"1.0.0"}"#),
     )?;
-    let tag = name
-        .rsplit_once(':')
-        .filter(|(n, _)| !n.ends_with('/') && !n.is_empty())
-        .map(|(_, t)| t)
-        .unwrap_or("latest");
     let index = json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.index.v1+json",
@@ -301,8 +298,8 @@ fn write_archive<W: Write>(
             "digest": manifest_digest,
             "size": img.manifest.len(),
             "annotations": {
-                "io.containerd.image.name": name,
-                "org.opencontainers.image.ref.name": tag,
+                "io.containerd.image.name": name.full,
+                "org.opencontainers.image.ref.name": name.tag,
             }
         }]
     });
@@ -315,7 +312,7 @@ fn write_archive<W: Write>(
         let layers: Vec<String> = img.layers.iter().map(|(d, _)| blob_name(d)).collect();
         let manifest = json!([{
             "Config": blob_name(&img.config_digest),
-            "RepoTags": [name],
+            "RepoTags": [name.short],
             "Layers": layers,
         }]);
         append_file(
@@ -323,7 +320,10 @@ fn write_archive<W: Write>(
             "manifest.json",
             BlobData::Bytes(&serde_json::to_vec(&manifest).expect("json")),
         )?;
-        let (repo, tag) = name.rsplit_once(':').unwrap_or((name, "latest"));
+        let (repo, tag) = name
+            .short
+            .rsplit_once(':')
+            .unwrap_or((&name.short, "latest"));
         let top = img
             .layers
             .last()
@@ -339,26 +339,39 @@ fn write_archive<W: Write>(
     Ok(b.into_inner()?)
 }
 
-/// The name images get in the archive: `--tag`, else the reference as docker
-/// names it (`alpine:3.10` for Docker Hub's library, `host/repo:tag` elsewhere).
-pub fn archive_name(source: &ImageSource, tag: Option<&str>) -> String {
-    if let Some(t) = tag {
-        return if t.contains(':')
-            && !t.ends_with(':')
-            && t.rsplit_once(':').is_some_and(|(_, x)| !x.contains('/'))
-        {
-            t.to_string()
-        } else {
-            format!("{t}:latest")
-        };
-    }
-    let r = &source.image.reference;
+/// How the image is named in an archive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ArchiveName {
+    /// As docker shows it (`alpine:3.10`, `host:5000/repo:tag`): `RepoTags`.
+    pub short: String,
+    /// Fully qualified (`docker.io/library/alpine:3.10`): containerd's annotation.
+    pub full: String,
+    /// The tag alone: `org.opencontainers.image.ref.name`.
+    pub tag: String,
+}
+
+/// `--tag`, else the reference, named as docker and containerd name images.
+pub fn archive_name(source: &ImageSource, tag: Option<&str>) -> Result<ArchiveName, ExportError> {
+    let parsed;
+    let r = match tag {
+        Some(t) => {
+            parsed = crate::reference::Reference::parse(t)
+                .map_err(|e| ExportError::Name(e.to_string()))?;
+            &parsed
+        }
+        None => &source.image.reference,
+    };
+    let tag = r.tag.clone().unwrap_or_else(|| "latest".into());
     let repo = if r.registry == crate::reference::DOCKER_HUB {
         r.repository.trim_start_matches("library/").to_string()
     } else {
         format!("{}/{}", r.registry, r.repository)
     };
-    format!("{repo}:{}", r.tag.as_deref().unwrap_or("latest"))
+    Ok(ArchiveName {
+        short: format!("{repo}:{tag}"),
+        full: format!("{}:{tag}", r.name()),
+        tag,
+    })
 }
 
 /// Exports `source` in `format` to `out`. Layers are fetched into the cache first.
@@ -366,7 +379,7 @@ pub async fn export<W: Write + Send + 'static>(
     source: Arc<ImageSource>,
     format: Format,
     flatten: bool,
-    name: String,
+    name: ArchiveName,
     out: W,
 ) -> Result<W, ExportError> {
     let layers = source
@@ -436,7 +449,7 @@ fn write_flattened<W: Write>(
     tree: &Tree,
     layers: &[Arc<Layer>],
     digests: &[String],
-    name: &str,
+    name: &ArchiveName,
     docker: bool,
     out: W,
 ) -> Result<W, ExportError> {
