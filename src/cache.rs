@@ -26,7 +26,7 @@ use crate::layer::{self, Compression, LayerError, LayerIndex};
 use crate::registry::LayerDesc;
 
 /// Bumped whenever the index format changes, so old indexes are rebuilt.
-const INDEX_VERSION: u32 = 1;
+const INDEX_VERSION: u32 = 2;
 const IO_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
@@ -77,22 +77,26 @@ pub fn default_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("/var/cache/rimg"))
 }
 
+/// An index file is this header followed by the `LayerIndex`, both postcard;
+/// opening a layer reads only the header.
 #[derive(Serialize, Deserialize)]
-struct IndexFile {
+struct IndexHeader {
     version: u32,
     digest: String,
     diff_id: String,
     blob_size: u64,
     tar_size: u64,
-    index: LayerIndex,
 }
+
+/// Enough of an index file to hold the header.
+const HEADER_MAX: usize = 512;
 
 /// A cached layer, open for reading. While it lives, it holds a shared lock
 /// that keeps other processes from evicting it.
 pub struct Layer {
     pub digest: String,
     pub diff_id: String,
-    index: LayerIndex,
+    idx_path: PathBuf,
     tar: File,
     _in_use: File,
 }
@@ -101,14 +105,18 @@ impl std::fmt::Debug for Layer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Layer")
             .field("digest", &self.digest)
-            .field("entries", &self.index.entries.len())
             .finish()
     }
 }
 
 impl Layer {
-    pub fn index(&self) -> &LayerIndex {
-        &self.index
+    /// The layer's entry index, read from disk on demand: once a tree is built
+    /// the index is no longer needed, so it is not kept in memory.
+    pub fn index(&self) -> Result<LayerIndex, CacheError> {
+        let bytes = fs::read(&self.idx_path).map_err(io_err(&self.idx_path))?;
+        let bad = |e: postcard::Error| io_err(&self.idx_path)(io::Error::other(e));
+        let (_, rest) = postcard::take_from_bytes::<IndexHeader>(&bytes).map_err(bad)?;
+        postcard::from_bytes(rest).map_err(bad)
     }
 
     /// Reads from the uncompressed tar at `offset`. This is the one interface
@@ -231,12 +239,16 @@ impl Cache {
     /// Opens a complete layer, or `None` if it is not (or no longer validly) cached.
     fn load(&self, hex: &str, in_use: File) -> Result<Option<Layer>, CacheError> {
         let (_, tar_path, idx_path) = self.paths(hex);
-        let bytes = match fs::read(&idx_path) {
-            Ok(b) => b,
+        let mut head = Vec::with_capacity(HEADER_MAX);
+        match File::open(&idx_path) {
+            Ok(f) => f
+                .take(HEADER_MAX as u64)
+                .read_to_end(&mut head)
+                .map_err(io_err(&idx_path))?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(io_err(&idx_path)(e)),
         };
-        let Ok(file) = postcard::from_bytes::<IndexFile>(&bytes) else {
+        let Ok((file, _)) = postcard::take_from_bytes::<IndexHeader>(&head) else {
             tracing::warn!(
                 "{}: unreadable index; rebuilding the layer",
                 idx_path.display()
@@ -266,7 +278,7 @@ impl Cache {
         Ok(Some(Layer {
             digest: file.digest,
             diff_id: file.diff_id,
-            index: file.index,
+            idx_path,
             tar,
             _in_use: in_use,
         }))
@@ -417,16 +429,16 @@ impl Cache {
         let blob_size = compressed.count;
         drop(compressed);
 
-        let record = IndexFile {
+        let header = IndexHeader {
             version: INDEX_VERSION,
             digest: digest.clone(),
             diff_id,
             blob_size,
             tar_size,
-            index,
         };
-        let bytes = postcard::to_stdvec(&record)
-            .map_err(|e| io_err(idx_tmp.path())(io::Error::other(e)))?;
+        let encode = |e: postcard::Error| io_err(idx_tmp.path())(io::Error::other(e));
+        let mut bytes = postcard::to_stdvec(&header).map_err(encode)?;
+        bytes.extend(postcard::to_stdvec(&index).map_err(encode)?);
         idx_tmp
             .as_file()
             .write_all(&bytes)
@@ -445,6 +457,42 @@ impl Cache {
         idx_tmp
             .persist(&idx_path)
             .map_err(|e| io_err(&idx_path)(e.error))?;
+        Ok(())
+    }
+
+    fn tree_path(&self, image_digest: &str) -> Result<PathBuf, CacheError> {
+        Ok(self
+            .root
+            .join("trees")
+            .join(format!("{}.tree", hex_of(image_digest)?)))
+    }
+
+    /// A merged tree saved for the image with manifest `image_digest`, so a
+    /// warm mount neither reads layer indexes nor merges them again.
+    pub fn load_tree<T: serde::de::DeserializeOwned>(&self, image_digest: &str) -> Option<T> {
+        let bytes = fs::read(self.tree_path(image_digest).ok()?).ok()?;
+        let (version, rest) = postcard::take_from_bytes::<u32>(&bytes).ok()?;
+        (version == INDEX_VERSION)
+            .then(|| postcard::from_bytes(rest).ok())
+            .flatten()
+    }
+
+    pub fn store_tree<T: Serialize>(&self, image_digest: &str, tree: &T) -> Result<(), CacheError> {
+        let path = self.tree_path(image_digest)?;
+        let dir = self.root.join("trees");
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(&dir))?;
+        let encode = |e: postcard::Error| io_err(&path)(io::Error::other(e));
+        let mut bytes = postcard::to_stdvec(&INDEX_VERSION).map_err(encode)?;
+        bytes.extend(postcard::to_stdvec(tree).map_err(encode)?);
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err(&dir))?;
+        tmp.as_file()
+            .write_all(&bytes)
+            .map_err(io_err(tmp.path()))?;
+        tmp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
         Ok(())
     }
 
@@ -513,6 +561,8 @@ impl Cache {
             }
             total -= bytes;
             freed += bytes;
+            // Saved trees point into layers; they are cheap to rebuild.
+            let _ = fs::remove_dir_all(self.root.join("trees"));
             tracing::info!("evicted layer {digest} ({bytes} bytes)");
         }
         if total > limit && !busy.is_empty() {
@@ -646,7 +696,8 @@ mod tests {
         let layer = cache
             .ensure_layer(&d, "r:1", u64::MAX, serve(blob.clone()))
             .unwrap();
-        let e = &layer.index().entries[0];
+        let index = layer.index().unwrap();
+        let e = &index.entries[0];
         let mut buf = vec![0; e.size as usize];
         layer.read_at(e.offset, &mut buf).unwrap();
         assert_eq!(buf, b"NAME=test\n");
@@ -659,7 +710,7 @@ mod tests {
                 panic!("a cached layer must not be fetched again")
             })
             .unwrap();
-        assert_eq!(again.index(), layer.index());
+        assert_eq!(again.index().unwrap(), index);
         assert_eq!(fs::read(cache.blob_path(&d.digest).unwrap()).unwrap(), blob);
         let listed = cache.list().unwrap();
         assert_eq!(listed[0].images, ["r:1", "r:2"]);
@@ -726,7 +777,7 @@ mod tests {
         for blob in [zst, tar.clone()] {
             let d = desc(&blob);
             let l = cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
-            assert_eq!(l.index().entries[0].path, "a");
+            assert_eq!(l.index().unwrap().entries[0].path, "a");
         }
     }
 

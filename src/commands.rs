@@ -603,11 +603,7 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     if let Some(l) = args.layer {
         cmd.arg(format!("--layer={l}"));
     }
-    if let Some(c) = &creds {
-        cmd.arg("--username")
-            .arg(&c.username)
-            .arg("--password-stdin");
-    }
+
     use std::os::unix::process::CommandExt;
     cmd.stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
@@ -616,8 +612,15 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
         // Its own process group: Ctrl-C at this terminal must not stop the server.
         .process_group(0);
     let mut child = cmd.spawn().context("cannot start the mount server")?;
-    if let (Some(mut stdin), Some(c)) = (child.stdin.take(), &creds) {
-        stdin.write_all(c.password.as_bytes())?;
+    // The server gets the resolved image (and any credentials) on stdin, so it
+    // neither asks the registry again nor sees a password in its arguments.
+    let handoff = Handoff {
+        image: source.image.parts(),
+        username: creds.as_ref().map(|c| c.username.clone()),
+        password: creds.as_ref().map(|c| c.password.clone()),
+    };
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(&serde_json::to_vec(&handoff)?)?;
     }
     let mut line = String::new();
     if let Some(stdout) = child.stdout.take() {
@@ -644,11 +647,40 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     Ok(())
 }
 
+/// What `rimg mount` hands its background server on stdin.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Handoff {
+    image: crate::registry::ImageParts,
+    username: Option<String>,
+    password: Option<String>,
+}
+
 pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
     init_logging(common.verbose);
     let result = (|| {
         let rt = runtime()?;
-        let source = common.open_image(&rt, &args.reference, false)?;
+        let mut input = Vec::new();
+        std::io::stdin()
+            .read_to_end(&mut input)
+            .context("reading the mount handoff")?;
+        let handoff: Handoff =
+            serde_json::from_slice(&input).context("the mount handoff on stdin is not valid")?;
+        let creds = match (handoff.username, handoff.password) {
+            (Some(username), Some(password)) => Some(Credentials {
+                username,
+                password,
+                identity_token: None,
+            }),
+            _ => None,
+        };
+        let image = crate::registry::ResolvedImage::from_parts(handoff.image)?;
+        let source = Arc::new(ImageSource::new(
+            image,
+            common.client_with(creds)?,
+            common.cache()?,
+            common.max_layer_size()?,
+            false,
+        ));
         let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
         serve_source(&rt, source, args, only, Some(()))
     })();

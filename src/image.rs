@@ -9,6 +9,7 @@ use futures_util::future::try_join_all;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cache::{Cache, Layer};
+use crate::layer::LayerIndex;
 use crate::registry::{Client, LayerDesc, ResolvedImage};
 use crate::tree::{self, Tree};
 
@@ -157,20 +158,56 @@ impl ImageSource {
         try_join_all((0..self.image.layers.len()).map(|i| self.layer(i))).await
     }
 
-    /// The merged tree (or one layer's own tree when `only` is given).
+    /// The merged tree (or one layer's own tree when `only` is given), with
+    /// the layers its data lives in.
     pub async fn tree(&self, only: Option<usize>) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
         if let Some(i) = only {
             let layer = self.layer(i).await?;
-            let t = tree::single_layer(layer.index());
-            return Ok((t, vec![layer]));
+            let index = layer.index().map_err(|e| self.layer_error(i, e))?;
+            return Ok((tree::single_layer(&index), vec![layer]));
         }
+        let started = std::time::Instant::now();
         let layers = self.layers().await?;
-        let indexes: Vec<_> = layers.iter().map(|l| l.index()).collect();
-        let t = tree::merge(&indexes).map_err(|source| ImageError::Tree {
+        if let Some(t) = self.cache.load_tree::<Tree>(&self.image.digest) {
+            tracing::info!(
+                "{}: saved tree of {} entries loaded in {:?}",
+                self.image.reference,
+                t.len(),
+                started.elapsed()
+            );
+            return Ok((t, layers));
+        }
+        let fetched = started.elapsed();
+        let mut indexes = Vec::with_capacity(layers.len());
+        for (i, l) in layers.iter().enumerate() {
+            indexes.push(l.index().map_err(|e| self.layer_error(i, e))?);
+        }
+        let refs: Vec<&LayerIndex> = indexes.iter().collect();
+        let t = tree::merge(&refs).map_err(|source| ImageError::Tree {
             reference: self.image.reference.to_string(),
             source,
         })?;
+        drop(indexes);
+        tracing::info!(
+            "{}: {} entries; layers ready in {:?}, merged in {:?}",
+            self.image.reference,
+            t.len(),
+            fetched,
+            started.elapsed() - fetched
+        );
+        if let Err(e) = self.cache.store_tree(&self.image.digest, &t) {
+            tracing::warn!("cannot save the merged tree: {e}");
+        }
         Ok((t, layers))
+    }
+
+    fn layer_error(&self, index: usize, source: crate::cache::CacheError) -> ImageError {
+        ImageError::Layer {
+            index,
+            digest: self.image.layers[index].digest.clone(),
+            reference: self.image.reference.to_string(),
+            source: Box::new(source),
+        }
     }
 }
 

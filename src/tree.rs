@@ -24,7 +24,7 @@ pub enum TreeError {
     TooLarge(usize),
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Node {
     pub kind: EntryKind,
     pub mode: u32,
@@ -45,7 +45,7 @@ pub struct Node {
 }
 
 /// The merged tree. Node 0 is the root; inode numbers are `id + 1`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tree {
     nodes: Vec<Node>,
 }
@@ -138,6 +138,9 @@ impl Tree {
 struct Builder {
     nodes: Vec<Node>,
     dirs: Vec<BTreeMap<Box<str>, NodeId>>,
+    /// The directory of the previous entry: tars list a directory's entries
+    /// together, so most lookups of a parent hit this.
+    last_dir: Option<(String, NodeId)>,
 }
 
 fn implicit_dir(layer: u16, parent: NodeId) -> Node {
@@ -185,6 +188,7 @@ impl Builder {
         Builder {
             nodes: vec![root],
             dirs: vec![BTreeMap::new()],
+            last_dir: None,
         }
     }
 
@@ -210,6 +214,10 @@ impl Builder {
         if let Some(id) = self.dirs[dir as usize].remove(name) {
             let n = &mut self.nodes[id as usize];
             n.nlink = n.nlink.saturating_sub(1);
+            if n.kind == EntryKind::Dir {
+                // It may be on the remembered path.
+                self.last_dir = None;
+            }
         }
     }
 
@@ -245,7 +253,16 @@ impl Builder {
             return;
         }
         let (dir_path, name) = e.path.rsplit_once('/').unwrap_or(("", &e.path));
-        let dir = self.ensure_dir(dir_path, layer);
+        let dir = match &self.last_dir {
+            Some((p, id)) if p == dir_path && self.nodes[*id as usize].kind == EntryKind::Dir => {
+                *id
+            }
+            _ => {
+                let id = self.ensure_dir(dir_path, layer);
+                self.last_dir = Some((dir_path.to_string(), id));
+                id
+            }
+        };
         let existing = self.dirs[dir as usize].get(name).copied();
         if e.kind == EntryKind::Hardlink {
             let target = e.link.as_deref().unwrap_or("");
@@ -286,6 +303,8 @@ impl Builder {
 
     /// Applies one layer's changeset.
     fn apply(&mut self, index: &LayerIndex, layer: u16, whiteouts: bool) {
+        // Directories created implicitly belong to the layer being applied.
+        self.last_dir = None;
         // Later duplicates win: keep only the last entry for each path.
         let mut last: HashMap<&str, usize> = HashMap::with_capacity(index.entries.len());
         for (i, e) in index.entries.iter().enumerate() {

@@ -307,3 +307,54 @@ fn eight_parallel_readers_all_make_progress() {
         "{counts:?}"
     );
 }
+
+#[test]
+fn arm64_alpine_from_a_manifest_list_matches_umoci() {
+    let reg = Registry::start(Auth::None);
+    let amd = push_alpine(&reg, "alpine", "amd", "3.10.9", "amd64", false);
+    let arm = push_alpine(&reg, "alpine", "arm", "3.10.9", "arm64/v8", false);
+    push_index(
+        &reg,
+        "alpine",
+        "3.10",
+        &[("linux/amd64", &amd), ("linux/arm64/v8", &arm)],
+        false,
+    );
+    let env = Env::new();
+    let m = Mounted::new(
+        &env,
+        &format!("{}/alpine:3.10", reg.addr()),
+        &["--platform", "linux/arm64"],
+    );
+    let (_keep, rootfs) = umoci_unpack(&reg, "alpine", "arm");
+    assert_same_tree(&m.path, &rootfs);
+    let busybox = std::fs::read(m.path.join("bin/busybox")).unwrap();
+    assert_eq!(busybox[18], 0xb7, "an aarch64 ELF (e_machine 183)");
+}
+
+#[test]
+fn layers_are_fetched_on_first_access_or_right_away_with_prefetch() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let r = format!("{}/a:1", reg.addr());
+    let cached = |env: &Env| {
+        env.ok(&["cache", "ls"])
+            .lines()
+            .filter(|l| l.starts_with("sha256:"))
+            .count()
+    };
+    let env = Env::new();
+    let m = Mounted::new(&env, &r, &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(cached(&env), 0, "nothing is fetched at mount time");
+    std::fs::metadata(&m.path).unwrap();
+    assert_eq!(cached(&env), 0, "stat of the mount point fetches nothing");
+    std::fs::read_dir(&m.path).unwrap().count();
+    assert_eq!(cached(&env), 1);
+    let env = Env::new();
+    let _m = Mounted::new(&env, &r, &["--prefetch"]);
+    assert!(
+        wait_for(Duration::from_secs(30), || cached(&env) == 1),
+        "--prefetch fetches without access"
+    );
+}

@@ -431,3 +431,37 @@ fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+#[test]
+fn a_broken_blob_download_resumes_with_a_range_request() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let flaky = RedirectProxy::start_flaky(&reg, 1 << 20);
+    let env = Env::new();
+    let out = env.ok(&[
+        "cat",
+        &format!("{}/a:1", flaky.addr()),
+        "/etc/alpine-release",
+    ]);
+    assert_eq!(out.trim(), "3.10.9");
+    assert_eq!(
+        flaky.range_requests(),
+        1,
+        "the download must resume, not restart"
+    );
+}
+
+#[test]
+fn https_registries_need_a_trusted_certificate() {
+    let reg = Registry::start_tls();
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let r = format!("{}/a:1", reg.addr());
+    let env = Env::new();
+    let err = env.fails(&["inspect", &r]);
+    assert!(err.contains("TLS") && err.contains(&reg.addr()), "{err}");
+    let ca = reg.tls_cert.as_ref().unwrap().display().to_string();
+    env.ok(&["inspect", "--ca-cert", &ca, &r]);
+    env.ok(&["inspect", "--insecure", &r]);
+    let err = env.fails(&["inspect", "--ca-cert", "/nonexistent.pem", &r]);
+    assert!(err.contains("/nonexistent.pem"), "{err}");
+}

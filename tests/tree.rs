@@ -368,3 +368,62 @@ fn kill_9_mid_download_leaves_nothing_the_next_run_trusts() {
         "content differs after a killed download"
     );
 }
+
+#[test]
+fn two_processes_sharing_a_cache_download_a_layer_once() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let slow = RedirectProxy::start_throttled(&reg, Some(2 << 20));
+    let env = Env::new();
+    let r = format!("{}/a:1", slow.addr());
+    let spawn = || {
+        env.command(&["cat", &r, "/etc/alpine-release"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let (a, b) = (spawn(), spawn());
+    for child in [a, b] {
+        let out = child.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "3.10.9");
+    }
+    // One config fetch each, one layer fetch in all.
+    assert_eq!(slow.cdn_requests(), 3, "the layer must be downloaded once");
+}
+
+#[test]
+fn a_layer_in_use_by_a_mount_is_not_evicted() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/a:1", reg.addr()), &[]);
+    assert!(
+        std::fs::read_to_string(m.path.join("etc/os-release"))
+            .unwrap()
+            .contains("3.10.9")
+    );
+    env.ok(&["cache", "clear"]);
+    assert_eq!(
+        env.ok(&["cache", "ls"])
+            .lines()
+            .filter(|l| l.starts_with("sha256:"))
+            .count(),
+        1
+    );
+    assert!(std::fs::read(m.path.join("bin/busybox")).unwrap().len() > 100_000);
+    env.ok(&["umount", m.path.to_str().unwrap()]);
+    env.ok(&["cache", "clear"]);
+    assert_eq!(
+        env.ok(&["cache", "ls"])
+            .lines()
+            .filter(|l| l.starts_with("sha256:"))
+            .count(),
+        0
+    );
+}

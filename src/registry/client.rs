@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
@@ -129,7 +129,11 @@ struct TokenReply {
 }
 
 pub struct Client {
-    http: reqwest::Client,
+    /// Trusts only `--ca-cert`: plain HTTP, and probing loopback registries.
+    plain: reqwest::Client,
+    /// Trusts the system's CAs as well; built on first HTTPS use.
+    tls: OnceLock<reqwest::Client>,
+    extra_roots: Vec<reqwest::Certificate>,
     opts: ClientOptions,
     schemes: Mutex<HashMap<String, Scheme>>,
     tokens: Mutex<HashMap<(String, String), Token>>,
@@ -169,14 +173,7 @@ fn backoff(attempt: u32) -> Duration {
 
 impl Client {
     pub fn new(opts: ClientOptions) -> Result<Client, RegistryError> {
-        let mut builder = reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(opts.connect_timeout)
-            .read_timeout(opts.read_timeout)
-            .user_agent(concat!("rimg/", env!("CARGO_PKG_VERSION")));
-        if opts.insecure {
-            builder = builder.tls_danger_accept_invalid_certs(true);
-        }
+        let mut extra_roots = Vec::new();
         for path in &opts.ca_certs {
             let pem = std::fs::read(path).map_err(|e| {
                 RegistryError::Config(format!(
@@ -190,20 +187,58 @@ impl Client {
                     path.display()
                 ))
             })?;
-            for cert in certs {
-                builder = builder.add_root_certificate(cert);
-            }
+            extra_roots.extend(certs);
         }
-        let http = builder
-            .build()
-            .map_err(|e| RegistryError::Config(format!("cannot build the HTTP client: {e}")))?;
+        let plain = Self::build_http(&opts, &extra_roots, false)?;
         Ok(Client {
-            http,
+            plain,
+            tls: OnceLock::new(),
+            extra_roots,
             opts,
             schemes: Mutex::default(),
             tokens: Mutex::default(),
             creds: Mutex::default(),
             bases: Mutex::default(),
+        })
+    }
+
+    /// With `system_roots`, the client trusts the system's CAs too; loading
+    /// them costs tens of milliseconds, so only HTTPS requests pay for it.
+    fn build_http(
+        opts: &ClientOptions,
+        extra_roots: &[reqwest::Certificate],
+        system_roots: bool,
+    ) -> Result<reqwest::Client, RegistryError> {
+        let mut builder = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(opts.connect_timeout)
+            .read_timeout(opts.read_timeout)
+            .user_agent(concat!("rimg/", env!("CARGO_PKG_VERSION")));
+        if opts.insecure {
+            builder = builder.tls_danger_accept_invalid_certs(true);
+        }
+        builder = if system_roots {
+            extra_roots
+                .iter()
+                .fold(builder, |b, c| b.add_root_certificate(c.clone()))
+        } else {
+            builder.tls_certs_only(extra_roots.iter().cloned())
+        };
+        builder
+            .build()
+            .map_err(|e| RegistryError::Config(format!("cannot build the HTTP client: {e}")))
+    }
+
+    /// The client for `url`: plain HTTP needs no trust store.
+    fn http(&self, url: &Url) -> &reqwest::Client {
+        if url.scheme() == "http" {
+            return &self.plain;
+        }
+        self.tls.get_or_init(|| {
+            Self::build_http(&self.opts, &self.extra_roots, true).unwrap_or_else(|e| {
+                tracing::error!("{e}; HTTPS will trust only --ca-cert");
+                self.plain.clone()
+            })
         })
     }
 
@@ -254,14 +289,29 @@ impl Client {
         let chosen = if self.opts.plain_http {
             parse("http")?
         } else if is_loopback(host) {
-            let https = parse("https")?;
+            // Loopback registries may speak plain HTTP, as docker allows. Asking
+            // in plain HTTP first costs no TLS set-up when that is the answer;
+            // a TLS server says so in its 400 reply, or hangs up.
+            let http = parse("http")?;
             let probe = self
-                .http
-                .get(https.join("/v2/").expect("static path"))
+                .plain
+                .get(http.join("/v2/").expect("static path"))
                 .timeout(Duration::from_secs(5))
                 .send()
                 .await;
-            if probe.is_ok() { https } else { parse("http")? }
+            match probe {
+                Ok(r) if r.status() == StatusCode::BAD_REQUEST => {
+                    let body = r.text().await.unwrap_or_default().to_ascii_lowercase();
+                    if body.contains("https") {
+                        parse("https")?
+                    } else {
+                        http
+                    }
+                }
+                Ok(_) => http,
+                Err(e) if e.is_connect() => http,
+                Err(_) => parse("https")?,
+            }
         } else {
             parse("https")?
         };
@@ -421,7 +471,7 @@ impl Client {
                 .extend_pairs(form)
                 .finish();
             let resp = send(
-                self.http
+                self.http(&realm_url)
                     .post(realm_url.clone())
                     .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
                     .body(body),
@@ -448,7 +498,7 @@ impl Client {
                 q.append_pair("account", creds.map(|c| c.username.as_str()).unwrap_or(""));
             }
         }
-        let mut req = self.http.get(url);
+        let mut req = self.http(&url).get(url.clone());
         if let Some(c) = creds.filter(|c| !c.username.is_empty()) {
             req = req.header(
                 header::AUTHORIZATION,
@@ -479,7 +529,7 @@ impl Client {
         let mut attempt = 0;
         loop {
             let result = self
-                .http
+                .http(&url)
                 .request(method.clone(), url.clone())
                 .headers(headers.clone())
                 .send()
@@ -631,7 +681,7 @@ impl Client {
     ) -> Result<reqwest::Response, reqwest::Error> {
         for _ in 0..MAX_REDIRECTS {
             let resp = self
-                .http
+                .http(&url)
                 .get(url.clone())
                 .headers(headers.clone())
                 .send()
@@ -646,7 +696,11 @@ impl Client {
                 _ => return Ok(resp),
             }
         }
-        self.http.get(url).headers(headers).send().await
+        self.http(&url)
+            .get(url.clone())
+            .headers(headers)
+            .send()
+            .await
     }
 
     /// Lists a repository's tags, following `Link` pagination.

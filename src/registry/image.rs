@@ -44,6 +44,95 @@ pub struct ResolvedImage {
     pub layers: Vec<LayerDesc>,
 }
 
+/// What a resolved image is made of, as bytes: enough to rebuild a
+/// [`ResolvedImage`] without the network (a mount server gets it from `rimg mount`).
+#[derive(Debug, Clone, Serialize, serde::Deserialize)]
+pub struct ImageParts {
+    pub reference: String,
+    pub index_digest: Option<String>,
+    pub media_type: String,
+    /// The platform named by the index entry, when chosen from an index.
+    pub platform: Option<String>,
+    pub manifest: Vec<u8>,
+    pub config: Vec<u8>,
+}
+
+fn parse_manifest(bytes: &[u8], what: &str) -> Result<ImageManifest, RegistryError> {
+    serde_json::from_slice(bytes).map_err(|e| RegistryError::Invalid {
+        what: what.to_string(),
+        kind: "image manifest",
+        detail: e.to_string(),
+    })
+}
+
+impl ResolvedImage {
+    /// Interprets and checks manifest and config bytes: the config must be the
+    /// one the manifest names.
+    pub fn from_parts(parts: ImageParts) -> Result<ResolvedImage, RegistryError> {
+        let reference =
+            Reference::parse(&parts.reference).map_err(|e| RegistryError::Config(e.to_string()))?;
+        let what = parts.reference.clone();
+        let manifest = parse_manifest(&parts.manifest, &what)?;
+        let config_digest = manifest.config().digest().to_string();
+        let actual = sha256_digest(&parts.config);
+        if actual != config_digest {
+            return Err(RegistryError::Digest {
+                what: format!("{what} config"),
+                expected: config_digest,
+                actual,
+            });
+        }
+        let config: ImageConfiguration =
+            serde_json::from_slice(&parts.config).map_err(|e| RegistryError::Invalid {
+                what: format!("{what} config {config_digest}"),
+                kind: "image config",
+                detail: e.to_string(),
+            })?;
+        let platform = parts.platform.unwrap_or_else(|| {
+            let mut s = format!("{}/{}", config.os(), config.architecture());
+            if let Some(v) = config.variant().as_deref().filter(|v| !v.is_empty()) {
+                s = format!("{s}/{v}");
+            }
+            s
+        });
+        let layers = manifest
+            .layers()
+            .iter()
+            .map(|d| LayerDesc {
+                digest: d.digest().to_string(),
+                media_type: d.media_type().to_string(),
+                size: d.size(),
+                urls: d.urls().clone().unwrap_or_default(),
+            })
+            .collect();
+        Ok(ResolvedImage {
+            reference,
+            digest: sha256_digest(&parts.manifest),
+            index_digest: parts.index_digest,
+            media_type: parts.media_type,
+            manifest_bytes: parts.manifest,
+            manifest,
+            config_digest,
+            config_bytes: parts.config,
+            config,
+            platform,
+            layers,
+        })
+    }
+
+    /// The parts to rebuild this image elsewhere.
+    pub fn parts(&self) -> ImageParts {
+        ImageParts {
+            reference: self.reference.to_string(),
+            index_digest: self.index_digest.clone(),
+            media_type: self.media_type.clone(),
+            platform: Some(self.platform.clone()),
+            manifest: self.manifest_bytes.clone(),
+            config: self.config_bytes.clone(),
+        }
+    }
+}
+
 /// A manifest as served, before interpretation.
 #[derive(Debug, Clone, Serialize)]
 pub struct RawManifest {
@@ -243,70 +332,35 @@ impl Client {
                 media_type: raw.media_type,
             });
         }
-        let manifest: ImageManifest =
-            serde_json::from_slice(&raw.bytes).map_err(|e| RegistryError::Invalid {
-                what: what.clone(),
-                kind: "image manifest",
-                detail: e.to_string(),
-            })?;
+        let manifest: ImageManifest = parse_manifest(&raw.bytes, &what)?;
         let config_digest = manifest.config().digest().to_string();
         let config_bytes = self
             .fetch_small_blob(reference, &config_digest, CONFIG_MAX)
             .await?;
-        let config: ImageConfiguration =
-            serde_json::from_slice(&config_bytes).map_err(|e| RegistryError::Invalid {
-                what: format!("{what} config {config_digest}"),
-                kind: "image config",
-                detail: e.to_string(),
-            })?;
+        let image = ResolvedImage::from_parts(ImageParts {
+            reference: reference.to_string(),
+            index_digest,
+            media_type: raw.media_type,
+            platform: platform_name,
+            manifest: raw.bytes,
+            config: config_bytes,
+        })?;
         // An explicit --platform on a single-platform image must match it, as docker checks.
-        if let (Some(asked), None) = (platform, &index_digest)
+        let config = &image.config;
+        if let (Some(asked), None) = (platform, &image.index_digest)
             && !asked.matches(
                 &config.os().to_string(),
                 &config.architecture().to_string(),
                 config.variant().as_deref(),
             )
         {
-            let mut actual = format!("{}/{}", config.os(), config.architecture());
-            if let Some(v) = config.variant().as_deref().filter(|v| !v.is_empty()) {
-                actual = format!("{actual}/{v}");
-            }
             return Err(RegistryError::NoPlatform {
                 reference: what,
                 wanted: asked.to_string(),
-                available: actual,
+                available: image.platform,
             });
         }
-        let platform = platform_name.unwrap_or_else(|| {
-            let mut s = format!("{}/{}", config.os(), config.architecture());
-            if let Some(v) = config.variant().as_deref().filter(|v| !v.is_empty()) {
-                s = format!("{s}/{v}");
-            }
-            s
-        });
-        let layers = manifest
-            .layers()
-            .iter()
-            .map(|d| LayerDesc {
-                digest: d.digest().to_string(),
-                media_type: d.media_type().to_string(),
-                size: d.size(),
-                urls: d.urls().clone().unwrap_or_default(),
-            })
-            .collect();
-        Ok(ResolvedImage {
-            reference: reference.clone(),
-            digest: raw.digest,
-            index_digest,
-            media_type: raw.media_type,
-            manifest_bytes: raw.bytes,
-            manifest,
-            config_digest,
-            config_bytes,
-            config,
-            platform,
-            layers,
-        })
+        Ok(image)
     }
 
     /// A whole blob in memory (configs), verified against its digest.

@@ -16,7 +16,7 @@ pub use client::{Client, ClientOptions, Mirror};
 pub use credentials::{CredentialStore, Credentials};
 pub use error::RegistryError;
 pub use image::{
-    DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, RawManifest, ResolvedImage,
+    DOCKER_LIST, DOCKER_MANIFEST, ImageParts, OCI_INDEX, OCI_MANIFEST, RawManifest, ResolvedImage,
     sha256_digest,
 };
 pub use platform::PlatformSpec;

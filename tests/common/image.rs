@@ -215,6 +215,9 @@ fn curl(reg: &Registry, repo: &str, args: &[&str], data: Option<&[u8]>) -> Strin
     if let Some(a) = reg.push_auth(repo) {
         c.arg("-H").arg(format!("Authorization: {a}"));
     }
+    if let Some(ca) = &reg.tls_cert {
+        c.arg("--cacert").arg(ca);
+    }
     c.args(args);
     if data.is_some() {
         c.args(["--data-binary", "@-"]);

@@ -54,19 +54,26 @@ pub struct Registry {
     child: Option<Child>,
     pub auth: Auth,
     config: PathBuf,
+    /// The CA (self-signed certificate) of a TLS registry.
+    pub tls_cert: Option<PathBuf>,
 }
 
 impl Registry {
     pub fn start(auth: Auth) -> Registry {
-        Self::start_with(auth, None)
+        Self::start_with(auth, None, false)
+    }
+
+    /// A registry that speaks HTTPS with a self-signed certificate for 127.0.0.1.
+    pub fn start_tls() -> Registry {
+        Self::start_with(Auth::None, None, true)
     }
 
     /// A pull-through cache (distribution's proxy mode) in front of `upstream`.
     pub fn proxy_of(upstream: &Registry) -> Registry {
-        Self::start_with(Auth::None, Some(upstream.url()))
+        Self::start_with(Auth::None, Some(upstream.url()), false)
     }
 
-    fn start_with(auth: Auth, proxy: Option<String>) -> Registry {
+    fn start_with(auth: Auth, proxy: Option<String>, tls: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let mut cfg = format!(
@@ -101,6 +108,32 @@ impl Registry {
         if let Some(up) = proxy {
             cfg += &format!("proxy:\n  remoteurl: {up}\n");
         }
+        let tls_cert = tls.then(|| {
+            let (key, cert) = (dir.path().join("tls.key"), dir.path().join("tls.crt"));
+            run_ok(
+                Command::new("openssl")
+                    .args([
+                        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+                    ])
+                    .arg("-keyout")
+                    .arg(&key)
+                    .arg("-out")
+                    .arg(&cert)
+                    .args([
+                        "-subj",
+                        "/CN=127.0.0.1",
+                        "-addext",
+                        "subjectAltName=IP:127.0.0.1",
+                    ])
+                    .stderr(Stdio::null()),
+            );
+            cfg += &format!(
+                "  tls:\n    certificate: {}\n    key: {}\n",
+                cert.display(),
+                key.display()
+            );
+            cert
+        });
         let config = dir.path().join("config.yml");
         std::fs::write(&config, cfg).unwrap();
         let mut r = Registry {
@@ -109,6 +142,7 @@ impl Registry {
             child: None,
             auth,
             config,
+            tls_cert,
         };
         r.restart();
         r
@@ -119,7 +153,12 @@ impl Registry {
     }
 
     pub fn url(&self) -> String {
-        format!("http://{}", self.addr())
+        let scheme = if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        };
+        format!("{scheme}://{}", self.addr())
     }
 
     pub fn stop(&mut self) {

@@ -12,6 +12,7 @@ use super::Registry;
 
 #[derive(Default)]
 struct Seen {
+    ranges: AtomicUsize,
     redirected: AtomicUsize,
     cdn_requests: AtomicUsize,
     cdn_auth: AtomicBool,
@@ -62,11 +63,21 @@ fn has_auth(req: &Request) -> bool {
 
 impl RedirectProxy {
     pub fn start(reg: &Registry) -> RedirectProxy {
-        Self::start_throttled(reg, None)
+        Self::start_with(reg, None, None)
     }
 
-    /// Like `start`, with the redirected host serving at most `rate` bytes/s.
+    /// The redirected host serves at most `rate` bytes/s.
     pub fn start_throttled(reg: &Registry, rate: Option<usize>) -> RedirectProxy {
+        Self::start_with(reg, rate, None)
+    }
+
+    /// The first blob response is cut after `cut` bytes; later ones honour `Range`.
+    pub fn start_flaky(reg: &Registry, cut: usize) -> RedirectProxy {
+        Self::start_with(reg, None, Some(cut))
+    }
+
+    fn start_with(reg: &Registry, rate: Option<usize>, cut: Option<usize>) -> RedirectProxy {
+        let cut_done = Arc::new(AtomicBool::new(cut.is_none()));
         let front = TcpListener::bind("127.0.0.1:0").unwrap();
         let cdn = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = front.local_addr().unwrap().port();
@@ -125,6 +136,7 @@ impl RedirectProxy {
             for conn in cdn.incoming().flatten() {
                 let s = Arc::clone(&s);
                 let storage = storage.clone();
+                let cut_done = Arc::clone(&cut_done);
                 std::thread::spawn(move || {
                     let mut r = BufReader::new(conn.try_clone().unwrap());
                     let mut out = conn;
@@ -139,7 +151,37 @@ impl RedirectProxy {
                             .join(hex.get(..2).unwrap_or("xx"))
                             .join(hex)
                             .join("data");
+                        let range = req.head.iter().find_map(|h| {
+                            let (k, v) = h.split_once(':')?;
+                            let v = v.trim().strip_prefix("bytes=")?.strip_suffix('-')?;
+                            k.eq_ignore_ascii_case("range")
+                                .then(|| v.parse::<usize>().ok())?
+                        });
                         match std::fs::read(path) {
+                            Ok(data)
+                                if data.len() > 4096 && !cut_done.swap(true, Ordering::SeqCst) =>
+                            {
+                                // Promise everything, send a part, hang up.
+                                let _ = write!(
+                                    out,
+                                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+                                    data.len()
+                                );
+                                let _ = out.write_all(&data[..cut.unwrap_or(0).min(data.len())]);
+                                return;
+                            }
+                            Ok(data) if range.is_some() => {
+                                s.ranges.fetch_add(1, Ordering::SeqCst);
+                                let from = range.unwrap_or(0).min(data.len());
+                                let _ = write!(
+                                    out,
+                                    "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes {from}-{}/{}\r\nContent-Length: {}\r\n\r\n",
+                                    data.len().saturating_sub(1),
+                                    data.len(),
+                                    data.len() - from
+                                );
+                                let _ = out.write_all(&data[from..]);
+                            }
                             Ok(data) => {
                                 let _ = write!(
                                     out,
@@ -179,6 +221,10 @@ impl RedirectProxy {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn range_requests(&self) -> usize {
+        self.seen.ranges.load(Ordering::SeqCst)
     }
 
     pub fn redirected(&self) -> usize {
