@@ -764,7 +764,7 @@ pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
         bail!("{} is not a rimg mount", canonical.display());
     }
     let record = mounts::find(&canonical);
-    crate::fuse::unmount(&canonical)
+    crate::fuse::unmount(&canonical, false)
         .with_context(|| format!("cannot unmount {}", canonical.display()))?;
     if let Some(r) = record {
         for _ in 0..100 {

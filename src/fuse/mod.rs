@@ -91,19 +91,23 @@ fn config(source_name: &str, opts: &MountOptions) -> Config {
 }
 
 /// Unmounts `path`: directly when privileged, else through fusermount3.
-pub fn unmount(path: &Path) -> std::io::Result<()> {
+/// `lazy` detaches it even while in use (a server that is going away).
+pub fn unmount(path: &Path, lazy: bool) -> std::io::Result<()> {
     let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())?;
+    let flags = if lazy { libc::MNT_DETACH } else { 0 };
     // SAFETY: c is a valid NUL-terminated path.
-    if unsafe { libc::umount2(c.as_ptr(), 0) } == 0 {
+    if unsafe { libc::umount2(c.as_ptr(), flags) } == 0 {
         return Ok(());
     }
     let err = std::io::Error::last_os_error();
     match err.raw_os_error() {
         Some(libc::EPERM) => {
-            let status = std::process::Command::new("fusermount3")
-                .arg("-u")
-                .arg(path)
-                .status()?;
+            let mut cmd = std::process::Command::new("fusermount3");
+            cmd.arg("-u");
+            if lazy {
+                cmd.arg("-z");
+            }
+            let status = cmd.arg(path).status()?;
             if status.success() {
                 Ok(())
             } else {
@@ -184,9 +188,14 @@ impl Mount {
             if let Err(e) = unmounter.unmount() {
                 tracing::warn!("closing the auto_unmount watcher of {path}: {e}");
             }
-            if let Err(e) = unmount(&mountpoint) {
+            if let Err(e) = unmount(&mountpoint, true) {
                 tracing::error!("unmounting {path}: {e}");
             }
+            // The session ends once the kernel drops the connection; should a
+            // request hold it, do not outlive the signal by more than a moment.
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            tracing::warn!("{path}: session still open 5 s after the signal; exiting");
+            std::process::exit(0);
         });
         let path = self.path.clone();
         self.session
