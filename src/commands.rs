@@ -72,10 +72,11 @@ pub fn one_line(e: &anyhow::Error) -> String {
 }
 
 pub(crate) fn init_logging(verbose: u8) {
+    // Libraries log what rimg reports itself in its one-line errors.
     let default = match verbose {
-        0 => "warn",
-        1 => "info",
-        _ => "debug",
+        0 => "rimg=warn",
+        1 => "rimg=info",
+        _ => "rimg=debug,fuser=info",
     };
     let filter = std::env::var("RIMG_LOG").unwrap_or_else(|_| default.to_string());
     let _ = tracing_subscriber::fmt()

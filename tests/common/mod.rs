@@ -109,30 +109,21 @@ impl Registry {
             cfg += &format!("proxy:\n  remoteurl: {up}\n");
         }
         let tls_cert = tls.then(|| {
-            let (key, cert) = (dir.path().join("tls.key"), dir.path().join("tls.crt"));
-            run_ok(
-                Command::new("openssl")
-                    .args([
-                        "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-                    ])
-                    .arg("-keyout")
-                    .arg(&key)
-                    .arg("-out")
-                    .arg(&cert)
-                    .args([
-                        "-subj",
-                        "/CN=127.0.0.1",
-                        "-addext",
-                        "subjectAltName=IP:127.0.0.1",
-                    ])
-                    .stderr(Stdio::null()),
-            );
+            // A CA, and a server certificate for 127.0.0.1 signed by it.
+            let p = |n: &str| dir.path().join(n);
+            let openssl = |args: &[&str]| {
+                run_ok(Command::new("openssl").args(args).current_dir(dir.path()).stderr(Stdio::null()));
+            };
+            openssl(&["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.crt", "-subj", "/CN=rimg test CA"]);
+            openssl(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=127.0.0.1"]);
+            std::fs::write(p("ext.cnf"), "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n").unwrap();
+            openssl(&["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2", "-extfile", "ext.cnf", "-out", "tls.crt"]);
             cfg += &format!(
                 "  tls:\n    certificate: {}\n    key: {}\n",
-                cert.display(),
-                key.display()
+                p("tls.crt").display(),
+                p("tls.key").display()
             );
-            cert
+            p("ca.crt")
         });
         let config = dir.path().join("config.yml");
         std::fs::write(&config, cfg).unwrap();
