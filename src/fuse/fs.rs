@@ -89,6 +89,8 @@ pub struct ImageFs {
     state: Arc<State>,
     uid: u32,
     gid: u32,
+    /// The kernel can do without open/opendir round trips.
+    no_open: bool,
 }
 
 impl ImageFs {
@@ -100,6 +102,7 @@ impl ImageFs {
             state,
             uid,
             gid,
+            no_open: false,
         }
     }
 
@@ -262,6 +265,9 @@ impl Filesystem for ImageFs {
                 | InitFlags::FUSE_CACHE_SYMLINKS
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
+        let no_open = InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
+        self.no_open =
+            config.capabilities().contains(no_open) && config.add_capabilities(no_open).is_ok();
         let _ = config.set_max_readahead(READAHEAD);
         Ok(())
     }
@@ -311,15 +317,18 @@ impl Filesystem for ImageFs {
         });
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    /// Content never changes and the mount is read-only (the kernel refuses
+    /// writable opens itself), so opens need no state: ENOSYS tells a kernel
+    /// that offers FUSE_NO_OPEN_SUPPORT to stop sending open and release at
+    /// all, keeping the page cache (it then defaults to FOPEN_KEEP_CACHE).
+    fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             reply.error(Errno::EROFS);
-            return;
+        } else if self.no_open {
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
         }
-        self.with_tree(move |m| match m.and_then(|m| id_of(m, ino)) {
-            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
-        });
     }
 
     fn read(
@@ -342,14 +351,15 @@ impl Filesystem for ImageFs {
         });
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        self.with_tree(move |m| match m.and_then(|m| id_of(m, ino)) {
-            Ok(_) => reply.opened(
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            reply.error(Errno::ENOSYS);
+        } else {
+            reply.opened(
                 FileHandle(0),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
-            Err(e) => reply.error(e),
-        });
+            );
+        }
     }
 
     fn readdir(
