@@ -123,9 +123,8 @@ pub fn write_rootfs<W: Write>(
     while let Some((path, id)) = stack.pop() {
         let n = tree.node(id);
         let mut pax: Vec<(String, Vec<u8>)> = n
-            .xattrs
-            .iter()
-            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.clone()))
+            .xattrs()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.to_vec()))
             .collect();
         let mut header = tar::Header::new_ustar();
         header.set_mode(n.mode & 0o7777);

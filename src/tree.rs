@@ -34,20 +34,40 @@ pub struct Node {
     pub mtime: i64,
     pub link: Option<Box<str>>,
     pub rdev: (u32, u32),
-    pub xattrs: Vec<(String, Vec<u8>)>,
+    xattrs: Option<Box<[Xattr]>>,
     /// Index (bottom = 0) of the layer this entry's attributes and data come from.
     pub layer: u16,
     /// Where the file's bytes start in that layer's uncompressed tar.
     pub offset: u64,
     pub nlink: u32,
     parent: NodeId,
-    children: Box<[(Box<str>, NodeId)]>,
+    /// `(name, child)` in name order; names live in the tree's arena.
+    children: Box<[(NameRef, NodeId)]>,
 }
+
+impl Node {
+    /// The entry's extended attributes as the image stores them.
+    pub fn xattrs(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.xattrs
+            .iter()
+            .flatten()
+            .map(|(k, v)| (k.as_ref(), v.as_ref()))
+    }
+}
+
+/// An extended attribute: name and value.
+type Xattr = (Box<str>, Box<[u8]>);
+
+/// Offset of a name in [`Tree`]'s arena: one allocation for all names keeps
+/// a large tree's memory near its entry count.
+type NameRef = u32;
 
 /// The merged tree. Node 0 is the root; inode numbers are `id + 1`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tree {
     nodes: Vec<Node>,
+    /// Every name, each as a little-endian u16 length and its bytes.
+    names: Vec<u8>,
 }
 
 impl Tree {
@@ -73,10 +93,19 @@ impl Tree {
         self.nodes[id as usize].parent
     }
 
+    fn name_bytes(&self, at: NameRef) -> &[u8] {
+        let at = at as usize;
+        let len = self
+            .names
+            .get(at..at + 2)
+            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize);
+        self.names.get(at + 2..at + 2 + len).unwrap_or_default()
+    }
+
     pub fn lookup(&self, parent: NodeId, name: &str) -> Option<NodeId> {
         let children = &self.nodes.get(parent as usize)?.children;
         children
-            .binary_search_by(|(n, _)| n.as_ref().cmp(name))
+            .binary_search_by(|(n, _)| self.name_bytes(*n).cmp(name.as_bytes()))
             .ok()
             .map(|i| children[i].1)
     }
@@ -86,7 +115,7 @@ impl Tree {
         self.nodes[id as usize]
             .children
             .iter()
-            .map(|(n, c)| (n.as_ref(), *c))
+            .map(|(n, c)| (std::str::from_utf8(self.name_bytes(*n)).unwrap_or(""), *c))
     }
 
     /// Resolves `path` from the image root. Symlinks in the middle are always
@@ -153,7 +182,7 @@ fn implicit_dir(layer: u16, parent: NodeId) -> Node {
         mtime: 0,
         link: None,
         rdev: (0, 0),
-        xattrs: Vec::new(),
+        xattrs: None,
         layer,
         offset: 0,
         nlink: 1,
@@ -172,7 +201,12 @@ fn node_from(e: &Entry, layer: u16, parent: NodeId) -> Node {
         mtime: e.mtime,
         link: e.link.as_deref().map(Box::from),
         rdev: e.rdev,
-        xattrs: e.xattrs.clone(),
+        xattrs: (!e.xattrs.is_empty()).then(|| {
+            e.xattrs
+                .iter()
+                .map(|(k, v)| (Box::from(k.as_str()), Box::from(v.as_slice())))
+                .collect()
+        }),
         layer,
         offset: e.offset,
         nlink: 1,
@@ -385,16 +419,28 @@ impl Builder {
         }
         let mut dirs = std::mem::take(&mut self.dirs);
         let mut nodes: Vec<Node> = Vec::with_capacity(order.len());
+        let mut names: Vec<u8> = Vec::new();
         for &old in &order {
             let mut n = std::mem::replace(&mut self.nodes[old as usize], implicit_dir(0, 0));
             n.parent = new_id[n.parent as usize].unwrap_or(0);
             let map = std::mem::take(&mut dirs[old as usize]);
             n.children = map
                 .into_iter()
-                .map(|(name, c)| (name, new_id[c as usize].expect("reachable child")))
+                .map(|(name, c)| {
+                    let at = names.len() as NameRef;
+                    // Tar names may be longer than any filesystem allows; cut, never wrap.
+                    let bytes = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+                    names.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+                    names.extend_from_slice(bytes);
+                    (at, new_id[c as usize].expect("reachable child"))
+                })
                 .collect();
             nodes.push(n);
         }
+        if names.len() > NameRef::MAX as usize {
+            return Err(TreeError::TooLarge(order.len()));
+        }
+        names.shrink_to_fit();
         // Directory link counts: 2 plus one per subdirectory.
         for id in 0..nodes.len() {
             if nodes[id].kind == EntryKind::Dir {
@@ -406,7 +452,7 @@ impl Builder {
                 nodes[id].nlink = 2 + subdirs;
             }
         }
-        Ok(Tree { nodes })
+        Ok(Tree { nodes, names })
     }
 }
 

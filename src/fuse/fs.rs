@@ -31,6 +31,8 @@ pub struct Mounted {
     pub layers: Vec<Arc<Layer>>,
     /// Digest of each tree layer index.
     pub digests: Vec<String>,
+    /// 4 KiB blocks the files take, for statfs.
+    blocks: u64,
 }
 
 pub struct State {
@@ -74,10 +76,14 @@ impl State {
                 .map(|l| l.digest.clone())
                 .collect(),
         };
+        let blocks = (0..tree.len())
+            .map(|i| tree.node(i as NodeId).size.div_ceil(4096))
+            .sum();
         let m = Arc::new(Mounted {
             tree,
             layers,
             digests,
+            blocks,
         });
         let _ = self.ready.set(Arc::clone(&m));
         Ok(m)
@@ -207,9 +213,8 @@ fn attr_of(id: NodeId, n: &Node) -> FileAttr {
 /// `(name, value)` pairs of a node: its own xattrs plus `user.rimg.layer`.
 fn xattrs_of(m: &Mounted, n: &Node) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = n
-        .xattrs
-        .iter()
-        .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+        .xattrs()
+        .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
         .collect();
     if let Some(d) = m.digests.get(n.layer as usize) {
         out.push((LAYER_XATTR.as_bytes().to_vec(), d.as_bytes().to_vec()));
@@ -430,12 +435,7 @@ impl Filesystem for ImageFs {
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         let (blocks, files) = match self.state.ready.get() {
-            Some(m) => (
-                (0..m.tree.len())
-                    .map(|i| m.tree.node(i as NodeId).size.div_ceil(4096))
-                    .sum(),
-                m.tree.len() as u64,
-            ),
+            Some(m) => (m.blocks, m.tree.len() as u64),
             None => (0, 0),
         };
         reply.statfs(blocks, 0, 0, files, 0, 4096, 255, 4096);
