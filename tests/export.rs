@@ -21,6 +21,14 @@ fn export(env: &Env, reference: &str, extra: &[&str]) -> (tempfile::TempDir, Pat
     (dir, out)
 }
 
+/// `skopeo copy` of `src` (e.g. `docker-archive:FILE`) to an OCI layout,
+/// unpacked by umoci: the tree another tool makes of rimg's archive.
+fn unpacked_by_skopeo_and_umoci(src: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let layout = skopeo_to_oci(src, dir.path());
+    unpack_layout(dir, &layout, "t")
+}
+
 fn skopeo_to_oci(src: &str, dir: &Path) -> PathBuf {
     let layout = dir.join("oci");
     run_ok(
@@ -44,7 +52,7 @@ fn docker_archive_holds_docker_and_oci_views_with_original_blobs() {
     let p = push_rules(&reg, "rules", "v1", false);
     let env = Env::new();
     let r = format!("{}/rules:v1", reg.addr());
-    let (dir, out) = export(&env, &r, &[]);
+    let (_dir, out) = export(&env, &r, &[]);
     let names = tar_names(&out);
     for want in ["manifest.json", "repositories", "oci-layout", "index.json"] {
         assert!(names.iter().any(|n| n == want), "{want} missing: {names:?}");
@@ -85,21 +93,12 @@ fn docker_archive_holds_docker_and_oci_views_with_original_blobs() {
     assert_eq!(inspect["Layers"].as_array().unwrap().len(), 3);
 
     // docker-archive -> OCI -> umoci equals the registry image through umoci.
-    let layout = skopeo_to_oci(&format!("docker-archive:{}", out.display()), dir.path());
-    let (_a, ours) = unpack_layout(tempfile::tempdir().unwrap(), &layout, "t");
+    let (_a, ours) = unpacked_by_skopeo_and_umoci(&format!("docker-archive:{}", out.display()));
     let (_b, reference) = umoci_unpack(&reg, "rules", "v1");
     assert_same_tree(&ours, &reference);
-
     // The same file read as an OCI archive.
-    let layout2 = dir.path().join("oci2");
-    run_ok(
-        Command::new("skopeo")
-            .args(["copy", "-q"])
-            .arg(format!("oci-archive:{}", out.display()))
-            .arg(format!("oci:{}:t", layout2.display())),
-    );
-    let (_c, ours2) = unpack_layout(tempfile::tempdir().unwrap(), &layout2, "t");
-    assert_same_tree(&ours2, &reference);
+    let (_c, ours) = unpacked_by_skopeo_and_umoci(&format!("oci-archive:{}", out.display()));
+    assert_same_tree(&ours, &reference);
 }
 
 #[test]
@@ -107,7 +106,7 @@ fn oci_format_is_a_layout_with_the_original_manifest() {
     let reg = Registry::start(Auth::None);
     let p = push_alpine(&reg, "library/alpine", "3.20", "3.20.3", "amd64", true);
     let env = Env::new();
-    let (dir, out) = export(
+    let (_dir, out) = export(
         &env,
         &format!("{}/library/alpine:3.20", reg.addr()),
         &["--format", "oci", "--tag", "mine/alpine:x"],
@@ -127,14 +126,7 @@ fn oci_format_is_a_layout_with_the_original_manifest() {
     );
     let m = std::fs::read(x.path().join("blobs/sha256").join(&p.manifest_digest[7..])).unwrap();
     assert_eq!(m, p.manifest, "the original manifest bytes");
-    let layout = dir.path().join("copy");
-    run_ok(
-        Command::new("skopeo")
-            .args(["copy", "-q"])
-            .arg(format!("oci-archive:{}:x", out.display()))
-            .arg(format!("oci:{}:t", layout.display())),
-    );
-    let (_a, ours) = unpack_layout(tempfile::tempdir().unwrap(), &layout, "t");
+    let (_a, ours) = unpacked_by_skopeo_and_umoci(&format!("oci-archive:{}:x", out.display()));
     let (_b, reference) = umoci_unpack(&reg, "library/alpine", "3.20");
     assert_same_tree(&ours, &reference);
 }
@@ -144,7 +136,7 @@ fn flattened_image_has_one_layer_holding_the_merged_tree() {
     let reg = Registry::start(Auth::None);
     push_rules(&reg, "rules", "v1", true);
     let env = Env::new();
-    let (dir, out) = export(&env, &format!("{}/rules:v1", reg.addr()), &["--flatten"]);
+    let (_dir, out) = export(&env, &format!("{}/rules:v1", reg.addr()), &["--flatten"]);
     let inspect: serde_json::Value = serde_json::from_str(&run_ok(
         Command::new("skopeo")
             .arg("inspect")
@@ -152,8 +144,7 @@ fn flattened_image_has_one_layer_holding_the_merged_tree() {
     ))
     .unwrap();
     assert_eq!(inspect["Layers"].as_array().unwrap().len(), 1);
-    let layout = skopeo_to_oci(&format!("docker-archive:{}", out.display()), dir.path());
-    let (_a, ours) = unpack_layout(tempfile::tempdir().unwrap(), &layout, "t");
+    let (_a, ours) = unpacked_by_skopeo_and_umoci(&format!("docker-archive:{}", out.display()));
     let (_b, reference) = umoci_unpack(&reg, "rules", "v1");
     assert_same_tree(&ours, &reference);
     let cfg = run_ok(

@@ -376,26 +376,14 @@ impl Filesystem for ImageFs {
         mut reply: ReplyDirectory,
     ) {
         self.with_tree(move |m| {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => return reply.error(e),
-            };
-            let id = match id_of(m, ino) {
-                Ok(id) => id,
-                Err(e) => return reply.error(e),
-            };
-            for (i, (name, child)) in dir_entries(&m.tree, id).skip(offset as usize).enumerate() {
+            let filled = fill_dir(m, ino, offset, |m, child, next, name| {
                 let kind = file_type(m.tree.node(child).kind);
-                if reply.add(
-                    ino_of(child),
-                    offset + i as u64 + 1,
-                    kind,
-                    OsStr::from_bytes(name.as_bytes()),
-                ) {
-                    break;
-                }
+                reply.add(ino_of(child), next, kind, name)
+            });
+            match filled {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
-            reply.ok();
         });
     }
 
@@ -408,28 +396,14 @@ impl Filesystem for ImageFs {
         mut reply: ReplyDirectoryPlus,
     ) {
         self.with_tree(move |m| {
-            let m = match m {
-                Ok(m) => m,
-                Err(e) => return reply.error(e),
-            };
-            let id = match id_of(m, ino) {
-                Ok(id) => id,
-                Err(e) => return reply.error(e),
-            };
-            for (i, (name, child)) in dir_entries(&m.tree, id).skip(offset as usize).enumerate() {
+            let filled = fill_dir(m, ino, offset, |m, child, next, name| {
                 let attr = attr_of(child, m.tree.node(child));
-                if reply.add(
-                    ino_of(child),
-                    offset + i as u64 + 1,
-                    OsStr::from_bytes(name.as_bytes()),
-                    &TTL,
-                    &attr,
-                    Generation(0),
-                ) {
-                    break;
-                }
+                reply.add(ino_of(child), next, name, &TTL, &attr, Generation(0))
+            });
+            match filled {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
             }
-            reply.ok();
         });
     }
 
@@ -620,6 +594,29 @@ impl Filesystem for ImageFs {
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(Errno::EROFS);
     }
+}
+
+/// Feeds the entries of directory `ino` from `offset` on to `add(mounted,
+/// child, next_offset, name)` until it reports the reply buffer full.
+fn fill_dir(
+    m: Result<&Mounted, Errno>,
+    ino: INodeNo,
+    offset: u64,
+    mut add: impl FnMut(&Mounted, NodeId, u64, &OsStr) -> bool,
+) -> Result<(), Errno> {
+    let m = m?;
+    let id = id_of(m, ino)?;
+    for (i, (name, child)) in dir_entries(&m.tree, id).skip(offset as usize).enumerate() {
+        if add(
+            m,
+            child,
+            offset + i as u64 + 1,
+            OsStr::from_bytes(name.as_bytes()),
+        ) {
+            break;
+        }
+    }
+    Ok(())
 }
 
 /// `.` and `..` followed by the directory's children, as (name, node) pairs.

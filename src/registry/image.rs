@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::client::{Client, Endpoint, Target};
 use super::error::{RegistryError, from_response, from_transport};
-use super::platform::{PlatformSpec, select};
+use super::platform::{PlatformSpec, describe, platform_string, select};
 use super::types::LayerDesc;
 use crate::reference::Reference;
 
@@ -89,11 +89,11 @@ impl ResolvedImage {
                 detail: e.to_string(),
             })?;
         let platform = parts.platform.unwrap_or_else(|| {
-            let mut s = format!("{}/{}", config.os(), config.architecture());
-            if let Some(v) = config.variant().as_deref().filter(|v| !v.is_empty()) {
-                s = format!("{s}/{v}");
-            }
-            s
+            platform_string(
+                &config.os().to_string(),
+                &config.architecture().to_string(),
+                config.variant().as_deref(),
+            )
         });
         let layers = manifest
             .layers()
@@ -178,6 +178,36 @@ fn declared_media_type(bytes: &[u8]) -> Option<String> {
     })
 }
 
+/// A response's body, refused past `max` bytes or when the status is an error.
+async fn bounded_body(
+    resp: reqwest::Response,
+    registry: &str,
+    what: &str,
+    kind: &'static str,
+    max: usize,
+) -> Result<bytes::Bytes, RegistryError> {
+    let too_large = || RegistryError::Invalid {
+        what: what.to_string(),
+        kind,
+        detail: format!("larger than {max} bytes"),
+    };
+    let status = resp.status().as_u16();
+    if (200..300).contains(&status) && resp.content_length().is_some_and(|l| l > max as u64) {
+        return Err(too_large());
+    }
+    let body = resp
+        .bytes()
+        .await
+        .map_err(|e| from_transport(registry, &e))?;
+    if !(200..300).contains(&status) {
+        return Err(from_response(registry, status, &body, what));
+    }
+    if body.len() > max {
+        return Err(too_large());
+    }
+    Ok(body)
+}
+
 impl Client {
     /// Fetches the manifest `reference` points at, as served, trying mirrors first.
     pub async fn fetch_manifest(
@@ -221,7 +251,6 @@ impl Client {
             reference.target()
         );
         let resp = self.request(&t, Method::GET, &path, headers).await?;
-        let status = resp.status().as_u16();
         let content_type = resp
             .headers()
             .get(header::CONTENT_TYPE)
@@ -232,30 +261,7 @@ impl Client {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
-        if resp
-            .content_length()
-            .is_some_and(|l| l as usize > MANIFEST_MAX)
-        {
-            return Err(RegistryError::Invalid {
-                what,
-                kind: "manifest",
-                detail: format!("larger than {MANIFEST_MAX} bytes"),
-            });
-        }
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| from_transport(&ep.registry, &e))?;
-        if !(200..300).contains(&status) {
-            return Err(from_response(&ep.registry, status, &body, &what));
-        }
-        if body.len() > MANIFEST_MAX {
-            return Err(RegistryError::Invalid {
-                what,
-                kind: "manifest",
-                detail: format!("larger than {MANIFEST_MAX} bytes"),
-            });
-        }
+        let body = bounded_body(resp, &ep.registry, &what, "manifest", MANIFEST_MAX).await?;
         let digest = sha256_digest(&body);
         let expected = reference
             .digest
@@ -308,13 +314,7 @@ impl Client {
                 wanted: want.to_string(),
                 available,
             })?;
-            platform_name = chosen.platform().as_ref().map(|p| {
-                let mut s = format!("{}/{}", p.os(), p.architecture());
-                if let Some(v) = p.variant().as_deref().filter(|v| !v.is_empty()) {
-                    s = format!("{s}/{v}");
-                }
-                s
-            });
+            platform_name = describe(chosen);
             let child = reference.with_digest(chosen.digest().as_ref());
             index_digest = Some(raw.digest.clone());
             raw = self.fetch_manifest(&child).await?;
@@ -384,21 +384,7 @@ impl Client {
                 let resp = self
                     .request(&t, Method::GET, &path, HeaderMap::new())
                     .await?;
-                let status = resp.status().as_u16();
-                let body = resp
-                    .bytes()
-                    .await
-                    .map_err(|e| from_transport(&ep.registry, &e))?;
-                if !(200..300).contains(&status) {
-                    return Err(from_response(&ep.registry, status, &body, &what));
-                }
-                if body.len() > max {
-                    return Err(RegistryError::Invalid {
-                        what: what.clone(),
-                        kind: "blob",
-                        detail: format!("larger than {max} bytes"),
-                    });
-                }
+                let body = bounded_body(resp, &ep.registry, &what, "blob", max).await?;
                 let actual = sha256_digest(&body);
                 if actual != digest {
                     return Err(RegistryError::Digest {

@@ -100,14 +100,22 @@ fn is_attestation(d: &Descriptor) -> bool {
     annotated || unknown
 }
 
-fn describe(d: &Descriptor) -> Option<String> {
-    let p = d.platform().as_ref()?;
-    let mut s = format!("{}/{}", p.os(), p.architecture());
-    if let Some(v) = p.variant().as_deref().filter(|v| !v.is_empty()) {
-        s.push('/');
-        s.push_str(v);
+/// `os/arch[/variant]`, as platforms are written everywhere.
+pub fn platform_string(os: &str, arch: &str, variant: Option<&str>) -> String {
+    match variant.filter(|v| !v.is_empty()) {
+        Some(v) => format!("{os}/{arch}/{v}"),
+        None => format!("{os}/{arch}"),
     }
-    Some(s)
+}
+
+/// The platform an index entry names.
+pub fn describe(d: &Descriptor) -> Option<String> {
+    let p = d.platform().as_ref()?;
+    Some(platform_string(
+        &p.os().to_string(),
+        &p.architecture().to_string(),
+        p.variant().as_deref(),
+    ))
 }
 
 /// Picks the manifest for `want`, or lists what the index offers.
