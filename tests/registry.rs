@@ -465,3 +465,33 @@ fn https_registries_need_a_trusted_certificate() {
     let err = env.fails(&["inspect", "--ca-cert", "/nonexistent.pem", &r]);
     assert!(err.contains("/nonexistent.pem"), "{err}");
 }
+
+#[test]
+fn server_errors_and_rate_limits_are_retried_then_reported() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let front = RedirectProxy::start(&reg);
+    let r = format!("{}/a:1", front.addr());
+    let env = Env::new();
+    front.refuse_next(3);
+    let started = std::time::Instant::now();
+    env.ok(&["inspect", &r]);
+    assert_eq!(front.refused(), 3);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "Retry-After must be honoured"
+    );
+    // Past the bounded number of tries: a clear error, not an endless loop.
+    front.refuse_next(1000);
+    let env = Env::new();
+    let err = env.fails(&["inspect", &r]);
+    assert!(
+        err.contains("503") || err.contains("429") || err.contains("HTTP"),
+        "{err}"
+    );
+    assert!(
+        front.refused() < 20,
+        "tries must be bounded: {}",
+        front.refused()
+    );
+}

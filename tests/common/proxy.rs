@@ -12,6 +12,9 @@ use super::Registry;
 
 #[derive(Default)]
 struct Seen {
+    /// Requests still to refuse with `refuse_status` before forwarding any.
+    refuse_left: AtomicUsize,
+    refused: AtomicUsize,
     ranges: AtomicUsize,
     redirected: AtomicUsize,
     cdn_requests: AtomicUsize,
@@ -97,6 +100,26 @@ impl RedirectProxy {
                     while let Some(req) = read_request(&mut r) {
                         if has_auth(&req) {
                             s.registry_auth.store(true, Ordering::SeqCst);
+                        }
+                        let left = s.refuse_left.load(Ordering::SeqCst);
+                        if left > 0
+                            && s.refuse_left
+                                .compare_exchange(
+                                    left,
+                                    left - 1,
+                                    Ordering::SeqCst,
+                                    Ordering::SeqCst,
+                                )
+                                .is_ok()
+                        {
+                            s.refused.fetch_add(1, Ordering::SeqCst);
+                            let head = if left % 2 == 0 {
+                                "HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\n\r\n"
+                            } else {
+                                "HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+                            };
+                            let _ = out.write_all(head.as_bytes());
+                            continue;
                         }
                         let target = req.head[0].split(' ').nth(1).unwrap_or("").to_string();
                         if req.head[0].starts_with("GET ") && target.contains("/blobs/sha256:") {
@@ -221,6 +244,15 @@ impl RedirectProxy {
 
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Answers the next `n` requests with 503 and 429 (Retry-After: 1) in turn.
+    pub fn refuse_next(&self, n: usize) {
+        self.seen.refuse_left.store(n, Ordering::SeqCst);
+    }
+
+    pub fn refused(&self) -> usize {
+        self.seen.refused.load(Ordering::SeqCst)
     }
 
     pub fn range_requests(&self) -> usize {
