@@ -470,11 +470,19 @@ impl Cache {
     /// A merged tree saved for the image with manifest `image_digest`, so a
     /// warm mount neither reads layer indexes nor merges them again.
     pub fn load_tree<T: serde::de::DeserializeOwned>(&self, image_digest: &str) -> Option<T> {
-        let bytes = fs::read(self.tree_path(image_digest).ok()?).ok()?;
-        let (version, rest) = postcard::take_from_bytes::<u32>(&bytes).ok()?;
-        (version == INDEX_VERSION)
-            .then(|| postcard::from_bytes(rest).ok())
-            .flatten()
+        // Decoded from a buffered reader, not from the whole file in memory,
+        // so the file and the tree never both count against peak memory.
+        let file = File::open(self.tree_path(image_digest).ok()?).ok()?;
+        let mut scratch = vec![0u8; 64 * 1024];
+        let reader = io::BufReader::with_capacity(IO_BUFFER, file);
+        let (version, (reader, scratch)) =
+            postcard::from_io::<u32, _>((reader, &mut scratch)).ok()?;
+        if version != INDEX_VERSION {
+            return None;
+        }
+        postcard::from_io::<T, _>((reader, scratch))
+            .ok()
+            .map(|(t, _)| t)
     }
 
     pub fn store_tree<T: Serialize>(&self, image_digest: &str, tree: &T) -> Result<(), CacheError> {

@@ -65,9 +65,35 @@ type NameRef = u32;
 /// The merged tree. Node 0 is the root; inode numbers are `id + 1`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Tree {
+    #[serde(deserialize_with = "nodes_in_one_allocation")]
     nodes: Vec<Node>,
     /// Every name, each as a little-endian u16 length and its bytes.
     names: Vec<u8>,
+}
+
+/// serde's `Vec` grows by doubling past a cautious first guess, which briefly
+/// holds two copies of a large tree; the exact length postcard records lets
+/// the nodes land in one allocation. The bound keeps a corrupt length from
+/// asking for absurd memory.
+fn nodes_in_one_allocation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Node>, D::Error> {
+    struct Nodes;
+    impl<'de> serde::de::Visitor<'de> for Nodes {
+        type Value = Vec<Node>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a sequence of tree nodes")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Vec<Node>, A::Error> {
+            let mut nodes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 22));
+            while let Some(n) = seq.next_element()? {
+                nodes.push(n);
+            }
+            Ok(nodes)
+        }
+    }
+    d.deserialize_seq(Nodes)
 }
 
 impl Tree {
