@@ -308,7 +308,16 @@ impl Client {
                         http
                     }
                 }
-                Ok(_) => http,
+                Ok(r) => {
+                    // The probe was the ping: remember what it said.
+                    if let Ok(scheme) = scheme_of_ping(&r, registry) {
+                        self.schemes
+                            .lock()
+                            .expect("schemes lock")
+                            .insert(http.as_str().to_string(), scheme);
+                    }
+                    http
+                }
                 Err(e) if e.is_connect() => http,
                 Err(_) => parse("https")?,
             }
@@ -352,23 +361,7 @@ impl Client {
         let resp = self
             .send_retrying(ep, Method::GET, url, HeaderMap::new())
             .await?;
-        let scheme = match resp.status() {
-            s if s.is_success() => Scheme::Anonymous,
-            StatusCode::UNAUTHORIZED => scheme_from_challenges(&challenges(resp.headers()))
-                .ok_or_else(|| RegistryError::Auth {
-                    registry: ep.label(),
-                    what: "/v2/".into(),
-                    reason: "the registry asks for an authentication scheme rimg does not know"
-                        .into(),
-                })?,
-            s => {
-                return Err(RegistryError::Http {
-                    registry: ep.label(),
-                    status: s.as_u16(),
-                    what: "/v2/ (is this a distribution API v2 registry?)".into(),
-                });
-            }
-        };
+        let scheme = scheme_of_ping(&resp, &ep.label())?;
         self.schemes
             .lock()
             .expect("schemes lock")
@@ -764,6 +757,25 @@ impl Client {
             }
         }
         Ok(all)
+    }
+}
+
+/// How a registry wants to be authenticated, from its answer to `GET /v2/`.
+fn scheme_of_ping(resp: &reqwest::Response, label: &str) -> Result<Scheme, RegistryError> {
+    match resp.status() {
+        s if s.is_success() => Ok(Scheme::Anonymous),
+        StatusCode::UNAUTHORIZED => {
+            scheme_from_challenges(&challenges(resp.headers())).ok_or_else(|| RegistryError::Auth {
+                registry: label.to_string(),
+                what: "/v2/".into(),
+                reason: "the registry asks for an authentication scheme rimg does not know".into(),
+            })
+        }
+        s => Err(RegistryError::Http {
+            registry: label.to_string(),
+            status: s.as_u16(),
+            what: "/v2/ (is this a distribution API v2 registry?)".into(),
+        }),
     }
 }
 
