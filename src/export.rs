@@ -122,10 +122,6 @@ pub fn write_rootfs<W: Write>(
         .collect();
     while let Some((path, id)) = stack.pop() {
         let n = tree.node(id);
-        let mut pax: Vec<(String, Vec<u8>)> = n
-            .xattrs()
-            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.to_vec()))
-            .collect();
         let mut header = tar::Header::new_ustar();
         header.set_mode(n.mode & 0o7777);
         header.set_uid(n.uid as u64);
@@ -135,8 +131,7 @@ pub fn write_rootfs<W: Write>(
         let linked = n.kind != EntryKind::Dir && n.nlink > 1;
         if linked && let Some(target) = first_name.get(&id) {
             header.set_entry_type(tar::EntryType::Link);
-            append_pax(&mut builder, &mut pax, &path, Some(target))?;
-            builder.append_link(&mut header, &path, target)?;
+            append_entry(&mut builder, header, n, &path, Some(target), io::empty())?;
             continue;
         }
         if linked {
@@ -145,8 +140,14 @@ pub fn write_rootfs<W: Write>(
         header.set_entry_type(header_for(n.kind));
         match n.kind {
             EntryKind::Dir => {
-                append_pax(&mut builder, &mut pax, &path, None)?;
-                builder.append_data(&mut header, format!("{path}/"), io::empty())?;
+                append_entry(
+                    &mut builder,
+                    header,
+                    n,
+                    &format!("{path}/"),
+                    None,
+                    io::empty(),
+                )?;
                 let children: Vec<(String, NodeId)> = tree
                     .children(id)
                     .map(|(name, c)| (format!("{path}/{name}"), c))
@@ -154,57 +155,90 @@ pub fn write_rootfs<W: Write>(
                 stack.extend(children.into_iter().rev());
             }
             EntryKind::Symlink => {
-                let target: String = n.link.as_deref().unwrap_or_default().to_string();
-                append_pax(&mut builder, &mut pax, &path, Some(&target))?;
-                builder.append_link(&mut header, &path, &target)?;
+                append_entry(
+                    &mut builder,
+                    header,
+                    n,
+                    &path,
+                    n.link.as_deref(),
+                    io::empty(),
+                )?;
             }
             EntryKind::Char | EntryKind::Block => {
                 header.set_device_major(n.rdev.0)?;
                 header.set_device_minor(n.rdev.1)?;
-                append_pax(&mut builder, &mut pax, &path, None)?;
-                builder.append_data(&mut header, &path, io::empty())?;
+                append_entry(&mut builder, header, n, &path, None, io::empty())?;
             }
             EntryKind::Fifo => {
-                append_pax(&mut builder, &mut pax, &path, None)?;
-                builder.append_data(&mut header, &path, io::empty())?;
+                append_entry(&mut builder, header, n, &path, None, io::empty())?;
             }
             EntryKind::File | EntryKind::Hardlink => {
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(n.size);
-                let layer = &layers[n.layer as usize];
                 let reader = DataReader {
-                    layer,
+                    layer: &layers[n.layer as usize],
                     offset: n.offset,
                     remaining: n.size,
                 };
-                append_pax(&mut builder, &mut pax, &path, None)?;
-                builder
-                    .append_data(&mut header, &path, reader)
-                    .map_err(|source| ExportError::Read {
+                append_entry(&mut builder, header, n, &path, None, reader).map_err(|source| {
+                    ExportError::Read {
                         path: format!("/{path}"),
                         digest: digests.get(n.layer as usize).cloned().unwrap_or_default(),
                         source,
-                    })?;
+                    }
+                })?;
             }
         }
     }
     Ok(builder.into_inner()?)
 }
 
-/// Xattrs go in a PAX header; long names are left to the tar crate, which
-/// writes them as GNU long-name entries that every reader understands.
-fn append_pax<W: Write>(
+/// Longest name a ustar header holds on its own.
+const USTAR_NAME: usize = 100;
+
+/// One entry, preceded when needed by a PAX header carrying its xattrs and
+/// any name or link target too long for ustar. Only PAX is used for long
+/// names: a GNU long name beside a PAX path would be ambiguous to readers.
+fn append_entry<W: Write>(
     builder: &mut tar::Builder<W>,
-    pax: &mut Vec<(String, Vec<u8>)>,
-    _path: &str,
-    _link: Option<&str>,
+    mut header: tar::Header,
+    node: &crate::tree::Node,
+    path: &str,
+    link: Option<&str>,
+    data: impl Read,
 ) -> io::Result<()> {
-    if pax.is_empty() {
-        return Ok(());
+    let mut pax: Vec<(String, Vec<u8>)> = node
+        .xattrs()
+        .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.to_vec()))
+        .collect();
+    if path.len() > USTAR_NAME {
+        pax.push(("path".into(), path.as_bytes().to_vec()));
     }
-    builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
-    pax.clear();
-    Ok(())
+    if let Some(l) = link.filter(|l| l.len() > USTAR_NAME) {
+        pax.push(("linkpath".into(), l.as_bytes().to_vec()));
+    }
+    if !pax.is_empty() {
+        builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
+    }
+    // Short names go in the header; long ones are cut there (PAX holds them whole).
+    let fit = |s: &str| -> Vec<u8> {
+        let mut end = s.len().min(USTAR_NAME);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        s.as_bytes()[..end].to_vec()
+    };
+    let ustar = header.as_ustar_mut().expect("a ustar header");
+    let name = fit(path);
+    ustar.name = [0; 100];
+    ustar.name[..name.len()].copy_from_slice(&name);
+    if let Some(l) = link {
+        let l = fit(l);
+        ustar.linkname = [0; 100];
+        ustar.linkname[..l.len()].copy_from_slice(&l);
+    }
+    header.set_cksum();
+    builder.append(&header, data)
 }
 
 /// A blob to place in the archive: from a file or from memory.
@@ -516,4 +550,59 @@ fn tempfile_in(dir: &Path) -> io::Result<tempfile::NamedTempFile> {
         .prefix("flatten-")
         .suffix(".tar.gz")
         .tempfile_in(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::{Entry, LayerIndex};
+
+    fn entry(path: &str, kind: EntryKind, link: Option<&str>) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            link: link.map(str::to_string),
+            rdev: (0, 0),
+            xattrs: vec![("user.k".into(), b"v".to_vec())],
+            offset: 0,
+        }
+    }
+
+    #[test]
+    fn long_names_and_link_targets_are_written_as_pax_only() {
+        let long = format!("d/{}", "n".repeat(150));
+        let target = format!("/{}", "t".repeat(150));
+        let index = LayerIndex {
+            entries: vec![
+                entry("d", EntryKind::Dir, None),
+                entry(&long, EntryKind::Dir, None),
+                entry(&format!("{long}/s"), EntryKind::Symlink, Some(&target)),
+            ],
+        };
+        let tree = crate::tree::merge(&[&index]).unwrap();
+        let tar = write_rootfs(&tree, &[], &[], Vec::new()).unwrap();
+        // No GNU long-name ('L') or long-link ('K') headers anywhere.
+        let mut at = 0;
+        while at + 512 <= tar.len() && tar[at..at + 512].iter().any(|&b| b != 0) {
+            let h = tar::Header::from_byte_slice(&tar[at..at + 512]);
+            assert!(
+                !matches!(h.entry_type().as_byte(), b'L' | b'K'),
+                "GNU long name written"
+            );
+            at += 512 + h.entry_size().unwrap().div_ceil(512) as usize * 512;
+        }
+        let back = crate::layer::index_tar(&tar[..], "sha256:test").unwrap();
+        let paths: Vec<&str> = back.entries.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["d", long.as_str(), &format!("{long}/s")]);
+        assert_eq!(back.entries[2].link.as_deref(), Some(target.as_str()));
+        assert_eq!(
+            back.entries[1].xattrs,
+            [("user.k".to_string(), b"v".to_vec())]
+        );
+    }
 }
