@@ -358,3 +358,79 @@ fn layers_are_fetched_on_first_access_or_right_away_with_prefetch() {
         "--prefetch fetches without access"
     );
 }
+
+#[test]
+fn a_path_needs_only_the_layers_from_the_top_down_to_the_one_that_decides_it() {
+    let reg = Registry::start(Auth::None);
+    let p = push_rules(&reg, "rules", "v1", true);
+    // Without its bottom layer the image can still answer whatever the upper
+    // layers decide.
+    std::fs::remove_file(reg.blob_file(&p.layers[0])).unwrap();
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/rules:v1", reg.addr()), &[]);
+    let os = std::fs::read_to_string(m.path.join("etc/os-release")).unwrap();
+    assert_eq!(os, "NAME=rules\nVERSION_ID=2\n", "found in the top layer");
+    let cached = || {
+        env.ok(&["cache", "ls"])
+            .lines()
+            .filter(|l| l.starts_with("sha256:"))
+            .count()
+    };
+    assert_eq!(cached(), 1, "only the top layer was fetched");
+    // Whited out in the middle layer: decided there, no bottom layer needed.
+    let gone = std::fs::metadata(m.path.join("data/sub/b.txt")).unwrap_err();
+    assert_eq!(gone.raw_os_error(), Some(libc::ENOENT));
+    assert_eq!(cached(), 2);
+    // Only the bottom layer knows this one, and it cannot be fetched.
+    let err = std::fs::metadata(m.path.join("data/a.txt")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    // Listing a directory needs every layer below its nearest opaque marker.
+    let err = std::fs::read_dir(m.path.join("etc"))
+        .and_then(|d| d.collect::<Result<Vec<_>, _>>())
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+}
+
+#[test]
+fn inode_numbers_given_before_the_tree_exists_stay_the_same_after() {
+    let reg = Registry::start(Auth::None);
+    push_rules(&reg, "rules", "v1", false);
+    let env = Env::new();
+    let m = Mounted::new(&env, &format!("{}/rules:v1", reg.addr()), &[]);
+    let before: Vec<(u64, u64)> = [
+        "usr/bin/prog",
+        "usr/bin/prog-link2",
+        "etc/os-release",
+        "data",
+    ]
+    .iter()
+    .map(|p| {
+        let md = std::fs::symlink_metadata(m.path.join(p)).unwrap();
+        (md.ino(), md.nlink())
+    })
+    .collect();
+    assert_eq!(
+        before[0], before[1],
+        "hardlinked names share an inode from the start"
+    );
+    // Building the whole tree (a listing) must not renumber anything.
+    tree_listing(&m.path);
+    let after: Vec<(u64, u64)> = [
+        "usr/bin/prog",
+        "usr/bin/prog-link2",
+        "etc/os-release",
+        "data",
+    ]
+    .iter()
+    .map(|p| {
+        let md = std::fs::symlink_metadata(m.path.join(p)).unwrap();
+        (md.ino(), md.nlink())
+    })
+    .collect();
+    assert_eq!(
+        before.iter().map(|x| x.0).collect::<Vec<_>>(),
+        after.iter().map(|x| x.0).collect::<Vec<_>>()
+    );
+    let listed = tree_listing(&m.path);
+    assert_eq!(listed["usr/bin/prog"].links, ["usr/bin/prog-link2"]);
+}

@@ -2,9 +2,10 @@
 //! the first operation that needs it; until then callbacks hand their reply to
 //! the runtime, so no session thread ever waits on the network.
 
+use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use fuser::{
@@ -14,9 +15,10 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
+use super::partial::{Decision, LayerView, decide};
 use crate::cache::Layer;
 use crate::image::ImageSource;
-use crate::layer::EntryKind;
+use crate::layer::{Entry, EntryKind};
 use crate::tree::{Node, NodeId, Tree};
 
 /// Image content never changes, so the kernel may cache for as long as it likes.
@@ -33,6 +35,29 @@ pub struct Mounted {
     pub digests: Vec<String>,
     /// 4 KiB blocks the files take, for statfs.
     blocks: u64,
+    /// Inode numbers handed out before the tree existed, kept for its nodes.
+    alias_of_node: HashMap<NodeId, u64>,
+    node_of_alias: HashMap<u64, NodeId>,
+}
+
+/// Provisional inode numbers start here, far above any node's `id + 1`.
+const PROVISIONAL_BASE: u64 = 1 << 48;
+
+/// A path answered from the layers top down before the tree existed.
+pub struct Prov {
+    path: String,
+    entry: Entry,
+    nlink: u32,
+    /// The layer the entry (and its data) comes from.
+    layer: Arc<Layer>,
+}
+
+#[derive(Default)]
+struct Partial {
+    views: HashMap<usize, (Arc<Layer>, Arc<LayerView>)>,
+    by_ino: HashMap<u64, Arc<Prov>>,
+    by_key: HashMap<(usize, String), u64>,
+    next: u64,
 }
 
 pub struct State {
@@ -40,6 +65,7 @@ pub struct State {
     only: Option<usize>,
     ready: OnceLock<Arc<Mounted>>,
     building: tokio::sync::Mutex<()>,
+    partial: Mutex<Partial>,
 }
 
 impl State {
@@ -49,7 +75,95 @@ impl State {
             only,
             ready: OnceLock::new(),
             building: tokio::sync::Mutex::new(()),
+            partial: Mutex::new(Partial::default()),
         })
+    }
+
+    fn partial(&self) -> std::sync::MutexGuard<'_, Partial> {
+        self.partial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn provisional(&self, ino: u64) -> Option<Arc<Prov>> {
+        self.partial().by_ino.get(&ino).cloned()
+    }
+
+    /// One layer and its path view, fetched on first need.
+    async fn view(&self, i: usize) -> Result<(Arc<Layer>, Arc<LayerView>), String> {
+        if let Some(v) = self.partial().views.get(&i) {
+            return Ok(v.clone());
+        }
+        let layer = self.source.layer(i).await.map_err(|e| e.to_string())?;
+        let index = layer.index().map_err(|e| e.to_string())?;
+        let view = Arc::new(LayerView::new(index));
+        let v = (layer, view);
+        self.partial().views.insert(i, v.clone());
+        Ok(v)
+    }
+
+    /// Decides `path` from the top layer down, fetching only the layers it
+    /// takes; `None` when the path does not exist.
+    async fn resolve_partial(&self, path: &str) -> Result<Option<(u64, Arc<Prov>)>, String> {
+        let mut implicit = None;
+        for i in (0..self.source.image.layers.len()).rev() {
+            let (layer, view) = self.view(i).await?;
+            match decide(&view, path) {
+                Decision::Found { entry, key, nlink } => {
+                    if implicit.is_some() && entry.kind != EntryKind::Dir {
+                        break;
+                    }
+                    return Ok(Some(self.remember(i, &layer, key, path, entry, nlink)));
+                }
+                // The lowest layer with entries below an unlisted directory makes it.
+                Decision::Implicit => implicit = Some((i, layer)),
+                Decision::Gone => break,
+                Decision::Continue => {}
+            }
+        }
+        Ok(implicit.map(|(i, layer)| {
+            let entry = Entry {
+                path: path.to_string(),
+                kind: EntryKind::Dir,
+                mode: 0o755,
+                uid: 0,
+                gid: 0,
+                size: 0,
+                mtime: 0,
+                link: None,
+                rdev: (0, 0),
+                xattrs: Vec::new(),
+                offset: 0,
+            };
+            self.remember(i, &layer, path.to_string(), path, entry, 2)
+        }))
+    }
+
+    fn remember(
+        &self,
+        index: usize,
+        layer: &Arc<Layer>,
+        key: String,
+        path: &str,
+        entry: Entry,
+        nlink: u32,
+    ) -> (u64, Arc<Prov>) {
+        let mut p = self.partial();
+        let id = (index, key);
+        if let Some(&ino) = p.by_key.get(&id)
+            && let Some(prov) = p.by_ino.get(&ino)
+        {
+            return (ino, Arc::clone(prov));
+        }
+        let ino = PROVISIONAL_BASE + p.next;
+        p.next += 1;
+        let prov = Arc::new(Prov {
+            path: path.to_string(),
+            entry,
+            nlink,
+            layer: Arc::clone(layer),
+        });
+        p.by_key.insert(id, ino);
+        p.by_ino.insert(ino, Arc::clone(&prov));
+        (ino, prov)
     }
 
     /// The tree, built once. A failure is not remembered, so a later access retries.
@@ -79,11 +193,21 @@ impl State {
         let blocks = (0..tree.len())
             .map(|i| tree.node(i as NodeId).size.div_ceil(4096))
             .sum();
+        let mut alias_of_node = HashMap::new();
+        let mut node_of_alias = HashMap::new();
+        for (&ino, prov) in &self.partial().by_ino {
+            if let Ok(id) = tree.resolve(&prov.path, false) {
+                alias_of_node.entry(id).or_insert(ino);
+                node_of_alias.insert(ino, id);
+            }
+        }
         let m = Arc::new(Mounted {
             tree,
             layers,
             digests,
             blocks,
+            alias_of_node,
+            node_of_alias,
         });
         let _ = self.ready.set(Arc::clone(&m));
         Ok(m)
@@ -134,6 +258,28 @@ impl ImageFs {
         });
     }
 
+    /// Runs `f` with what `ino` names: a node of the tree when the tree
+    /// exists (or must be built for it), else an entry answered top-down.
+    fn with_inode<F>(&self, ino: INodeNo, f: F)
+    where
+        F: FnOnce(Result<Target<'_>, Errno>) + Send + 'static,
+    {
+        let prov = (ino.0 >= PROVISIONAL_BASE)
+            .then(|| self.state.provisional(ino.0))
+            .flatten();
+        match (self.state.ready.get(), prov) {
+            (Some(m), prov) => match (id_of(m, ino), prov) {
+                (Ok(id), _) => f(Ok(Target::Node(m, id))),
+                (Err(_), Some(p)) => f(Ok(Target::Prov(ino, p))),
+                (Err(e), None) => f(Err(e)),
+            },
+            (None, Some(p)) => f(Ok(Target::Prov(ino, p))),
+            (None, None) => {
+                self.with_tree(move |m| f(m.and_then(|m| Ok(Target::Node(m, id_of(m, ino)?)))))
+            }
+        }
+    }
+
     /// Before the tree exists the root still answers, so `stat` of the mount
     /// point (done by mount helpers and shells) does not start a download.
     fn placeholder_root(&self) -> FileAttr {
@@ -157,11 +303,14 @@ impl ImageFs {
     }
 }
 
-fn ino_of(id: NodeId) -> INodeNo {
-    INodeNo(id as u64 + 1)
+fn ino_of(m: &Mounted, id: NodeId) -> INodeNo {
+    INodeNo(m.alias_of_node.get(&id).copied().unwrap_or(id as u64 + 1))
 }
 
 fn id_of(m: &Mounted, ino: INodeNo) -> Result<NodeId, Errno> {
+    if ino.0 >= PROVISIONAL_BASE {
+        return m.node_of_alias.get(&ino.0).copied().ok_or(Errno::ENOENT);
+    }
     let id = ino.0.checked_sub(1).ok_or(Errno::ENOENT)?;
     if id as usize >= m.tree.len() {
         return Err(Errno::ENOENT);
@@ -180,19 +329,128 @@ fn file_type(kind: EntryKind) -> FileType {
     }
 }
 
-fn attr_of(id: NodeId, n: &Node) -> FileAttr {
+/// What an inode names.
+enum Target<'a> {
+    Node(&'a Mounted, NodeId),
+    Prov(INodeNo, Arc<Prov>),
+}
+
+impl Target<'_> {
+    fn attr(&self) -> FileAttr {
+        match self {
+            Target::Node(m, id) => attr_of(m, *id, m.tree.node(*id)),
+            Target::Prov(ino, p) => attr_from(*ino, Meta::from(&**p)),
+        }
+    }
+
+    fn link(&self) -> Option<&str> {
+        match self {
+            Target::Node(m, id) => {
+                let n = m.tree.node(*id);
+                (n.kind == EntryKind::Symlink)
+                    .then_some(n.link.as_deref())
+                    .flatten()
+            }
+            Target::Prov(_, p) => (p.entry.kind == EntryKind::Symlink)
+                .then_some(p.entry.link.as_deref())
+                .flatten(),
+        }
+    }
+
+    fn read(&self, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        match self {
+            Target::Node(m, id) => read_node(m, m.tree.node(*id), offset, size),
+            Target::Prov(_, p) if p.entry.kind == EntryKind::File => {
+                read_data(&p.layer, p.entry.offset, p.entry.size, offset, size)
+            }
+            Target::Prov(..) => Err(Errno::EINVAL),
+        }
+    }
+
+    /// `(name, value)` pairs: the entry's own xattrs plus `user.rimg.layer`.
+    fn xattrs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
+        match self {
+            Target::Node(m, id) => xattrs_of(m, m.tree.node(*id)),
+            Target::Prov(_, p) => {
+                let mut out: Vec<(Vec<u8>, Vec<u8>)> = p
+                    .entry
+                    .xattrs
+                    .iter()
+                    .map(|(k, v)| (k.as_bytes().to_vec(), v.clone()))
+                    .collect();
+                out.push((
+                    LAYER_XATTR.as_bytes().to_vec(),
+                    p.layer.digest.as_bytes().to_vec(),
+                ));
+                out
+            }
+        }
+    }
+}
+
+/// Attributes of a merged node or a provisional entry.
+struct Meta<'a> {
+    kind: EntryKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    mtime: i64,
+    link: Option<&'a str>,
+    rdev: (u32, u32),
+    nlink: u32,
+}
+
+impl<'a> From<&'a Node> for Meta<'a> {
+    fn from(n: &'a Node) -> Meta<'a> {
+        Meta {
+            kind: n.kind,
+            mode: n.mode,
+            uid: n.uid,
+            gid: n.gid,
+            size: n.size,
+            mtime: n.mtime,
+            link: n.link.as_deref(),
+            rdev: n.rdev,
+            nlink: n.nlink,
+        }
+    }
+}
+
+impl<'a> From<&'a Prov> for Meta<'a> {
+    fn from(p: &'a Prov) -> Meta<'a> {
+        let e = &p.entry;
+        Meta {
+            kind: e.kind,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            mtime: e.mtime,
+            link: e.link.as_deref(),
+            rdev: e.rdev,
+            nlink: p.nlink,
+        }
+    }
+}
+
+fn attr_of(m: &Mounted, id: NodeId, n: &Node) -> FileAttr {
+    attr_from(ino_of(m, id), Meta::from(n))
+}
+
+fn attr_from(ino: INodeNo, n: Meta<'_>) -> FileAttr {
     let mtime = if n.mtime >= 0 {
         UNIX_EPOCH + Duration::from_secs(n.mtime as u64)
     } else {
         UNIX_EPOCH - Duration::from_secs(n.mtime.unsigned_abs())
     };
     let size = match n.kind {
-        EntryKind::Symlink => n.link.as_ref().map_or(0, |l| l.len() as u64),
+        EntryKind::Symlink => n.link.map_or(0, |l| l.len() as u64),
         EntryKind::Dir => 4096,
         _ => n.size,
     };
     FileAttr {
-        ino: ino_of(id),
+        ino,
         size,
         blocks: size.div_ceil(512),
         atime: mtime,
@@ -236,25 +494,27 @@ fn read_node(m: &Mounted, n: &Node, offset: u64, size: u32) -> Result<Vec<u8>, E
     if n.kind != EntryKind::File {
         return Err(Errno::EINVAL);
     }
-    if offset >= n.size {
+    let layer = m.layers.get(n.layer as usize).ok_or(Errno::EIO)?;
+    read_data(layer, n.offset, n.size, offset, size)
+}
+
+/// Up to `size` bytes at `offset` of a file whose `len` bytes start at `at`.
+fn read_data(layer: &Layer, at: u64, len: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    if offset >= len {
         return Ok(Vec::new());
     }
-    let len = (n.size - offset).min(size as u64) as usize;
-    let layer = m.layers.get(n.layer as usize).ok_or(Errno::EIO)?;
-    let mut buf = vec![0u8; len];
+    let want = (len - offset).min(size as u64) as usize;
+    let mut buf = vec![0u8; want];
     let mut done = 0;
-    while done < len {
-        match layer.read_at(n.offset + offset + done as u64, &mut buf[done..]) {
+    while done < want {
+        match layer.read_at(at + offset + done as u64, &mut buf[done..]) {
             Ok(0) => {
-                tracing::error!(
-                    "layer {} ends before the file's data does",
-                    m.digests[n.layer as usize]
-                );
+                tracing::error!("layer {} ends before the file's data does", layer.digest);
                 return Err(Errno::EIO);
             }
             Ok(k) => done += k,
             Err(e) => {
-                tracing::error!("reading layer {}: {e}", m.digests[n.layer as usize]);
+                tracing::error!("reading layer {}: {e}", layer.digest);
                 return Err(Errno::EIO);
             }
         }
@@ -278,13 +538,52 @@ impl Filesystem for ImageFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let name = name.as_bytes().to_vec();
-        self.with_tree(move |m| {
-            let r = m.and_then(|m| {
-                let p = id_of(m, parent)?;
-                let name = std::str::from_utf8(&name).map_err(|_| Errno::ENOENT)?;
-                let id = m.tree.lookup(p, name).ok_or(Errno::ENOENT)?;
-                Ok(attr_of(id, m.tree.node(id)))
+        let Ok(name) = std::str::from_utf8(name.as_bytes()).map(str::to_string) else {
+            reply.error(Errno::ENOENT);
+            return;
+        };
+        // Before the tree exists, a path is answered from the layers top down,
+        // fetching only as many as it takes.
+        let partial_parent = match (self.state.ready.get(), self.state.only) {
+            (None, None) if parent.0 == 1 => Some(String::new()),
+            (None, None) if parent.0 >= PROVISIONAL_BASE => self
+                .state
+                .provisional(parent.0)
+                .filter(|p| p.entry.kind == EntryKind::Dir)
+                .map(|p| p.path.clone()),
+            _ => None,
+        };
+        if let Some(dir) = partial_parent {
+            let state = Arc::clone(&self.state);
+            let path = if dir.is_empty() {
+                name
+            } else {
+                format!("{dir}/{name}")
+            };
+            self.rt.spawn(async move {
+                match state.resolve_partial(&path).await {
+                    Ok(Some((ino, prov))) => reply.entry(
+                        &TTL,
+                        &attr_from(INodeNo(ino), Meta::from(&*prov)),
+                        Generation(0),
+                    ),
+                    Ok(None) => reply.error(Errno::ENOENT),
+                    Err(e) => {
+                        tracing::error!("{e}");
+                        reply.error(Errno::EIO)
+                    }
+                }
+            });
+            return;
+        }
+        self.with_inode(parent, move |t| {
+            let r = t.and_then(|t| match t {
+                Target::Node(m, p) => {
+                    let id = m.tree.lookup(p, &name).ok_or(Errno::ENOENT)?;
+                    Ok(attr_of(m, id, m.tree.node(id)))
+                }
+                // A provisional parent outlived the build: its node is unknown.
+                Target::Prov(..) => Err(Errno::ENOENT),
             });
             match r {
                 Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -298,34 +597,21 @@ impl Filesystem for ImageFs {
             reply.attr(&Duration::ZERO, &self.placeholder_root());
             return;
         }
-        self.with_tree(move |m| {
-            match m.and_then(|m| Ok(attr_of(id_of(m, ino)?, m.tree.node(id_of(m, ino)?)))) {
-                Ok(attr) => reply.attr(&TTL, &attr),
-                Err(e) => reply.error(e),
-            }
+        self.with_inode(ino, move |t| match t {
+            Ok(t) => reply.attr(&TTL, &t.attr()),
+            Err(e) => reply.error(e),
         });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        self.with_tree(move |m| {
-            let r = m.and_then(|m| {
-                let n = m.tree.node(id_of(m, ino)?);
-                match (&n.kind, &n.link) {
-                    (EntryKind::Symlink, Some(l)) => Ok(l.as_bytes().to_vec()),
-                    _ => Err(Errno::EINVAL),
-                }
-            });
-            match r {
-                Ok(t) => reply.data(&t),
+        self.with_inode(ino, move |t| {
+            match t.and_then(|t| t.link().map(|l| l.as_bytes().to_vec()).ok_or(Errno::EINVAL)) {
+                Ok(l) => reply.data(&l),
                 Err(e) => reply.error(e),
             }
         });
     }
 
-    /// Content never changes and the mount is read-only (the kernel refuses
-    /// writable opens itself), so opens need no state: ENOSYS tells a kernel
-    /// that offers FUSE_NO_OPEN_SUPPORT to stop sending open and release at
-    /// all, keeping the page cache (it then defaults to FOPEN_KEEP_CACHE).
     fn open(&self, _req: &Request, _ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             reply.error(Errno::EROFS);
@@ -347,12 +633,9 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.with_tree(move |m| {
-            let r = m.and_then(|m| read_node(m, m.tree.node(id_of(m, ino)?), offset, size));
-            match r {
-                Ok(data) => reply.data(&data),
-                Err(e) => reply.error(e),
-            }
+        self.with_inode(ino, move |t| match t.and_then(|t| t.read(offset, size)) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
         });
     }
 
@@ -378,7 +661,7 @@ impl Filesystem for ImageFs {
         self.with_tree(move |m| {
             let filled = fill_dir(m, ino, offset, |m, child, next, name| {
                 let kind = file_type(m.tree.node(child).kind);
-                reply.add(ino_of(child), next, kind, name)
+                reply.add(ino_of(m, child), next, kind, name)
             });
             match filled {
                 Ok(()) => reply.ok(),
@@ -397,8 +680,8 @@ impl Filesystem for ImageFs {
     ) {
         self.with_tree(move |m| {
             let filled = fill_dir(m, ino, offset, |m, child, next, name| {
-                let attr = attr_of(child, m.tree.node(child));
-                reply.add(ino_of(child), next, name, &TTL, &attr, Generation(0))
+                let attr = attr_of(m, child, m.tree.node(child));
+                reply.add(ino_of(m, child), next, name, &TTL, &attr, Generation(0))
             });
             match filled {
                 Ok(()) => reply.ok(),
@@ -417,16 +700,15 @@ impl Filesystem for ImageFs {
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let name = name.as_bytes().to_vec();
-        self.with_tree(move |m| {
-            let r = m.and_then(|m| {
-                let n = m.tree.node(id_of(m, ino)?);
-                xattrs_of(m, n)
+        self.with_inode(ino, move |t| {
+            let value = t.and_then(|t| {
+                t.xattrs()
                     .into_iter()
                     .find(|(k, _)| *k == name)
                     .map(|(_, v)| v)
                     .ok_or(Errno::NO_XATTR)
             });
-            match r {
+            match value {
                 Ok(v) => reply_sized(reply, size, &v),
                 Err(e) => reply.error(e),
             }
@@ -434,20 +716,16 @@ impl Filesystem for ImageFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.with_tree(move |m| {
-            let r = m.and_then(|m| {
-                let n = m.tree.node(id_of(m, ino)?);
+        self.with_inode(ino, move |t| match t {
+            Ok(t) => {
                 let mut names = Vec::new();
-                for (k, _) in xattrs_of(m, n) {
+                for (k, _) in t.xattrs() {
                     names.extend_from_slice(&k);
                     names.push(0);
                 }
-                Ok(names)
-            });
-            match r {
-                Ok(v) => reply_sized(reply, size, &v),
-                Err(e) => reply.error(e),
+                reply_sized(reply, size, &names)
             }
+            Err(e) => reply.error(e),
         });
     }
 

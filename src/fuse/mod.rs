@@ -4,6 +4,7 @@
 
 mod fs;
 pub mod mounts;
+mod partial;
 
 use std::path::Path;
 use std::sync::Arc;

@@ -67,6 +67,8 @@ pub fn rule_layers() -> Vec<Vec<u8>> {
         .hardlink("hl/b", "hl/a")
         .finish();
     let top = LayerBuilder::new()
+        // Like docker's layers, the changed file's directory is listed too.
+        .dir("etc", 0o755)
         .dir("z", 0o755)
         .file(
             "z/target",
