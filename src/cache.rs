@@ -485,6 +485,11 @@ impl Cache {
             .map(|(t, _)| t)
     }
 
+    /// Whether a merged tree is saved for the image.
+    pub fn has_tree(&self, image_digest: &str) -> bool {
+        self.tree_path(image_digest).is_ok_and(|p| p.exists())
+    }
+
     pub fn store_tree<T: Serialize>(&self, image_digest: &str, tree: &T) -> Result<(), CacheError> {
         let path = self.tree_path(image_digest)?;
         let dir = self.root.join("trees");

@@ -66,6 +66,7 @@ pub struct State {
     ready: OnceLock<Arc<Mounted>>,
     building: tokio::sync::Mutex<()>,
     partial: Mutex<Partial>,
+    saved_tree: OnceLock<bool>,
 }
 
 impl State {
@@ -76,11 +77,18 @@ impl State {
             ready: OnceLock::new(),
             building: tokio::sync::Mutex::new(()),
             partial: Mutex::new(Partial::default()),
+            saved_tree: OnceLock::new(),
         })
     }
 
     fn partial(&self) -> std::sync::MutexGuard<'_, Partial> {
         self.partial.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn saved_tree(&self) -> bool {
+        *self
+            .saved_tree
+            .get_or_init(|| self.source.cache().has_tree(&self.source.image.digest))
     }
 
     fn provisional(&self, ino: u64) -> Option<Arc<Prov>> {
@@ -102,9 +110,26 @@ impl State {
 
     /// Decides `path` from the top layer down, fetching only the layers it
     /// takes; `None` when the path does not exist.
-    async fn resolve_partial(&self, path: &str) -> Result<Option<(u64, Arc<Prov>)>, String> {
+    async fn resolve_partial(
+        self: &Arc<Self>,
+        path: &str,
+    ) -> Result<Option<(u64, Arc<Prov>)>, String> {
         let mut implicit = None;
-        for i in (0..self.source.image.layers.len()).rev() {
+        let top = self.source.image.layers.len().saturating_sub(1);
+        for i in (0..=top).rev() {
+            if i + 1 == top {
+                // The top layer did not decide: fetch the rest in parallel so a
+                // deep path costs no more than the slowest layer, while this
+                // operation still waits only for the layers it needs.
+                for j in 0..i {
+                    let state = Arc::clone(self);
+                    tokio::spawn(async move {
+                        if let Err(e) = state.view(j).await {
+                            tracing::warn!("prefetching layer {j}: {e}");
+                        }
+                    });
+                }
+            }
             let (layer, view) = self.view(i).await?;
             match decide(&view, path) {
                 Decision::Found { entry, key, nlink } => {
@@ -544,9 +569,11 @@ impl Filesystem for ImageFs {
         };
         // Before the tree exists, a path is answered from the layers top down,
         // fetching only as many as it takes.
-        let partial_parent = match (self.state.ready.get(), self.state.only) {
-            (None, None) if parent.0 == 1 => Some(String::new()),
-            (None, None) if parent.0 >= PROVISIONAL_BASE => self
+        // With a saved tree (a warm cache), loading it whole is quicker still.
+        let partial = self.state.only.is_none() && !self.state.saved_tree();
+        let partial_parent = match (self.state.ready.get(), partial) {
+            (None, true) if parent.0 == 1 => Some(String::new()),
+            (None, true) if parent.0 >= PROVISIONAL_BASE => self
                 .state
                 .provisional(parent.0)
                 .filter(|p| p.entry.kind == EntryKind::Dir)
