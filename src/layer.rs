@@ -113,6 +113,26 @@ pub struct Entry {
     pub offset: u64,
 }
 
+impl Entry {
+    /// A directory no layer lists but whose children exist: mode 0755, owned
+    /// by root, time zero (as runtimes create missing parents).
+    pub fn implicit_dir(path: &str) -> Entry {
+        Entry {
+            path: path.to_string(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            link: None,
+            rdev: (0, 0),
+            xattrs: Vec::new(),
+            offset: 0,
+        }
+    }
+}
+
 /// A layer's entries in tar order (duplicates kept; later ones win when merged).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerIndex {

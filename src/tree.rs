@@ -199,22 +199,7 @@ struct Builder {
 }
 
 fn implicit_dir(layer: u16, parent: NodeId) -> Node {
-    Node {
-        kind: EntryKind::Dir,
-        mode: 0o755,
-        uid: 0,
-        gid: 0,
-        size: 0,
-        mtime: 0,
-        link: None,
-        rdev: (0, 0),
-        xattrs: None,
-        layer,
-        offset: 0,
-        nlink: 1,
-        parent,
-        children: Box::new([]),
-    }
+    node_from(&Entry::implicit_dir(""), layer, parent)
 }
 
 fn node_from(e: &Entry, layer: u16, parent: NodeId) -> Node {

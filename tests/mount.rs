@@ -397,40 +397,25 @@ fn inode_numbers_given_before_the_tree_exists_stay_the_same_after() {
     push_rules(&reg, "rules", "v1", false);
     let env = Env::new();
     let m = Mounted::new(&env, &format!("{}/rules:v1", reg.addr()), &[]);
-    let before: Vec<(u64, u64)> = [
-        "usr/bin/prog",
-        "usr/bin/prog-link2",
-        "etc/os-release",
-        "data",
-    ]
-    .iter()
-    .map(|p| {
-        let md = std::fs::symlink_metadata(m.path.join(p)).unwrap();
-        (md.ino(), md.nlink())
-    })
-    .collect();
+    let inodes = || -> Vec<u64> {
+        [
+            "usr/bin/prog",
+            "usr/bin/prog-link2",
+            "etc/os-release",
+            "data",
+        ]
+        .iter()
+        .map(|p| std::fs::symlink_metadata(m.path.join(p)).unwrap().ino())
+        .collect()
+    };
+    let before = inodes();
     assert_eq!(
         before[0], before[1],
         "hardlinked names share an inode from the start"
     );
     // Building the whole tree (a listing) must not renumber anything.
     tree_listing(&m.path);
-    let after: Vec<(u64, u64)> = [
-        "usr/bin/prog",
-        "usr/bin/prog-link2",
-        "etc/os-release",
-        "data",
-    ]
-    .iter()
-    .map(|p| {
-        let md = std::fs::symlink_metadata(m.path.join(p)).unwrap();
-        (md.ino(), md.nlink())
-    })
-    .collect();
-    assert_eq!(
-        before.iter().map(|x| x.0).collect::<Vec<_>>(),
-        after.iter().map(|x| x.0).collect::<Vec<_>>()
-    );
+    assert_eq!(before, inodes());
     let listed = tree_listing(&m.path);
     assert_eq!(listed["usr/bin/prog"].links, ["usr/bin/prog-link2"]);
 }

@@ -145,19 +145,7 @@ impl State {
             }
         }
         Ok(implicit.map(|(i, layer)| {
-            let entry = Entry {
-                path: path.to_string(),
-                kind: EntryKind::Dir,
-                mode: 0o755,
-                uid: 0,
-                gid: 0,
-                size: 0,
-                mtime: 0,
-                link: None,
-                rdev: (0, 0),
-                xattrs: Vec::new(),
-                offset: 0,
-            };
+            let entry = Entry::implicit_dir(path);
             self.remember(i, &layer, path.to_string(), path, entry, 2)
         }))
     }
