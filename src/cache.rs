@@ -57,6 +57,10 @@ pub enum CacheError {
     BadDigest(String),
 }
 
+/// Bumped whenever the saved tree's encoding or the merge rules change, so a
+/// tree saved by an older rimg is rebuilt rather than trusted.
+const TREE_FORMAT: u32 = 2;
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
     move |source| CacheError::Io {
         path: path.display().to_string(),
@@ -464,7 +468,7 @@ impl Cache {
         Ok(self
             .root
             .join("trees")
-            .join(format!("{}.tree", hex_of(image_digest)?)))
+            .join(format!("{}.v{TREE_FORMAT}.tree", hex_of(image_digest)?)))
     }
 
     /// A merged tree saved for the image with manifest `image_digest`, so a
@@ -790,7 +794,7 @@ mod tests {
         for blob in [zst, tar.clone()] {
             let d = desc(&blob);
             let l = cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
-            assert_eq!(l.index().unwrap().entries[0].path, "a");
+            assert_eq!(l.index().unwrap().entries[0].path, b"a");
         }
     }
 

@@ -12,11 +12,12 @@ use crate::cache::Cache;
 use crate::fuse::mounts::{self, MountRecord};
 use crate::image::{ImageSource, short_digest};
 use crate::layer::EntryKind;
+use crate::names;
+use crate::overlay::tree::NodeId;
 use crate::reference::Reference;
 use crate::registry::{
     Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, ResolvedImage,
 };
-use crate::tree::NodeId;
 
 /// Options every subcommand shares.
 #[derive(Debug, Clone, Default)]
@@ -36,7 +37,7 @@ pub struct Common {
 
 pub struct LsArgs {
     pub reference: String,
-    pub path: String,
+    pub path: Vec<u8>,
     pub long: bool,
     pub recursive: bool,
 }
@@ -410,10 +411,20 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
     let (tree, _layers) = rt.block_on(source.tree(None))?;
     let start = tree
         .resolve(&args.path, !args.long)
-        .with_context(|| format!("{}: {}", source.image.reference, args.path))?;
+        .with_context(|| format!("{}: {}", source.image.reference, names::escaped(&args.path)))?;
+    // Names go to a pipe as the bytes they are; a terminal gets them quoted
+    // as GNU ls quotes them, so no name can move the cursor or hide a byte.
+    let terminal = std::io::stdout().is_terminal();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let name_out = |out: &mut dyn Write, name: &[u8]| -> std::io::Result<()> {
+        if terminal {
+            out.write_all(shell_quote(name).as_bytes())
+        } else {
+            out.write_all(name)
+        }
+    };
     let base = normalize_display(&args.path);
-    let print = |out: &mut dyn Write, path: &str, id: NodeId| -> std::io::Result<()> {
+    let print = |out: &mut dyn Write, path: &[u8], id: NodeId| -> std::io::Result<()> {
         let n = tree.node(id);
         if args.long {
             let layer = &source.image.layers[n.layer as usize];
@@ -423,7 +434,7 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
             };
             write!(
                 out,
-                "{} {:>5} {:>5} {:>10} {} {}:{} {}",
+                "{} {:>5} {:>5} {:>10} {} {}:{} ",
                 mode_string(n.kind, n.mode),
                 n.uid,
                 n.gid,
@@ -431,19 +442,21 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
                 format_time(n.mtime),
                 n.layer,
                 short_digest(&layer.digest),
-                path
             )?;
+            name_out(out, path)?;
             if let Some(l) = &n.link {
                 let arrow = if n.kind == EntryKind::Symlink {
                     "->"
                 } else {
                     "=>"
                 };
-                write!(out, " {arrow} {l}")?;
+                write!(out, " {arrow} ")?;
+                name_out(out, l)?;
             }
             writeln!(out)
         } else {
-            writeln!(out, "{path}")
+            name_out(out, path)?;
+            writeln!(out)
         }
     };
     if tree.node(start).kind != EntryKind::Dir {
@@ -454,11 +467,11 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
     while let Some((dir, id)) = stack.pop() {
         let mut subdirs = Vec::new();
         for (name, child) in tree.children(id) {
-            let path = if dir == "/" {
-                format!("/{name}")
-            } else {
-                format!("{dir}/{name}")
-            };
+            let mut path = dir.clone();
+            if path != b"/" {
+                path.push(b'/');
+            }
+            path.extend_from_slice(name);
             print(&mut out, &path, child)?;
             if args.recursive && tree.node(child).kind == EntryKind::Dir {
                 subdirs.push((path, child));
@@ -469,20 +482,65 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
     Ok(out.flush()?)
 }
 
-fn normalize_display(path: &str) -> String {
-    let parts: Vec<&str> = path
-        .split('/')
-        .filter(|p| !p.is_empty() && *p != ".")
-        .collect();
-    format!("/{}", parts.join("/"))
+fn normalize_display(path: &[u8]) -> Vec<u8> {
+    let mut out = b"/".to_vec();
+    out.extend_from_slice(&crate::layer::normalize(path));
+    out
 }
 
-pub fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
+/// A name quoted as GNU ls's default `shell-escape` style does on a
+/// terminal: as it is when nothing in it needs quoting, else in single
+/// quotes, with every unprintable byte as `$'\ooo'` outside them.
+fn shell_quote(name: &[u8]) -> String {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"%+,-./:=@_^".contains(&b);
+    if !name.is_empty() && name.iter().all(|&b| plain(b)) {
+        return String::from_utf8_lossy(name).into_owned();
+    }
+    let mut out = String::new();
+    let mut quoted = false;
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() {
+                if quoted {
+                    out.push('\'');
+                    quoted = false;
+                }
+                let mut b = [0u8; 4];
+                for byte in c.encode_utf8(&mut b).bytes() {
+                    out.push_str(&format!("$'\\{byte:03o}'"));
+                }
+                continue;
+            }
+            if !quoted {
+                out.push('\'');
+                quoted = true;
+            }
+            if c == '\'' {
+                out.push_str("'\\''");
+            } else {
+                out.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            if quoted {
+                out.push('\'');
+                quoted = false;
+            }
+            out.push_str(&format!("$'\\{byte:03o}'"));
+        }
+    }
+    if quoted {
+        out.push('\'');
+    }
+    out
+}
+
+pub fn cat(common: &Common, reference: &str, path: &[u8]) -> Result<()> {
     init_logging(common.verbose);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let (tree, layers) = rt.block_on(source.tree(None))?;
-    let what = format!("{}: {path}", source.image.reference);
+    let what = format!("{}: {}", source.image.reference, names::escaped(path));
     let id = tree.resolve(path, true).with_context(|| what.clone())?;
     let n = tree.node(id);
     if n.kind != EntryKind::File {

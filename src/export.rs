@@ -16,8 +16,8 @@ use sha2::{Digest, Sha256};
 use crate::cache::Layer;
 use crate::image::ImageSource;
 use crate::layer::EntryKind;
+use crate::overlay::tree::{NodeId, Tree};
 use crate::registry::{OCI_MANIFEST, sha256_digest};
-use crate::tree::{NodeId, Tree};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -112,10 +112,10 @@ pub fn write_rootfs<W: Write>(
 ) -> Result<W, ExportError> {
     let mut builder = tar::Builder::new(out);
     builder.mode(tar::HeaderMode::Complete);
-    let mut first_name: HashMap<NodeId, String> = HashMap::new();
-    let mut stack: Vec<(String, NodeId)> = tree
+    let mut first_name: HashMap<NodeId, Vec<u8>> = HashMap::new();
+    let mut stack: Vec<(Vec<u8>, NodeId)> = tree
         .children(tree.root())
-        .map(|(name, id)| (name.to_string(), id))
+        .map(|(name, id)| (name.to_vec(), id))
         .collect::<Vec<_>>()
         .into_iter()
         .rev()
@@ -140,17 +140,12 @@ pub fn write_rootfs<W: Write>(
         header.set_entry_type(header_for(n.kind));
         match n.kind {
             EntryKind::Dir => {
-                append_entry(
-                    &mut builder,
-                    header,
-                    n,
-                    &format!("{path}/"),
-                    None,
-                    io::empty(),
-                )?;
-                let children: Vec<(String, NodeId)> = tree
+                let mut dir = path.clone();
+                dir.push(b'/');
+                append_entry(&mut builder, header, n, &dir, None, io::empty())?;
+                let children: Vec<(Vec<u8>, NodeId)> = tree
                     .children(id)
-                    .map(|(name, c)| (format!("{path}/{name}"), c))
+                    .map(|(name, c)| (crate::names::join(&path, name), c))
                     .collect();
                 stack.extend(children.into_iter().rev());
             }
@@ -182,7 +177,7 @@ pub fn write_rootfs<W: Write>(
                 };
                 append_entry(&mut builder, header, n, &path, None, reader).map_err(|source| {
                     ExportError::Read {
-                        path: format!("/{path}"),
+                        path: format!("/{}", crate::names::escaped(&path)),
                         digest: digests.get(n.layer as usize).cloned().unwrap_or_default(),
                         source,
                     }
@@ -202,9 +197,9 @@ const USTAR_NAME: usize = 100;
 fn append_entry<W: Write>(
     builder: &mut tar::Builder<W>,
     mut header: tar::Header,
-    node: &crate::tree::Node,
-    path: &str,
-    link: Option<&str>,
+    node: &crate::overlay::tree::Node,
+    path: &[u8],
+    link: Option<&[u8]>,
     data: impl Read,
 ) -> io::Result<()> {
     let mut pax: Vec<(String, Vec<u8>)> = node
@@ -212,22 +207,17 @@ fn append_entry<W: Write>(
         .map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.to_vec()))
         .collect();
     if path.len() > USTAR_NAME {
-        pax.push(("path".into(), path.as_bytes().to_vec()));
+        pax.push(("path".into(), path.to_vec()));
     }
     if let Some(l) = link.filter(|l| l.len() > USTAR_NAME) {
-        pax.push(("linkpath".into(), l.as_bytes().to_vec()));
+        pax.push(("linkpath".into(), l.to_vec()));
     }
     if !pax.is_empty() {
         builder.append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), v.as_slice())))?;
     }
-    // Short names go in the header; long ones are cut there (PAX holds them whole).
-    let fit = |s: &str| -> Vec<u8> {
-        let mut end = s.len().min(USTAR_NAME);
-        while !s.is_char_boundary(end) {
-            end -= 1;
-        }
-        s.as_bytes()[..end].to_vec()
-    };
+    // Short names go in the header as the bytes they are; long ones are cut
+    // there (PAX holds them whole).
+    let fit = |s: &[u8]| -> Vec<u8> { s[..s.len().min(USTAR_NAME)].to_vec() };
     let ustar = header.as_ustar_mut().expect("a ustar header");
     let name = fit(path);
     ustar.name = [0; 100];
@@ -566,7 +556,7 @@ mod tests {
             gid: 0,
             size: 0,
             mtime: 0,
-            link: link.map(str::to_string),
+            link: link.map(|l| l.as_bytes().to_vec()),
             rdev: (0, 0),
             xattrs: vec![("user.k".into(), b"v".to_vec())],
             offset: 0,
@@ -584,7 +574,7 @@ mod tests {
                 entry(&format!("{long}/s"), EntryKind::Symlink, Some(&target)),
             ],
         };
-        let tree = crate::tree::merge(&[&index]).unwrap();
+        let tree = crate::overlay::tree::merge(&[&index]).unwrap();
         let tar = write_rootfs(&tree, &[], &[], Vec::new()).unwrap();
         // No GNU long-name ('L') or long-link ('K') headers anywhere.
         let mut at = 0;
@@ -597,9 +587,12 @@ mod tests {
             at += 512 + h.entry_size().unwrap().div_ceil(512) as usize * 512;
         }
         let back = crate::layer::index_tar(&tar[..], "sha256:test").unwrap();
-        let paths: Vec<&str> = back.entries.iter().map(|e| e.path.as_str()).collect();
-        assert_eq!(paths, ["d", long.as_str(), &format!("{long}/s")]);
-        assert_eq!(back.entries[2].link.as_deref(), Some(target.as_str()));
+        let paths: Vec<&[u8]> = back.entries.iter().map(|e| e.path.as_slice()).collect();
+        assert_eq!(
+            paths,
+            [&b"d"[..], long.as_bytes(), format!("{long}/s").as_bytes()]
+        );
+        assert_eq!(back.entries[2].link.as_deref(), Some(target.as_bytes()));
         assert_eq!(
             back.entries[1].xattrs,
             [("user.k".to_string(), b"v".to_vec())]

@@ -10,8 +10,8 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cache::{Cache, Layer};
 use crate::layer::LayerIndex;
+use crate::overlay::tree::{self, Tree};
 use crate::registry::{Client, LayerDesc, ResolvedImage};
-use crate::tree::{self, Tree};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -27,7 +27,7 @@ pub enum ImageError {
     Tree {
         reference: String,
         #[source]
-        source: crate::tree::TreeError,
+        source: crate::overlay::tree::TreeError,
     },
     #[error("{reference} has {count} layers; layer {asked} does not exist")]
     NoSuchLayer {

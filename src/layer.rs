@@ -95,8 +95,9 @@ pub enum EntryKind {
 /// One tar entry, normalised.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Entry {
-    /// Relative to the root, without leading `/` or `./`; `""` is the root itself.
-    pub path: String,
+    /// Relative to the root, without leading `/` or `./`; empty for the root
+    /// itself. Bytes as stored: Linux and tar allow names that are not UTF-8.
+    pub path: Vec<u8>,
     pub kind: EntryKind,
     /// Permission bits with setuid, setgid and sticky; no type bits.
     pub mode: u32,
@@ -105,7 +106,7 @@ pub struct Entry {
     pub size: u64,
     pub mtime: i64,
     /// Symlink target verbatim; hardlink target normalised like `path`.
-    pub link: Option<String>,
+    pub link: Option<Vec<u8>>,
     /// Major and minor device numbers.
     pub rdev: (u32, u32),
     pub xattrs: Vec<(String, Vec<u8>)>,
@@ -116,9 +117,9 @@ pub struct Entry {
 impl Entry {
     /// A directory no layer lists but whose children exist: mode 0755, owned
     /// by root, time zero (as runtimes create missing parents).
-    pub fn implicit_dir(path: &str) -> Entry {
+    pub fn implicit_dir(path: &[u8]) -> Entry {
         Entry {
-            path: path.to_string(),
+            path: path.to_vec(),
             kind: EntryKind::Dir,
             mode: 0o755,
             uid: 0,
@@ -142,18 +143,18 @@ pub struct LayerIndex {
 /// Normalises a tar path inside the root: strips `/` and `./`, resolves `.`,
 /// and clamps `..` at the root (as docker and containerd do), so no entry can
 /// name anything outside the image.
-pub fn normalize(path: &str) -> String {
-    let mut parts: Vec<&str> = Vec::new();
-    for c in path.split('/') {
+pub fn normalize(path: &[u8]) -> Vec<u8> {
+    let mut parts: Vec<&[u8]> = Vec::new();
+    for c in path.split(|&b| b == b'/') {
         match c {
-            "" | "." => {}
-            ".." => {
+            b"" | b"." => {}
+            b".." => {
                 parts.pop();
             }
             c => parts.push(c),
         }
     }
-    parts.join("/")
+    parts.join(&b'/')
 }
 
 struct Counting<R> {
@@ -419,7 +420,7 @@ fn build_entry(
         return Err(refuse("sparse files (GNU format) are not supported"));
     }
     let path_str = String::from_utf8_lossy(&path).into_owned();
-    let kind = if etype.is_dir() || (etype.is_file() && path_str.ends_with('/')) {
+    let kind = if etype.is_dir() || (etype.is_file() && path.ends_with(b"/")) {
         EntryKind::Dir
     } else if etype.is_file() || etype.is_contiguous() {
         EntryKind::File
@@ -448,14 +449,13 @@ fn build_entry(
         ),
         _ => (0, 0),
     };
-    let link = link.map(|l| String::from_utf8_lossy(&l).into_owned());
     let link = match kind {
         EntryKind::Hardlink => Some(normalize(link.as_deref().unwrap_or_default())),
         EntryKind::Symlink => link,
         _ => None,
     };
     let entry = Entry {
-        path: normalize(&path_str),
+        path: normalize(&path),
         kind,
         mode: header.mode().map_err(bad)? & 0o7777,
         uid: uid as u32,
@@ -510,9 +510,9 @@ mod tests {
         assert_eq!(idx.entries.len(), 2);
         for (e, want) in idx.entries.iter().zip([&b"hello"[..], b"world!"]) {
             let at = e.offset as usize;
-            assert_eq!(&tar[at..at + e.size as usize], want, "{}", e.path);
+            assert_eq!(&tar[at..at + e.size as usize], want, "{:?}", e.path);
         }
-        assert_eq!(idx.entries[1].path, "dir/b.txt");
+        assert_eq!(idx.entries[1].path, b"dir/b.txt");
         assert_eq!((idx.entries[0].uid, idx.entries[0].gid), (1000, 100));
     }
 
@@ -550,8 +550,8 @@ mod tests {
                 EntryKind::Fifo
             ]
         );
-        assert_eq!(idx.entries[2].link.as_deref(), Some("/etc/passwd"));
-        assert_eq!(idx.entries[3].link.as_deref(), Some("d/f"));
+        assert_eq!(idx.entries[2].link.as_deref(), Some(&b"/etc/passwd"[..]));
+        assert_eq!(idx.entries[3].link.as_deref(), Some(&b"d/f"[..]));
         assert_eq!(idx.entries[4].rdev, (1, 3));
         assert_eq!(idx.entries[5].rdev, (8, 1));
     }
@@ -564,8 +564,8 @@ mod tests {
         let mut h = header(tar::EntryType::Symlink, 0o777, 0);
         b.append_link(&mut h, "l", &long).unwrap();
         let idx = index(&b.into_inner().unwrap());
-        assert_eq!(idx.entries[0].path, long);
-        assert_eq!(idx.entries[1].link.as_deref(), Some(long.as_str()));
+        assert_eq!(idx.entries[0].path, long.as_bytes());
+        assert_eq!(idx.entries[1].link.as_deref(), Some(long.as_bytes()));
     }
 
     fn pax_tar(records: &[(&str, &[u8])], name: &str, data: &[u8]) -> Vec<u8> {
@@ -591,7 +591,7 @@ mod tests {
             b"abc",
         );
         let e = &index(&tar).entries[0];
-        assert_eq!(e.path, "pax/long/name");
+        assert_eq!(e.path, b"pax/long/name");
         assert_eq!((e.uid, e.gid), (4_000_000, 77));
         assert_eq!(e.mtime, 1_700_000_000);
         assert_eq!(e.xattrs.len(), 2);
@@ -654,10 +654,10 @@ mod tests {
 
     #[test]
     fn dot_dot_and_absolute_paths_stay_inside_the_root() {
-        assert_eq!(normalize("../../etc/passwd"), "etc/passwd");
-        assert_eq!(normalize("/abs/./x/../y"), "abs/y");
-        assert_eq!(normalize("./"), "");
-        assert_eq!(normalize("a/b/../../.."), "");
+        assert_eq!(normalize(b"../../etc/passwd"), b"etc/passwd");
+        assert_eq!(normalize(b"/abs/./x/../y"), b"abs/y");
+        assert_eq!(normalize(b"./"), b"");
+        assert_eq!(normalize(b"a/b/../../.."), b"");
     }
 
     #[test]
@@ -703,6 +703,6 @@ mod tests {
         file(&mut b, "f", b"x");
         let idx = index(&b.into_inner().unwrap());
         assert_eq!(idx.entries.len(), 1);
-        assert_eq!(idx.entries[0].path, "f");
+        assert_eq!(idx.entries[0].path, b"f");
     }
 }

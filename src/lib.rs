@@ -10,6 +10,7 @@ pub mod export;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod names;
+pub mod overlay;
 pub mod reference;
 pub mod registry;
-pub mod tree;

@@ -1,3 +1,4 @@
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -66,8 +67,9 @@ enum Command {
     /// List the image's merged filesystem.
     Ls {
         reference: String,
+        /// Any bytes: names need not be UTF-8.
         #[arg(default_value = "/")]
-        path: String,
+        path: std::ffi::OsString,
         /// Long form: type, mode, owner, size, mtime, link target, layer.
         #[arg(short = 'l')]
         long: bool,
@@ -76,7 +78,11 @@ enum Command {
         recursive: bool,
     },
     /// Write a file of the image to stdout (symlinks followed inside the image).
-    Cat { reference: String, path: String },
+    Cat {
+        reference: String,
+        /// Any bytes: names need not be UTF-8.
+        path: std::ffi::OsString,
+    },
     /// Mount the image read-only at MOUNTPOINT.
     Mount {
         reference: String,
@@ -171,12 +177,12 @@ fn main() -> ExitCode {
             &common,
             &LsArgs {
                 reference,
-                path,
+                path: path.into_vec(),
                 long,
                 recursive,
             },
         ),
-        Command::Cat { reference, path } => commands::cat(&common, &reference, &path),
+        Command::Cat { reference, path } => commands::cat(&common, &reference, path.as_bytes()),
         Command::Mount {
             reference,
             mountpoint,

@@ -15,11 +15,11 @@ use fuser::{
     ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 
-use super::partial::{Decision, LayerView, decide};
 use crate::cache::Layer;
 use crate::image::ImageSource;
 use crate::layer::{Entry, EntryKind};
-use crate::tree::{Node, NodeId, Tree};
+use crate::overlay::partial::{Decision, LayerView, decide};
+use crate::overlay::tree::{Node, NodeId, Tree};
 
 /// Image content never changes, so the kernel may cache for as long as it likes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -45,18 +45,26 @@ const PROVISIONAL_BASE: u64 = 1 << 48;
 
 /// A path answered from the layers top down before the tree existed.
 pub struct Prov {
-    path: String,
+    path: Vec<u8>,
     entry: Entry,
     nlink: u32,
     /// The layer the entry (and its data) comes from.
     layer: Arc<Layer>,
 }
 
+/// A top-down answer.
+enum Partly {
+    Found((u64, Arc<Prov>)),
+    Missing,
+    /// Only the merged tree can answer.
+    Deferred,
+}
+
 #[derive(Default)]
 struct Partial {
     views: HashMap<usize, (Arc<Layer>, Arc<LayerView>)>,
     by_ino: HashMap<u64, Arc<Prov>>,
-    by_key: HashMap<(usize, String), u64>,
+    by_key: HashMap<(usize, Vec<u8>), u64>,
     next: u64,
 }
 
@@ -109,13 +117,11 @@ impl State {
     }
 
     /// Decides `path` from the top layer down, fetching only the layers it
-    /// takes; `None` when the path does not exist.
-    async fn resolve_partial(
-        self: &Arc<Self>,
-        path: &str,
-    ) -> Result<Option<(u64, Arc<Prov>)>, String> {
-        let mut implicit = None;
+    /// takes; `None` when the path does not exist, `Deferred` when only the
+    /// merged tree can tell.
+    async fn resolve_partial(self: &Arc<Self>, path: &[u8]) -> Result<Partly, String> {
         let top = self.source.image.layers.len().saturating_sub(1);
+        let mut above: Vec<Arc<LayerView>> = Vec::new();
         for i in (0..=top).rev() {
             if i + 1 == top {
                 // The top layer did not decide: fetch the rest in parallel so a
@@ -132,35 +138,30 @@ impl State {
             }
             let (layer, view) = self.view(i).await?;
             match decide(&view, path) {
-                Decision::Found { entry, key, nlink } => {
-                    if implicit.is_some() && entry.kind != EntryKind::Dir {
-                        break;
-                    }
-                    return Ok(Some(self.remember(i, &layer, key, path, entry, nlink)));
+                // A hardlink of a higher layer may name this file too.
+                Decision::Found(_) if above.iter().any(|v| v.links(path)) => {
+                    return Ok(Partly::Deferred);
                 }
-                // The lowest layer with entries below an unlisted directory makes it.
-                Decision::Implicit => implicit = Some((i, layer)),
-                Decision::Gone => break,
-                Decision::Continue => {}
+                Decision::Found(entry) => {
+                    return Ok(Partly::Found(self.remember(i, &layer, path, entry)));
+                }
+                Decision::Gone => return Ok(Partly::Missing),
+                Decision::Defer => return Ok(Partly::Deferred),
+                Decision::Continue => above.push(view),
             }
         }
-        Ok(implicit.map(|(i, layer)| {
-            let entry = Entry::implicit_dir(path);
-            self.remember(i, &layer, path.to_string(), path, entry, 2)
-        }))
+        Ok(Partly::Missing)
     }
 
     fn remember(
         &self,
         index: usize,
         layer: &Arc<Layer>,
-        key: String,
-        path: &str,
+        path: &[u8],
         entry: Entry,
-        nlink: u32,
     ) -> (u64, Arc<Prov>) {
         let mut p = self.partial();
-        let id = (index, key);
+        let id = (index, path.to_vec());
         if let Some(&ino) = p.by_key.get(&id)
             && let Some(prov) = p.by_ino.get(&ino)
         {
@@ -169,9 +170,11 @@ impl State {
         let ino = PROVISIONAL_BASE + p.next;
         p.next += 1;
         let prov = Arc::new(Prov {
-            path: path.to_string(),
+            path: path.to_vec(),
+            // Until the tree counts subdirectories, a directory's count is
+            // unknown; 1 is what find(1) and friends take to mean that.
+            nlink: 1,
             entry,
-            nlink,
             layer: Arc::clone(layer),
         });
         p.by_key.insert(id, ino);
@@ -356,7 +359,7 @@ impl Target<'_> {
         }
     }
 
-    fn link(&self) -> Option<&str> {
+    fn link(&self) -> Option<&[u8]> {
         match self {
             Target::Node(m, id) => {
                 let n = m.tree.node(*id);
@@ -409,7 +412,7 @@ struct Meta<'a> {
     gid: u32,
     size: u64,
     mtime: i64,
-    link: Option<&'a str>,
+    link: Option<&'a [u8]>,
     rdev: (u32, u32),
     nlink: u32,
 }
@@ -551,16 +554,13 @@ impl Filesystem for ImageFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        let Ok(name) = std::str::from_utf8(name.as_bytes()).map(str::to_string) else {
-            reply.error(Errno::ENOENT);
-            return;
-        };
+        let name = name.as_bytes().to_vec();
         // Before the tree exists, a path is answered from the layers top down,
         // fetching only as many as it takes.
         // With a saved tree (a warm cache), loading it whole is quicker still.
         let partial = self.state.only.is_none() && !self.state.saved_tree();
         let partial_parent = match (self.state.ready.get(), partial) {
-            (None, true) if parent.0 == 1 => Some(String::new()),
+            (None, true) if parent.0 == 1 => Some(Vec::new()),
             (None, true) if parent.0 >= PROVISIONAL_BASE => self
                 .state
                 .provisional(parent.0)
@@ -570,23 +570,31 @@ impl Filesystem for ImageFs {
         };
         if let Some(dir) = partial_parent {
             let state = Arc::clone(&self.state);
-            let path = if dir.is_empty() {
-                name
-            } else {
-                format!("{dir}/{name}")
-            };
+            let path = crate::names::join(&dir, &name);
             self.rt.spawn(async move {
-                match state.resolve_partial(&path).await {
-                    Ok(Some((ino, prov))) => reply.entry(
-                        &TTL,
-                        &attr_from(INodeNo(ino), Meta::from(&*prov)),
-                        Generation(0),
-                    ),
-                    Ok(None) => reply.error(Errno::ENOENT),
+                let answer = match state.resolve_partial(&path).await {
+                    Ok(Partly::Found((ino, prov))) => {
+                        Ok(attr_from(INodeNo(ino), Meta::from(&*prov)))
+                    }
+                    Ok(Partly::Missing) => Err(Errno::ENOENT),
+                    Ok(Partly::Deferred) => match state.mounted().await {
+                        Ok(m) => id_of(&m, parent).and_then(|p| {
+                            let id = m.tree.lookup(p, &name).ok_or(Errno::ENOENT)?;
+                            Ok(attr_of(&m, id, m.tree.node(id)))
+                        }),
+                        Err(e) => {
+                            tracing::error!("{e}");
+                            Err(Errno::EIO)
+                        }
+                    },
                     Err(e) => {
                         tracing::error!("{e}");
-                        reply.error(Errno::EIO)
+                        Err(Errno::EIO)
                     }
+                };
+                match answer {
+                    Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
+                    Err(e) => reply.error(e),
                 }
             });
             return;
@@ -620,7 +628,7 @@ impl Filesystem for ImageFs {
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.with_inode(ino, move |t| {
-            match t.and_then(|t| t.link().map(|l| l.as_bytes().to_vec()).ok_or(Errno::EINVAL)) {
+            match t.and_then(|t| t.link().map(<[u8]>::to_vec).ok_or(Errno::EINVAL)) {
                 Ok(l) => reply.data(&l),
                 Err(e) => reply.error(e),
             }
@@ -900,12 +908,7 @@ fn fill_dir(
     let m = m?;
     let id = id_of(m, ino)?;
     for (i, (name, child)) in dir_entries(&m.tree, id).skip(offset as usize).enumerate() {
-        if add(
-            m,
-            child,
-            offset + i as u64 + 1,
-            OsStr::from_bytes(name.as_bytes()),
-        ) {
+        if add(m, child, offset + i as u64 + 1, OsStr::from_bytes(name)) {
             break;
         }
     }
@@ -913,9 +916,9 @@ fn fill_dir(
 }
 
 /// `.` and `..` followed by the directory's children, as (name, node) pairs.
-fn dir_entries(tree: &Tree, id: NodeId) -> impl Iterator<Item = (&str, NodeId)> + '_ {
+fn dir_entries(tree: &Tree, id: NodeId) -> impl Iterator<Item = (&[u8], NodeId)> + '_ {
     let parent = tree.parent(id);
-    [(".", id), ("..", parent)]
+    [(&b"."[..], id), (&b".."[..], parent)]
         .into_iter()
         .chain(tree.children(id))
 }

@@ -4,7 +4,6 @@
 
 mod fs;
 pub mod mounts;
-mod partial;
 
 use std::path::Path;
 use std::sync::Arc;

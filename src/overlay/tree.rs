@@ -1,27 +1,37 @@
-//! The merged, whiteout-aware filesystem tree of an image, exactly as the OCI
-//! image spec's "Applying Changesets" describes it, in a compact arena: one
-//! node per inode (hardlinked names share a node), children sorted by name.
+//! The merged tree of an image: every layer applied bottom to top by the
+//! rules in [`crate::overlay`], in a compact arena: one node per inode
+//! (hardlinked names share a node), children sorted by name bytes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
+use super::{Change, MAX_SYMLINKS, classify};
 use crate::layer::{Entry, EntryKind, LayerIndex};
+use crate::names::{self, Escaped};
 
 pub type NodeId = u32;
 
-const WHITEOUT: &str = ".wh.";
-const OPAQUE: &str = ".wh..wh..opq";
-const MAX_SYMLINKS: usize = 40;
-
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TreeError {
-    #[error("{0}: no such file or directory in the image")]
-    NotFound(String),
-    #[error("{0}: not a directory")]
-    NotADirectory(String),
-    #[error("{0}: too many levels of symbolic links")]
-    SymlinkLoop(String),
+    #[error("{}: no such file or directory in the image", Escaped(.0))]
+    NotFound(Vec<u8>),
+    #[error("{}: not a directory", Escaped(.0))]
+    NotADirectory(Vec<u8>),
+    #[error("{}: too many levels of symbolic links", Escaped(.0))]
+    SymlinkLoop(Vec<u8>),
     #[error("the image has more entries than rimg can number ({0})")]
     TooLarge(usize),
+    /// As `docker load`, containerd and umoci fail such a layer.
+    #[error(
+        "layer {layer}: hardlink {} points at {}, {why}",
+        Escaped(.path),
+        Escaped(.target)
+    )]
+    Hardlink {
+        layer: u16,
+        path: Vec<u8>,
+        target: Vec<u8>,
+        why: &'static str,
+    },
 }
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -32,7 +42,7 @@ pub struct Node {
     pub gid: u32,
     pub size: u64,
     pub mtime: i64,
-    pub link: Option<Box<str>>,
+    pub link: Option<Box<[u8]>>,
     pub rdev: (u32, u32),
     xattrs: Option<Box<[Xattr]>>,
     /// Index (bottom = 0) of the layer this entry's attributes and data come from.
@@ -128,58 +138,62 @@ impl Tree {
         self.names.get(at + 2..at + 2 + len).unwrap_or_default()
     }
 
-    pub fn lookup(&self, parent: NodeId, name: &str) -> Option<NodeId> {
+    pub fn lookup(&self, parent: NodeId, name: &[u8]) -> Option<NodeId> {
         let children = &self.nodes.get(parent as usize)?.children;
         children
-            .binary_search_by(|(n, _)| self.name_bytes(*n).cmp(name.as_bytes()))
+            .binary_search_by(|(n, _)| self.name_bytes(*n).cmp(name))
             .ok()
             .map(|i| children[i].1)
     }
 
     /// Children in name order.
-    pub fn children(&self, id: NodeId) -> impl Iterator<Item = (&str, NodeId)> + '_ {
+    pub fn children(&self, id: NodeId) -> impl Iterator<Item = (&[u8], NodeId)> + '_ {
         self.nodes[id as usize]
             .children
             .iter()
-            .map(|(n, c)| (std::str::from_utf8(self.name_bytes(*n)).unwrap_or(""), *c))
+            .map(|(n, c)| (self.name_bytes(*n), *c))
     }
 
     /// Resolves `path` from the image root. Symlinks in the middle are always
     /// followed, the last one only when `follow_last`; targets resolve inside the
     /// image (absolute ones against its root, `..` stops at the root).
-    pub fn resolve(&self, path: &str, follow_last: bool) -> Result<NodeId, TreeError> {
-        let mut pending: Vec<String> = path.split('/').rev().map(str::to_string).collect();
+    pub fn resolve(&self, path: &[u8], follow_last: bool) -> Result<NodeId, TreeError> {
+        let mut pending: Vec<Vec<u8>> = path
+            .split(|&b| b == b'/')
+            .rev()
+            .map(<[u8]>::to_vec)
+            .collect();
         let mut cur = self.root();
         let mut walked: Vec<NodeId> = Vec::new();
         let mut followed = 0;
         while let Some(comp) = pending.pop() {
-            match comp.as_str() {
-                "" | "." => continue,
-                ".." => {
+            match comp.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
                     cur = walked.pop().unwrap_or(self.root());
                     continue;
                 }
                 _ => {}
             }
             if self.node(cur).kind != EntryKind::Dir {
-                return Err(TreeError::NotADirectory(path.to_string()));
+                return Err(TreeError::NotADirectory(path.to_vec()));
             }
             let next = self
                 .lookup(cur, &comp)
-                .ok_or_else(|| TreeError::NotFound(path.to_string()))?;
-            let is_last = pending.iter().all(|c| c.is_empty() || c == ".");
+                .ok_or_else(|| TreeError::NotFound(path.to_vec()))?;
+            let is_last = pending.iter().all(|c| c.is_empty() || c == b".");
             let n = self.node(next);
             if n.kind == EntryKind::Symlink && (!is_last || follow_last) {
                 followed += 1;
                 if followed > MAX_SYMLINKS {
-                    return Err(TreeError::SymlinkLoop(path.to_string()));
+                    return Err(TreeError::SymlinkLoop(path.to_vec()));
                 }
-                let target = n.link.as_deref().unwrap_or("");
-                if target.starts_with('/') {
+                let target = n.link.as_deref().unwrap_or_default();
+                if target.starts_with(b"/") {
                     cur = self.root();
                     walked.clear();
                 }
-                pending.extend(target.split('/').rev().map(str::to_string));
+                pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
                 continue;
             }
             walked.push(cur);
@@ -192,14 +206,15 @@ impl Tree {
 /// Nodes and directory maps while layers are applied.
 struct Builder {
     nodes: Vec<Node>,
-    dirs: Vec<BTreeMap<Box<str>, NodeId>>,
+    dirs: Vec<BTreeMap<Box<[u8]>, NodeId>>,
     /// The directory of the previous entry: tars list a directory's entries
-    /// together, so most lookups of a parent hit this.
-    last_dir: Option<(String, NodeId)>,
+    /// together, so most lookups of a parent hit this. Forgotten whenever a
+    /// directory or symlink loses a name, since a path may run through either.
+    last_dir: Option<(Vec<u8>, NodeId)>,
 }
 
 fn implicit_dir(layer: u16, parent: NodeId) -> Node {
-    node_from(&Entry::implicit_dir(""), layer, parent)
+    node_from(&Entry::implicit_dir(b""), layer, parent)
 }
 
 fn node_from(e: &Entry, layer: u16, parent: NodeId) -> Node {
@@ -226,6 +241,15 @@ fn node_from(e: &Entry, layer: u16, parent: NodeId) -> Node {
     }
 }
 
+/// What to do with a component that is in the way of a parent path.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Walk {
+    /// Only look: a missing or non-directory component ends the walk.
+    Look,
+    /// Create missing components as directories and replace non-directories.
+    Make,
+}
+
 impl Builder {
     fn new() -> Builder {
         let mut root = implicit_dir(0, 0);
@@ -243,50 +267,91 @@ impl Builder {
         (self.nodes.len() - 1) as NodeId
     }
 
-    fn get(&self, path: &str) -> Option<NodeId> {
-        let mut cur = 0;
-        for comp in path.split('/').filter(|c| !c.is_empty()) {
-            if self.nodes[cur as usize].kind != EntryKind::Dir {
-                return None;
-            }
-            cur = *self.dirs[cur as usize].get(comp)?;
-        }
-        Some(cur)
+    fn is_dir(&self, id: NodeId) -> bool {
+        self.nodes[id as usize].kind == EntryKind::Dir
     }
 
     /// Removes the name `name` from `dir`; a node loses one link.
-    fn unlink(&mut self, dir: NodeId, name: &str) {
+    fn unlink(&mut self, dir: NodeId, name: &[u8]) {
         if let Some(id) = self.dirs[dir as usize].remove(name) {
             let n = &mut self.nodes[id as usize];
             n.nlink = n.nlink.saturating_sub(1);
-            if n.kind == EntryKind::Dir {
+            if matches!(n.kind, EntryKind::Dir | EntryKind::Symlink) {
                 // It may be on the remembered path.
                 self.last_dir = None;
             }
         }
     }
 
-    /// The directory at `path`, creating missing or non-directory components
-    /// as implicit directories (symlinks are never followed).
-    fn ensure_dir(&mut self, path: &str, layer: u16) -> NodeId {
-        let mut cur = 0;
-        for comp in path.split('/').filter(|c| !c.is_empty()) {
-            cur = match self.dirs[cur as usize].get(comp).copied() {
-                Some(id) if self.nodes[id as usize].kind == EntryKind::Dir => id,
+    fn insert(&mut self, dir: NodeId, name: &[u8], id: NodeId) {
+        self.dirs[dir as usize].insert(name.into(), id);
+    }
+
+    /// The directory `path` names, its components resolved the way docker
+    /// (in a chroot) and umoci (with securejoin) resolve them: a symlink is
+    /// followed inside the image, absolute targets from its root, `..` stops
+    /// at the root. With [`Walk::Make`], missing components become
+    /// directories of `layer` and non-directories in the way are replaced, as
+    /// is a symlink loop, which the runtimes refuse to follow.
+    fn walk_dir(&mut self, path: &[u8], layer: u16, how: Walk) -> Option<NodeId> {
+        let mut pending: Vec<Vec<u8>> = names::components(path).rev().map(<[u8]>::to_vec).collect();
+        let mut cur: NodeId = 0;
+        let mut followed = 0;
+        while let Some(comp) = pending.pop() {
+            match comp.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    cur = self.nodes[cur as usize].parent;
+                    continue;
+                }
+                _ => {}
+            }
+            let existing = self.dirs[cur as usize].get(comp.as_slice()).copied();
+            cur = match existing {
+                Some(id) if self.is_dir(id) => id,
+                Some(id)
+                    if self.nodes[id as usize].kind == EntryKind::Symlink
+                        && followed < MAX_SYMLINKS =>
+                {
+                    followed += 1;
+                    let target = self.nodes[id as usize].link.as_deref().unwrap_or_default();
+                    if target.starts_with(b"/") {
+                        cur = 0;
+                    }
+                    pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
+                    continue;
+                }
+                _ if how == Walk::Look => return None,
                 existing => {
                     if existing.is_some() {
-                        self.unlink(cur, comp);
+                        self.unlink(cur, &comp);
                     }
                     let id = self.push(implicit_dir(layer, cur));
-                    self.dirs[cur as usize].insert(comp.into(), id);
+                    self.insert(cur, &comp, id);
                     id
                 }
             };
         }
-        cur
+        Some(cur)
     }
 
-    fn add(&mut self, e: &Entry, layer: u16) {
+    /// The directory an entry goes into, through the remembered one when the
+    /// tar lists siblings together.
+    fn parent_dir(&mut self, dir_path: &[u8], layer: u16) -> NodeId {
+        if let Some((p, id)) = &self.last_dir
+            && p == dir_path
+            && self.is_dir(*id)
+        {
+            return *id;
+        }
+        let id = self
+            .walk_dir(dir_path, layer, Walk::Make)
+            .expect("making a directory always yields one");
+        self.last_dir = Some((dir_path.to_vec(), id));
+        id
+    }
+
+    fn add(&mut self, e: &Entry, layer: u16) -> Result<(), TreeError> {
         if e.path.is_empty() {
             // The root's own entry: its attributes, never its identity.
             if e.kind == EntryKind::Dir {
@@ -295,117 +360,98 @@ impl Builder {
                 root.nlink = old.nlink;
                 self.nodes[0] = root;
             }
-            return;
+            return Ok(());
         }
-        let (dir_path, name) = e.path.rsplit_once('/').unwrap_or(("", &e.path));
-        let dir = match &self.last_dir {
-            Some((p, id)) if p == dir_path && self.nodes[*id as usize].kind == EntryKind::Dir => {
-                *id
-            }
-            _ => {
-                let id = self.ensure_dir(dir_path, layer);
-                self.last_dir = Some((dir_path.to_string(), id));
-                id
-            }
-        };
+        let (dir_path, name) = names::split(&e.path);
+        let dir = self.parent_dir(dir_path, layer);
         let existing = self.dirs[dir as usize].get(name).copied();
         if e.kind == EntryKind::Hardlink {
-            let target = e.link.as_deref().unwrap_or("");
-            match self.get(target) {
-                Some(t)
-                    if self.nodes[t as usize].layer == layer
-                        && self.nodes[t as usize].kind != EntryKind::Dir =>
-                {
-                    if existing == Some(t) {
-                        return;
-                    }
-                    self.unlink(dir, name);
-                    self.nodes[t as usize].nlink += 1;
-                    self.dirs[dir as usize].insert(name.into(), t);
+            let target = e.link.as_deref().unwrap_or_default();
+            let (t_dir, t_name) = names::split(target);
+            let found = self
+                .walk_dir(t_dir, layer, Walk::Look)
+                .and_then(|d| self.dirs[d as usize].get(t_name).copied());
+            let t = match found {
+                Some(t) if !self.is_dir(t) => t,
+                other => {
+                    return Err(TreeError::Hardlink {
+                        layer,
+                        path: e.path.clone(),
+                        target: target.to_vec(),
+                        why: if other.is_some() {
+                            "a directory"
+                        } else {
+                            "which does not exist when the link is applied"
+                        },
+                    });
                 }
-                _ => tracing::warn!(
-                    "layer {layer}: hardlink {} points at {target:?}, which this layer does not hold; dropped",
-                    e.path
-                ),
+            };
+            if existing == Some(t) {
+                return Ok(());
             }
-            return;
+            self.unlink(dir, name);
+            self.nodes[t as usize].nlink += 1;
+            self.insert(dir, name, t);
+            return Ok(());
         }
         if let Some(old) = existing
             && e.kind == EntryKind::Dir
-            && self.nodes[old as usize].kind == EntryKind::Dir
+            && self.is_dir(old)
         {
             // Directory over directory: lower children stay, upper attributes win.
             let n = &mut self.nodes[old as usize];
             let keep = (n.nlink, n.parent);
             *n = node_from(e, layer, dir);
             (n.nlink, n.parent) = keep;
-            return;
+            return Ok(());
         }
         self.unlink(dir, name);
         let id = self.push(node_from(e, layer, dir));
-        self.dirs[dir as usize].insert(name.into(), id);
+        self.insert(dir, name, id);
+        Ok(())
     }
 
-    /// Applies one layer's changeset.
-    fn apply(&mut self, index: &LayerIndex, layer: u16, whiteouts: bool) {
+    /// Applies one layer's changeset: markers first (they act on the layers
+    /// below), then the entries in tar order.
+    fn apply(&mut self, index: &LayerIndex, layer: u16) -> Result<(), TreeError> {
         // Directories created implicitly belong to the layer being applied.
         self.last_dir = None;
-        // Later duplicates win: keep only the last entry for each path.
-        let mut last: HashMap<&str, usize> = HashMap::with_capacity(index.entries.len());
-        for (i, e) in index.entries.iter().enumerate() {
-            last.insert(e.path.as_str(), i);
-        }
-        let live = index
-            .entries
-            .iter()
-            .enumerate()
-            .filter(|(i, e)| last.get(e.path.as_str()) == Some(i))
-            .map(|(_, e)| e);
-        if !whiteouts {
-            for e in live {
-                self.add(e, layer);
-            }
-            return;
-        }
         let mut regular = Vec::with_capacity(index.entries.len());
-        let mut opaque = Vec::new();
-        let mut deleted = Vec::new();
-        for e in live {
-            let (dir, name) = e.path.rsplit_once('/').unwrap_or(("", &e.path));
-            if name == OPAQUE {
-                opaque.push(dir);
-            } else if let Some(target) = name.strip_prefix(WHITEOUT) {
-                deleted.push((dir, target));
-            } else {
-                regular.push(e);
-            }
-        }
-        // Whiteouts and opaque markers act on lower layers only, so they are
-        // applied before this layer's own entries, wherever they stand in the tar.
-        for dir in opaque {
-            if let Some(d) = self
-                .get(dir)
-                .filter(|&d| self.nodes[d as usize].kind == EntryKind::Dir)
-            {
-                let names: Vec<Box<str>> = self.dirs[d as usize].keys().cloned().collect();
-                for n in names {
-                    self.unlink(d, &n);
+        for e in &index.entries {
+            match classify(&e.path) {
+                Change::Opaque { dir } => {
+                    if let Some(d) = self.walk_dir(dir, layer, Walk::Look) {
+                        let names: Vec<Box<[u8]>> = self.dirs[d as usize].keys().cloned().collect();
+                        for n in names {
+                            self.unlink(d, &n);
+                        }
+                    }
                 }
+                Change::Whiteout { dir, name } => {
+                    if !name.is_empty()
+                        && let Some(d) = self.walk_dir(dir, layer, Walk::Look)
+                    {
+                        self.unlink(d, name);
+                    }
+                }
+                Change::Entry => regular.push(e),
             }
         }
-        for (dir, name) in deleted {
-            if name.is_empty() {
-                continue;
-            }
-            if let Some(d) = self
-                .get(dir)
-                .filter(|&d| self.nodes[d as usize].kind == EntryKind::Dir)
-            {
-                self.unlink(d, name);
-            }
-        }
+        self.last_dir = None;
         for e in regular {
-            self.add(e, layer);
+            self.add(e, layer)?;
+        }
+        Ok(())
+    }
+
+    /// One layer as stored: markers are shown as the files they are, and a
+    /// hardlink to a file of another layer cannot be shown, so it is left out
+    /// with a warning.
+    fn apply_raw(&mut self, index: &LayerIndex) {
+        for e in &index.entries {
+            if let Err(err) = self.add(e, 0) {
+                tracing::warn!("{err}; not shown in this single-layer view");
+            }
         }
     }
 
@@ -440,7 +486,7 @@ impl Builder {
                 .map(|(name, c)| {
                     let at = names.len() as NameRef;
                     // Tar names may be longer than any filesystem allows; cut, never wrap.
-                    let bytes = &name.as_bytes()[..name.len().min(u16::MAX as usize)];
+                    let bytes = &name[..name.len().min(u16::MAX as usize)];
                     names.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
                     names.extend_from_slice(bytes);
                     (at, new_id[c as usize].expect("reachable child"))
@@ -467,11 +513,11 @@ impl Builder {
     }
 }
 
-/// Applies `layers` bottom to top with OCI whiteout rules.
+/// Applies `layers` bottom to top by the overlay rules.
 pub fn merge(layers: &[&LayerIndex]) -> Result<Tree, TreeError> {
     let mut b = Builder::new();
     for (i, l) in layers.iter().enumerate() {
-        b.apply(l, i as u16, true);
+        b.apply(l, i as u16)?;
     }
     b.finish()
 }
@@ -479,7 +525,7 @@ pub fn merge(layers: &[&LayerIndex]) -> Result<Tree, TreeError> {
 /// One layer's own tree, whiteout files shown as stored (for forensics).
 pub fn single_layer(layer: &LayerIndex) -> Tree {
     let mut b = Builder::new();
-    b.apply(layer, 0, false);
+    b.apply_raw(layer);
     b.finish().expect("one layer fits")
 }
 
@@ -489,7 +535,7 @@ mod tests {
 
     fn entry(path: &str, kind: EntryKind) -> Entry {
         Entry {
-            path: path.to_string(),
+            path: path.as_bytes().to_vec(),
             kind,
             mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
             uid: 0,
@@ -511,7 +557,7 @@ mod tests {
     }
     fn link(path: &str, kind: EntryKind, target: &str) -> Entry {
         Entry {
-            link: Some(target.to_string()),
+            link: Some(target.as_bytes().to_vec()),
             ..entry(path, kind)
         }
     }
@@ -525,6 +571,7 @@ mod tests {
         let mut stack = vec![(String::new(), t.root())];
         while let Some((p, id)) = stack.pop() {
             for (name, c) in t.children(id) {
+                let name = String::from_utf8_lossy(name);
                 let path = if p.is_empty() {
                     name.to_string()
                 } else {
@@ -571,7 +618,10 @@ mod tests {
     fn file_over_directory_removes_the_subtree() {
         let t = merged(vec![layer(vec![d("p"), f("p/child")]), layer(vec![f("p")])]);
         assert_eq!(listing(&t), ["p@1"]);
-        assert_eq!(t.node(t.resolve("p", false).unwrap()).kind, EntryKind::File);
+        assert_eq!(
+            t.node(t.resolve(b"p", false).unwrap()).kind,
+            EntryKind::File
+        );
     }
 
     #[test]
@@ -590,7 +640,7 @@ mod tests {
             layer(vec![upper, f("p/high")]),
         ]);
         assert_eq!(listing(&t), ["p/high@1", "p/low@0", "p@1"]);
-        let p = t.node(t.resolve("p", false).unwrap());
+        let p = t.node(t.resolve(b"p", false).unwrap());
         assert_eq!((p.mode, p.uid), (0o700, 42));
     }
 
@@ -601,19 +651,58 @@ mod tests {
             link("bin/sh", EntryKind::Hardlink, "bin/busybox"),
             link("bin/ls", EntryKind::Hardlink, "bin/busybox"),
         ])]);
-        let a = t.resolve("bin/busybox", false).unwrap();
-        assert_eq!(t.resolve("bin/sh", false).unwrap(), a);
-        assert_eq!(t.resolve("bin/ls", false).unwrap(), a);
+        let a = t.resolve(b"bin/busybox", false).unwrap();
+        assert_eq!(t.resolve(b"bin/sh", false).unwrap(), a);
+        assert_eq!(t.resolve(b"bin/ls", false).unwrap(), a);
         assert_eq!(t.node(a).nlink, 3);
     }
 
     #[test]
-    fn hardlinks_resolve_only_inside_their_layer() {
+    fn a_hardlink_to_a_lower_layers_file_links_to_it() {
         let t = merged(vec![
-            layer(vec![f("target")]),
-            layer(vec![link("l", EntryKind::Hardlink, "target")]),
+            layer(vec![d("x"), f("x/orig")]),
+            layer(vec![link("x/uplink", EntryKind::Hardlink, "x/orig")]),
         ]);
-        assert_eq!(listing(&t), ["target@0"]);
+        let orig = t.resolve(b"x/orig", false).unwrap();
+        assert_eq!(t.resolve(b"x/uplink", false).unwrap(), orig);
+        assert_eq!(t.node(orig).nlink, 2);
+    }
+
+    #[test]
+    fn a_hardlink_keeps_the_file_its_target_was_when_it_was_applied() {
+        // dup/y links to the first dup/x; the second dup/x replaces only that name.
+        let mut x1 = f("dup/x");
+        x1.offset = 100;
+        let mut x2 = f("dup/x");
+        x2.offset = 200;
+        let t = merged(vec![layer(vec![
+            d("dup"),
+            x1,
+            link("dup/y", EntryKind::Hardlink, "dup/x"),
+            x2,
+        ])]);
+        let x = t.node(t.resolve(b"dup/x", false).unwrap());
+        let y = t.node(t.resolve(b"dup/y", false).unwrap());
+        assert_eq!((x.offset, x.nlink), (200, 1));
+        assert_eq!((y.offset, y.nlink), (100, 1));
+    }
+
+    #[test]
+    fn a_hardlink_to_nothing_or_to_a_directory_fails_the_merge() {
+        // docker load, containerd and umoci all fail such a layer: link(2)
+        // answers ENOENT or EPERM. Failing loudly beats dropping the name.
+        let err = merge(&[&layer(vec![link("l", EntryKind::Hardlink, "missing")])]).unwrap_err();
+        assert!(matches!(err, TreeError::Hardlink { layer: 0, .. }), "{err}");
+        assert!(err.to_string().contains("missing"), "{err}");
+        let err = merge(&[&layer(vec![
+            d("dir"),
+            link("l", EntryKind::Hardlink, "dir"),
+        ])])
+        .unwrap_err();
+        assert!(err.to_string().contains("a directory"), "{err}");
+        // A link made before its target exists in the same layer fails too.
+        let err = merge(&[&layer(vec![link("l", EntryKind::Hardlink, "t"), f("t")])]).unwrap_err();
+        assert!(matches!(err, TreeError::Hardlink { .. }), "{err}");
     }
 
     #[test]
@@ -622,9 +711,9 @@ mod tests {
             layer(vec![f("a"), link("b", EntryKind::Hardlink, "a")]),
             layer(vec![f("b")]),
         ]);
-        let a = t.resolve("a", false).unwrap();
+        let a = t.resolve(b"a", false).unwrap();
         assert_eq!(t.node(a).nlink, 1);
-        assert_ne!(t.resolve("b", false).unwrap(), a);
+        assert_ne!(t.resolve(b"b", false).unwrap(), a);
     }
 
     #[test]
@@ -641,24 +730,77 @@ mod tests {
         let mut second = f("x");
         second.size = 9;
         let t = merged(vec![layer(vec![f("x"), second])]);
-        assert_eq!(t.node(t.resolve("x", false).unwrap()).size, 9);
+        assert_eq!(t.node(t.resolve(b"x", false).unwrap()).size, 9);
     }
 
     #[test]
     fn missing_parents_are_implicit_directories() {
         let t = merged(vec![layer(vec![f("a/b/c")])]);
-        let b = t.node(t.resolve("a/b", false).unwrap());
+        let b = t.node(t.resolve(b"a/b", false).unwrap());
         assert_eq!((b.kind, b.mode, b.uid), (EntryKind::Dir, 0o755, 0));
         assert_eq!(t.node(t.root()).nlink, 3);
     }
 
     #[test]
-    fn symlinked_parent_in_a_lower_layer_is_replaced_not_followed() {
+    fn a_symlinked_parent_is_followed_inside_the_root_as_runtimes_do() {
+        let t = merged(vec![
+            layer(vec![
+                d("etc"),
+                link("abs", EntryKind::Symlink, "/etc"),
+                link("rel", EntryKind::Symlink, "etc"),
+                link("esc", EntryKind::Symlink, "../../.."),
+            ]),
+            layer(vec![
+                f("abs/injected-abs"),
+                f("rel/injected-rel"),
+                f("esc/escaped"),
+            ]),
+        ]);
+        assert_eq!(
+            listing(&t),
+            [
+                "abs@0",
+                "esc@0",
+                "escaped@1",
+                "etc/injected-abs@1",
+                "etc/injected-rel@1",
+                "etc@0",
+                "rel@0"
+            ]
+        );
+    }
+
+    #[test]
+    fn an_explicit_directory_entry_replaces_a_symlink() {
         let t = merged(vec![
             layer(vec![d("real"), link("via", EntryKind::Symlink, "/real")]),
-            layer(vec![f("via/file")]),
+            layer(vec![d("via"), f("via/file")]),
         ]);
         assert_eq!(listing(&t), ["real@0", "via/file@1", "via@1"]);
+    }
+
+    #[test]
+    fn a_whiteout_under_a_symlinked_parent_removes_the_target() {
+        let t = merged(vec![
+            layer(vec![
+                d("etc"),
+                f("etc/secret"),
+                link("e", EntryKind::Symlink, "etc"),
+            ]),
+            layer(vec![f("e/.wh.secret")]),
+        ]);
+        assert_eq!(listing(&t), ["e@0", "etc@0"]);
+    }
+
+    #[test]
+    fn names_that_are_not_utf8_are_kept_byte_for_byte() {
+        let mut e = f("x");
+        e.path = b"odd/latin1-\xe9.txt".to_vec();
+        let t = merged(vec![layer(vec![e])]);
+        let odd = t.resolve(b"odd", false).unwrap();
+        let names: Vec<&[u8]> = t.children(odd).map(|(n, _)| n).collect();
+        assert_eq!(names, [&b"latin1-\xe9.txt"[..]]);
+        assert!(t.resolve(b"odd/latin1-\xe9.txt", false).is_ok());
     }
 
     #[test]
@@ -670,12 +812,12 @@ mod tests {
             link("up", EntryKind::Symlink, "../../../../etc/passwd"),
             link("dir", EntryKind::Symlink, "etc"),
         ])]);
-        let passwd = t.resolve("etc/passwd", true).unwrap();
-        assert_eq!(t.resolve("abs", true).unwrap(), passwd);
-        assert_eq!(t.resolve("up", true).unwrap(), passwd);
-        assert_eq!(t.resolve("dir/passwd", true).unwrap(), passwd);
-        assert_ne!(t.resolve("abs", false).unwrap(), passwd);
-        assert_eq!(t.resolve("/../../etc/passwd", true).unwrap(), passwd);
+        let passwd = t.resolve(b"etc/passwd", true).unwrap();
+        assert_eq!(t.resolve(b"abs", true).unwrap(), passwd);
+        assert_eq!(t.resolve(b"up", true).unwrap(), passwd);
+        assert_eq!(t.resolve(b"dir/passwd", true).unwrap(), passwd);
+        assert_ne!(t.resolve(b"abs", false).unwrap(), passwd);
+        assert_eq!(t.resolve(b"/../../etc/passwd", true).unwrap(), passwd);
     }
 
     #[test]
@@ -685,11 +827,11 @@ mod tests {
             link("b", EntryKind::Symlink, "a"),
         ])]);
         assert_eq!(
-            t.resolve("a", true),
-            Err(TreeError::SymlinkLoop("a".into()))
+            t.resolve(b"a", true),
+            Err(TreeError::SymlinkLoop(b"a".to_vec()))
         );
         assert!(matches!(
-            t.resolve("missing", true),
+            t.resolve(b"missing", true),
             Err(TreeError::NotFound(_))
         ));
     }

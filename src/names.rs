@@ -1,0 +1,156 @@
+//! File names as the bytes an image stores, and the one way rimg prints them.
+//!
+//! Linux and tar allow any bytes but `/` and NUL in a name, so names are
+//! `[u8]` from the tar reader to the FUSE reply and the exported tar; nothing
+//! converts them lossily. For text (errors, logs, terminals) [`Escaped`]
+//! writes a lossless escape: valid UTF-8 stays as it is, except control
+//! characters and backslash, and every other byte becomes `\xNN`. So the
+//! printed form names exactly one byte string, and escape sequences in a
+//! hostile name never reach a terminal.
+
+use std::fmt;
+
+/// Displays a byte string with control characters, backslashes and invalid
+/// UTF-8 escaped (`\n`, `\t`, `\\`, `\xNN`, `\u{NNNN}`).
+pub struct Escaped<'a>(pub &'a [u8]);
+
+impl fmt::Display for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for chunk in self.0.utf8_chunks() {
+            for c in chunk.valid().chars() {
+                match c {
+                    '\\' => f.write_str("\\\\")?,
+                    '\n' => f.write_str("\\n")?,
+                    '\t' => f.write_str("\\t")?,
+                    '\r' => f.write_str("\\r")?,
+                    c if (c as u32) < 0x20 || c == '\x7f' => write!(f, "\\x{:02x}", c as u32)?,
+                    // C1 controls and bidi overrides also move the cursor or
+                    // reorder text on a terminal.
+                    c if ('\u{80}'..='\u{9f}').contains(&c)
+                        || ('\u{202a}'..='\u{202e}').contains(&c)
+                        || ('\u{2066}'..='\u{2069}').contains(&c) =>
+                    {
+                        write!(f, "\\u{{{:04x}}}", c as u32)?
+                    }
+                    c => fmt::Write::write_char(f, c)?,
+                }
+            }
+            for b in chunk.invalid() {
+                write!(f, "\\x{b:02x}")?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Debug for Escaped<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "\"{self}\"")
+    }
+}
+
+/// Shorthand for `Escaped(bytes)`.
+pub fn escaped(bytes: &[u8]) -> Escaped<'_> {
+    Escaped(bytes)
+}
+
+/// `dir/name`, or `name` at the root.
+pub fn join(dir: &[u8], name: &[u8]) -> Vec<u8> {
+    if dir.is_empty() {
+        return name.to_vec();
+    }
+    let mut p = Vec::with_capacity(dir.len() + 1 + name.len());
+    p.extend_from_slice(dir);
+    p.push(b'/');
+    p.extend_from_slice(name);
+    p
+}
+
+/// `(dir, name)` of a normalised path; the dir is empty at the root.
+pub fn split(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+/// The non-empty components of a path.
+pub fn components(path: &[u8]) -> impl DoubleEndedIterator<Item = &[u8]> {
+    path.split(|&b| b == b'/').filter(|c| !c.is_empty())
+}
+
+/// Proper ancestors of a normalised path, shallowest first (not the root).
+pub fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.iter()
+        .enumerate()
+        .filter(|(_, b)| **b == b'/')
+        .map(move |(i, _)| &path[..i])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Reverses [`Escaped`], to prove the escape loses nothing.
+    fn unescape(s: &str) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut it = s.chars().peekable();
+        while let Some(c) = it.next() {
+            if c != '\\' {
+                let mut b = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+                continue;
+            }
+            match it.next().unwrap() {
+                '\\' => out.push(b'\\'),
+                'n' => out.push(b'\n'),
+                't' => out.push(b'\t'),
+                'r' => out.push(b'\r'),
+                'x' => {
+                    let h: String = [it.next().unwrap(), it.next().unwrap()].iter().collect();
+                    out.push(u8::from_str_radix(&h, 16).unwrap());
+                }
+                'u' => {
+                    it.next();
+                    let h: String = it.by_ref().take_while(|&c| c != '}').collect();
+                    let c = char::from_u32(u32::from_str_radix(&h, 16).unwrap()).unwrap();
+                    let mut b = [0u8; 4];
+                    out.extend_from_slice(c.encode_utf8(&mut b).as_bytes());
+                }
+                other => panic!("unknown escape {other}"),
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn latin1_and_raw_bytes_are_escaped_not_replaced() {
+        assert_eq!(escaped(b"latin1-\xe9.txt").to_string(), "latin1-\\xe9.txt");
+        assert_eq!(escaped(b"\xff\xfe").to_string(), "\\xff\\xfe");
+        assert_eq!(escaped("caf\u{e9}".as_bytes()).to_string(), "caf\u{e9}");
+    }
+
+    #[test]
+    fn terminal_escape_sequences_are_neutralised() {
+        let s = escaped(b"\x1b[2Jboom\x07").to_string();
+        assert!(!s.contains('\x1b') && !s.contains('\x07'), "{s}");
+        assert_eq!(s, "\\x1b[2Jboom\\x07");
+    }
+
+    proptest! {
+        #[test]
+        fn escaping_is_lossless_and_printable(bytes in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let s = escaped(&bytes).to_string();
+            prop_assert!(!s.chars().any(|c| c.is_control()));
+            prop_assert_eq!(unescape(&s), bytes);
+        }
+
+        #[test]
+        fn split_and_join_are_inverse(dir in "[a-c/]{0,6}", name in "[a-c]{1,3}") {
+            let dir = crate::layer::normalize(dir.as_bytes());
+            let p = join(&dir, name.as_bytes());
+            prop_assert_eq!(split(&p), (&dir[..], name.as_bytes()));
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Answers for single paths before the merged tree exists: layers are read
+//! from the top down, and the search stops at the first layer that decides
+//! the path (holds it, whites it out, hides it with an opaque marker or a
+//! non-directory), so a file in the top layer needs no lower layer.
+//!
+//! The answer must equal the merged tree's, so a layer answers only what it
+//! can decide alone. Two things it cannot, and those paths are
+//! [`Decision::Defer`]red to the tree:
+//!
+//! - a layer that is not *literal*: some entry's parent has no directory
+//!   entry of its own earlier in the layer, so where the entry lands depends
+//!   on what lower layers have there (a symlink is followed);
+//! - hardlinks: a link, and a file that any layer from here up links to,
+//!   since the link's target and the file's link count depend on other layers.
+
+use std::collections::{HashMap, HashSet};
+
+use super::{Change, classify};
+use crate::layer::{Entry, EntryKind, LayerIndex};
+use crate::names;
+
+/// One layer's index, arranged for path questions.
+pub struct LayerView {
+    entries: Vec<Entry>,
+    /// Path -> its last entry (later duplicates win), markers excluded.
+    by_path: HashMap<Vec<u8>, usize>,
+    /// Paths this layer whites out in the layers below.
+    whiteouts: HashSet<Vec<u8>>,
+    /// Directories this layer makes opaque.
+    opaque: HashSet<Vec<u8>>,
+    /// Paths that are hardlinks, or that a hardlink of this layer names.
+    linked: HashSet<Vec<u8>>,
+    /// Every entry lands at its own path, whatever the lower layers hold.
+    literal: bool,
+}
+
+impl LayerView {
+    pub fn new(index: LayerIndex) -> LayerView {
+        let mut v = LayerView {
+            entries: Vec::new(),
+            by_path: HashMap::new(),
+            whiteouts: HashSet::new(),
+            opaque: HashSet::new(),
+            linked: HashSet::new(),
+            literal: true,
+        };
+        // Directories this layer has made so far, to tell whether each
+        // entry's parents are its own.
+        let mut own_dirs: HashSet<&[u8]> = HashSet::new();
+        for e in &index.entries {
+            match classify(&e.path) {
+                Change::Opaque { dir } => {
+                    v.opaque.insert(dir.to_vec());
+                    continue;
+                }
+                Change::Whiteout { dir, name } => {
+                    v.whiteouts.insert(names::join(dir, name));
+                    continue;
+                }
+                Change::Entry => {}
+            }
+            if v.literal && !names::ancestors(&e.path).all(|a| own_dirs.contains(a)) {
+                v.literal = false;
+            }
+            if e.kind == EntryKind::Dir {
+                own_dirs.insert(&e.path);
+            } else {
+                own_dirs.remove(&e.path[..]);
+            }
+            if e.kind == EntryKind::Hardlink {
+                v.linked.insert(e.path.clone());
+                if let Some(t) = &e.link {
+                    v.linked.insert(t.clone());
+                }
+            }
+        }
+        for e in index.entries {
+            if classify(&e.path) == Change::Entry {
+                v.by_path.insert(e.path.clone(), v.entries.len());
+                v.entries.push(e);
+            }
+        }
+        v
+    }
+
+    fn get(&self, path: &[u8]) -> Option<&Entry> {
+        self.by_path.get(path).map(|&i| &self.entries[i])
+    }
+
+    /// Whether a hardlink of this layer involves `path`.
+    pub fn links(&self, path: &[u8]) -> bool {
+        self.linked.contains(path)
+    }
+}
+
+/// What one layer says about a path.
+#[derive(Debug)]
+pub enum Decision {
+    /// The layer holds the entry.
+    Found(Entry),
+    /// The path does not exist in the merged view.
+    Gone,
+    /// Lower layers decide.
+    Continue,
+    /// Only the merged tree can answer.
+    Defer,
+}
+
+pub fn decide(v: &LayerView, path: &[u8]) -> Decision {
+    if !v.literal {
+        return Decision::Defer;
+    }
+    if let Some(e) = v.get(path) {
+        if v.links(path) {
+            return Decision::Defer;
+        }
+        return Decision::Found(e.clone());
+    }
+    for a in names::ancestors(path) {
+        if v.whiteouts.contains(a) || v.opaque.contains(a) {
+            return Decision::Gone;
+        }
+        if v.get(a).is_some_and(|e| e.kind != EntryKind::Dir) {
+            return Decision::Gone;
+        }
+    }
+    if v.whiteouts.contains(path) {
+        return Decision::Gone;
+    }
+    Decision::Continue
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: EntryKind, link: Option<&str>) -> Entry {
+        Entry {
+            path: path.into(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 1,
+            mtime: 0,
+            link: link.map(Into::into),
+            rdev: (0, 0),
+            xattrs: vec![],
+            offset: 0,
+        }
+    }
+
+    fn d(path: &str) -> Entry {
+        e(path, EntryKind::Dir, None)
+    }
+
+    fn view(entries: Vec<Entry>) -> LayerView {
+        LayerView::new(LayerIndex { entries })
+    }
+
+    #[test]
+    fn a_layer_that_holds_the_path_decides_it() {
+        let v = view(vec![d("etc"), e("etc/os-release", EntryKind::File, None)]);
+        assert!(matches!(decide(&v, b"etc/os-release"), Decision::Found(_)));
+        assert!(matches!(decide(&v, b"etc"), Decision::Found(_)));
+        assert!(matches!(decide(&v, b"etc/passwd"), Decision::Continue));
+    }
+
+    #[test]
+    fn whiteouts_opaque_markers_and_files_above_hide_lower_paths() {
+        let v = view(vec![
+            e("a/.wh.gone", EntryKind::File, None),
+            e("o/.wh..wh..opq", EntryKind::File, None),
+            e("f", EntryKind::File, None),
+        ]);
+        assert!(matches!(decide(&v, b"a/gone"), Decision::Gone));
+        assert!(matches!(decide(&v, b"a/gone/deeper"), Decision::Gone));
+        assert!(matches!(decide(&v, b"o/lower"), Decision::Gone));
+        assert!(matches!(decide(&v, b"f/child"), Decision::Gone));
+        assert!(matches!(decide(&v, b"a/other"), Decision::Continue));
+    }
+
+    #[test]
+    fn a_layer_whose_parents_are_not_its_own_defers_to_the_tree() {
+        // "x/f" lands wherever the lower layers' "x" leads (it may be a symlink).
+        let v = view(vec![e("x/f", EntryKind::File, None)]);
+        assert!(matches!(decide(&v, b"x/f"), Decision::Defer));
+        // A directory entry after its child is too late for that child.
+        let v = view(vec![e("x/f", EntryKind::File, None), d("x")]);
+        assert!(matches!(decide(&v, b"x"), Decision::Defer));
+    }
+
+    #[test]
+    fn hardlinked_names_defer_to_the_tree() {
+        let v = view(vec![
+            d("bin"),
+            e("bin/prog", EntryKind::File, None),
+            e("bin/alias", EntryKind::Hardlink, Some("bin/prog")),
+            e("bin/other", EntryKind::File, None),
+        ]);
+        assert!(matches!(decide(&v, b"bin/prog"), Decision::Defer));
+        assert!(matches!(decide(&v, b"bin/alias"), Decision::Defer));
+        assert!(matches!(decide(&v, b"bin/other"), Decision::Found(_)));
+        assert!(v.links(b"bin/prog"));
+    }
+}
