@@ -47,7 +47,8 @@ pub enum Format {
 
 /// Reads `len` bytes of a file's data from its layer.
 struct DataReader<'a> {
-    layer: &'a Layer,
+    /// `None` when the tree names a layer it was not given.
+    layer: Option<&'a Layer>,
     offset: u64,
     remaining: u64,
 }
@@ -58,7 +59,10 @@ impl Read for DataReader<'_> {
             return Ok(0);
         }
         let want = (buf.len() as u64).min(self.remaining) as usize;
-        let n = self.layer.read_at(self.offset, &mut buf[..want])?;
+        let layer = self
+            .layer
+            .ok_or_else(|| io::Error::other("the file's layer is not open"))?;
+        let n = layer.read_at(self.offset, &mut buf[..want])?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
@@ -171,7 +175,7 @@ pub fn write_rootfs<W: Write>(
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(n.size);
                 let reader = DataReader {
-                    layer: &layers[n.layer as usize],
+                    layer: layers.get(n.layer as usize).map(|l| &**l),
                     offset: n.offset,
                     remaining: n.size,
                 };

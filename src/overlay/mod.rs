@@ -84,3 +84,206 @@ mod tests {
         assert_eq!(classify(b"a/x.wh."), Change::Entry);
     }
 }
+
+/// The property that keeps the rules in one place honest: for random small
+/// layer stacks, the top-down answers, the merged tree and an exported
+/// rootfs read back all agree on every path.
+#[cfg(test)]
+mod differential {
+    use std::collections::BTreeMap;
+
+    use proptest::prelude::*;
+
+    use super::partial::{Decision, LayerView, decide};
+    use super::tree::{NodeId, Tree, merge};
+    use crate::layer::{Entry, EntryKind, LayerIndex};
+
+    const NAMES: [&str; 3] = ["a", "b", "c"];
+
+    fn path_strategy() -> impl Strategy<Value = String> {
+        proptest::collection::vec(proptest::sample::select(&NAMES[..]), 1..=3)
+            .prop_map(|c| c.join("/"))
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Dir(String),
+        File(String),
+        Symlink(String, String),
+        Hardlink(String, String),
+        Whiteout(String),
+        Opaque(String),
+    }
+
+    fn op_strategy() -> impl Strategy<Value = Op> {
+        let target = prop_oneof![
+            path_strategy(),
+            path_strategy().prop_map(|p| format!("/{p}")),
+            path_strategy().prop_map(|p| format!("../{p}")),
+        ];
+        prop_oneof![
+            3 => path_strategy().prop_map(Op::Dir),
+            3 => path_strategy().prop_map(Op::File),
+            1 => (path_strategy(), target).prop_map(|(p, t)| Op::Symlink(p, t)),
+            1 => (path_strategy(), path_strategy()).prop_map(|(p, t)| Op::Hardlink(p, t)),
+            1 => path_strategy().prop_map(Op::Whiteout),
+            1 => path_strategy().prop_map(Op::Opaque),
+        ]
+    }
+
+    fn entry(path: &str, kind: EntryKind, link: Option<&str>, offset: u64) -> Entry {
+        Entry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: 0o644,
+            uid: 0,
+            gid: 0,
+            size: 0,
+            mtime: 0,
+            link: link.map(|l| l.as_bytes().to_vec()),
+            rdev: (0, 0),
+            xattrs: Vec::new(),
+            offset,
+        }
+    }
+
+    fn layer(ops: &[Op], n: u64) -> LayerIndex {
+        let entries = ops
+            .iter()
+            .enumerate()
+            .map(|(i, op)| {
+                // The offset tells every entry apart.
+                let at = n * 1000 + i as u64;
+                match op {
+                    Op::Dir(p) => entry(p, EntryKind::Dir, None, at),
+                    Op::File(p) => entry(p, EntryKind::File, None, at),
+                    Op::Symlink(p, t) => entry(p, EntryKind::Symlink, Some(t), at),
+                    Op::Hardlink(p, t) => entry(p, EntryKind::Hardlink, Some(t), at),
+                    Op::Whiteout(p) => {
+                        let (d, name) = crate::names::split(p.as_bytes());
+                        let mut wh = b".wh.".to_vec();
+                        wh.extend_from_slice(name);
+                        let e = entry("", EntryKind::File, None, at);
+                        Entry {
+                            path: crate::names::join(d, &wh),
+                            ..e
+                        }
+                    }
+                    Op::Opaque(p) => entry(&format!("{p}/.wh..wh..opq"), EntryKind::File, None, at),
+                }
+            })
+            .collect();
+        LayerIndex { entries }
+    }
+
+    /// The node at `path` without following symlinks, as FUSE lookups walk.
+    fn literal(t: &Tree, path: &[u8]) -> Option<NodeId> {
+        let mut cur = t.root();
+        for c in crate::names::components(path) {
+            if t.node(cur).kind != EntryKind::Dir {
+                return None;
+            }
+            cur = t.lookup(cur, c)?;
+        }
+        Some(cur)
+    }
+
+    /// Path -> (kind, symlink target, first path of its inode).
+    fn listing(t: &Tree) -> BTreeMap<Vec<u8>, (EntryKind, Option<Vec<u8>>, Vec<u8>)> {
+        let mut out = BTreeMap::new();
+        let mut first: BTreeMap<NodeId, Vec<u8>> = BTreeMap::new();
+        let mut stack = vec![(Vec::new(), t.root())];
+        while let Some((p, id)) = stack.pop() {
+            for (name, c) in t.children(id) {
+                let path = crate::names::join(&p, name);
+                let n = t.node(c);
+                let group = first.entry(c).or_insert_with(|| path.clone()).clone();
+                let link = (n.kind == EntryKind::Symlink)
+                    .then(|| n.link.as_deref().unwrap_or_default().to_vec());
+                out.insert(path.clone(), (n.kind, link, group));
+                stack.push((path, c));
+            }
+        }
+        // Group names by inode independently of visiting order.
+        let mut groups: BTreeMap<Vec<u8>, Vec<u8>> = BTreeMap::new();
+        for (p, (_, _, g)) in &out {
+            let min = groups.entry(g.clone()).or_insert_with(|| p.clone());
+            if p < min {
+                *min = p.clone();
+            }
+        }
+        out.into_iter()
+            .map(|(p, (k, l, g))| (p, (k, l, groups[&g].clone())))
+            .collect()
+    }
+
+    fn universe() -> Vec<String> {
+        let mut out: Vec<String> = NAMES.iter().map(|s| s.to_string()).collect();
+        for _ in 0..2 {
+            let more: Vec<String> = out
+                .iter()
+                .flat_map(|p| NAMES.iter().map(move |n| format!("{p}/{n}")))
+                .collect();
+            out.extend(more);
+        }
+        out.sort();
+        out.dedup();
+        out
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #[test]
+        fn top_down_answers_the_tree_and_the_export_agree(
+            stack in proptest::collection::vec(proptest::collection::vec(op_strategy(), 0..8), 1..4)
+        ) {
+            let layers: Vec<LayerIndex> = stack.iter().enumerate().map(|(i, ops)| layer(ops, i as u64)).collect();
+            let refs: Vec<&LayerIndex> = layers.iter().collect();
+            let Ok(tree) = merge(&refs) else {
+                // Dangling hardlinks fail the merge; the tree tests cover that.
+                return Ok(());
+            };
+            let views: Vec<LayerView> = layers.iter().cloned().map(LayerView::new).collect();
+            for path in universe() {
+                let path = path.as_bytes();
+                let mut answer = None;
+                for (i, v) in views.iter().enumerate().rev() {
+                    match decide(v, path) {
+                        Decision::Found(_) if views[i + 1..].iter().any(|u| u.links(path)) => break,
+                        Decision::Found(e) => {
+                            answer = Some(Some((i, e)));
+                            break;
+                        }
+                        Decision::Gone => {
+                            answer = Some(None);
+                            break;
+                        }
+                        Decision::Defer => break,
+                        Decision::Continue => {}
+                    }
+                    if i == 0 {
+                        answer = Some(None);
+                    }
+                }
+                let Some(answer) = answer else { continue };
+                let node = literal(&tree, path);
+                match (answer, node) {
+                    (None, None) => {}
+                    (Some((i, e)), Some(id)) => {
+                        let n = tree.node(id);
+                        prop_assert_eq!(
+                            (n.kind, n.offset, n.layer as usize, n.link.as_deref()),
+                            (e.kind, e.offset, i, e.link.as_deref()),
+                            "{}", crate::names::escaped(path)
+                        );
+                    }
+                    (a, n) => prop_assert!(false, "{}: top-down {:?}, tree {:?}", crate::names::escaped(path), a.map(|(i, e)| (i, e.kind)), n),
+                }
+            }
+            let tar = crate::export::write_rootfs(&tree, &[], &[], Vec::new()).unwrap();
+            let back = crate::layer::index_tar(&tar[..], "sha256:export").unwrap();
+            let reread = merge(&[&back]).unwrap();
+            prop_assert_eq!(listing(&reread), listing(&tree));
+        }
+    }
+}

@@ -30,6 +30,9 @@ pub struct LayerView {
     opaque: HashSet<Vec<u8>>,
     /// Paths that are hardlinks, or that a hardlink of this layer names.
     linked: HashSet<Vec<u8>>,
+    /// Paths where this layer puts a non-directory, at any point: what lower
+    /// layers had below them is gone.
+    nondir: HashSet<Vec<u8>>,
     /// Every entry lands at its own path, whatever the lower layers hold.
     literal: bool,
 }
@@ -42,6 +45,7 @@ impl LayerView {
             whiteouts: HashSet::new(),
             opaque: HashSet::new(),
             linked: HashSet::new(),
+            nondir: HashSet::new(),
             literal: true,
         };
         // Directories this layer has made so far, to tell whether each
@@ -74,11 +78,30 @@ impl LayerView {
                 }
             }
         }
-        for e in index.entries {
-            if classify(&e.path) == Change::Entry {
-                v.by_path.insert(e.path.clone(), v.entries.len());
-                v.entries.push(e);
+        // Where each path last became a non-directory.
+        let mut last_nondir: HashMap<Vec<u8>, usize> = HashMap::new();
+        for (i, e) in index.entries.iter().enumerate() {
+            if classify(&e.path) == Change::Entry && e.kind != EntryKind::Dir {
+                last_nondir.insert(e.path.clone(), i);
             }
+        }
+        for (i, e) in index.entries.into_iter().enumerate() {
+            if classify(&e.path) != Change::Entry {
+                continue;
+            }
+            // An entry below a name that this layer later turns into a
+            // non-directory is gone with it.
+            let buried =
+                names::ancestors(&e.path).any(|a| last_nondir.get(a).is_some_and(|&k| k > i));
+            if e.kind != EntryKind::Dir {
+                v.nondir.insert(e.path.clone());
+            }
+            if buried {
+                v.by_path.remove(&e.path);
+                continue;
+            }
+            v.by_path.insert(e.path.clone(), v.entries.len());
+            v.entries.push(e);
         }
         v
     }
@@ -120,7 +143,7 @@ pub fn decide(v: &LayerView, path: &[u8]) -> Decision {
         if v.whiteouts.contains(a) || v.opaque.contains(a) {
             return Decision::Gone;
         }
-        if v.get(a).is_some_and(|e| e.kind != EntryKind::Dir) {
+        if v.nondir.contains(a) {
             return Decision::Gone;
         }
     }
