@@ -129,6 +129,26 @@ impl LayerBuilder {
         self.file(&format!("{dir}/.wh..wh..opq"), b"", 0o644)
     }
 
+    /// A file whose name is any bytes (Latin-1, raw): legal on Linux and in tar.
+    pub fn file_bytes(&mut self, path: &[u8], data: &[u8]) -> &mut Self {
+        use std::os::unix::ffi::OsStrExt;
+        let mut h = header(tar::EntryType::Regular, 0o644);
+        h.set_size(data.len() as u64);
+        let p = Path::new(std::ffi::OsStr::from_bytes(path));
+        self.b.append_data(&mut h, p, data).unwrap();
+        self
+    }
+
+    /// A symlink whose name and target are any bytes.
+    pub fn symlink_bytes(&mut self, path: &[u8], target: &[u8]) -> &mut Self {
+        use std::os::unix::ffi::OsStrExt;
+        let mut h = header(tar::EntryType::Symlink, 0o777);
+        let p = Path::new(std::ffi::OsStr::from_bytes(path));
+        let t = Path::new(std::ffi::OsStr::from_bytes(target));
+        self.b.append_link(&mut h, p, t).unwrap();
+        self
+    }
+
     /// An entry with a header as given (names the tar crate would refuse).
     pub fn raw(&mut self, h: tar::Header, data: &[u8]) -> &mut Self {
         self.b.append(&h, data).unwrap();

@@ -67,7 +67,21 @@ fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-/// Every entry under `root` (not following symlinks), keyed by relative path.
+/// A path as text without losing a byte: UTF-8 as it is, any other byte as
+/// `\xNN` (the escape rimg documents for its own output).
+pub fn lossless(bytes: &[u8]) -> String {
+    let mut out = String::new();
+    for chunk in bytes.utf8_chunks() {
+        out.push_str(chunk.valid());
+        for b in chunk.invalid() {
+            out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// Every entry under `root` (not following symlinks), keyed by relative path
+/// (see [`lossless`]).
 pub fn tree_listing(root: &Path) -> BTreeMap<String, EntryInfo> {
     let mut out = BTreeMap::new();
     let mut inodes: BTreeMap<u64, Vec<String>> = BTreeMap::new();
@@ -80,7 +94,12 @@ pub fn tree_listing(root: &Path) -> BTreeMap<String, EntryInfo> {
         entries.sort_by_key(|e| e.file_name());
         for e in entries {
             let path = e.path();
-            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let rel = lossless(
+                path.strip_prefix(root)
+                    .unwrap()
+                    .as_os_str()
+                    .as_encoded_bytes(),
+            );
             let meta = std::fs::symlink_metadata(&path).unwrap();
             let ft = meta.file_type();
             let kind = if ft.is_dir() {
@@ -101,8 +120,14 @@ pub fn tree_listing(root: &Path) -> BTreeMap<String, EntryInfo> {
                     std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
                 hex::encode(Sha256::digest(&data))
             });
-            let link =
-                (kind == 'l').then(|| std::fs::read_link(&path).unwrap().display().to_string());
+            let link = (kind == 'l').then(|| {
+                lossless(
+                    std::fs::read_link(&path)
+                        .unwrap()
+                        .as_os_str()
+                        .as_encoded_bytes(),
+                )
+            });
             if kind != 'd' && meta.nlink() > 1 {
                 inodes.entry(meta.ino()).or_default().push(rel.clone());
             }
