@@ -188,8 +188,11 @@ mod differential {
         Some(cur)
     }
 
-    /// Path -> (kind, symlink target, first path of its inode).
-    fn listing(t: &Tree) -> BTreeMap<Vec<u8>, (EntryKind, Option<Vec<u8>>, Vec<u8>)> {
+    /// Kind, symlink target, and the least path of its inode.
+    type Listed = (EntryKind, Option<Vec<u8>>, Vec<u8>);
+
+    /// Path -> what is there.
+    fn listing(t: &Tree) -> BTreeMap<Vec<u8>, Listed> {
         let mut out = BTreeMap::new();
         let mut first: BTreeMap<NodeId, Vec<u8>> = BTreeMap::new();
         let mut stack = vec![(Vec::new(), t.root())];
