@@ -7,9 +7,12 @@
 //! can decide alone. Two things it cannot, and those paths are
 //! [`Decision::Defer`]red to the tree:
 //!
-//! - a layer that is not *literal*: some entry's parent has no directory
-//!   entry of its own earlier in the layer, so where the entry lands depends
-//!   on what lower layers have there (a symlink is followed);
+//! - entries that are not *literal*: an entry whose parent has no directory
+//!   entry of its own earlier in the layer lands wherever the lower layers'
+//!   symlinks lead. By the tree's rules such an entry changes only names
+//!   equal to components of its own path (wherever they end up) and its
+//!   unlisted parents themselves, so only paths with such a component, and
+//!   those parents, are deferred;
 //! - hardlinks: a link, and a file that any layer from here up links to,
 //!   since the link's target and the file's link count depend on other layers.
 
@@ -33,8 +36,10 @@ pub struct LayerView {
     /// Paths where this layer puts a non-directory, at any point: what lower
     /// layers had below them is gone.
     nondir: HashSet<Vec<u8>>,
-    /// Every entry lands at its own path, whatever the lower layers hold.
-    literal: bool,
+    /// Components of the paths of the entries that are not literal.
+    drifting: HashSet<Vec<u8>>,
+    /// Parents that non-literal entries take for granted.
+    unlisted: HashSet<Vec<u8>>,
 }
 
 impl LayerView {
@@ -46,7 +51,8 @@ impl LayerView {
             opaque: HashSet::new(),
             linked: HashSet::new(),
             nondir: HashSet::new(),
-            literal: true,
+            drifting: HashSet::new(),
+            unlisted: HashSet::new(),
         };
         // Directories this layer has made so far, to tell whether each
         // entry's parents are its own.
@@ -63,10 +69,18 @@ impl LayerView {
                 }
                 Change::Entry => {}
             }
-            if v.literal && !names::ancestors(&e.path).all(|a| own_dirs.contains(a)) {
-                v.literal = false;
+            let mut literal = true;
+            for a in names::ancestors(&e.path) {
+                if !own_dirs.contains(a) {
+                    literal = false;
+                    v.unlisted.insert(a.to_vec());
+                }
             }
-            if e.kind == EntryKind::Dir {
+            if !literal {
+                v.drifting
+                    .extend(names::components(&e.path).map(<[u8]>::to_vec));
+            }
+            if e.kind == EntryKind::Dir && literal {
                 own_dirs.insert(&e.path);
             } else {
                 own_dirs.remove(&e.path[..]);
@@ -130,7 +144,7 @@ pub enum Decision {
 }
 
 pub fn decide(v: &LayerView, path: &[u8]) -> Decision {
-    if !v.literal {
+    if v.unlisted.contains(path) || names::components(path).any(|c| v.drifting.contains(c)) {
         return Decision::Defer;
     }
     if let Some(e) = v.get(path) {
@@ -204,10 +218,21 @@ mod tests {
     }
 
     #[test]
-    fn a_layer_whose_parents_are_not_its_own_defers_to_the_tree() {
+    fn entries_whose_parents_are_not_the_layers_own_defer_what_they_may_touch() {
         // "x/f" lands wherever the lower layers' "x" leads (it may be a symlink).
-        let v = view(vec![e("x/f", EntryKind::File, None)]);
+        let v = view(vec![
+            e("x/f", EntryKind::File, None),
+            d("y"),
+            e("y/g", EntryKind::File, None),
+        ]);
         assert!(matches!(decide(&v, b"x/f"), Decision::Defer));
+        assert!(matches!(decide(&v, b"x"), Decision::Defer));
+        assert!(matches!(decide(&v, b"elsewhere/f"), Decision::Defer));
+        assert!(matches!(decide(&v, b"f/below"), Decision::Defer));
+        // What the literal entries decide is still decided here.
+        assert!(matches!(decide(&v, b"y/g"), Decision::Found(_)));
+        assert!(matches!(decide(&v, b"x/other"), Decision::Defer));
+        assert!(matches!(decide(&v, b"z/other"), Decision::Continue));
         // A directory entry after its child is too late for that child.
         let v = view(vec![e("x/f", EntryKind::File, None), d("x")]);
         assert!(matches!(decide(&v, b"x"), Decision::Defer));

@@ -290,14 +290,28 @@ impl Builder {
     /// The directory `path` names, its components resolved the way docker
     /// (in a chroot) and umoci (with securejoin) resolve them: a symlink is
     /// followed inside the image, absolute targets from its root, `..` stops
-    /// at the root. With [`Walk::Make`], missing components become
-    /// directories of `layer` and non-directories in the way are replaced, as
-    /// is a symlink loop, which the runtimes refuse to follow.
+    /// at the root.
+    ///
+    /// With [`Walk::Make`], a missing component becomes a directory of
+    /// `layer` and a non-directory in the way is replaced by one. A symlink
+    /// that does not lead to a directory (dangling, to a file, or a loop) is
+    /// itself replaced by a directory rather than anything made where it
+    /// points: so an entry changes only its own name and its own parents,
+    /// which is what lets [`super::partial`] know what a layer may touch.
     fn walk_dir(&mut self, path: &[u8], layer: u16, how: Walk) -> Option<NodeId> {
         let mut pending: Vec<Vec<u8>> = names::components(path).rev().map(<[u8]>::to_vec).collect();
         let mut cur: NodeId = 0;
         let mut followed = 0;
+        // The outermost symlink being followed: its directory, its name, and
+        // how many components were pending before its target was pushed.
+        let mut via: Option<(NodeId, Vec<u8>, usize)> = None;
         while let Some(comp) = pending.pop() {
+            if via
+                .as_ref()
+                .is_some_and(|(_, _, depth)| pending.len() < *depth)
+            {
+                via = None;
+            }
             match comp.as_slice() {
                 b"" | b"." => continue,
                 b".." => {
@@ -314,6 +328,9 @@ impl Builder {
                         && followed < MAX_SYMLINKS =>
                 {
                     followed += 1;
+                    if via.is_none() {
+                        via = Some((cur, comp.clone(), pending.len()));
+                    }
                     let target = self.nodes[id as usize].link.as_deref().unwrap_or_default();
                     if target.starts_with(b"/") {
                         cur = 0;
@@ -323,11 +340,19 @@ impl Builder {
                 }
                 _ if how == Walk::Look => return None,
                 existing => {
-                    if existing.is_some() {
-                        self.unlink(cur, &comp);
+                    // Replace the symlink that led here, or what is in the way.
+                    let (dir, name, in_the_way) = match via.take() {
+                        Some((dir, name, depth)) => {
+                            pending.truncate(depth);
+                            (dir, name, true)
+                        }
+                        None => (cur, comp, existing.is_some()),
+                    };
+                    if in_the_way {
+                        self.unlink(dir, &name);
                     }
-                    let id = self.push(implicit_dir(layer, cur));
-                    self.insert(cur, &comp, id);
+                    let id = self.push(implicit_dir(layer, dir));
+                    self.insert(dir, &name, id);
                     id
                 }
             };
