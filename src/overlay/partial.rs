@@ -251,4 +251,26 @@ mod tests {
         assert!(matches!(decide(&v, b"bin/other"), Decision::Found(_)));
         assert!(v.links(b"bin/prog"));
     }
+
+    #[test]
+    fn a_marker_under_a_lower_symlink_decides_only_its_literal_path() {
+        let lower = view(vec![
+            d("etc"),
+            e("etc/secret", EntryKind::File, None),
+            e("e", EntryKind::Symlink, Some("etc")),
+        ]);
+        let upper = view(vec![e("e/.wh.secret", EntryKind::File, None)]);
+        assert!(matches!(decide(&upper, b"etc/secret"), Decision::Continue));
+        assert!(matches!(decide(&lower, b"etc/secret"), Decision::Found(_)));
+        let tree = super::super::tree::merge(&[
+            &LayerIndex {
+                entries: lower.entries.clone(),
+            },
+            &LayerIndex {
+                entries: vec![e("e/.wh.secret", EntryKind::File, None)],
+            },
+        ])
+        .unwrap();
+        assert!(tree.resolve(b"etc/secret", false).is_ok());
+    }
 }

@@ -244,6 +244,9 @@ fn node_from(e: &Entry, layer: u16, parent: NodeId) -> Node {
 /// What to do with a component that is in the way of a parent path.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Walk {
+    /// Only look, never following a symlink: what whiteouts and opaque
+    /// markers name (see [`super`]).
+    Literal,
     /// Only look: a missing or non-directory component ends the walk.
     Look,
     /// Create missing components as directories and replace non-directories.
@@ -324,7 +327,8 @@ impl Builder {
             cur = match existing {
                 Some(id) if self.is_dir(id) => id,
                 Some(id)
-                    if self.nodes[id as usize].kind == EntryKind::Symlink
+                    if how != Walk::Literal
+                        && self.nodes[id as usize].kind == EntryKind::Symlink
                         && followed < MAX_SYMLINKS =>
                 {
                     followed += 1;
@@ -338,7 +342,7 @@ impl Builder {
                     pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
                     continue;
                 }
-                _ if how == Walk::Look => return None,
+                _ if how != Walk::Make => return None,
                 existing => {
                     // Replace the symlink that led here, or what is in the way.
                     let (dir, name, in_the_way) = match via.take() {
@@ -445,7 +449,7 @@ impl Builder {
         for e in &index.entries {
             match classify(&e.path) {
                 Change::Opaque { dir } => {
-                    if let Some(d) = self.walk_dir(dir, layer, Walk::Look) {
+                    if let Some(d) = self.walk_dir(dir, layer, Walk::Literal) {
                         let names: Vec<Box<[u8]>> = self.dirs[d as usize].keys().cloned().collect();
                         for n in names {
                             self.unlink(d, &n);
@@ -454,7 +458,7 @@ impl Builder {
                 }
                 Change::Whiteout { dir, name } => {
                     if !name.is_empty()
-                        && let Some(d) = self.walk_dir(dir, layer, Walk::Look)
+                        && let Some(d) = self.walk_dir(dir, layer, Walk::Literal)
                     {
                         self.unlink(d, name);
                     }
@@ -805,16 +809,18 @@ mod tests {
     }
 
     #[test]
-    fn a_whiteout_under_a_symlinked_parent_removes_the_target() {
+    fn a_whiteout_under_a_symlinked_parent_names_nothing() {
+        // Markers name lower-layer paths literally (see the overlay module):
+        // "e/secret" does not exist below, so nothing is hidden.
         let t = merged(vec![
             layer(vec![
                 d("etc"),
                 f("etc/secret"),
                 link("e", EntryKind::Symlink, "etc"),
             ]),
-            layer(vec![f("e/.wh.secret")]),
+            layer(vec![f("e/.wh.secret"), f("e/.wh..wh..opq")]),
         ]);
-        assert_eq!(listing(&t), ["e@0", "etc@0"]);
+        assert_eq!(listing(&t), ["e@0", "etc/secret@0", "etc@0"]);
     }
 
     #[test]
