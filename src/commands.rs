@@ -493,15 +493,15 @@ pub fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     while done < n.size {
-        let want = (n.size - done).min(buf.len() as u64) as usize;
-        let got = layer
-            .read_at(n.offset + done, &mut buf[..want])
+        let mut read_at = |o: u64, b: &mut [u8]| layer.read_at(o, b);
+        let sparse = n.sparse.as_deref();
+        let got = crate::layer::read_file(&mut read_at, n.offset, n.size, sparse, done, &mut buf)
             .with_context(|| {
-                format!(
-                    "{what}: reading layer {}",
-                    source.image.layers[n.layer as usize].digest
-                )
-            })?;
+            format!(
+                "{what}: reading layer {}",
+                source.image.layers[n.layer as usize].digest
+            )
+        })?;
         if got == 0 {
             bail!(
                 "{what}: layer {} ends before the file does",

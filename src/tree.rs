@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use crate::layer::{Entry, EntryKind, LayerIndex};
+use crate::layer::{Entry, EntryKind, LayerIndex, Segment};
 
 pub type NodeId = u32;
 
@@ -39,6 +39,8 @@ pub struct Node {
     pub layer: u16,
     /// Where the file's bytes start in that layer's uncompressed tar.
     pub offset: u64,
+    /// A sparse file's data segments (see [`crate::layer::read_file`]).
+    pub sparse: Option<Box<[Segment]>>,
     pub nlink: u32,
     parent: NodeId,
     /// `(name, child)` in name order; names live in the tree's arena.
@@ -220,6 +222,7 @@ fn node_from(e: &Entry, layer: u16, parent: NodeId) -> Node {
         }),
         layer,
         offset: e.offset,
+        sparse: e.sparse.clone(),
         nlink: 1,
         parent,
         children: Box::new([]),
@@ -500,6 +503,7 @@ mod tests {
             rdev: (0, 0),
             xattrs: Vec::new(),
             offset: 0,
+            sparse: None,
         }
     }
 

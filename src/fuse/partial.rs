@@ -156,6 +156,7 @@ mod tests {
             rdev: (0, 0),
             xattrs: vec![],
             offset: 0,
+            sparse: None,
         }
     }
 
