@@ -1783,3 +1783,205 @@ mod tests {
         assert_eq!(idx.entries[0].path, "f");
     }
 }
+
+/// Counts the heap bytes a thread holds, so tests can bound what the reader
+/// allocates for hostile input.
+#[cfg(test)]
+mod alloc_meter {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    thread_local! {
+        static LIVE: Cell<usize> = const { Cell::new(0) };
+        static PEAK: Cell<usize> = const { Cell::new(0) };
+    }
+
+    fn add(n: usize) {
+        let _ = LIVE.try_with(|c| {
+            let v = c.get() + n;
+            c.set(v);
+            let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
+        });
+    }
+
+    fn sub(n: usize) {
+        let _ = LIVE.try_with(|c| c.set(c.get().saturating_sub(n)));
+    }
+
+    struct Meter;
+
+    // SAFETY: every call forwards to the system allocator unchanged.
+    unsafe impl GlobalAlloc for Meter {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc(l) };
+            if !p.is_null() {
+                add(l.size());
+            }
+            p
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            let p = unsafe { System.alloc_zeroed(l) };
+            if !p.is_null() {
+                add(l.size());
+            }
+            p
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            unsafe { System.dealloc(p, l) };
+            sub(l.size());
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            let q = unsafe { System.realloc(p, l, new) };
+            if !q.is_null() {
+                sub(l.size());
+                add(new);
+            }
+            q
+        }
+    }
+
+    #[global_allocator]
+    static METER: Meter = Meter;
+
+    /// What `f` returns, and the most heap bytes this thread held during it
+    /// beyond what it held before.
+    pub fn peak_during<T>(f: impl FnOnce() -> T) -> (T, usize) {
+        let base = LIVE.with(Cell::get);
+        PEAK.with(|p| p.set(base));
+        let out = f();
+        (out, PEAK.with(Cell::get) - base)
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Well-formed archives to mutate: every sparse encoding, long names,
+    /// links and PAX records, so mutations reach deep into the reader.
+    fn seeds() -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        for name in [
+            "sparse-formats.tar",
+            "gnu-multi-hdrs.tar",
+            "pax-multi-hdrs.tar",
+            "hdr-only.tar",
+            "pax.tar",
+            "invalid-go17.tar",
+            "gnu-sparse-big.tar",
+            "xattrs.tar",
+        ] {
+            if let Ok(b) = std::fs::read(format!("{}/{name}", tests::GO_TESTDATA)) {
+                out.push(b);
+            }
+        }
+        let mut b = tar::Builder::new(Vec::new());
+        let mut h = tar::Header::new_gnu();
+        h.set_size(3);
+        h.set_mode(0o644);
+        b.append_data(&mut h, format!("{}/../../x", "d".repeat(120)), &b"abc"[..])
+            .unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        b.append_link(&mut h, "hl", "../../etc/passwd").unwrap();
+        out.push(b.into_inner().unwrap());
+        out
+    }
+
+    fn fix_checksums(tar: &mut [u8]) {
+        for block in tar.chunks_exact_mut(BLOCK) {
+            block[148..156].fill(b' ');
+            let sum: u32 = block.iter().map(|&c| c as u32).sum();
+            block[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
+        }
+    }
+
+    fn clean(path: &str) -> bool {
+        path.is_empty()
+            || path
+                .split('/')
+                .all(|c| !c.is_empty() && c != "." && c != "..")
+    }
+
+    fn check(tar: &[u8]) {
+        let (res, peak) = alloc_meter::peak_during(|| index_tar(tar, "sha256:p"));
+        // Proportional to the input, plus a little: no header can make the
+        // reader reserve memory for bytes that never arrive.
+        let bound = 64 * tar.len() + (256 << 10);
+        assert!(peak <= bound, "{peak} bytes for {} input bytes", tar.len());
+        let Ok(idx) = res else { return };
+        for e in &idx.entries {
+            assert!(clean(&e.path), "path {:?} leaves the root", e.path);
+            if e.kind == EntryKind::Hardlink {
+                assert!(clean(e.link.as_deref().unwrap_or("")), "{:?}", e.link);
+            }
+            let Some(segs) = &e.sparse else { continue };
+            let mut end = 0;
+            for s in segs.iter() {
+                assert!(s.logical >= end && s.logical + s.len <= e.size, "{segs:?}");
+                end = s.logical + s.len;
+            }
+            let mut read_at = |o: u64, b: &mut [u8]| {
+                let o = (o as usize).min(tar.len());
+                let n = b.len().min(tar.len() - o);
+                b[..n].copy_from_slice(&tar[o..o + n]);
+                Ok(n)
+            };
+            let mut buf = [0u8; 300];
+            for pos in [0, e.size / 2, e.size.saturating_sub(100)] {
+                let n = read_file(&mut read_at, e.offset, e.size, Some(segs), pos, &mut buf);
+                let n = n.expect("data the index accepted is in the tar");
+                assert_eq!(n as u64, (e.size - pos).min(300));
+            }
+        }
+    }
+
+    #[test]
+    fn an_extension_header_that_lies_about_its_size_costs_only_what_arrives() {
+        let mut h = tar::Header::new_ustar();
+        h.set_entry_type(tar::EntryType::XHeader);
+        h.set_size(EXTENSION_MAX);
+        h.set_cksum();
+        let mut tar = h.as_bytes().to_vec();
+        tar.extend_from_slice(&[b'x'; 1024]);
+        let (res, peak) = alloc_meter::peak_during(|| index_tar(&tar[..], "sha256:p"));
+        assert!(matches!(res, Err(LayerError::Truncated { .. })), "{res:?}");
+        assert!(peak > 0 && peak < 64 << 10, "{peak} bytes");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_or_allocate_beyond_a_bound(
+            bytes in proptest::collection::vec(any::<u8>(), 0..4096),
+            fix in any::<bool>(),
+        ) {
+            let mut bytes = bytes;
+            if fix {
+                fix_checksums(&mut bytes);
+            }
+            check(&bytes);
+        }
+
+        #[test]
+        fn mutated_archives_never_panic_escape_the_root_or_allocate_beyond_a_bound(
+            seed in any::<prop::sample::Index>(),
+            edits in proptest::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..12),
+            cut in any::<prop::sample::Index>(),
+            fix in any::<bool>(),
+        ) {
+            let seeds = seeds();
+            let mut tar = seeds[seed.index(seeds.len())].clone();
+            for (at, byte) in edits {
+                let i = at.index(tar.len());
+                tar[i] = byte;
+            }
+            if fix {
+                fix_checksums(&mut tar);
+            }
+            let keep = cut.index(tar.len() + 1).max(tar.len() / 2);
+            tar.truncate(keep);
+            check(&tar);
+        }
+    }
+}
