@@ -839,7 +839,13 @@ impl Indexer<'_> {
         self.entries.push(Entry {
             path: path_of(&h.name),
             kind,
-            mode: h.mode as u32 & 0o7777,
+            // A symlink's mode means nothing on Linux, which always shows 0777
+            // (as umoci's and docker's extracted symlinks do).
+            mode: if kind == EntryKind::Symlink {
+                0o777
+            } else {
+                h.mode as u32 & 0o7777
+            },
             uid: h.uid as u32,
             gid: h.gid as u32,
             size: if file { size as u64 } else { 0 },
