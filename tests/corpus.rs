@@ -333,3 +333,221 @@ fn corpus_table_covers_every_tar_in_the_corpus() {
     let listed: Vec<String> = CORPUS.iter().map(|(n, _)| n.to_string()).collect();
     assert_eq!(listed, names);
 }
+
+/// A sparse file of `size` bytes holding `chunks` (offset, bytes).
+fn sparse_file(dir: &Path, name: &str, size: u64, chunks: &[(u64, Vec<u8>)]) {
+    let f = std::fs::File::create(dir.join(name)).unwrap();
+    f.set_len(size).unwrap();
+    for (at, data) in chunks {
+        f.write_all_at(data, *at).unwrap();
+    }
+}
+
+/// GNU tar's archive of `names` in `dir`, in `format`, sparse files detected.
+fn gnu_tar(dir: &Path, args: &[&str], names: &[&str]) -> Vec<u8> {
+    let out = Command::new("tar")
+        .arg("-C")
+        .arg(dir)
+        .args([
+            "--sparse",
+            "--owner=0",
+            "--group=0",
+            "--numeric-owner",
+            "-b",
+            "1",
+        ])
+        .args(args)
+        .arg("-cf")
+        .arg("-")
+        .args(names)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "tar {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
+/// Archives joined into one: each but the last loses its end-of-archive zero
+/// blocks (the files here all end in data, so no data block is all zeros at
+/// the end).
+fn concat(tars: &[Vec<u8>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (i, t) in tars.iter().enumerate() {
+        let mut t = t.clone();
+        if i + 1 < tars.len() {
+            while t.len() >= 512 && t[t.len() - 512..].iter().all(|&b| b == 0) {
+                t.truncate(t.len() - 512);
+            }
+        }
+        out.extend_from_slice(&t);
+    }
+    out
+}
+
+fn chunks() -> Vec<(u64, Vec<u8>)> {
+    let noise: Vec<u8> = (0..20_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8 | 1)
+        .collect();
+    vec![
+        (0, b"head of a sparse file\n".to_vec()),
+        (10 << 20, noise),
+        ((24 << 20) - 5, b"tail!".to_vec()),
+    ]
+}
+
+fn push_tar(reg: &Registry, repo: &str, tar: &[u8]) -> String {
+    push_image(
+        reg,
+        repo,
+        "t",
+        &[layer_blob(tar, Compress::Gzip, true)],
+        "amd64",
+        true,
+    );
+    format!("{}/{repo}:t", reg.addr())
+}
+
+fn cat_all(env: &Env, r: &str, mount: &Path) {
+    for (path, e) in tree_listing(mount) {
+        if e.kind == '-' {
+            let out = env.run(&["cat", r, &path]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            assert_eq!(
+                out.stdout,
+                std::fs::read(mount.join(&path)).unwrap(),
+                "rimg cat {path}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sparse_files_in_pax_encodings_match_umoci_through_the_mount_and_cat() {
+    let src = tempfile::tempdir().unwrap();
+    let names = ["pax00.img", "pax01.img", "pax10.img"];
+    for n in names {
+        sparse_file(src.path(), n, 24 << 20, &chunks());
+    }
+    let tar = concat(&[
+        gnu_tar(
+            src.path(),
+            &["--format=posix", "--sparse-version=0.0"],
+            &names[..1],
+        ),
+        gnu_tar(
+            src.path(),
+            &["--format=posix", "--sparse-version=0.1"],
+            &names[1..2],
+        ),
+        gnu_tar(
+            src.path(),
+            &["--format=posix", "--sparse-version=1.0"],
+            &names[2..],
+        ),
+    ]);
+    // Stored sparse: far smaller than the 72 MiB the files hold.
+    assert!(tar.len() < 1 << 20, "{} bytes", tar.len());
+    let reg = Registry::start(Auth::None);
+    let env = Env::new();
+    let r = push_tar(&reg, "sparse/pax", &tar);
+    let m = Mounted::new(&env, &r, &[]);
+    let (_keep, rootfs) = umoci_unpack(&reg, "sparse/pax", "t");
+    assert_same_tree(&m.path, &rootfs);
+    for n in names {
+        assert_eq!(
+            std::fs::read(m.path.join(n)).unwrap(),
+            std::fs::read(src.path().join(n)).unwrap(),
+            "{n}"
+        );
+    }
+    cat_all(&env, &r, &m.path);
+}
+
+#[test]
+fn gnu_sparse_files_umoci_refuses_read_as_gnu_tar_extracts_them_and_export_expands_them() {
+    let src = tempfile::tempdir().unwrap();
+    for n in ["gnu.img", "pax10.img"] {
+        sparse_file(src.path(), n, 24 << 20, &chunks());
+    }
+    let tar = concat(&[
+        gnu_tar(src.path(), &["--format=gnu"], &["gnu.img"]),
+        gnu_tar(
+            src.path(),
+            &["--format=posix", "--sparse-version=1.0"],
+            &["pax10.img"],
+        ),
+    ]);
+    let reg = Registry::start(Auth::None);
+    let env = Env::new();
+    let r = push_tar(&reg, "sparse/gnu", &tar);
+    let m = Mounted::new(&env, &r, &[]);
+    // umoci knows no old GNU sparse entries ('S'); GNU tar, which wrote them,
+    // is the reference.
+    let err = umoci_try(&reg, "sparse/gnu").unwrap_err();
+    assert!(err.contains("typeflag"), "{err}");
+    let x = tempfile::tempdir().unwrap();
+    let layer = x.path().join("layer.tar");
+    std::fs::write(&layer, &tar).unwrap();
+    let out = x.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    run_ok(
+        Command::new("tar")
+            .arg("-xpf")
+            .arg(&layer)
+            .arg("-C")
+            .arg(&out),
+    );
+    assert_same_tree(&m.path, &out);
+    cat_all(&env, &r, &m.path);
+    // The flattened export holds the files expanded, which umoci unpacks to
+    // the same bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let archive = dir.path().join("flat.tar");
+    env.ok(&["export", "--flatten", &r, archive.to_str().unwrap()]);
+    let layout = dir.path().join("oci");
+    run_ok(
+        Command::new("skopeo")
+            .args(["copy", "-q"])
+            .arg(format!("docker-archive:{}", archive.display()))
+            .arg(format!("oci:{}:t", layout.display())),
+    );
+    let (_d, rootfs) = unpack_layout(dir, &layout, "t");
+    assert_same_tree(&m.path, &rootfs);
+}
+
+#[test]
+fn a_9_gib_sparse_file_has_its_full_size_and_reads_at_its_end() {
+    let src = tempfile::tempdir().unwrap();
+    let size: u64 = 9 << 30;
+    sparse_file(
+        src.path(),
+        "big.img",
+        size,
+        &[(0, b"head".to_vec()), (size - 5, b"tail!".to_vec())],
+    );
+    let tar = gnu_tar(
+        src.path(),
+        &["--format=posix", "--sparse-version=1.0"],
+        &["big.img"],
+    );
+    let reg = Registry::start(Auth::None);
+    let env = Env::new();
+    let r = push_tar(&reg, "sparse/big", &tar);
+    let m = Mounted::new(&env, &r, &[]);
+    let f = std::fs::File::open(m.path.join("big.img")).unwrap();
+    assert_eq!(f.metadata().unwrap().len(), size);
+    let mut buf = [1u8; 10];
+    f.read_exact_at(&mut buf, size - 10).unwrap();
+    assert_eq!(&buf, b"\0\0\0\0\0tail!");
+    f.read_exact_at(&mut buf, size / 2).unwrap();
+    assert_eq!(buf, [0u8; 10]);
+    let ls = env.ok(&["ls", "-l", &r, "/big.img"]);
+    assert!(ls.contains(&size.to_string()), "{ls}");
+}
