@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::cache::Cache;
 use crate::fuse::mounts::{self, MountRecord};
 use crate::image::{ImageSource, short_digest};
-use crate::layer::EntryKind;
+use crate::layer::{EntryKind, read_file};
 use crate::reference::Reference;
 use crate::registry::{
     Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, ResolvedImage,
@@ -495,13 +495,14 @@ pub fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
     while done < n.size {
         let mut read_at = |o: u64, b: &mut [u8]| layer.read_at(o, b);
         let sparse = n.sparse.as_deref();
-        let got = crate::layer::read_file(&mut read_at, n.offset, n.size, sparse, done, &mut buf)
-            .with_context(|| {
-            format!(
-                "{what}: reading layer {}",
-                source.image.layers[n.layer as usize].digest
-            )
-        })?;
+        let got = read_file(&mut read_at, n.offset, n.size, sparse, done, &mut buf).with_context(
+            || {
+                format!(
+                    "{what}: reading layer {}",
+                    source.image.layers[n.layer as usize].digest
+                )
+            },
+        )?;
         if got == 0 {
             bail!(
                 "{what}: layer {} ends before the file does",
