@@ -494,7 +494,7 @@ pub fn cat(common: &Common, reference: &str, path: &str) -> Result<()> {
     let mut done = 0u64;
     while done < n.size {
         let mut read_at = |o: u64, b: &mut [u8]| layer.read_at(o, b);
-        let sparse = n.sparse.as_deref();
+        let sparse = n.sparse();
         let got = read_file(&mut read_at, n.offset, n.size, sparse, done, &mut buf).with_context(
             || {
                 format!(

@@ -179,7 +179,7 @@ pub fn write_rootfs<W: Write>(
                     layer: &layers[n.layer as usize],
                     offset: n.offset,
                     size: n.size,
-                    sparse: n.sparse.as_deref(),
+                    sparse: n.sparse(),
                     pos: 0,
                 };
                 append_entry(&mut builder, header, n, &path, None, reader).map_err(|source| {

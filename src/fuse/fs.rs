@@ -516,7 +516,7 @@ fn read_node(m: &Mounted, n: &Node, offset: u64, size: u32) -> Result<Vec<u8>, E
         return Err(Errno::EINVAL);
     }
     let layer = m.layers.get(n.layer as usize).ok_or(Errno::EIO)?;
-    read_data(layer, n.offset, n.size, n.sparse.as_deref(), offset, size)
+    read_data(layer, n.offset, n.size, n.sparse(), offset, size)
 }
 
 /// Up to `size` bytes at `offset` of a file of `len` bytes whose data starts
