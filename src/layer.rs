@@ -828,8 +828,10 @@ impl Indexer<'_> {
             EntryKind::Symlink => Some(link_of(&h.link)),
             _ => None,
         };
+        // Empty values are skipped like every empty PAX record (Go does so).
         let xattrs = pax
             .iter()
+            .filter(|(_, v)| !v.is_empty())
             .filter_map(|(k, v)| {
                 let name = k.strip_prefix(b"SCHILY.xattr.")?;
                 Some((String::from_utf8_lossy(name).into_owned(), v.clone()))
@@ -1162,6 +1164,7 @@ mod tests {
                 ("mtime", b"1700000000.123456"),
                 ("SCHILY.xattr.user.comment", b"hi"),
                 ("SCHILY.xattr.security.capability", b"\x01\x00\x00\x02"),
+                ("SCHILY.xattr.user.empty", b""),
             ],
             "short",
             b"abc",
