@@ -1371,6 +1371,13 @@ mod tests {
         assert_sparse_then_end(&tar, "sparse-1.0");
     }
 
+    /// Go refuses all of these too, at its header (ErrHeader) or when the
+    /// data is read (errMissData, errUnrefData), so refusing the layer agrees
+    /// with what docker can extract. Where safety wins over Go: Go trusts a
+    /// 1.0 map's count and the length of its numbers (memory grows with the
+    /// input), while rimg refuses more than SPARSE_MAX segments (here before
+    /// reading them) and numbers over 32 characters, so no map can make an
+    /// index unbounded.
     #[test]
     fn bad_sparse_maps_are_refused_naming_the_entry() {
         let v1 = |map: &str, data: &[u8]| {
