@@ -644,6 +644,11 @@ impl Indexer<'_> {
                     ));
                 }
             };
+            // Go checks the header's own size before any PAX record can
+            // replace it.
+            if h.size < 0 && !header_only(h.typeflag) {
+                return Err(self.refuse(&h.name, "negative size in the tar header"));
+            }
             match h.typeflag {
                 b'x' | b'g' | b'L' | b'K' => {
                     let data = self.special(r, &h)?;
@@ -1723,6 +1728,29 @@ mod tests {
         let e = &index(&b.into_inner().unwrap()).entries[0];
         // The second PAX header replaces the first entirely (uid too).
         assert_eq!((e.path.as_str(), e.uid), ("second", 1000));
+    }
+
+    #[test]
+    fn a_negative_header_size_is_refused_even_when_pax_replaces_it() {
+        let mut h = header(tar::EntryType::Regular, 0o644, 0);
+        h.as_gnu_mut().unwrap().size = [0xff; 12]; // -1 in base-256
+        h.set_path("neg").unwrap();
+        h.set_cksum();
+        let mut b = builder();
+        b.append_pax_extensions([("size", &b"0"[..])]).unwrap();
+        b.append(&h, io::empty()).unwrap();
+        let err = index_tar(&b.into_inner().unwrap()[..], D)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("neg: negative size"), "{err}");
+        // Types without data ignore their size field, negative or not.
+        let mut h = header(tar::EntryType::Directory, 0o755, 0);
+        h.as_gnu_mut().unwrap().size = [0xff; 12];
+        h.set_path("d/").unwrap();
+        h.set_cksum();
+        let mut tar = h.as_bytes().to_vec();
+        tar.extend_from_slice(&[0u8; 1024]);
+        assert_eq!(index(&tar).entries[0].kind, EntryKind::Dir);
     }
 
     #[test]
