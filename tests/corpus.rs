@@ -1,8 +1,8 @@
 //! Go's archive/tar test corpus as a conformance suite: docker, containerd and
 //! umoci all read layers with Go's reader, so rimg must read every tar it
 //! reads, and the same way. Each corpus tar is pushed to a real registry as a
-//! one-layer image, then mounted, listed, `cat` and exported with rimg, and
-//! compared with umoci's unpack of the same image. What Go does per file
+//! one-layer image, then mounted, listed (`ls -R`), `cat` and exported with
+//! rimg, and compared with umoci's unpack of the same image. What Go does per file
 //! comes from its reader_test.go; the outcome expected of rimg is recorded
 //! per file below, so a regression names the file.
 
@@ -206,6 +206,17 @@ fn cat_matches_mount(env: &Env, r: &str, mount: &Path, listing: &BTreeMap<String
     }
 }
 
+/// `rimg ls -R` names what the mount holds.
+fn ls_matches_mount(env: &Env, r: &str, listing: &BTreeMap<String, EntryInfo>) -> bool {
+    let mut names: Vec<String> = env
+        .ok(&["ls", "-R", r])
+        .lines()
+        .map(|l| l.trim_start_matches('/').to_string())
+        .collect();
+    names.sort();
+    names == listing.keys().cloned().collect::<Vec<_>>()
+}
+
 /// The rootfs export, extracted by GNU tar, shows the mount's tree.
 fn export_matches(env: &Env, r: &str, listing: &BTreeMap<String, EntryInfo>) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
@@ -302,6 +313,9 @@ fn go_tar_corpus_reads_as_go_and_umoci_read_it() {
                         fail(format!("umoci unpacks it now; make it Same (was: {why})"))
                     }
                     _ => unreachable!(),
+                }
+                if !ls_matches_mount(&env, &r, &ours) {
+                    fail("rimg ls -R names other entries than the mount".into());
                 }
                 cat_matches_mount(&env, &r, &m.path, &ours);
                 let d = export_matches(&env, &r, &ours);
