@@ -26,7 +26,7 @@ use crate::layer::{self, Compression, LayerError, LayerIndex};
 use crate::registry::LayerDesc;
 
 /// Bumped whenever the index format changes, so old indexes are rebuilt.
-const INDEX_VERSION: u32 = 3;
+const INDEX_VERSION: u32 = 4;
 const IO_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]

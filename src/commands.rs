@@ -11,7 +11,7 @@ use serde_json::json;
 use crate::cache::Cache;
 use crate::fuse::mounts::{self, MountRecord};
 use crate::image::{ImageSource, short_digest};
-use crate::layer::EntryKind;
+use crate::layer::{EntryKind, read_file};
 use crate::names;
 use crate::overlay::tree::NodeId;
 use crate::reference::Reference;
@@ -551,15 +551,16 @@ pub fn cat(common: &Common, reference: &str, path: &[u8]) -> Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     while done < n.size {
-        let want = (n.size - done).min(buf.len() as u64) as usize;
-        let got = layer
-            .read_at(n.offset + done, &mut buf[..want])
-            .with_context(|| {
+        let mut read_at = |o: u64, b: &mut [u8]| layer.read_at(o, b);
+        let sparse = n.sparse();
+        let got = read_file(&mut read_at, n.offset, n.size, sparse, done, &mut buf).with_context(
+            || {
                 format!(
                     "{what}: reading layer {}",
                     source.image.layers[n.layer as usize].digest
                 )
-            })?;
+            },
+        )?;
         if got == 0 {
             bail!(
                 "{what}: layer {} ends before the file does",

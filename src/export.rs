@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::Layer;
 use crate::image::ImageSource;
-use crate::layer::EntryKind;
+use crate::layer::{EntryKind, Segment, read_file};
 use crate::overlay::tree::{NodeId, Tree};
 use crate::registry::{OCI_MANIFEST, sha256_digest};
 
@@ -45,32 +45,33 @@ pub enum Format {
     Rootfs,
 }
 
-/// Reads `len` bytes of a file's data from its layer.
+/// Reads a file's `size` bytes from its layer (a sparse file expanded, its
+/// holes as zeros).
 struct DataReader<'a> {
     /// `None` when the tree names a layer it was not given.
     layer: Option<&'a Layer>,
     offset: u64,
-    remaining: u64,
+    size: u64,
+    sparse: Option<&'a [Segment]>,
+    pos: u64,
 }
 
 impl Read for DataReader<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.remaining == 0 {
-            return Ok(0);
-        }
-        let want = (buf.len() as u64).min(self.remaining) as usize;
-        let layer = self
-            .layer
-            .ok_or_else(|| io::Error::other("the file's layer is not open"))?;
-        let n = layer.read_at(self.offset, &mut buf[..want])?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "layer ends before the file's data",
-            ));
-        }
-        self.offset += n as u64;
-        self.remaining -= n as u64;
+        let layer = self.layer;
+        let mut read_at = |o: u64, b: &mut [u8]| match layer {
+            Some(l) => l.read_at(o, b),
+            None => Err(io::Error::other("the file's layer is not open")),
+        };
+        let n = read_file(
+            &mut read_at,
+            self.offset,
+            self.size,
+            self.sparse,
+            self.pos,
+            buf,
+        )?;
+        self.pos += n as u64;
         Ok(n)
     }
 }
@@ -177,7 +178,9 @@ pub fn write_rootfs<W: Write>(
                 let reader = DataReader {
                     layer: layers.get(n.layer as usize).map(|l| &**l),
                     offset: n.offset,
-                    remaining: n.size,
+                    size: n.size,
+                    sparse: n.sparse(),
+                    pos: 0,
                 };
                 append_entry(&mut builder, header, n, &path, None, reader).map_err(|source| {
                     ExportError::Read {
@@ -564,6 +567,7 @@ mod tests {
             rdev: (0, 0),
             xattrs: vec![("user.k".into(), b"v".to_vec())],
             offset: 0,
+            sparse: None,
         }
     }
 

@@ -17,7 +17,7 @@ use fuser::{
 
 use crate::cache::Layer;
 use crate::image::ImageSource;
-use crate::layer::{Entry, EntryKind};
+use crate::layer::{Entry, EntryKind, Segment};
 use crate::overlay::partial::{Decision, LayerView, decide};
 use crate::overlay::tree::{Node, NodeId, Tree};
 
@@ -377,7 +377,15 @@ impl Target<'_> {
         match self {
             Target::Node(m, id) => read_node(m, m.tree.node(*id), offset, size),
             Target::Prov(_, p) if p.entry.kind == EntryKind::File => {
-                read_data(&p.layer, p.entry.offset, p.entry.size, offset, size)
+                let e = &p.entry;
+                read_data(
+                    &p.layer,
+                    e.offset,
+                    e.size,
+                    e.sparse.as_deref(),
+                    offset,
+                    size,
+                )
             }
             Target::Prov(..) => Err(Errno::EINVAL),
         }
@@ -511,31 +519,31 @@ fn read_node(m: &Mounted, n: &Node, offset: u64, size: u32) -> Result<Vec<u8>, E
         return Err(Errno::EINVAL);
     }
     let layer = m.layers.get(n.layer as usize).ok_or(Errno::EIO)?;
-    read_data(layer, n.offset, n.size, offset, size)
+    read_data(layer, n.offset, n.size, n.sparse(), offset, size)
 }
 
-/// Up to `size` bytes at `offset` of a file whose `len` bytes start at `at`.
-fn read_data(layer: &Layer, at: u64, len: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+/// Up to `size` bytes at `offset` of a file of `len` bytes whose data starts
+/// at `at` (holes of a sparse file read as zeros).
+fn read_data(
+    layer: &Layer,
+    at: u64,
+    len: u64,
+    sparse: Option<&[Segment]>,
+    offset: u64,
+    size: u32,
+) -> Result<Vec<u8>, Errno> {
     if offset >= len {
         return Ok(Vec::new());
     }
-    let want = (len - offset).min(size as u64) as usize;
-    let mut buf = vec![0u8; want];
-    let mut done = 0;
-    while done < want {
-        match layer.read_at(at + offset + done as u64, &mut buf[done..]) {
-            Ok(0) => {
-                tracing::error!("layer {} ends before the file's data does", layer.digest);
-                return Err(Errno::EIO);
-            }
-            Ok(k) => done += k,
-            Err(e) => {
-                tracing::error!("reading layer {}: {e}", layer.digest);
-                return Err(Errno::EIO);
-            }
+    let mut buf = vec![0u8; (len - offset).min(size as u64) as usize];
+    let mut read_at = |o: u64, b: &mut [u8]| layer.read_at(o, b);
+    match crate::layer::read_file(&mut read_at, at, len, sparse, offset, &mut buf) {
+        Ok(_) => Ok(buf),
+        Err(e) => {
+            tracing::error!("reading layer {}: {e}", layer.digest);
+            Err(Errno::EIO)
         }
     }
-    Ok(buf)
 }
 
 impl Filesystem for ImageFs {

@@ -151,6 +151,7 @@ mod differential {
             rdev: (0, 0),
             xattrs: Vec::new(),
             offset,
+            sparse: None,
         }
     }
 

@@ -184,6 +184,7 @@ mod tests {
             rdev: (0, 0),
             xattrs: vec![],
             offset: 0,
+            sparse: None,
         }
     }
 

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use super::{Change, MAX_SYMLINKS, classify};
-use crate::layer::{Entry, EntryKind, LayerIndex};
+use crate::layer::{Entry, EntryKind, LayerIndex, Segment};
 use crate::names::{self, Escaped};
 
 pub type NodeId = u32;
@@ -49,6 +49,9 @@ pub struct Node {
     pub layer: u16,
     /// Where the file's bytes start in that layer's uncompressed tar.
     pub offset: u64,
+    /// A sparse file's data segments (see [`crate::layer::read_file`]);
+    /// boxed twice so that it costs every node 8 bytes, not 16.
+    sparse: Option<Box<Box<[Segment]>>>,
     pub nlink: u32,
     parent: NodeId,
     /// `(name, child)` in name order; names live in the tree's arena.
@@ -56,6 +59,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// A sparse file's data segments; `None` for a file stored whole.
+    pub fn sparse(&self) -> Option<&[Segment]> {
+        self.sparse.as_deref().map(|s| &**s)
+    }
+
     /// The entry's extended attributes as the image stores them.
     pub fn xattrs(&self) -> impl Iterator<Item = (&str, &[u8])> {
         self.xattrs
@@ -235,6 +243,7 @@ fn node_from(e: &Entry, layer: u16, parent: NodeId) -> Node {
         }),
         layer,
         offset: e.offset,
+        sparse: e.sparse.clone().map(Box::new),
         nlink: 1,
         parent,
         children: Box::new([]),
@@ -575,6 +584,7 @@ mod tests {
             rdev: (0, 0),
             xattrs: Vec::new(),
             offset: 0,
+            sparse: None,
         }
     }
 
@@ -871,6 +881,28 @@ mod tests {
     fn single_layer_view_shows_whiteouts_as_stored() {
         let t = single_layer(&layer(vec![f(".wh.gone"), d("d"), f("d/.wh..wh..opq")]));
         assert_eq!(listing(&t), [".wh.gone@0", "d/.wh..wh..opq@0", "d@0"]);
+    }
+
+    #[test]
+    fn sparse_maps_survive_the_merge_hardlinks_and_a_saved_tree() {
+        let seg = Segment {
+            logical: 4096,
+            stored: 0,
+            len: 10,
+        };
+        let mut s = f("disk.img");
+        s.size = 1 << 33;
+        s.sparse = Some(Box::new([seg]));
+        let t = merged(vec![layer(vec![
+            s,
+            link("alias", EntryKind::Hardlink, "disk.img"),
+        ])]);
+        let saved: Tree = postcard::from_bytes(&postcard::to_stdvec(&t).unwrap()).unwrap();
+        for t in [&t, &saved] {
+            let n = t.node(t.resolve(b"alias", false).unwrap());
+            assert_eq!((n.size, n.sparse()), (1 << 33, Some(&[seg][..])));
+        }
+        assert_eq!(t.node(t.root()).sparse(), None);
     }
 
     #[test]

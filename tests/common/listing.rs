@@ -67,14 +67,39 @@ fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
     out
 }
 
-/// A path as text without losing a byte: UTF-8 as it is, any other byte as
-/// `\xNN` (the escape rimg documents for its own output).
+/// A path as text without losing a byte: UTF-8 as it is, a backslash as
+/// `\\`, any other byte as `\xNN` (the escape rimg documents for its own
+/// output). [`from_lossless`] reverses it.
 pub fn lossless(bytes: &[u8]) -> String {
     let mut out = String::new();
     for chunk in bytes.utf8_chunks() {
-        out.push_str(chunk.valid());
+        out.push_str(&chunk.valid().replace('\\', "\\\\"));
         for b in chunk.invalid() {
             out.push_str(&format!("\\x{b:02x}"));
+        }
+    }
+    out
+}
+
+/// The bytes a [`lossless`] string stands for.
+pub fn from_lossless(s: &str) -> Vec<u8> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match (b[i], b.get(i + 1)) {
+            (b'\\', Some(b'\\')) => {
+                out.push(b'\\');
+                i += 2;
+            }
+            (b'\\', Some(b'x')) => {
+                out.push(u8::from_str_radix(&s[i + 2..i + 4], 16).unwrap());
+                i += 4;
+            }
+            (c, _) => {
+                out.push(c);
+                i += 1;
+            }
         }
     }
     out
