@@ -7,6 +7,7 @@
 pub mod cache;
 pub mod commands;
 pub mod export;
+pub mod forensics;
 pub mod fuse;
 pub mod image;
 pub mod layer;

@@ -389,7 +389,8 @@ impl Builder {
         id
     }
 
-    fn add(&mut self, e: &Entry, layer: u16) -> Result<(), TreeError> {
+    /// Applies one entry; says where it landed: `(directory, node)`.
+    fn add(&mut self, e: &Entry, layer: u16) -> Result<Option<(NodeId, NodeId)>, TreeError> {
         if e.path.is_empty() {
             // The root's own entry: its attributes, never its identity.
             if e.kind == EntryKind::Dir {
@@ -398,7 +399,7 @@ impl Builder {
                 root.nlink = old.nlink;
                 self.nodes[0] = root;
             }
-            return Ok(());
+            return Ok(None);
         }
         let (dir_path, name) = names::split(&e.path);
         let dir = self.parent_dir(dir_path, layer);
@@ -425,12 +426,12 @@ impl Builder {
                 }
             };
             if existing == Some(t) {
-                return Ok(());
+                return Ok(Some((dir, t)));
             }
             self.unlink(dir, name);
             self.nodes[t as usize].nlink += 1;
             self.insert(dir, name, t);
-            return Ok(());
+            return Ok(Some((dir, t)));
         }
         if let Some(old) = existing
             && e.kind == EntryKind::Dir
@@ -441,21 +442,22 @@ impl Builder {
             let keep = (n.nlink, n.parent);
             *n = node_from(e, layer, dir);
             (n.nlink, n.parent) = keep;
-            return Ok(());
+            return Ok(Some((dir, old)));
         }
         self.unlink(dir, name);
         let id = self.push(node_from(e, layer, dir));
         self.insert(dir, name, id);
-        Ok(())
+        Ok(Some((dir, id)))
     }
 
     /// Applies one layer's changeset: markers first (they act on the layers
     /// below), then the entries in tar order.
-    fn apply(&mut self, index: &LayerIndex, layer: u16) -> Result<(), TreeError> {
+    /// Returns where each entry landed (`None` for markers and the root).
+    fn apply(&mut self, index: &LayerIndex, layer: u16) -> Result<Vec<Placed>, TreeError> {
         // Directories created implicitly belong to the layer being applied.
         self.last_dir = None;
         let mut regular = Vec::with_capacity(index.entries.len());
-        for e in &index.entries {
+        for (k, e) in index.entries.iter().enumerate() {
             match classify(&e.path) {
                 Change::Opaque { dir } => {
                     if let Some(d) = self.walk_dir(dir, layer, Walk::Literal) {
@@ -472,14 +474,15 @@ impl Builder {
                         self.unlink(d, name);
                     }
                 }
-                Change::Entry => regular.push(e),
+                Change::Entry => regular.push((k, e)),
             }
         }
         self.last_dir = None;
-        for e in regular {
-            self.add(e, layer)?;
+        let mut placed = vec![None; index.entries.len()];
+        for (k, e) in regular {
+            placed[k] = self.add(e, layer)?;
         }
-        Ok(())
+        Ok(placed)
     }
 
     /// One layer as stored: markers are shown as the files they are, and a
@@ -548,6 +551,96 @@ impl Builder {
             }
         }
         Ok(Tree { nodes, names })
+    }
+}
+
+/// Where an entry landed: its directory and its node.
+pub type Placed = Option<(NodeId, NodeId)>;
+
+/// Layers applied one at a time, by the same rules as [`merge`], for
+/// questions about the states between them (a path's history, what a later
+/// layer hid). Node ids stay valid across layers: a node that loses its last
+/// name is unreachable, not reused.
+pub struct Applier {
+    b: Builder,
+    next: u16,
+}
+
+impl Default for Applier {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Applier {
+    pub fn new() -> Applier {
+        Applier {
+            b: Builder::new(),
+            next: 0,
+        }
+    }
+
+    /// Applies the next layer; says where each of its entries landed.
+    pub fn apply(&mut self, index: &LayerIndex) -> Result<Vec<Placed>, TreeError> {
+        let placed = self.b.apply(index, self.next)?;
+        self.next += 1;
+        Ok(placed)
+    }
+
+    pub fn node(&self, id: NodeId) -> &Node {
+        &self.b.nodes[id as usize]
+    }
+
+    pub fn lookup(&self, dir: NodeId, name: &[u8]) -> Option<NodeId> {
+        self.b.dirs.get(dir as usize)?.get(name).copied()
+    }
+
+    /// The node at `path`, symlinks not followed.
+    pub fn get(&self, path: &[u8]) -> Option<NodeId> {
+        let mut cur = 0;
+        for c in names::components(path) {
+            if !self.b.is_dir(cur) {
+                return None;
+            }
+            cur = self.lookup(cur, c)?;
+        }
+        Some(cur)
+    }
+
+    /// Which nodes the root reaches now.
+    pub fn reachable(&self) -> Vec<bool> {
+        let mut seen = vec![false; self.b.nodes.len()];
+        seen[0] = true;
+        let mut stack = vec![0 as NodeId];
+        while let Some(id) = stack.pop() {
+            for &c in self.b.dirs[id as usize].values() {
+                if !seen[c as usize] {
+                    seen[c as usize] = true;
+                    stack.push(c);
+                }
+            }
+        }
+        seen
+    }
+
+    /// `(path, node)` of everything below `dir`, whose path is `prefix`.
+    pub fn below(&self, dir: NodeId, prefix: &[u8]) -> Vec<(Vec<u8>, NodeId)> {
+        let mut out = Vec::new();
+        let mut stack = vec![(prefix.to_vec(), dir)];
+        while let Some((p, id)) = stack.pop() {
+            for (name, &c) in &self.b.dirs[id as usize] {
+                let path = names::join(&p, name);
+                if self.b.is_dir(c) {
+                    stack.push((path.clone(), c));
+                }
+                out.push((path, c));
+            }
+        }
+        out
+    }
+
+    pub fn finish(self) -> Result<Tree, TreeError> {
+        self.b.finish()
     }
 }
 
