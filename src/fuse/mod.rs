@@ -45,24 +45,34 @@ pub struct MountOptions {
     pub only_layer: Option<usize>,
 }
 
-/// Checks the mount point before anything is fetched or spawned.
-pub fn check_mountpoint(path: &Path) -> Result<(), FuseError> {
+/// Checks the mount point before anything is fetched or spawned. A rimg
+/// mount there whose server has died is unmounted first; returns whether
+/// there was one.
+pub fn check_mountpoint(path: &Path) -> Result<bool, FuseError> {
     let fail = |detail: String| FuseError::MountPoint {
         path: path.display().to_string(),
         detail,
     };
+    let absolute = mounts::absolute(path).map_err(|e| fail(e.to_string()))?;
+    let mut cleared = false;
+    if mounts::kernel_mounts()
+        .iter()
+        .any(|(_, mp)| *mp == absolute)
+    {
+        let record = mounts::find(&absolute);
+        if !mounts::is_dead(&absolute, record.as_ref()) {
+            return Err(fail("already has a rimg mount".into()));
+        }
+        unmount(&absolute, true)
+            .map_err(|e| fail(format!("cannot unmount the dead rimg mount there: {e}")))?;
+        mounts::remove(&absolute);
+        cleared = true;
+    }
     let meta = std::fs::metadata(path).map_err(|e| fail(e.to_string()))?;
     if !meta.is_dir() {
         return Err(fail("not a directory".into()));
     }
-    let canonical = std::fs::canonicalize(path).map_err(|e| fail(e.to_string()))?;
-    if mounts::kernel_mounts()
-        .iter()
-        .any(|(_, mp)| *mp == canonical)
-    {
-        return Err(fail("already has a rimg mount".into()));
-    }
-    Ok(())
+    Ok(cleared)
 }
 
 /// Mount options, chosen deliberately:
@@ -165,10 +175,12 @@ fn fusermount(mountpoint: &Path, options: &str) -> std::io::Result<(OwnedFd, Uni
         Err(e) => {
             let out = child.wait_with_output()?;
             let said = String::from_utf8_lossy(&out.stderr);
-            let said = said.lines().map(str::trim).filter(|l| !l.is_empty()).last();
+            let said = said.lines().map(str::trim).rfind(|l| !l.is_empty());
             Err(match said {
                 Some(line) => std::io::Error::other(line.to_string()),
-                None => std::io::Error::other(format!("fusermount3 exited with {}: {e}", out.status)),
+                None => {
+                    std::io::Error::other(format!("fusermount3 exited with {}: {e}", out.status))
+                }
             })
         }
     }
