@@ -419,3 +419,46 @@ fn inode_numbers_given_before_the_tree_exists_stay_the_same_after() {
     let listed = tree_listing(&m.path);
     assert_eq!(listed["usr/bin/prog"].links, ["usr/bin/prog-link2"]);
 }
+
+#[test]
+fn a_name_longer_than_255_bytes_is_left_out_of_the_mount_and_its_directory_still_lists() {
+    let reg = Registry::start(Auth::None);
+    let long = "n".repeat(300);
+    let mut l = common::image::LayerBuilder::new();
+    l.dir("d", 0o755).file("d/a", b"a\n", 0o644);
+    l.file(&format!("d/{long}"), b"long\n", 0o644);
+    for i in 0..100 {
+        l.file(&format!("d/z{i:03}"), b"z\n", 0o644);
+    }
+    let layer = l.finish();
+    push_image(
+        &reg,
+        "long",
+        "1",
+        &[common::image::layer_blob(
+            &layer,
+            common::image::Compress::Gzip,
+            true,
+        )],
+        "amd64",
+        true,
+    );
+    let env = Env::new();
+    let r = format!("{}/long:1", reg.addr());
+    let m = Mounted::new(&env, &r, &[]);
+    let mut names: Vec<String> = std::fs::read_dir(m.path.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 101, "every other entry is listed");
+    assert_eq!(names[0], "a");
+    assert_eq!(names[100], "z099");
+    assert_eq!(
+        std::fs::read_to_string(m.path.join("d/z050")).unwrap(),
+        "z\n"
+    );
+    // Still reachable without the mount.
+    assert!(env.ok(&["ls", &r, "d"]).contains(&long));
+    assert_eq!(env.ok(&["cat", &r, &format!("d/{long}")]), "long\n");
+}

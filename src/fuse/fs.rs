@@ -899,18 +899,27 @@ fn fill_dir(
 ) -> Result<(), Errno> {
     let m = m?;
     let id = id_of(m, ino)?;
-    for (i, (name, child)) in dir_entries(&m.tree, id).skip(offset as usize).enumerate() {
-        if add(
-            m,
-            child,
-            offset + i as u64 + 1,
-            OsStr::from_bytes(name.as_bytes()),
-        ) {
+    // Offsets count every entry, left-out ones too, so they stay stable.
+    for (i, (name, child)) in dir_entries(&m.tree, id).enumerate().skip(offset as usize) {
+        if name.len() > NAME_MAX {
+            // The kernel fails the whole listing (EIO) on such a name; leave
+            // it out. `rimg ls` and `rimg cat` still reach it.
+            tracing::warn!(
+                "leaving a {}-byte name out of the listing of inode {}: longer than the kernel's {NAME_MAX}-byte limit",
+                name.len(),
+                ino.0
+            );
+            continue;
+        }
+        if add(m, child, i as u64 + 1, OsStr::from_bytes(name.as_bytes())) {
             break;
         }
     }
     Ok(())
 }
+
+/// The longest name the kernel accepts in a directory entry.
+const NAME_MAX: usize = 255;
 
 /// `.` and `..` followed by the directory's children, as (name, node) pairs.
 fn dir_entries(tree: &Tree, id: NodeId) -> impl Iterator<Item = (&str, NodeId)> + '_ {
