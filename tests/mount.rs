@@ -462,3 +462,41 @@ fn a_name_longer_than_255_bytes_is_left_out_of_the_mount_and_its_directory_still
     assert!(env.ok(&["ls", &r, "d"]).contains(&long));
     assert_eq!(env.ok(&["cat", &r, &format!("d/{long}")]), "long\n");
 }
+
+#[test]
+fn the_merged_tree_is_saved_once_every_layer_is_here_so_the_next_mount_loads_it() {
+    let reg = Registry::start(Auth::None);
+    push_rules(&reg, "rules", "v1", true);
+    let r = format!("{}/rules:v1", reg.addr());
+    let env = Env::new();
+    let trees = env.cache_dir().join("trees");
+    let saved = || std::fs::read_dir(&trees).is_ok_and(|d| d.count() > 0);
+
+    // Cold: a top-layer file fetches one layer, and no tree is made for it.
+    let m = Mounted::new(&env, &r, &[]);
+    std::fs::read(m.path.join("etc/os-release")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!saved(), "nothing is merged while layers are missing");
+    // A path decided below the top layer fetches the rest; once the last
+    // arrives the tree is built and saved without any listing asking for it.
+    std::fs::metadata(m.path.join("data/a.txt")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), saved),
+        "cold mount saves the tree"
+    );
+    let a = std::fs::metadata(m.path.join("usr/bin/prog")).unwrap();
+    assert_eq!(a.nlink(), 2);
+    drop(m);
+
+    // Warm without a saved tree (an older cache): saved after the first lookups.
+    std::fs::remove_dir_all(&trees).unwrap();
+    let m = Mounted::new(&env, &r, &[]);
+    std::fs::metadata(m.path.join("etc/os-release")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), saved),
+        "warm mount saves the tree"
+    );
+    // And the merged view is the same either way.
+    let (_keep, rootfs) = umoci_unpack(&reg, "rules", "v1");
+    assert_same_tree(&m.path, &rootfs);
+}

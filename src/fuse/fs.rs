@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -67,6 +68,10 @@ pub struct State {
     building: tokio::sync::Mutex<()>,
     partial: Mutex<Partial>,
     saved_tree: OnceLock<bool>,
+    /// The tree is being (or has been) built and saved in the background.
+    background_tree: AtomicBool,
+    /// Whether every layer was in the cache, checked after the first lookup.
+    warm_checked: AtomicBool,
 }
 
 impl State {
@@ -78,6 +83,8 @@ impl State {
             building: tokio::sync::Mutex::new(()),
             partial: Mutex::new(Partial::default()),
             saved_tree: OnceLock::new(),
+            background_tree: AtomicBool::new(false),
+            warm_checked: AtomicBool::new(false),
         })
     }
 
@@ -96,7 +103,7 @@ impl State {
     }
 
     /// One layer and its path view, fetched on first need.
-    async fn view(&self, i: usize) -> Result<(Arc<Layer>, Arc<LayerView>), String> {
+    async fn view(self: &Arc<Self>, i: usize) -> Result<(Arc<Layer>, Arc<LayerView>), String> {
         if let Some(v) = self.partial().views.get(&i) {
             return Ok(v.clone());
         }
@@ -104,8 +111,55 @@ impl State {
         let index = layer.index().map_err(|e| e.to_string())?;
         let view = Arc::new(LayerView::new(index));
         let v = (layer, view);
-        self.partial().views.insert(i, v.clone());
+        let all = {
+            let mut p = self.partial();
+            p.views.insert(i, v.clone());
+            p.views.len() == self.source.image.layers.len()
+        };
+        if all {
+            // Every layer is here now: save the merged tree, so the next
+            // mount of the image loads it instead of reading layer indexes.
+            self.build_tree_in_background();
+        }
         Ok(v)
+    }
+
+    /// After a lookup has been answered: when every layer was already cached
+    /// (a warm mount without a saved tree), build and save the tree now.
+    /// Checked once; a cold mount saves it once its last layer arrives.
+    fn after_first_lookup(self: &Arc<Self>) {
+        if self.warm_checked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cache = self.source.cache();
+        if self
+            .source
+            .image
+            .layers
+            .iter()
+            .all(|l| cache.blob_path(&l.digest).is_some())
+        {
+            self.build_tree_in_background();
+        }
+    }
+
+    /// Builds the merged tree (which saves it) on a blocking thread, so the
+    /// merge never holds up a runtime worker and so never delays an answer:
+    /// lookups go on answering top-down until it is ready.
+    fn build_tree_in_background(self: &Arc<Self>) {
+        if self.only.is_some()
+            || self.ready.get().is_some()
+            || self.background_tree.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let state = Arc::clone(self);
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = handle.block_on(state.mounted()) {
+                tracing::warn!("building the merged tree in the background: {e}");
+            }
+        });
     }
 
     /// Decides `path` from the top layer down, fetching only the layers it
@@ -208,7 +262,10 @@ impl State {
             .sum();
         let mut alias_of_node = HashMap::new();
         let mut node_of_alias = HashMap::new();
-        for (&ino, prov) in &self.partial().by_ino {
+        // Held until the tree is published, so a provisional inode is either
+        // aliased here or made after the tree is ready (and then not used).
+        let partial = self.partial();
+        for (&ino, prov) in &partial.by_ino {
             if let Ok(id) = tree.resolve(&prov.path, false) {
                 alias_of_node.entry(id).or_insert(ino);
                 node_of_alias.insert(ino, id);
@@ -223,6 +280,7 @@ impl State {
             node_of_alias,
         });
         let _ = self.ready.set(Arc::clone(&m));
+        drop(partial);
         Ok(m)
     }
 }
@@ -577,17 +635,27 @@ impl Filesystem for ImageFs {
             };
             self.rt.spawn(async move {
                 match state.resolve_partial(&path).await {
-                    Ok(Some((ino, prov))) => reply.entry(
-                        &TTL,
-                        &attr_from(INodeNo(ino), Meta::from(&*prov)),
-                        Generation(0),
-                    ),
+                    Ok(Some((ino, prov))) => {
+                        // The tree may have been published (by a build in the
+                        // background) meanwhile; then its inode numbers rule.
+                        let attr = state
+                            .ready
+                            .get()
+                            .and_then(|m| {
+                                let id = m.tree.resolve(&prov.path, false).ok()?;
+                                Some(attr_of(m, id, m.tree.node(id)))
+                            })
+                            .unwrap_or_else(|| attr_from(INodeNo(ino), Meta::from(&*prov)));
+                        reply.entry(&TTL, &attr, Generation(0))
+                    }
                     Ok(None) => reply.error(Errno::ENOENT),
                     Err(e) => {
                         tracing::error!("{e}");
-                        reply.error(Errno::EIO)
+                        reply.error(Errno::EIO);
+                        return;
                     }
                 }
+                state.after_first_lookup();
             });
             return;
         }
