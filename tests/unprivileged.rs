@@ -290,6 +290,11 @@ fn a_plain_user_mounts_reads_lists_and_unmounts_with_stock_fuse_conf() {
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(wait_for(Duration::from_secs(10), || !is_mountpoint(&u.mnt)));
 
+    // SIGTERM: the server unmounts (through fusermount3, being unprivileged).
+    u.ok(&["mount", &r, u.mnt()]);
+    unsafe { libc::kill(u.server_pid(), libc::SIGTERM) };
+    assert!(wait_for(Duration::from_secs(10), || !is_mountpoint(&u.mnt)));
+
     // Sharing needs user_allow_other, which the stock fuse.conf lacks: one
     // clear line, and nothing mounted.
     let out = u.rimg(&["mount", "--allow-other", &r, u.mnt()]);
