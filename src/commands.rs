@@ -762,6 +762,9 @@ fn serve_source(
 }
 
 pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
+    if std::env::var_os(crate::fuse::WATCH_ENV).is_some() {
+        return unmount_when_dead(mountpoint);
+    }
     // Not canonicalize: a dead mount answers ENOTCONN, and it is exactly the
     // one that most needs unmounting.
     let canonical = mounts::absolute(mountpoint)
@@ -786,6 +789,27 @@ pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
         }
     }
     mounts::remove(&canonical);
+    Ok(())
+}
+
+/// The death watcher a server starts (see `fuse::watch_for_death`): waits
+/// for its stdin, which only the server holds, to close, then unmounts the
+/// mount point only if the mount there is a dead one.
+fn unmount_when_dead(mountpoint: &std::path::Path) -> Result<()> {
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    let canonical = mounts::absolute(mountpoint)?;
+    if !mounts::kernel_mounts()
+        .iter()
+        .any(|(_, mp)| *mp == canonical)
+    {
+        return Ok(());
+    }
+    // Only the kernel's word: a record could be stale, and a live mount made
+    // here since must stay.
+    if mounts::disconnected(&canonical) {
+        crate::fuse::unmount(&canonical, true)?;
+        mounts::remove(&canonical);
+    }
     Ok(())
 }
 

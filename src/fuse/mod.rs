@@ -276,6 +276,8 @@ pub struct Mount {
     signals: (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
     /// fusermount3's auto_unmount watch: closed when this process ends.
     _watch: UnixStream,
+    /// Our own watcher's pipe, where fusermount3's cannot help.
+    _own_watch: Option<std::io::PipeWriter>,
 }
 
 /// Mounts `source` at `mountpoint`. Returns once the kernel has the mount.
@@ -312,13 +314,50 @@ pub fn mount(
         let _ = unmount(mountpoint, true);
         fail(e)
     })?;
+    let own_watch = watch_for_death(mountpoint)
+        .map_err(|e| tracing::warn!("no watcher for a kill -9 of this server: {e}"))
+        .ok();
     Ok(Mount {
         session,
         path: mountpoint.display().to_string(),
         state,
         signals,
         _watch: watch,
+        _own_watch: own_watch,
     })
+}
+
+/// Set in the environment of the death watcher, a `rimg umount` that first
+/// waits for its stdin to close.
+pub const WATCH_ENV: &str = "RIMG_WATCH_SERVER";
+
+/// fusermount3's `auto_unmount` decides a server is dead by opening the mount
+/// point and expecting ENOTCONN. Once the kernel holds the root's attributes
+/// (a day's TTL) and skips opendir (FUSE_NO_OPENDIR_SUPPORT), that open never
+/// reaches the dead server and succeeds, so the mount is left behind; and
+/// before libfuse 3.15 (Debian 12 has 3.14) it opens as root, which a plain
+/// user's private mount refuses anyway. So rimg watches too: `rimg umount`
+/// started here waits on a pipe only this process holds, and once it reads
+/// end-of-file the server is gone; it then unmounts the mount point only if
+/// the mount there is dead (a request that always reaches the server fails
+/// with ENOTCONN), never a live one mounted since. Killing the watcher as
+/// well (a whole session killed) leaves a dead mount, which `rimg mounts`
+/// shows and `rimg umount` or a new `rimg mount` clears.
+fn watch_for_death(mountpoint: &Path) -> std::io::Result<std::io::PipeWriter> {
+    use std::os::unix::process::CommandExt;
+    let (reader, writer) = std::io::pipe()?;
+    std::process::Command::new(std::env::current_exe()?)
+        .arg("umount")
+        .arg(mountpoint)
+        .env(WATCH_ENV, "1")
+        .current_dir("/")
+        .stdin(reader)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        // Not the server's signals (a Ctrl-C of a foreground mount).
+        .process_group(0)
+        .spawn()?;
+    Ok(writer)
 }
 
 impl Mount {

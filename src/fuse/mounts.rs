@@ -131,13 +131,35 @@ pub fn pid_alive(pid: u32) -> bool {
     pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
 }
 
-/// Whether the server of the mount at `mountpoint` is gone: the kernel says
-/// the endpoint is not connected, or the recorded server has exited (a
-/// server that exits cleanly removes its record).
+/// Whether the server of the mount at `mountpoint` is gone: a request that
+/// always reaches the server (getxattr; stat and open may be answered from
+/// the kernel's caches) finds the endpoint not connected, or the recorded
+/// server has exited (one that exits cleanly removes its record).
 pub fn is_dead(mountpoint: &Path, record: Option<&MountRecord>) -> bool {
-    let disconnected = std::fs::symlink_metadata(mountpoint)
-        .is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
-    disconnected || record.is_some_and(|r| !pid_alive(r.pid))
+    disconnected(mountpoint) || record.is_some_and(|r| !pid_alive(r.pid))
+}
+
+/// Whether the mount at `mountpoint` has lost its server, asked of the kernel.
+pub fn disconnected(mountpoint: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: both strings are NUL-terminated; a null buffer of size 0 asks
+    // for the value's size only.
+    let r = unsafe {
+        libc::lgetxattr(
+            path.as_ptr(),
+            c"user.rimg.layer".as_ptr(),
+            std::ptr::null_mut(),
+            0,
+        )
+    };
+    // ECONNABORTED: a request caught by the kernel tearing the connection down.
+    r < 0
+        && matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED)
+        )
 }
 
 /// `path` canonicalized; for a dead mount, which answers ENOTCONN, its parent
