@@ -84,10 +84,8 @@ pub fn check_mountpoint(path: &Path) -> Result<bool, FuseError> {
 ///   which never sees requests the kernel answers from its caches.) It also
 ///   needs `user_allow_other` in /etc/fuse.conf, which stock systems lack;
 /// - auto_unmount: fusermount3 stays behind and unmounts when the server
-///   dies, even of `kill -9`. That works for root and with allow_other on
-///   every fusermount3, and for a plain user's private mount from libfuse
-///   3.15 on; elsewhere (Debian 12's 3.14) a dead mount is left, which
-///   `rimg mounts` shows and `rimg umount` or a new `rimg mount` clears.
+///   dies, if it can tell (see `watch_for_death` for when it cannot, and
+///   what rimg does about it).
 fn options(source_name: &str, opts: &MountOptions) -> String {
     let mut o = vec![
         "ro".to_string(),
