@@ -601,6 +601,10 @@ impl Filesystem for ImageFs {
                 | InitFlags::FUSE_CACHE_SYMLINKS
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
+        // Safe because no mount relies on userspace to keep anyone out: it
+        // is private (the kernel checks every access, cached or not) or
+        // shared on purpose (`--allow-other`). With allow_root it was not:
+        // once root had opened a file, no open came to be refused.
         let no_open = InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
         self.no_open =
             config.capabilities().contains(no_open) && config.add_capabilities(no_open).is_ok();
