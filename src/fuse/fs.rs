@@ -280,6 +280,10 @@ impl State {
             node_of_alias,
         });
         let _ = self.ready.set(Arc::clone(&m));
+        // The layer views served lookups until now; the tree does from here
+        // on, so their indexes need not stay in memory.
+        let mut partial = partial;
+        partial.views.clear();
         drop(partial);
         Ok(m)
     }

@@ -386,3 +386,38 @@ impl Mount {
             .map_err(|source| FuseError::Serve { path, source })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_allow_other_shares_a_mount_and_every_mount_auto_unmounts() {
+        let private = options(
+            "r",
+            &MountOptions {
+                allow_other: false,
+                only_layer: None,
+            },
+        );
+        assert!(!private.contains("allow_other") && !private.contains("allow_root"));
+        assert!(private.split(',').any(|o| o == "auto_unmount"));
+        assert!(private.starts_with("ro,nosuid,nodev,"));
+        let shared = options(
+            "r",
+            &MountOptions {
+                allow_other: true,
+                only_layer: None,
+            },
+        );
+        assert!(shared.split(',').any(|o| o == "allow_other"));
+        assert_eq!(
+            config(&MountOptions {
+                allow_other: false,
+                only_layer: None
+            })
+            .acl,
+            SessionACL::Owner
+        );
+    }
+}
