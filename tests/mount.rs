@@ -353,6 +353,13 @@ fn layers_are_fetched_on_first_access_or_right_away_with_prefetch() {
     assert_eq!(cached(&env), 0, "nothing is fetched at mount time");
     std::fs::metadata(&m.path).unwrap();
     assert_eq!(cached(&env), 0, "stat of the mount point fetches nothing");
+    // `rimg mounts` and `rimg umount` ask the server whether it is alive.
+    assert!(env.ok(&["mounts"]).contains(" live "));
+    assert_eq!(
+        cached(&env),
+        0,
+        "asking whether a mount is alive fetches nothing"
+    );
     std::fs::read_dir(&m.path).unwrap().count();
     assert_eq!(cached(&env), 1);
     let env = Env::new();

@@ -370,11 +370,12 @@ fn a_dead_mount_is_listed_dead_and_cleared_by_umount_or_a_new_mount() {
         assert_eq!(watchers.len(), 1, "one watcher");
         kill_9(watchers[0]);
         kill_9(pid);
-        // fusermount3 from libfuse 3.15 on unmounts it (auto_unmount); 3.14,
-        // as on Debian 12, cannot for a private mount, and it stays, dead.
+        // fusermount3's auto_unmount may still catch it (from libfuse 3.15 on,
+        // and only while the kernel has not cached the root); 3.14, as on
+        // Debian 12, never does for a private mount, and it stays, dead.
         std::thread::sleep(Duration::from_millis(500));
         if is_mountpoint(&u.mnt) {
-            eprintln!("kill -9 left a dead mount (fusermount3 before 3.15)");
+            eprintln!("kill -9 of the server and its watcher left a dead mount");
             let listed = u.ok(&["mounts"]);
             let line = listed
                 .lines()

@@ -132,27 +132,24 @@ pub fn pid_alive(pid: u32) -> bool {
 }
 
 /// Whether the server of the mount at `mountpoint` is gone: a request that
-/// always reaches the server (getxattr; stat and open may be answered from
-/// the kernel's caches) finds the endpoint not connected, or the recorded
-/// server has exited (one that exits cleanly removes its record).
+/// always reaches the server (statfs; stat and open may be answered from the
+/// kernel's caches) finds the endpoint not connected, or the recorded server
+/// has exited (one that exits cleanly removes its record).
 pub fn is_dead(mountpoint: &Path, record: Option<&MountRecord>) -> bool {
     disconnected(mountpoint) || record.is_some_and(|r| !pid_alive(r.pid))
 }
 
-/// Whether the mount at `mountpoint` has lost its server, asked of the kernel.
+/// Whether the mount at `mountpoint` has lost its server, asked of the
+/// kernel. statfs is never cached, and rimg answers it at once, without
+/// building the tree or fetching anything.
 pub fn disconnected(mountpoint: &Path) -> bool {
     let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
         return false;
     };
-    // SAFETY: both strings are NUL-terminated; a null buffer of size 0 asks
-    // for the value's size only.
+    // SAFETY: path is NUL-terminated and buf is a properly sized out-parameter.
     let r = unsafe {
-        libc::lgetxattr(
-            path.as_ptr(),
-            c"user.rimg.layer".as_ptr(),
-            std::ptr::null_mut(),
-            0,
-        )
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut buf)
     };
     // ECONNABORTED: a request caught by the kernel tearing the connection down.
     r < 0
