@@ -307,7 +307,8 @@ pub fn mount(
         source,
     };
     let (fd, watch) = fusermount(mountpoint, &options(&name, opts)).map_err(fail)?;
-    let session = Session::from_fd(fs, fd, config(opts).acl, config(opts)).map_err(|e| {
+    let config = config(opts);
+    let session = Session::from_fd(fs, fd, config.acl, config).map_err(|e| {
         // Mounted but never served: do not leave it behind.
         let _ = unmount(mountpoint, true);
         fail(e)
