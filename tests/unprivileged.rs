@@ -343,7 +343,10 @@ fn kill_9_of_a_plain_users_server_leaves_no_mount_behind() {
     let r = format!("{}/a:1", reg.addr());
     u.ok(&["mount", &r, u.mnt()]);
     assert!(u.user.sh(&format!("ls {}/etc", u.mnt())).status.success());
-    kill_9(u.server_pid());
+    // Killed by the user who mounted it.
+    let pid = u.server_pid();
+    assert!(u.user.sh(&format!("kill -9 {pid}")).status.success());
+    kill_9(pid);
     assert!(
         wait_for(Duration::from_secs(10), || !is_mountpoint(&u.mnt)),
         "unmounted once the server is gone"
