@@ -610,7 +610,12 @@ fn child_args(common: &Common) -> Vec<String> {
 
 pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     init_logging(common.verbose);
-    crate::fuse::check_mountpoint(&args.mountpoint)?;
+    if crate::fuse::check_mountpoint(&args.mountpoint)? {
+        eprintln!(
+            "rimg: unmounted the dead rimg mount at {} first",
+            args.mountpoint.display()
+        );
+    }
     let reference = parse_reference(&args.reference)?;
     let rt = runtime()?;
     let creds = common.explicit_credentials()?;
@@ -771,6 +776,7 @@ fn serve_source(
         mountpoint: mountpoint.clone(),
         pid: std::process::id(),
         log: std::env::var_os("RIMG_LOG_FILE").map(PathBuf::from),
+        dead: false,
     };
     if let Err(e) = mounts::save(&record) {
         tracing::warn!(
@@ -815,7 +821,12 @@ fn serve_source(
 }
 
 pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
-    let canonical = std::fs::canonicalize(mountpoint)
+    if std::env::var_os(crate::fuse::WATCH_ENV).is_some() {
+        return unmount_when_dead(mountpoint);
+    }
+    // Not canonicalize: a dead mount answers ENOTCONN, and it is exactly the
+    // one that most needs unmounting.
+    let canonical = mounts::absolute(mountpoint)
         .with_context(|| format!("mount point {}", mountpoint.display()))?;
     if !mounts::kernel_mounts()
         .iter()
@@ -824,7 +835,9 @@ pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
         bail!("{} is not a rimg mount", canonical.display());
     }
     let record = mounts::find(&canonical);
-    crate::fuse::unmount(&canonical, false)
+    // A dead mount holds nothing to flush; detach it even if a shell sits in it.
+    let dead = mounts::is_dead(&canonical, record.as_ref());
+    crate::fuse::unmount(&canonical, dead)
         .with_context(|| format!("cannot unmount {}", canonical.display()))?;
     if let Some(r) = record {
         for _ in 0..100 {
@@ -838,24 +851,48 @@ pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The death watcher a server starts (see `fuse::watch_for_death`): waits
+/// for its stdin, which only the server holds, to close, then unmounts the
+/// mount point only if the mount there is a dead one.
+fn unmount_when_dead(mountpoint: &std::path::Path) -> Result<()> {
+    let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+    let canonical = mounts::absolute(mountpoint)?;
+    if !mounts::kernel_mounts()
+        .iter()
+        .any(|(_, mp)| *mp == canonical)
+    {
+        return Ok(());
+    }
+    // Only the kernel's word: a record could be stale, and a live mount made
+    // here since must stay.
+    if mounts::disconnected(&canonical) {
+        crate::fuse::unmount(&canonical, true)?;
+        mounts::remove(&canonical);
+    }
+    Ok(())
+}
+
 pub fn mounts() -> Result<()> {
     let list = mounts::list();
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
-        "{:<50} {:<19} {:>7} MOUNTPOINT",
-        "REFERENCE", "DIGEST", "PID"
+        "{:<50} {:<19} {:<5} {:>7} MOUNTPOINT",
+        "REFERENCE", "DIGEST", "STATE", "PID"
     )?;
     for r in list {
         writeln!(
             out,
-            "{:<50} {:<19} {:>7} {}",
+            "{:<50} {:<19} {:<5} {:>7} {}",
             r.reference,
             if r.digest.is_empty() {
                 "-".to_string()
             } else {
                 format!("sha256:{}", short_digest(&r.digest))
             },
+            // A dead mount answers "Transport endpoint is not connected"
+            // until `rimg umount` (or a new `rimg mount` there) clears it.
+            if r.dead { "dead" } else { "live" },
             if r.pid == 0 {
                 "-".to_string()
             } else {

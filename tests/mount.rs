@@ -229,8 +229,12 @@ fn each_way_of_unmounting_works() {
         .exists()));
     }
 
-    // kill -9: auto_unmount (fusermount3) cleans up; no wedged mount is left.
+    // kill -9: the server's watcher (and auto_unmount) clean up; no wedged mount is left.
+    // Used first, so the kernel holds the root's attributes and an open
+    // directory needs no round trip: the dead server must still be noticed.
     let m = Mounted::new(&env, &r, &[]);
+    std::fs::read_to_string(m.path.join("etc/os-release")).unwrap();
+    std::fs::read_dir(&m.path).unwrap().count();
     let pid = pid_of(&m);
     unsafe { libc::kill(pid, libc::SIGKILL) };
     assert!(gone(&m), "kill -9 must not leave a wedged mount");
@@ -349,6 +353,13 @@ fn layers_are_fetched_on_first_access_or_right_away_with_prefetch() {
     assert_eq!(cached(&env), 0, "nothing is fetched at mount time");
     std::fs::metadata(&m.path).unwrap();
     assert_eq!(cached(&env), 0, "stat of the mount point fetches nothing");
+    // `rimg mounts` and `rimg umount` ask the server whether it is alive.
+    assert!(env.ok(&["mounts"]).contains(" live "));
+    assert_eq!(
+        cached(&env),
+        0,
+        "asking whether a mount is alive fetches nothing"
+    );
     std::fs::read_dir(&m.path).unwrap().count();
     assert_eq!(cached(&env), 1);
     let env = Env::new();
@@ -418,4 +429,85 @@ fn inode_numbers_given_before_the_tree_exists_stay_the_same_after() {
     assert_eq!(before, inodes());
     let listed = tree_listing(&m.path);
     assert_eq!(listed["usr/bin/prog"].links, ["usr/bin/prog-link2"]);
+}
+
+#[test]
+fn a_name_longer_than_255_bytes_is_left_out_of_the_mount_and_its_directory_still_lists() {
+    let reg = Registry::start(Auth::None);
+    let long = "n".repeat(300);
+    let mut l = common::image::LayerBuilder::new();
+    l.dir("d", 0o755).file("d/a", b"a\n", 0o644);
+    l.file(&format!("d/{long}"), b"long\n", 0o644);
+    for i in 0..100 {
+        l.file(&format!("d/z{i:03}"), b"z\n", 0o644);
+    }
+    let layer = l.finish();
+    push_image(
+        &reg,
+        "long",
+        "1",
+        &[common::image::layer_blob(
+            &layer,
+            common::image::Compress::Gzip,
+            true,
+        )],
+        "amd64",
+        true,
+    );
+    let env = Env::new();
+    let r = format!("{}/long:1", reg.addr());
+    let m = Mounted::new(&env, &r, &[]);
+    let mut names: Vec<String> = std::fs::read_dir(m.path.join("d"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 101, "every other entry is listed");
+    assert_eq!(names[0], "a");
+    assert_eq!(names[100], "z099");
+    assert_eq!(
+        std::fs::read_to_string(m.path.join("d/z050")).unwrap(),
+        "z\n"
+    );
+    // Still reachable without the mount.
+    assert!(env.ok(&["ls", &r, "d"]).contains(&long));
+    assert_eq!(env.ok(&["cat", &r, &format!("d/{long}")]), "long\n");
+}
+
+#[test]
+fn the_merged_tree_is_saved_once_every_layer_is_here_so_the_next_mount_loads_it() {
+    let reg = Registry::start(Auth::None);
+    push_rules(&reg, "rules", "v1", true);
+    let r = format!("{}/rules:v1", reg.addr());
+    let env = Env::new();
+    let trees = env.cache_dir().join("trees");
+    let saved = || std::fs::read_dir(&trees).is_ok_and(|d| d.count() > 0);
+
+    // Cold: a top-layer file fetches one layer, and no tree is made for it.
+    let m = Mounted::new(&env, &r, &[]);
+    std::fs::read(m.path.join("etc/os-release")).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!saved(), "nothing is merged while layers are missing");
+    // A path decided below the top layer fetches the rest; once the last
+    // arrives the tree is built and saved without any listing asking for it.
+    std::fs::metadata(m.path.join("data/a.txt")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), saved),
+        "cold mount saves the tree"
+    );
+    let a = std::fs::metadata(m.path.join("usr/bin/prog")).unwrap();
+    assert_eq!(a.nlink(), 2);
+    drop(m);
+
+    // Warm without a saved tree (an older cache): saved after the first lookups.
+    std::fs::remove_dir_all(&trees).unwrap();
+    let m = Mounted::new(&env, &r, &[]);
+    std::fs::metadata(m.path.join("etc/os-release")).unwrap();
+    assert!(
+        wait_for(Duration::from_secs(30), saved),
+        "warm mount saves the tree"
+    );
+    // And the merged view is the same either way.
+    let (_keep, rootfs) = umoci_unpack(&reg, "rules", "v1");
+    assert_same_tree(&m.path, &rootfs);
 }

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -75,6 +76,10 @@ pub struct State {
     building: tokio::sync::Mutex<()>,
     partial: Mutex<Partial>,
     saved_tree: OnceLock<bool>,
+    /// The tree is being (or has been) built and saved in the background.
+    background_tree: AtomicBool,
+    /// Whether every layer was in the cache, checked after the first lookup.
+    warm_checked: AtomicBool,
 }
 
 impl State {
@@ -86,6 +91,8 @@ impl State {
             building: tokio::sync::Mutex::new(()),
             partial: Mutex::new(Partial::default()),
             saved_tree: OnceLock::new(),
+            background_tree: AtomicBool::new(false),
+            warm_checked: AtomicBool::new(false),
         })
     }
 
@@ -104,7 +111,7 @@ impl State {
     }
 
     /// One layer and its path view, fetched on first need.
-    async fn view(&self, i: usize) -> Result<(Arc<Layer>, Arc<LayerView>), String> {
+    async fn view(self: &Arc<Self>, i: usize) -> Result<(Arc<Layer>, Arc<LayerView>), String> {
         if let Some(v) = self.partial().views.get(&i) {
             return Ok(v.clone());
         }
@@ -112,8 +119,55 @@ impl State {
         let index = layer.index().map_err(|e| e.to_string())?;
         let view = Arc::new(LayerView::new(index));
         let v = (layer, view);
-        self.partial().views.insert(i, v.clone());
+        let all = {
+            let mut p = self.partial();
+            p.views.insert(i, v.clone());
+            p.views.len() == self.source.image.layers.len()
+        };
+        if all {
+            // Every layer is here now: save the merged tree, so the next
+            // mount of the image loads it instead of reading layer indexes.
+            self.build_tree_in_background();
+        }
         Ok(v)
+    }
+
+    /// After a lookup has been answered: when every layer was already cached
+    /// (a warm mount without a saved tree), build and save the tree now.
+    /// Checked once; a cold mount saves it once its last layer arrives.
+    fn after_first_lookup(self: &Arc<Self>) {
+        if self.warm_checked.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let cache = self.source.cache();
+        if self
+            .source
+            .image
+            .layers
+            .iter()
+            .all(|l| cache.blob_path(&l.digest).is_some())
+        {
+            self.build_tree_in_background();
+        }
+    }
+
+    /// Builds the merged tree (which saves it) on a blocking thread, so the
+    /// merge never holds up a runtime worker and so never delays an answer:
+    /// lookups go on answering top-down until it is ready.
+    fn build_tree_in_background(self: &Arc<Self>) {
+        if self.only.is_some()
+            || self.ready.get().is_some()
+            || self.background_tree.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let state = Arc::clone(self);
+        let handle = tokio::runtime::Handle::current();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = handle.block_on(state.mounted()) {
+                tracing::warn!("building the merged tree in the background: {e}");
+            }
+        });
     }
 
     /// Decides `path` from the top layer down, fetching only the layers it
@@ -211,7 +265,10 @@ impl State {
             .sum();
         let mut alias_of_node = HashMap::new();
         let mut node_of_alias = HashMap::new();
-        for (&ino, prov) in &self.partial().by_ino {
+        // Held until the tree is published, so a provisional inode is either
+        // aliased here or made after the tree is ready (and then not used).
+        let partial = self.partial();
+        for (&ino, prov) in &partial.by_ino {
             if let Ok(id) = tree.resolve(&prov.path, false) {
                 alias_of_node.entry(id).or_insert(ino);
                 node_of_alias.insert(ino, id);
@@ -226,6 +283,11 @@ impl State {
             node_of_alias,
         });
         let _ = self.ready.set(Arc::clone(&m));
+        // The layer views served lookups until now; the tree does from here
+        // on, so their indexes need not stay in memory.
+        let mut partial = partial;
+        partial.views.clear();
+        drop(partial);
         Ok(m)
     }
 }
@@ -554,6 +616,10 @@ impl Filesystem for ImageFs {
                 | InitFlags::FUSE_CACHE_SYMLINKS
                 | InitFlags::FUSE_PARALLEL_DIROPS,
         );
+        // Safe because no mount relies on userspace to keep anyone out: it
+        // is private (the kernel checks every access, cached or not) or
+        // shared on purpose (`--allow-other`). With allow_root it was not:
+        // once root had opened a file, no open came to be refused.
         let no_open = InitFlags::FUSE_NO_OPEN_SUPPORT | InitFlags::FUSE_NO_OPENDIR_SUPPORT;
         self.no_open =
             config.capabilities().contains(no_open) && config.add_capabilities(no_open).is_ok();
@@ -582,7 +648,16 @@ impl Filesystem for ImageFs {
             self.rt.spawn(async move {
                 let answer = match state.resolve_partial(&path).await {
                     Ok(Partly::Found((ino, prov))) => {
-                        Ok(attr_from(INodeNo(ino), Meta::from(&*prov)))
+                        // The tree may have been published (by a build in the
+                        // background) meanwhile; then its inode numbers rule.
+                        Ok(state
+                            .ready
+                            .get()
+                            .and_then(|m| {
+                                let id = m.tree.resolve(&prov.path, false).ok()?;
+                                Some(attr_of(m, id, m.tree.node(id)))
+                            })
+                            .unwrap_or_else(|| attr_from(INodeNo(ino), Meta::from(&*prov))))
                     }
                     Ok(Partly::Missing) => Err(Errno::ENOENT),
                     Ok(Partly::Deferred) => match state.mounted().await {
@@ -604,6 +679,7 @@ impl Filesystem for ImageFs {
                     Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
                     Err(e) => reply.error(e),
                 }
+                state.after_first_lookup();
             });
             return;
         }
@@ -915,13 +991,27 @@ fn fill_dir(
 ) -> Result<(), Errno> {
     let m = m?;
     let id = id_of(m, ino)?;
-    for (i, (name, child)) in dir_entries(&m.tree, id).skip(offset as usize).enumerate() {
-        if add(m, child, offset + i as u64 + 1, OsStr::from_bytes(name)) {
+    // Offsets count every entry, left-out ones too, so they stay stable.
+    for (i, (name, child)) in dir_entries(&m.tree, id).enumerate().skip(offset as usize) {
+        if name.len() > NAME_MAX {
+            // The kernel fails the whole listing (EIO) on such a name; leave
+            // it out. `rimg ls` and `rimg cat` still reach it.
+            tracing::warn!(
+                "leaving a {}-byte name out of the listing of inode {}: longer than the kernel's {NAME_MAX}-byte limit",
+                name.len(),
+                ino.0
+            );
+            continue;
+        }
+        if add(m, child, i as u64 + 1, OsStr::from_bytes(name)) {
             break;
         }
     }
     Ok(())
 }
+
+/// The longest name the kernel accepts in a directory entry.
+const NAME_MAX: usize = 255;
 
 /// `.` and `..` followed by the directory's children, as (name, node) pairs.
 fn dir_entries(tree: &Tree, id: NodeId) -> impl Iterator<Item = (&[u8], NodeId)> + '_ {

@@ -16,6 +16,9 @@ pub struct MountRecord {
     pub mountpoint: PathBuf,
     pub pid: u32,
     pub log: Option<PathBuf>,
+    /// The server is gone but the kernel still has the mount (not saved).
+    #[serde(skip, default)]
+    pub dead: bool,
 }
 
 /// `$XDG_RUNTIME_DIR/rimg/mounts`, or `/run/rimg/mounts` for root, else under /tmp.
@@ -102,26 +105,77 @@ fn unescape(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Live rimg mounts: the kernel's list joined with our records.
+/// rimg mounts: the kernel's list joined with our records, each marked dead
+/// when its server is gone.
 pub fn list() -> Vec<MountRecord> {
     kernel_mounts()
         .into_iter()
         .map(|(source, mountpoint)| {
-            find(&mountpoint)
-                .filter(|r| pid_alive(r.pid))
-                .unwrap_or(MountRecord {
-                    reference: source,
-                    digest: String::new(),
-                    mountpoint,
-                    pid: 0,
-                    log: None,
-                })
+            let record = find(&mountpoint);
+            let dead = is_dead(&mountpoint, record.as_ref());
+            let mut r = record.unwrap_or(MountRecord {
+                reference: source,
+                digest: String::new(),
+                mountpoint,
+                pid: 0,
+                log: None,
+                dead: false,
+            });
+            r.dead = dead;
+            r
         })
         .collect()
 }
 
 pub fn pid_alive(pid: u32) -> bool {
     pid != 0 && Path::new(&format!("/proc/{pid}")).exists()
+}
+
+/// Whether the server of the mount at `mountpoint` is gone: a request that
+/// always reaches the server (statfs; stat and open may be answered from the
+/// kernel's caches) finds the endpoint not connected, or the recorded server
+/// has exited (one that exits cleanly removes its record).
+pub fn is_dead(mountpoint: &Path, record: Option<&MountRecord>) -> bool {
+    disconnected(mountpoint) || record.is_some_and(|r| !pid_alive(r.pid))
+}
+
+/// Whether the mount at `mountpoint` has lost its server, asked of the
+/// kernel. statfs is never cached, and rimg answers it at once, without
+/// building the tree or fetching anything.
+pub fn disconnected(mountpoint: &Path) -> bool {
+    let Ok(path) = std::ffi::CString::new(mountpoint.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: path is NUL-terminated and buf is a properly sized out-parameter.
+    let r = unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut buf)
+    };
+    // ECONNABORTED: a request caught by the kernel tearing the connection down.
+    r < 0
+        && matches!(
+            std::io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOTCONN | libc::ECONNABORTED)
+        )
+}
+
+/// `path` canonicalized; for a dead mount, which answers ENOTCONN, its parent
+/// canonicalized and its own name kept.
+pub fn absolute(path: &Path) -> std::io::Result<PathBuf> {
+    match std::fs::canonicalize(path) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            let (Some(parent), Some(name)) = (path.parent(), path.file_name()) else {
+                return Err(e);
+            };
+            let parent = if parent.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                parent
+            };
+            Ok(std::fs::canonicalize(parent)?.join(name))
+        }
+        r => r,
+    }
 }
 
 #[cfg(test)]
