@@ -8,6 +8,9 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
+mod forensics;
+pub use forensics::{GrepArgs, deleted, diff, grep, log};
+
 use crate::cache::Cache;
 use crate::fuse::mounts::{self, MountRecord};
 use crate::image::{ImageSource, short_digest};
@@ -38,6 +41,8 @@ pub struct Common {
 pub struct LsArgs {
     pub reference: String,
     pub path: Vec<u8>,
+    /// One layer as stored (negative counts from the top).
+    pub layer: Option<i64>,
     pub long: bool,
     pub recursive: bool,
 }
@@ -408,7 +413,10 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
     init_logging(common.verbose);
     let rt = runtime()?;
     let source = common.open_image(&rt, &args.reference, std::io::stderr().is_terminal())?;
-    let (tree, _layers) = rt.block_on(source.tree(None))?;
+    let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
+    let (tree, _layers) = rt.block_on(source.tree(only))?;
+    // Layer numbers in the listing are the image's, even for one layer.
+    let layer_no = |n: u16| only.unwrap_or(n as usize);
     let start = tree
         .resolve(&args.path, !args.long)
         .with_context(|| format!("{}: {}", source.image.reference, names::escaped(&args.path)))?;
@@ -427,7 +435,7 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
     let print = |out: &mut dyn Write, path: &[u8], id: NodeId| -> std::io::Result<()> {
         let n = tree.node(id);
         if args.long {
-            let layer = &source.image.layers[n.layer as usize];
+            let layer = &source.image.layers[layer_no(n.layer)];
             let size = match n.kind {
                 EntryKind::Char | EntryKind::Block => format!("{},{}", n.rdev.0, n.rdev.1),
                 _ => n.size.to_string(),
@@ -440,7 +448,7 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
                 n.gid,
                 size,
                 format_time(n.mtime),
-                n.layer,
+                layer_no(n.layer),
                 short_digest(&layer.digest),
             )?;
             name_out(out, path)?;
@@ -491,7 +499,7 @@ fn normalize_display(path: &[u8]) -> Vec<u8> {
 /// A name quoted as GNU ls's default `shell-escape` style does on a
 /// terminal: as it is when nothing in it needs quoting, else in single
 /// quotes, with every unprintable byte as `$'\ooo'` outside them.
-fn shell_quote(name: &[u8]) -> String {
+pub(crate) fn shell_quote(name: &[u8]) -> String {
     let plain = |b: u8| b.is_ascii_alphanumeric() || b"%+,-./:=@_^".contains(&b);
     if !name.is_empty() && name.iter().all(|&b| plain(b)) {
         return String::from_utf8_lossy(name).into_owned();
@@ -535,11 +543,15 @@ fn shell_quote(name: &[u8]) -> String {
     out
 }
 
-pub fn cat(common: &Common, reference: &str, path: &[u8]) -> Result<()> {
+/// `layer`: read from that one layer as stored (negative counts from the
+/// top), which is how bytes a later layer hid are recovered.
+pub fn cat(common: &Common, reference: &str, path: &[u8], layer: Option<i64>) -> Result<()> {
     init_logging(common.verbose);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
-    let (tree, layers) = rt.block_on(source.tree(None))?;
+    let only = layer.map(|l| source.layer_index(l)).transpose()?;
+    let (tree, layers) = rt.block_on(source.tree(only))?;
+    let image_layer = |n: u16| only.unwrap_or(n as usize);
     let what = format!("{}: {}", source.image.reference, names::escaped(path));
     let id = tree.resolve(path, true).with_context(|| what.clone())?;
     let n = tree.node(id);
@@ -557,14 +569,14 @@ pub fn cat(common: &Common, reference: &str, path: &[u8]) -> Result<()> {
             || {
                 format!(
                     "{what}: reading layer {}",
-                    source.image.layers[n.layer as usize].digest
+                    source.image.layers[image_layer(n.layer)].digest
                 )
             },
         )?;
         if got == 0 {
             bail!(
                 "{what}: layer {} ends before the file does",
-                source.image.layers[n.layer as usize].digest
+                source.image.layers[image_layer(n.layer)].digest
             );
         }
         out.write_all(&buf[..got])?;

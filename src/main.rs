@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use rimg::commands::{self, Common, ExportArgs, LsArgs, MountArgs};
+use rimg::commands::{self, Common, ExportArgs, GrepArgs, LsArgs, MountArgs};
 
 /// Mount, inspect and export container images straight from a registry.
 #[derive(Parser)]
@@ -76,12 +76,82 @@ enum Command {
         /// Recurse into directories.
         #[arg(short = 'R')]
         recursive: bool,
+        /// List one layer as stored, whiteouts included (negative counts from the top).
+        #[arg(long, allow_hyphen_values = true)]
+        layer: Option<i64>,
     },
     /// Write a file of the image to stdout (symlinks followed inside the image).
     Cat {
         reference: String,
         /// Any bytes: names need not be UTF-8.
         path: std::ffi::OsString,
+        /// Read from one layer as stored, e.g. a file a later layer deleted
+        /// (negative counts from the top).
+        #[arg(long, allow_hyphen_values = true)]
+        layer: Option<i64>,
+    },
+    /// Every layer that changed PATH, oldest first, and how.
+    Log {
+        reference: String,
+        path: std::ffi::OsString,
+        /// Everything below PATH too.
+        #[arg(short = 'R')]
+        recursive: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Entries some layer holds that the merged tree does not show, and what hid them.
+    Deleted {
+        reference: String,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Paths that differ between two images: A(dded), D(eleted), M(odified).
+    Diff {
+        reference_a: String,
+        reference_b: String,
+        /// Say what changed in each modified path.
+        #[arg(long)]
+        long: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Search file contents of the merged tree, without a mount; exit 0 if
+    /// found, 1 if not, 2 on error, as grep.
+    Grep {
+        pattern: String,
+        reference: String,
+        /// Search only below these paths.
+        paths: Vec<std::ffi::OsString>,
+        #[arg(short = 'i')]
+        ignore_case: bool,
+        /// PATTERN is a (Rust syntax) extended regular expression; the default.
+        #[arg(short = 'E', conflicts_with = "fixed")]
+        extended: bool,
+        /// PATTERN is a fixed string.
+        #[arg(short = 'F')]
+        fixed: bool,
+        /// Only the names of files that match.
+        #[arg(short = 'l')]
+        files_with_matches: bool,
+        /// Only a count of matching lines per file.
+        #[arg(short = 'c')]
+        count: bool,
+        /// Line numbers.
+        #[arg(short = 'n')]
+        line_number: bool,
+        /// Say which layer each match came from.
+        #[arg(long)]
+        layers: bool,
+        /// Also search what later layers deleted (where leaked secrets hide).
+        #[arg(long)]
+        deleted: bool,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
     },
     /// Mount the image read-only at MOUNTPOINT.
     Mount {
@@ -173,16 +243,72 @@ fn main() -> ExitCode {
             path,
             long,
             recursive,
+            layer,
         } => commands::ls(
             &common,
             &LsArgs {
                 reference,
                 path: path.into_vec(),
+                layer,
                 long,
                 recursive,
             },
         ),
-        Command::Cat { reference, path } => commands::cat(&common, &reference, path.as_bytes()),
+        Command::Cat {
+            reference,
+            path,
+            layer,
+        } => commands::cat(&common, &reference, path.as_bytes(), layer),
+        Command::Log {
+            reference,
+            path,
+            recursive,
+            json,
+        } => commands::log(&common, &reference, path.as_bytes(), recursive, json),
+        Command::Deleted { reference, json } => commands::deleted(&common, &reference, json),
+        Command::Diff {
+            reference_a,
+            reference_b,
+            long,
+            json,
+        } => commands::diff(&common, &reference_a, &reference_b, long, json),
+        Command::Grep {
+            pattern,
+            reference,
+            paths,
+            ignore_case,
+            extended: _,
+            fixed,
+            files_with_matches,
+            count,
+            line_number,
+            layers,
+            deleted,
+            json,
+        } => {
+            let args = GrepArgs {
+                pattern,
+                reference,
+                paths: paths.into_iter().map(|p| p.into_vec()).collect(),
+                ignore_case,
+                fixed,
+                files_with_matches,
+                count,
+                line_number,
+                layers,
+                deleted,
+                json,
+            };
+            // grep's exit status: 0 found, 1 not found, 2 trouble.
+            return match commands::grep(&common, &args) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    eprintln!("rimg: {}", commands::one_line(&e));
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Mount {
             reference,
             mountpoint,

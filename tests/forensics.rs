@@ -1,0 +1,299 @@
+//! The forensic commands (`log`, `deleted`, `cat --layer`, `diff`, `grep`)
+//! on images whose history the tests wrote, and against umoci's unpacks,
+//! `diff -rq` and `grep -rl`.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::Path;
+use std::process::Command;
+
+use common::*;
+
+const SECRET: &str = "AKIA-LEAKED-0123456789";
+
+/// Four layers with a history we know:
+/// 0 adds etc/app.conf (v1), a secret, o/old and etc/tool;
+/// 1 modifies app.conf, whites out the secret;
+/// 2 whites out app.conf, makes o opaque with o/new;
+/// 3 adds app.conf again (v3) and changes only etc/tool's mode.
+fn push_history(reg: &Registry, repo: &str) -> Pushed {
+    let l0 = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/app.conf", b"version=1\n", 0o644)
+        .file("etc/tool", b"#!/bin/sh\n", 0o644)
+        .dir("secrets", 0o700)
+        .file("secrets/key", format!("{SECRET}\n").as_bytes(), 0o600)
+        .dir("o", 0o755)
+        .file("o/old", b"old\n", 0o644)
+        .finish();
+    let l1 = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/app.conf", b"version=2\n", 0o644)
+        .whiteout("secrets/key")
+        .finish();
+    let l2 = LayerBuilder::new()
+        .whiteout("etc/app.conf")
+        .dir("o", 0o755)
+        .opaque("o")
+        .file("o/new", b"new\n", 0o644)
+        .finish();
+    let l3 = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/app.conf", b"version=3\n", 0o640)
+        .file("etc/tool", b"#!/bin/sh\n", 0o755)
+        .finish();
+    let blobs: Vec<Blob> = [l0, l1, l2, l3]
+        .iter()
+        .map(|t| layer_blob(t, Compress::Gzip, true))
+        .collect();
+    push_image(reg, repo, "v1", &blobs, "amd64", true)
+}
+
+fn json_lines(out: &str) -> Vec<serde_json::Value> {
+    out.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn log_tells_every_layer_that_touched_a_path_and_how() {
+    let reg = Registry::start(Auth::None);
+    let p = push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let recs = json_lines(&env.ok(&["log", "--json", &r, "/etc/app.conf"]));
+    let got: Vec<(u64, &str)> = recs
+        .iter()
+        .map(|v| (v["layer"].as_u64().unwrap(), v["action"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        got,
+        [(0, "added"), (1, "modified"), (2, "removed"), (3, "added")]
+    );
+    assert_eq!(recs[0]["digest"], p.layers[0].as_str());
+    assert_eq!(recs[0]["created_by"], "layer 0");
+    assert_eq!(recs[1]["path"], "/etc/app.conf");
+    assert_eq!(
+        recs[1]["sha256"],
+        sha256(b"version=2\n").trim_start_matches("sha256:")
+    );
+    assert_eq!(recs[3]["mode"], "0640");
+    assert!(recs[2]["sha256"].is_null());
+    // Mode only: metadata. Opaque directory: hidden.
+    let tool = json_lines(&env.ok(&["log", "--json", &r, "/etc/tool"]));
+    assert_eq!(tool.last().unwrap()["action"], "metadata");
+    let o = json_lines(&env.ok(&["log", "--json", "-R", &r, "/o"]));
+    let old: Vec<&str> = o
+        .iter()
+        .filter(|v| v["path"] == "/o/old")
+        .map(|v| v["action"].as_str().unwrap())
+        .collect();
+    assert_eq!(old, ["added", "hidden"]);
+    // The text form names the layer and the action on each line.
+    let text = env.ok(&["log", &r, "/etc/app.conf"]);
+    assert_eq!(text.lines().count(), 4, "{text}");
+    assert!(text.lines().nth(2).unwrap().contains("removed"), "{text}");
+}
+
+#[test]
+fn deleted_finds_the_whited_out_secret_and_cat_layer_recovers_it() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let list = json_lines(&env.ok(&["deleted", "--json", &r]));
+    let key = list
+        .iter()
+        .find(|v| v["path"] == "/secrets/key")
+        .expect("the secret is listed");
+    assert_eq!(
+        (&key["layer"], &key["hidden_by"], &key["how"]),
+        (&0.into(), &1.into(), &"whiteout".into())
+    );
+    let rows: BTreeSet<(String, u64, u64, String)> = list
+        .iter()
+        .map(|v| {
+            (
+                v["path"].as_str().unwrap().to_string(),
+                v["layer"].as_u64().unwrap(),
+                v["hidden_by"].as_u64().unwrap(),
+                v["how"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    for want in [
+        ("/etc/app.conf", 0, 1, "replaced"),
+        ("/etc/app.conf", 1, 2, "whiteout"),
+        ("/o/old", 0, 2, "opaque"),
+        ("/etc/tool", 0, 3, "replaced"),
+    ] {
+        let want = (want.0.to_string(), want.1, want.2, want.3.to_string());
+        assert!(rows.contains(&want), "{want:?} missing from {rows:?}");
+    }
+    // The merged tree hides it; one layer still holds the bytes.
+    let err = env.fails(&["cat", &r, "/secrets/key"]);
+    assert!(err.contains("secrets/key"), "{err}");
+    assert_eq!(
+        env.ok(&["cat", "--layer", "0", &r, "/secrets/key"]),
+        format!("{SECRET}\n")
+    );
+    let listing = env.ok(&["ls", "--layer", "-3", &r, "/secrets"]);
+    assert!(listing.contains(".wh.key"), "{listing}");
+}
+
+#[test]
+fn grep_searches_without_a_mount_and_deleted_finds_the_leak() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let out = env.run(&["grep", "AKIA", &r]);
+    assert_eq!(out.status.code(), Some(1), "not in the merged tree");
+    let out = env.run(&["grep", "--deleted", "AKIA", &r]);
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("/secrets/key (deleted: layer 0, hidden by 1):AKIA"),
+        "{text}"
+    );
+    let out = env.run(&["grep", "-n", "--layers", "version", &r]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/etc/app.conf (layer 3):1:version=3\n"
+    );
+    let out = env.run(&["grep", "-c", "-i", "VERSION", &r, "/etc"]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "/etc/app.conf:1\n");
+    // A bad pattern is an error: exit 2, one line.
+    let out = env.run(&["grep", "(", &r]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+fn grep_rl(root: &Path, pattern: &str) -> BTreeSet<String> {
+    let out = Command::new("grep")
+        .args(["-rlE", pattern, "."])
+        .current_dir(root)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.trim_start_matches('.').to_string())
+        .collect()
+}
+
+#[test]
+fn grep_l_lists_what_grep_rl_lists_over_umocis_unpack() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "alpine", "3.20", "3.20.3", "amd64", true);
+    let (_keep, rootfs) = umoci_unpack(&reg, "alpine", "3.20");
+    let env = Env::new();
+    let r = format!("{}/alpine:3.20", reg.addr());
+    for pattern in ["root", "alpine", "^#!/bin/sh", "ELF"] {
+        let ours: BTreeSet<String> = env
+            .ok(&["grep", "-l", pattern, &r])
+            .lines()
+            .map(str::to_string)
+            .collect();
+        let want = grep_rl(&rootfs, pattern);
+        assert!(!want.is_empty(), "{pattern} matches something");
+        assert_eq!(ours, want, "grep -l {pattern}");
+    }
+}
+
+/// `diff -rq --no-dereference` of two unpacked trees: top-level only-ins per
+/// side, and the paths whose content, target or type differ.
+fn diff_rq(a: &Path, b: &Path) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
+    let out = Command::new("diff")
+        .args(["-rq", "--no-dereference"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let (sa, sb) = (a.display().to_string(), b.display().to_string());
+    let (mut only_a, mut only_b, mut differ) = (BTreeSet::new(), BTreeSet::new(), BTreeSet::new());
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Only in ") {
+            let (dir, name) = rest.split_once(": ").unwrap();
+            let (set, root) = if dir.starts_with(&sb) {
+                (&mut only_b, &sb)
+            } else {
+                (&mut only_a, &sa)
+            };
+            let dir = dir.strip_prefix(root.as_str()).unwrap();
+            set.insert(format!("{}/{name}", dir.trim_end_matches('/')));
+        } else {
+            // "Files A/x and B/x differ", "Symbolic links ... differ",
+            // "File A/x is a ... while file B/x is a ...".
+            let a_path = line
+                .split_whitespace()
+                .find(|w| w.starts_with(&sa))
+                .unwrap();
+            differ.insert(a_path.strip_prefix(&sa).unwrap().to_string());
+        }
+    }
+    (only_a, only_b, differ)
+}
+
+#[test]
+fn diff_of_two_alpines_agrees_with_diff_rq_of_their_unpacks() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "alpine", "3.10", "3.10.9", "amd64", true);
+    push_alpine(&reg, "alpine", "3.20", "3.20.3", "amd64", true);
+    let (_ka, ra) = umoci_unpack(&reg, "alpine", "3.10");
+    let (_kb, rb) = umoci_unpack(&reg, "alpine", "3.20");
+    let env = Env::new();
+    let a = format!("{}/alpine:3.10", reg.addr());
+    let b = format!("{}/alpine:3.20", reg.addr());
+    let rows = json_lines(&env.ok(&["diff", "--json", &a, &b]));
+    let by = |c: &str| -> BTreeSet<String> {
+        rows.iter()
+            .filter(|v| v["change"] == c)
+            .map(|v| v["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let (added, removed) = (by("A"), by("D"));
+    let top = |set: &BTreeSet<String>| -> BTreeSet<String> {
+        set.iter()
+            .filter(|p| {
+                let parent = p.rsplit_once('/').map_or("", |(d, _)| d);
+                !set.contains(parent)
+            })
+            .cloned()
+            .collect()
+    };
+    let content: BTreeSet<String> = rows
+        .iter()
+        .filter(|v| v["change"] == "M")
+        .filter(|v| {
+            v["what"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|w| ["content", "target", "type"].contains(&w.as_str().unwrap()))
+        })
+        .map(|v| v["path"].as_str().unwrap().to_string())
+        .collect();
+    let (only_a, only_b, differ) = diff_rq(&ra, &rb);
+    assert_eq!(top(&removed), only_a);
+    assert_eq!(top(&added), only_b);
+    assert_eq!(content, differ);
+    // The text form: sorted, one "X /path" per line.
+    let text = env.ok(&["diff", &a, &b]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), rows.len());
+    let mut sorted = lines.clone();
+    sorted.sort_by_key(|l| l[2..].to_string());
+    assert_eq!(lines, sorted);
+}
+
+#[test]
+fn diff_of_an_image_with_itself_is_empty() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    assert_eq!(env.ok(&["diff", &r, &r]), "");
+}
