@@ -235,6 +235,34 @@ def main():
         results["find_mount_s"] = median_of(find_in(mnt))
         results["find_extracted_s"] = median_of(find_in(rootfs))
 
+        # 3b. rimg grep (no mount) over the cached image vs grep -r over the
+        #     extracted tree, both warm.
+        def rimg_grep():
+            subprocess.run([str(RIMG), "grep", pattern, ref], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        rimg_grep()
+        results["rimg_grep_s"] = median_of(rimg_grep)
+
+        # 3c. rimg diff of two tags sharing their bottom layers, cold: the
+        #     bytes fetched, against both images' compressed layers.
+        top2 = work / "top2"
+        (top2 / "etc").mkdir(parents=True)
+        (top2 / "etc/bench-release").write_text("rimg bench image, second tag\n")
+        layer2 = work / "layer3b.tar.gz"
+        tar_gz(top2, layer2)
+        sh([str(ROOT / "scripts/push-image.sh"), f"127.0.0.1:{reg.port}", "bench/image", "v2", "amd64",
+            str(layers[0]), str(layers[1]), str(layer2)], stdout=subprocess.DEVNULL)
+        ref2 = f"127.0.0.1:{reg.port}/bench/image:v2"
+        clear_cache()
+        diff_s = timed(lambda: rimg("diff", ref, ref2, stdout=subprocess.DEVNULL))
+        fetched = sum(f.stat().st_size for f in (cache / "blobs").rglob("*") if f.is_file())
+        results["diff_cold_s"] = diff_s
+        results["diff_fetched_bytes"] = fetched
+        results["diff_both_images_bytes"] = sum(sizes) * 2 - sizes[2] + layer2.stat().st_size
+        rimg("mount", ref, str(mnt), stdout=subprocess.DEVNULL)
+        sh(["find", str(mnt), "-maxdepth", "1"], stdout=subprocess.DEVNULL)
+        umount()
+
         # 4. Memory: peak RSS of the server after a full walk, per indexed entry.
         umount()
         rimg("mount", ref, str(mnt), stdout=subprocess.DEVNULL)
@@ -274,6 +302,8 @@ def main():
         "grep_mount_vs_extracted": r["grep_mount_s"] / r["grep_extracted_s"],
         "find_mount_vs_extracted": r["find_mount_s"] / r["find_extracted_s"],
         "export_rimg_vs_skopeo": r["export_rimg_s"] / r["export_skopeo_s"],
+        "rimg_grep_vs_grep_extracted": r["rimg_grep_s"] / r["grep_extracted_s"],
+        "diff_fetched_vs_both_images": r["diff_fetched_bytes"] / r["diff_both_images_bytes"],
     }
     report = {
         "cores": os.cpu_count(),
@@ -286,6 +316,7 @@ def main():
             "cold_vs_pull_extract": 0.3, "cold_vs_gunzip_floor": 1.0,
             "warm_mount_stat_s": 0.05, "warm_mount_stat_no_tree_s": 0.05,
             "warm_mount_stat_after_s": 0.05, "grep_mount_vs_extracted": 1.5, "bytes_per_entry": 200,
+            "rimg_grep_vs_grep_extracted": 1.0,
         },
     }
     rows = [
@@ -297,6 +328,7 @@ def main():
         ("grep -r (mount)", r["grep_mount_s"], "grep -r (extracted)", r["grep_extracted_s"]),
         ("find | wc (mount)", r["find_mount_s"], "find | wc (extracted)", r["find_extracted_s"]),
         ("rimg export", r["export_rimg_s"], "skopeo docker-archive", r["export_skopeo_s"]),
+        ("rimg grep (no mount)", r["rimg_grep_s"], "grep -r (extracted)", r["grep_extracted_s"]),
     ]
     print(f"\nrimg benchmark: {len(layers)} layers, {sum(sizes) / 1e6:.0f} MB compressed, "
           f"{unpacked / 1e6:.0f} MB unpacked, {r['entries']} entries, {os.cpu_count()} cores, "
@@ -307,6 +339,9 @@ def main():
         print(f"| {name:<20} | {a:>8.3f} | {bname:<22} | {b:>8.3f} | {a / b:>6.2f} |")
     print(f"| {'memory per entry':<20} | {r['bytes_per_entry']:>6.0f} B | {'target 200 B':<22} | "
           f"{'':>8} | {r['bytes_per_entry'] / 200:>6.2f} |")
+    print(f"| {'diff v1 v2, cold':<20} | {r['diff_cold_s']:>8.3f} | "
+          f"{'fetched MB / both MB':<22} | {r['diff_fetched_bytes'] / 1e6:>5.0f}/{r['diff_both_images_bytes'] / 1e6:<3.0f}|"
+          f" {ratios['diff_fetched_vs_both_images']:>6.2f} |")
     out = Path(os.environ.get("RIMG_BENCH_JSON", ROOT / "bench-results.json"))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nJSON: {out}")

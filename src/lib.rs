@@ -1,8 +1,23 @@
 //! rimg: mount container images straight from a registry as a read-only
-//! filesystem, or export them as loadable archives.
+//! filesystem, inspect their history, or export them as loadable archives.
 //!
-//! Data flows one way: [`reference`] -> [`registry`] -> [`cache`] ->
-//! [`layer`] -> [`tree`] -> [`fuse`] or [`export`]. No module reaches back up.
+//! Data flows one way; each stage imports only the stages before it:
+//!
+//! ```text
+//! reference -> registry -> cache (+ layer: the tar reader) -> overlay -> image -> fuse | export | forensics
+//!                                                                         \-> commands (the CLI edge)
+//! ```
+//!
+//! - [`reference`]: docker-style image references;
+//! - [`registry`]: the distribution API client (auth, manifests, blobs);
+//! - [`cache`]: layers fetched, verified, inflated and indexed on disk, using
+//!   [`layer`], the tar reader (Go's `archive/tar` behaviour, sparse files);
+//! - [`overlay`]: the merge rules, the merged tree, and top-down answers for
+//!   single paths before every layer is present;
+//! - [`image`]: a resolved image tied to the cache;
+//! - [`fuse`], [`export`], [`forensics`]: what is done with an image;
+//! - [`names`]: names as bytes, and the one way to print them;
+//! - [`commands`]: the command-line front end (anyhow; `main.rs` parses).
 
 pub mod cache;
 pub mod commands;
