@@ -245,8 +245,14 @@ def main():
 
         # 3c. rimg diff of two tags sharing their bottom layers, cold: the
         #     bytes fetched, against both images' compressed layers.
+        # v2: the same top layer but for one file, as a rebuild of the same
+        # Dockerfile with a changed file makes.
         top2 = work / "top2"
-        (top2 / "etc").mkdir(parents=True)
+        (top2 / "usr/share").mkdir(parents=True)
+        (top2 / "usr/share/.wh.doc").touch()
+        (top2 / "usr/share/locale").mkdir()
+        (top2 / "usr/share/locale/.wh..wh..opq").touch()
+        (top2 / "etc").mkdir()
         (top2 / "etc/bench-release").write_text("rimg bench image, second tag\n")
         layer2 = work / "layer3b.tar.gz"
         tar_gz(top2, layer2)

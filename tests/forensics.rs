@@ -297,3 +297,74 @@ fn diff_of_an_image_with_itself_is_empty() {
     let r = format!("{}/hist:v1", reg.addr());
     assert_eq!(env.ok(&["diff", &r, &r]), "");
 }
+
+fn cached_layers(env: &Env) -> usize {
+    env.ok(&["cache", "ls"])
+        .lines()
+        .filter(|l| l.starts_with("sha256:"))
+        .count()
+}
+
+/// Two tags on one two-layer base; the tops touch `top_a` and `top_b`.
+fn push_two_tags(reg: &Registry, top_b_extra: bool) {
+    let base0 = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/version", b"0\n", 0o644)
+        .file("etc/base-only", b"base\n", 0o644)
+        .finish();
+    let base1 = LayerBuilder::new()
+        .dir("usr", 0o755)
+        .file("usr/tool", b"tool\n", 0o755)
+        .finish();
+    let top_a = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/version", b"1\n", 0o644)
+        .finish();
+    let mut b = LayerBuilder::new();
+    b.dir("etc", 0o755).file("etc/version", b"2\n", 0o600);
+    if top_b_extra {
+        b.file("etc/extra", b"x\n", 0o644);
+    }
+    let top_b = b.finish();
+    let blob = |t: &[u8]| layer_blob(t, Compress::Gzip, true);
+    let (b0, b1) = (blob(&base0), blob(&base1));
+    push_image(
+        reg,
+        "two",
+        "a",
+        &[b0.clone(), b1.clone(), blob(&top_a)],
+        "amd64",
+        true,
+    );
+    push_image(reg, "two", "b", &[b0, b1, blob(&top_b)], "amd64", true);
+}
+
+#[test]
+fn diff_of_two_tags_on_one_base_fetches_only_the_layers_that_differ() {
+    let reg = Registry::start(Auth::None);
+    push_two_tags(&reg, false);
+    let env = Env::new();
+    let (a, b) = (
+        format!("{}/two:a", reg.addr()),
+        format!("{}/two:b", reg.addr()),
+    );
+    assert_eq!(
+        env.ok(&["diff", "--long", &a, &b]),
+        "M /etc/version (mode, content)\n"
+    );
+    assert_eq!(cached_layers(&env), 2, "the shared base was not fetched");
+}
+
+#[test]
+fn diff_fetches_the_base_when_one_side_adds_what_the_base_may_hold() {
+    // etc/extra is new in b's top; whether it is A or M depends on the base.
+    let reg = Registry::start(Auth::None);
+    push_two_tags(&reg, true);
+    let env = Env::new();
+    let (a, b) = (
+        format!("{}/two:a", reg.addr()),
+        format!("{}/two:b", reg.addr()),
+    );
+    assert_eq!(env.ok(&["diff", &a, &b]), "A /etc/extra\nM /etc/version\n");
+    assert_eq!(cached_layers(&env), 4);
+}

@@ -231,21 +231,37 @@ pub fn diff(common: &Common, a: &str, b: &str, long: bool, as_json: bool) -> Res
     let progress = std::io::stderr().is_terminal();
     let sa = common.open_image(&rt, a, progress)?;
     let sb = common.open_image(&rt, b, progress)?;
-    let ((ta, la), (tb, lb)) =
-        rt.block_on(async { tokio::try_join!(sa.tree(None), sb.tree(None)) })?;
     let (da, db) = (digests(&sa), digests(&sb));
-    let changes = diff::diff(
-        &diff::Side {
-            tree: &ta,
-            layers: &la,
-            digests: &da,
-        },
-        &diff::Side {
-            tree: &tb,
-            layers: &lb,
-            digests: &db,
-        },
-    )?;
+    // Two images on one base: try the layers above it alone first.
+    let shared = da.iter().zip(&db).take_while(|(x, y)| x == y).count();
+    let quick = if shared > 0 {
+        let above = |s: &Arc<ImageSource>, d: &[String]| {
+            let s = Arc::clone(s);
+            let d = d.to_vec();
+            async move {
+                let mut out = Vec::new();
+                for (i, digest) in d.iter().enumerate().skip(shared) {
+                    let layer = s.layer(i).await?;
+                    let index = layer
+                        .index()
+                        .with_context(|| format!("{}: layer {digest}", s.image.reference))?;
+                    out.push((index, layer, digest.clone()));
+                }
+                anyhow::Ok(out)
+            }
+        };
+        let (ua, ub) = rt.block_on(async { tokio::try_join!(above(&sa, &da), above(&sb, &db)) })?;
+        diff::diff_above_base(&ua, &ub)?
+    } else {
+        None
+    };
+    if quick.is_some() {
+        tracing::info!("the {shared} shared base layers were not needed");
+    }
+    let changes = match quick {
+        Some(c) => c,
+        None => diff_trees(&rt, &sa, &sb, &da, &db)?,
+    };
     let names = Names::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     for c in &changes {
@@ -265,6 +281,30 @@ pub fn diff(common: &Common, a: &str, b: &str, long: bool, as_json: bool) -> Res
         writeln!(out)?;
     }
     Ok(out.flush()?)
+}
+
+/// The diff of the two merged trees, every layer fetched.
+fn diff_trees(
+    rt: &tokio::runtime::Runtime,
+    sa: &ImageSource,
+    sb: &ImageSource,
+    da: &[String],
+    db: &[String],
+) -> Result<Vec<diff::Difference>> {
+    let ((ta, la), (tb, lb)) =
+        rt.block_on(async { tokio::try_join!(sa.tree(None), sb.tree(None)) })?;
+    Ok(diff::diff(
+        &diff::Side {
+            tree: &ta,
+            layers: &la,
+            digests: da,
+        },
+        &diff::Side {
+            tree: &tb,
+            layers: &lb,
+            digests: db,
+        },
+    )?)
 }
 
 pub struct GrepArgs {

@@ -4,11 +4,15 @@
 
 use std::sync::Arc;
 
+use std::collections::BTreeSet;
+
 use super::{FileData, ForensicsError, sha256_hex};
 use crate::cache::Layer;
-use crate::layer::EntryKind;
+use crate::layer::{Entry, EntryKind, LayerIndex};
 use crate::names;
+use crate::overlay::partial::{Decision, LayerView, decide};
 use crate::overlay::tree::{Node, NodeId, Tree};
+use crate::overlay::{Change, classify};
 
 /// One side of a diff: a merged tree, the layers its bytes live in, and
 /// their digests (equal digest and offset mean equal bytes, unread).
@@ -95,7 +99,7 @@ fn walk(
                 let (_, cb) = ib.next().expect("peeked");
                 let path = names::join(dir, name);
                 let (na, nb) = (a.tree.node(ca), b.tree.node(cb));
-                let what = compare(a, b, na, nb, &path)?;
+                let what = compare(&Item::of_node(a, na), &Item::of_node(b, nb), &path)?;
                 if !what.is_empty() {
                     out.push(Difference {
                         status: Status::Modified,
@@ -123,74 +127,221 @@ fn walk(
     Ok(())
 }
 
-fn compare(
-    a: &Side<'_>,
-    b: &Side<'_>,
-    na: &Node,
-    nb: &Node,
-    path: &[u8],
-) -> Result<Vec<&'static str>, ForensicsError> {
+/// What is compared of an entry, from a merged node or a layer entry.
+struct Item<'a> {
+    kind: EntryKind,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    size: u64,
+    link: Option<&'a [u8]>,
+    rdev: (u32, u32),
+    xattrs: Vec<(&'a str, &'a [u8])>,
+    /// Where the bytes are: the layer's digest and the file's offset.
+    digest: Option<&'a str>,
+    offset: u64,
+    layer: Option<&'a Layer>,
+    sparse: Option<&'a [crate::layer::Segment]>,
+}
+
+impl<'a> Item<'a> {
+    fn of_node(side: &Side<'a>, n: &'a Node) -> Item<'a> {
+        Item {
+            kind: n.kind,
+            mode: n.mode,
+            uid: n.uid,
+            gid: n.gid,
+            size: n.size,
+            link: n.link.as_deref(),
+            rdev: n.rdev,
+            xattrs: n.xattrs().collect(),
+            digest: side.digests.get(n.layer as usize).map(String::as_str),
+            offset: n.offset,
+            layer: side.layers.get(n.layer as usize).map(|l| &**l),
+            sparse: n.sparse(),
+        }
+    }
+
+    fn of_entry(e: &'a Entry, digest: &'a str, layer: &'a Layer) -> Item<'a> {
+        Item {
+            kind: e.kind,
+            mode: e.mode,
+            uid: e.uid,
+            gid: e.gid,
+            size: e.size,
+            link: e.link.as_deref(),
+            rdev: e.rdev,
+            xattrs: e
+                .xattrs
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_slice()))
+                .collect(),
+            digest: Some(digest),
+            offset: e.offset,
+            layer: Some(layer),
+            sparse: e.sparse.as_deref(),
+        }
+    }
+
+    fn hash(&self, path: &[u8]) -> Result<String, ForensicsError> {
+        let digest = self.digest.unwrap_or_default().to_string();
+        let layer = self.layer.ok_or_else(|| ForensicsError::Read {
+            path: path.to_vec(),
+            digest: digest.clone(),
+            source: std::io::Error::other("the layer is not open"),
+        })?;
+        sha256_hex(FileData::new(layer, self.offset, self.size, self.sparse)).map_err(|source| {
+            ForensicsError::Read {
+                path: path.to_vec(),
+                digest,
+                source,
+            }
+        })
+    }
+}
+
+fn compare(a: &Item<'_>, b: &Item<'_>, path: &[u8]) -> Result<Vec<&'static str>, ForensicsError> {
     let mut what = Vec::new();
-    if na.kind != nb.kind {
+    if a.kind != b.kind {
         what.push("type");
         return Ok(what);
     }
-    if na.mode != nb.mode {
+    if a.mode != b.mode {
         what.push("mode");
     }
-    if (na.uid, na.gid) != (nb.uid, nb.gid) {
+    if (a.uid, a.gid) != (b.uid, b.gid) {
         what.push("owner");
     }
-    if na.kind == EntryKind::File {
-        if na.size != nb.size {
+    if a.kind == EntryKind::File {
+        let same_place = a.digest.is_some() && a.digest == b.digest && a.offset == b.offset;
+        if a.size != b.size {
             what.push("size");
             what.push("content");
-        } else if !same_bytes(a, b, na, nb, path)? {
+        } else if !same_place && a.hash(path)? != b.hash(path)? {
             what.push("content");
         }
     }
-    if na.link != nb.link && na.kind == EntryKind::Symlink {
+    if a.kind == EntryKind::Symlink && a.link != b.link {
         what.push("target");
     }
-    if matches!(na.kind, EntryKind::Char | EntryKind::Block) && na.rdev != nb.rdev {
+    if matches!(a.kind, EntryKind::Char | EntryKind::Block) && a.rdev != b.rdev {
         what.push("type");
     }
-    let xa: Vec<_> = na.xattrs().collect();
-    let xb: Vec<_> = nb.xattrs().collect();
-    if xa != xb {
+    if a.xattrs != b.xattrs {
         what.push("xattrs");
     }
     Ok(what)
 }
 
-fn same_bytes(
-    a: &Side<'_>,
-    b: &Side<'_>,
-    na: &Node,
-    nb: &Node,
-    path: &[u8],
-) -> Result<bool, ForensicsError> {
-    let da = a.digests.get(na.layer as usize);
-    let db = b.digests.get(nb.layer as usize);
-    if da.is_some() && da == db && na.offset == nb.offset {
-        return Ok(true);
-    }
-    let hash = |side: &Side<'_>, n: &Node| -> Result<String, ForensicsError> {
-        let digest = side
-            .digests
-            .get(n.layer as usize)
-            .cloned()
-            .unwrap_or_default();
-        let data = FileData::of(side.layers, n).ok_or_else(|| ForensicsError::Read {
-            path: path.to_vec(),
-            digest: digest.clone(),
-            source: std::io::Error::other("the layer is not open"),
-        })?;
-        sha256_hex(data).map_err(|source| ForensicsError::Read {
-            path: path.to_vec(),
-            digest,
-            source,
-        })
+/// The diff from the layers above a shared base alone, or `None` when the
+/// answer needs the base: some path one side's own layers decide is left to
+/// the base by the other's (or hides a base directory, or depends on it in a
+/// way a single layer cannot tell, such as a hardlink or an opaque marker).
+/// `upper_*` are each side's layers above the base, bottom first.
+pub fn diff_above_base(
+    upper_a: &[(LayerIndex, Arc<Layer>, String)],
+    upper_b: &[(LayerIndex, Arc<Layer>, String)],
+) -> Result<Option<Vec<Difference>>, ForensicsError> {
+    let views = |u: &[(LayerIndex, Arc<Layer>, String)]| -> Vec<LayerView> {
+        u.iter()
+            .map(|(i, _, _)| LayerView::new(i.clone()))
+            .collect()
     };
-    Ok(hash(a, na)? == hash(b, nb)?)
+    let (va, vb) = (views(upper_a), views(upper_b));
+    // What an opaque marker hides is in the base: the same markers on both
+    // sides hide the same, any other difference needs the base.
+    let opaque = |u: &[(LayerIndex, Arc<Layer>, String)]| -> BTreeSet<Vec<u8>> {
+        u.iter()
+            .flat_map(|(i, _, _)| &i.entries)
+            .filter_map(|e| match classify(&e.path) {
+                Change::Opaque { dir } => Some(dir.to_vec()),
+                _ => None,
+            })
+            .collect()
+    };
+    if opaque(upper_a) != opaque(upper_b) {
+        return Ok(None);
+    }
+    // Every path either side's own layers mention, and their parents.
+    let mut candidates: BTreeSet<Vec<u8>> = BTreeSet::new();
+    for (index, _, _) in upper_a.iter().chain(upper_b) {
+        for e in &index.entries {
+            let path = match classify(&e.path) {
+                Change::Entry => e.path.clone(),
+                Change::Whiteout { dir, name } => names::join(dir, name),
+                Change::Opaque { dir } => dir.to_vec(),
+            };
+            for a in names::ancestors(&path) {
+                candidates.insert(a.to_vec());
+            }
+            candidates.insert(path);
+        }
+    }
+    let top_down = |views: &[LayerView], path: &[u8]| -> Option<Option<(usize, Entry)>> {
+        for (i, v) in views.iter().enumerate().rev() {
+            match decide(v, path) {
+                Decision::Found(_) if views[i + 1..].iter().any(|u| u.links(path)) => return None,
+                Decision::Found(e) => return Some(Some((i, e))),
+                Decision::Gone => return Some(None),
+                Decision::Defer => return None,
+                Decision::Continue => {}
+            }
+        }
+        // Left to the base.
+        None
+    };
+    let mut out = Vec::new();
+    for path in &candidates {
+        let (Some(a), Some(b)) = (top_down(&va, path), top_down(&vb, path)) else {
+            if top_down(&va, path).is_none() && top_down(&vb, path).is_none() {
+                // Neither side decides it: both show the base's. But a
+                // hardlink or a non-literal entry may be why; then only the
+                // tree can tell.
+                if !va
+                    .iter()
+                    .chain(&vb)
+                    .any(|v| v.links(path) || matches!(decide(v, path), Decision::Defer))
+                {
+                    continue;
+                }
+            }
+            return Ok(None);
+        };
+        match (a, b) {
+            (None, None) => {}
+            (Some((_, ea)), Some((_, eb)))
+                if ea.kind != eb.kind
+                    && (ea.kind == EntryKind::Dir || eb.kind == EntryKind::Dir) =>
+            {
+                // The directory side may hold base entries the other lacks.
+                return Ok(None);
+            }
+            (Some((i, ea)), Some((j, eb))) => {
+                let ia = Item::of_entry(&ea, &upper_a[i].2, &upper_a[i].1);
+                let ib = Item::of_entry(&eb, &upper_b[j].2, &upper_b[j].1);
+                let what = compare(&ia, &ib, path)?;
+                if !what.is_empty() {
+                    out.push(Difference {
+                        status: Status::Modified,
+                        path: path.clone(),
+                        what,
+                    });
+                }
+            }
+            // Only a non-directory stands alone; a directory may hold base entries.
+            (Some((_, e)), None) if e.kind != EntryKind::Dir => out.push(Difference {
+                status: Status::Deleted,
+                path: path.clone(),
+                what: Vec::new(),
+            }),
+            (None, Some((_, e))) if e.kind != EntryKind::Dir => out.push(Difference {
+                status: Status::Added,
+                path: path.clone(),
+                what: Vec::new(),
+            }),
+            _ => return Ok(None),
+        }
+    }
+    out.sort_by(|x, y| x.path.cmp(&y.path));
+    Ok(Some(out))
 }
