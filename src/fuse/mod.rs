@@ -2,8 +2,10 @@
 //! read-only, serving it until unmounted or signalled, and the record of live
 //! mounts.
 
+mod attr;
 mod fs;
 pub mod mounts;
+mod state;
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
@@ -12,7 +14,8 @@ use std::sync::Arc;
 
 use fuser::{Config, Session, SessionACL};
 
-pub use fs::{ImageFs, LAYER_XATTR, Mounted, State};
+pub use fs::{ImageFs, LAYER_XATTR};
+pub use state::{Mounted, State};
 
 use crate::image::ImageSource;
 
