@@ -14,7 +14,7 @@ pub use forensics::{GrepArgs, deleted, diff, grep, log};
 use crate::cache::Cache;
 use crate::fuse::mounts::{self, MountRecord};
 use crate::image::{ImageSource, short_digest};
-use crate::layer::{EntryKind, read_file};
+use crate::layer::EntryKind;
 use crate::names;
 use crate::overlay::tree::NodeId;
 use crate::reference::Reference;
@@ -558,26 +558,17 @@ pub fn cat(common: &Common, reference: &str, path: &[u8], layer: Option<i64>) ->
     if n.kind != EntryKind::File {
         bail!("{what}: not a regular file");
     }
-    let layer = &layers[n.layer as usize];
+    let mut data = crate::image::FileData::of(&layers, n);
+    let digest = &source.image.layers[image_layer(n.layer)].digest;
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 1 << 20];
     let mut done = 0u64;
     while done < n.size {
-        let mut read_at = |o: u64, b: &mut [u8]| layer.read_at(o, b);
-        let sparse = n.sparse();
-        let got = read_file(&mut read_at, n.offset, n.size, sparse, done, &mut buf).with_context(
-            || {
-                format!(
-                    "{what}: reading layer {}",
-                    source.image.layers[image_layer(n.layer)].digest
-                )
-            },
-        )?;
+        let got = data
+            .read(&mut buf)
+            .with_context(|| format!("{what}: reading layer {digest}"))?;
         if got == 0 {
-            bail!(
-                "{what}: layer {} ends before the file does",
-                source.image.layers[image_layer(n.layer)].digest
-            );
+            bail!("{what}: layer {digest} ends before the file does");
         }
         out.write_all(&buf[..got])?;
         done += got as u64;

@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 use crate::cache::Layer;
 use crate::image::ImageSource;
-use crate::layer::{EntryKind, Segment, read_file};
+use crate::layer::EntryKind;
 use crate::overlay::tree::{NodeId, Tree};
 use crate::registry::{OCI_MANIFEST, sha256_digest};
 
@@ -43,37 +43,6 @@ pub enum Format {
     Docker,
     Oci,
     Rootfs,
-}
-
-/// Reads a file's `size` bytes from its layer (a sparse file expanded, its
-/// holes as zeros).
-struct DataReader<'a> {
-    /// `None` when the tree names a layer it was not given.
-    layer: Option<&'a Layer>,
-    offset: u64,
-    size: u64,
-    sparse: Option<&'a [Segment]>,
-    pos: u64,
-}
-
-impl Read for DataReader<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let layer = self.layer;
-        let mut read_at = |o: u64, b: &mut [u8]| match layer {
-            Some(l) => l.read_at(o, b),
-            None => Err(io::Error::other("the file's layer is not open")),
-        };
-        let n = read_file(
-            &mut read_at,
-            self.offset,
-            self.size,
-            self.sparse,
-            self.pos,
-            buf,
-        )?;
-        self.pos += n as u64;
-        Ok(n)
-    }
 }
 
 /// Hashes what passes through a writer.
@@ -175,13 +144,7 @@ pub fn write_rootfs<W: Write>(
             EntryKind::File | EntryKind::Hardlink => {
                 header.set_entry_type(tar::EntryType::Regular);
                 header.set_size(n.size);
-                let reader = DataReader {
-                    layer: layers.get(n.layer as usize).map(|l| &**l),
-                    offset: n.offset,
-                    size: n.size,
-                    sparse: n.sparse(),
-                    pos: 0,
-                };
+                let reader = crate::image::FileData::of(layers, n);
                 append_entry(&mut builder, header, n, &path, None, reader).map_err(|source| {
                     ExportError::Read {
                         path: format!("/{}", crate::names::escaped(&path)),

@@ -216,3 +216,59 @@ pub fn short_digest(d: &str) -> &str {
     let hex = d.split_once(':').map_or(d, |(_, h)| h);
     &hex[..hex.len().min(12)]
 }
+
+/// A file's bytes in its layer, holes of a sparse file as zeros, as a
+/// reader: how export, forensics and anything else outside the mount read
+/// a file of an image.
+pub struct FileData<'a> {
+    /// `None` when the file's layer is not open (a tree given without its
+    /// layers); reading then fails, unless the file is empty.
+    layer: Option<&'a Layer>,
+    offset: u64,
+    size: u64,
+    sparse: Option<&'a [crate::layer::Segment]>,
+    pos: u64,
+}
+
+impl<'a> FileData<'a> {
+    pub fn new(
+        layer: Option<&'a Layer>,
+        offset: u64,
+        size: u64,
+        sparse: Option<&'a [crate::layer::Segment]>,
+    ) -> Self {
+        FileData {
+            layer,
+            offset,
+            size,
+            sparse,
+            pos: 0,
+        }
+    }
+
+    /// The bytes of a merged node, whose layer is `layers[node.layer]`.
+    pub fn of(layers: &'a [Arc<Layer>], n: &'a crate::overlay::tree::Node) -> Self {
+        let layer = layers.get(n.layer as usize).map(|l| &**l);
+        Self::new(layer, n.offset, n.size, n.sparse())
+    }
+}
+
+impl Read for FileData<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let layer = self.layer;
+        let mut read_at = |o: u64, b: &mut [u8]| match layer {
+            Some(l) => l.read_at(o, b),
+            None => Err(std::io::Error::other("the file's layer is not open")),
+        };
+        let n = crate::layer::read_file(
+            &mut read_at,
+            self.offset,
+            self.size,
+            self.sparse,
+            self.pos,
+            buf,
+        )?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}

@@ -185,17 +185,16 @@ impl<'a> Item<'a> {
 
     fn hash(&self, path: &[u8]) -> Result<String, ForensicsError> {
         let digest = self.digest.unwrap_or_default().to_string();
-        let layer = self.layer.ok_or_else(|| ForensicsError::Read {
+        sha256_hex(FileData::new(
+            self.layer,
+            self.offset,
+            self.size,
+            self.sparse,
+        ))
+        .map_err(|source| ForensicsError::Read {
             path: path.to_vec(),
-            digest: digest.clone(),
-            source: std::io::Error::other("the layer is not open"),
-        })?;
-        sha256_hex(FileData::new(layer, self.offset, self.size, self.sparse)).map_err(|source| {
-            ForensicsError::Read {
-                path: path.to_vec(),
-                digest,
-                source,
-            }
+            digest,
+            source,
         })
     }
 }

@@ -137,7 +137,7 @@ pub fn search(
                             let Some(layer) = layers.get(t.layer) else {
                                 continue;
                             };
-                            let data = FileData::new(layer, t.offset, t.size, t.sparse);
+                            let data = FileData::new(Some(layer), t.offset, t.size, t.sparse);
                             let mut found = Found::default();
                             let sink = Collect {
                                 found: &mut found,

@@ -21,7 +21,8 @@ use std::sync::Arc;
 use sha2::{Digest, Sha256};
 
 use crate::cache::Layer;
-use crate::layer::{EntryKind, LayerIndex, Segment};
+pub use crate::image::FileData;
+use crate::layer::{EntryKind, LayerIndex};
 use crate::names;
 use crate::overlay::tree::{Applier, Node, NodeId, TreeError};
 use crate::overlay::{Change, classify};
@@ -37,50 +38,6 @@ pub enum ForensicsError {
         #[source]
         source: io::Error,
     },
-}
-
-/// A file's bytes in its layer (sparse holes as zeros), as a reader.
-pub struct FileData<'a> {
-    layer: &'a Layer,
-    offset: u64,
-    size: u64,
-    sparse: Option<&'a [Segment]>,
-    pos: u64,
-}
-
-impl<'a> FileData<'a> {
-    pub fn new(layer: &'a Layer, offset: u64, size: u64, sparse: Option<&'a [Segment]>) -> Self {
-        FileData {
-            layer,
-            offset,
-            size,
-            sparse,
-            pos: 0,
-        }
-    }
-
-    /// The bytes of a merged node, whose layer is `layers[node.layer]`.
-    pub fn of(layers: &'a [Arc<Layer>], n: &'a Node) -> Option<Self> {
-        let layer = layers.get(n.layer as usize)?;
-        Some(Self::new(layer, n.offset, n.size, n.sparse()))
-    }
-}
-
-impl Read for FileData<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let layer = self.layer;
-        let mut read_at = |o: u64, b: &mut [u8]| layer.read_at(o, b);
-        let n = crate::layer::read_file(
-            &mut read_at,
-            self.offset,
-            self.size,
-            self.sparse,
-            self.pos,
-            buf,
-        )?;
-        self.pos += n as u64;
-        Ok(n)
-    }
 }
 
 /// sha256 of a reader's bytes, as hex.
@@ -197,11 +154,7 @@ impl Hashes<'_> {
                 .cloned()
                 .unwrap_or_default()
         };
-        let data = FileData::of(self.layers, n).ok_or_else(|| ForensicsError::Read {
-            path: path.to_vec(),
-            digest: digest(),
-            source: io::Error::other("the layer is not open"),
-        })?;
+        let data = FileData::of(self.layers, n);
         let h = sha256_hex(data).map_err(|source| ForensicsError::Read {
             path: path.to_vec(),
             digest: digest(),

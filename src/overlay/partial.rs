@@ -33,8 +33,9 @@ pub struct LayerView {
     opaque: HashSet<Vec<u8>>,
     /// Paths that are hardlinks, or that a hardlink of this layer names.
     linked: HashSet<Vec<u8>>,
-    /// Paths where this layer puts a non-directory, at any point: what lower
-    /// layers had below them is gone.
+    /// Directories this layer made after a non-directory had their name:
+    /// what lower layers had below them is gone, as it is below any path
+    /// whose entry here is not a directory.
     nondir: HashSet<Vec<u8>>,
     /// Components of the paths of the entries that are not literal.
     drifting: HashSet<Vec<u8>>,
@@ -92,23 +93,28 @@ impl LayerView {
                 }
             }
         }
-        // Where each path last became a non-directory.
-        let mut last_nondir: HashMap<Vec<u8>, usize> = HashMap::new();
+        // Where each path last became a non-directory (borrowed: views of
+        // large layers are built on a cold mount's critical path).
+        let mut last_nondir: HashMap<&[u8], usize> = HashMap::new();
         for (i, e) in index.entries.iter().enumerate() {
-            if classify(&e.path) == Change::Entry && e.kind != EntryKind::Dir {
-                last_nondir.insert(e.path.clone(), i);
+            if e.kind != EntryKind::Dir && classify(&e.path) == Change::Entry {
+                last_nondir.insert(&e.path, i);
             }
         }
-        for (i, e) in index.entries.into_iter().enumerate() {
+        // An entry below a name that this layer later turns into a
+        // non-directory is gone with it.
+        let buried: Vec<bool> = index
+            .entries
+            .iter()
+            .enumerate()
+            .map(|(i, e)| {
+                names::ancestors(&e.path).any(|a| last_nondir.get(a).is_some_and(|&k| k > i))
+            })
+            .collect();
+        let was_nondir: Vec<Vec<u8>> = last_nondir.keys().map(|p| p.to_vec()).collect();
+        for (e, buried) in index.entries.into_iter().zip(buried) {
             if classify(&e.path) != Change::Entry {
                 continue;
-            }
-            // An entry below a name that this layer later turns into a
-            // non-directory is gone with it.
-            let buried =
-                names::ancestors(&e.path).any(|a| last_nondir.get(a).is_some_and(|&k| k > i));
-            if e.kind != EntryKind::Dir {
-                v.nondir.insert(e.path.clone());
             }
             if buried {
                 v.by_path.remove(&e.path);
@@ -116,6 +122,12 @@ impl LayerView {
             }
             v.by_path.insert(e.path.clone(), v.entries.len());
             v.entries.push(e);
+        }
+        // Names that were a non-directory before a directory took them back.
+        for p in was_nondir {
+            if v.get(&p).is_some_and(|e| e.kind == EntryKind::Dir) {
+                v.nondir.insert(p);
+            }
         }
         v
     }
@@ -157,7 +169,7 @@ pub fn decide(v: &LayerView, path: &[u8]) -> Decision {
         if v.whiteouts.contains(a) || v.opaque.contains(a) {
             return Decision::Gone;
         }
-        if v.nondir.contains(a) {
+        if v.nondir.contains(a) || v.get(a).is_some_and(|e| e.kind != EntryKind::Dir) {
             return Decision::Gone;
         }
     }
