@@ -519,18 +519,10 @@ mod tests {
 
     fn entry(path: &str, kind: EntryKind, link: Option<&str>) -> Entry {
         Entry {
-            path: path.into(),
-            kind,
             mode: 0o755,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime: 0,
             link: link.map(|l| l.as_bytes().to_vec()),
-            rdev: (0, 0),
             xattrs: vec![("user.k".into(), b"v".to_vec())],
-            offset: 0,
-            sparse: None,
+            ..Entry::new(path.as_bytes(), kind)
         }
     }
 

@@ -118,13 +118,13 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// A directory no layer lists but whose children exist: mode 0755, owned
-    /// by root, time zero (as runtimes create missing parents).
-    pub fn implicit_dir(path: &[u8]) -> Entry {
+    /// An empty entry of `kind` at `path`: owned by root, time zero, mode
+    /// 0755 for a directory and 0644 for anything else.
+    pub fn new(path: &[u8], kind: EntryKind) -> Entry {
         Entry {
             path: path.to_vec(),
-            kind: EntryKind::Dir,
-            mode: 0o755,
+            kind,
+            mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
             uid: 0,
             gid: 0,
             size: 0,
@@ -135,6 +135,12 @@ impl Entry {
             offset: 0,
             sparse: None,
         }
+    }
+
+    /// A directory no layer lists but whose children exist: mode 0755, owned
+    /// by root, time zero (as runtimes create missing parents).
+    pub fn implicit_dir(path: &[u8]) -> Entry {
+        Entry::new(path, EntryKind::Dir)
     }
 }
 

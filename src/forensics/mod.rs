@@ -425,18 +425,8 @@ mod tests {
 
     fn e(path: &str, kind: EntryKind) -> Entry {
         Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
             mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime: 0,
-            link: None,
-            rdev: (0, 0),
-            xattrs: vec![],
-            offset: 0,
-            sparse: None,
+            ..Entry::new(path.as_bytes(), kind)
         }
     }
 

@@ -140,18 +140,9 @@ mod differential {
 
     fn entry(path: &str, kind: EntryKind, link: Option<&str>, offset: u64) -> Entry {
         Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime: 0,
             link: link.map(|l| l.as_bytes().to_vec()),
-            rdev: (0, 0),
-            xattrs: Vec::new(),
             offset,
-            sparse: None,
+            ..Entry::new(path.as_bytes(), kind)
         }
     }
 

@@ -185,18 +185,10 @@ mod tests {
 
     fn e(path: &str, kind: EntryKind, link: Option<&str>) -> Entry {
         Entry {
-            path: path.into(),
-            kind,
             mode: 0o644,
-            uid: 0,
-            gid: 0,
             size: 1,
-            mtime: 0,
             link: link.map(Into::into),
-            rdev: (0, 0),
-            xattrs: vec![],
-            offset: 0,
-            sparse: None,
+            ..Entry::new(path.as_bytes(), kind)
         }
     }
 

@@ -665,20 +665,7 @@ mod tests {
     use super::*;
 
     fn entry(path: &str, kind: EntryKind) -> Entry {
-        Entry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
-            uid: 0,
-            gid: 0,
-            size: 0,
-            mtime: 0,
-            link: None,
-            rdev: (0, 0),
-            xattrs: Vec::new(),
-            offset: 0,
-            sparse: None,
-        }
+        Entry::new(path.as_bytes(), kind)
     }
 
     fn f(path: &str) -> Entry {
