@@ -52,6 +52,17 @@ def tar_gz(src: Path, out: Path):
     sh(["tar", "--numeric-owner", "--xattrs", "-C", str(src), "-czf", str(out), "."])
 
 
+def top_layer(top: Path, release: str, out: Path):
+    """The top layer: a whiteout, an opaque directory and one new file."""
+    (top / "usr/share").mkdir(parents=True)
+    (top / "usr/share/.wh.doc").touch()
+    (top / "usr/share/locale").mkdir()
+    (top / "usr/share/locale/.wh..wh..opq").touch()
+    (top / "etc").mkdir()
+    (top / "etc/bench-release").write_text(release)
+    tar_gz(top, out)
+
+
 def build_layers():
     """Three layers, built once: debootstrap minbase, pip packages, deletions."""
     BENCH.mkdir(parents=True, exist_ok=True)
@@ -78,14 +89,7 @@ def build_layers():
             tar_gz(py, layers[1])
         if not layers[2].exists():
             print("building layer 3: deletions and an opaque directory", file=sys.stderr)
-            top = work / "top"
-            (top / "usr/share").mkdir(parents=True)
-            (top / "usr/share/.wh.doc").touch()
-            (top / "usr/share/locale").mkdir()
-            (top / "usr/share/locale/.wh..wh..opq").touch()
-            (top / "etc").mkdir()
-            (top / "etc/bench-release").write_text("rimg bench image\n")
-            tar_gz(top, layers[2])
+            top_layer(work / "top", "rimg bench image\n", layers[2])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return layers
@@ -247,15 +251,8 @@ def main():
         #     bytes fetched, against both images' compressed layers.
         # v2: the same top layer but for one file, as a rebuild of the same
         # Dockerfile with a changed file makes.
-        top2 = work / "top2"
-        (top2 / "usr/share").mkdir(parents=True)
-        (top2 / "usr/share/.wh.doc").touch()
-        (top2 / "usr/share/locale").mkdir()
-        (top2 / "usr/share/locale/.wh..wh..opq").touch()
-        (top2 / "etc").mkdir()
-        (top2 / "etc/bench-release").write_text("rimg bench image, second tag\n")
         layer2 = work / "layer3b.tar.gz"
-        tar_gz(top2, layer2)
+        top_layer(work / "top2", "rimg bench image, second tag\n", layer2)
         sh([str(ROOT / "scripts/push-image.sh"), f"127.0.0.1:{reg.port}", "bench/image", "v2", "amd64",
             str(layers[0]), str(layers[1]), str(layer2)], stdout=subprocess.DEVNULL)
         ref2 = f"127.0.0.1:{reg.port}/bench/image:v2"
