@@ -368,3 +368,56 @@ fn diff_fetches_the_base_when_one_side_adds_what_the_base_may_hold() {
     assert_eq!(env.ok(&["diff", &a, &b]), "A /etc/extra\nM /etc/version\n");
     assert_eq!(cached_layers(&env), 4);
 }
+
+#[test]
+fn forty_layers_each_changing_one_file_give_forty_log_records() {
+    let reg = Registry::start(Auth::None);
+    let blobs: Vec<Blob> = (0..40)
+        .map(|i| {
+            let mut l = LayerBuilder::new();
+            l.dir("var", 0o755)
+                .file("var/counter", format!("{i}\n").as_bytes(), 0o644)
+                .file(&format!("var/only-{i}"), b"x\n", 0o644);
+            if i > 0 {
+                l.whiteout(&format!("var/only-{}", i - 1));
+            }
+            layer_blob(&l.finish(), Compress::Gzip, true)
+        })
+        .collect();
+    push_image(&reg, "forty", "v1", &blobs, "amd64", true);
+    let env = Env::new();
+    let r = format!("{}/forty:v1", reg.addr());
+    let log = json_lines(&env.ok(&["log", "--json", &r, "/var/counter"]));
+    assert_eq!(log.len(), 40);
+    assert_eq!(log[0]["action"], "added");
+    assert!(log[1..].iter().all(|v| v["action"] == "modified"));
+    assert_eq!(log[39]["created_by"], "layer 39");
+    let deleted = json_lines(&env.ok(&["deleted", "--json", &r]));
+    let whiteouts = deleted.iter().filter(|v| v["how"] == "whiteout").count();
+    let replaced = deleted.iter().filter(|v| v["how"] == "replaced").count();
+    // var/only-0..38 whited out; var/counter 0..38 replaced (and no
+    // directory: each layer only writes var/ again).
+    assert_eq!((whiteouts, replaced), (39, 39), "{deleted:?}");
+    assert_eq!(env.ok(&["cat", "--layer", "7", &r, "/var/counter"]), "7\n");
+}
+
+#[test]
+fn diff_of_two_tags_on_one_base_agrees_with_diff_rq() {
+    let reg = Registry::start(Auth::None);
+    push_two_tags(&reg, true);
+    let (_ka, ra) = umoci_unpack(&reg, "two", "a");
+    let (_kb, rb) = umoci_unpack(&reg, "two", "b");
+    let (only_a, only_b, differ) = diff_rq(&ra, &rb);
+    let env = Env::new();
+    let (a, b) = (format!("{}/two:a", reg.addr()), format!("{}/two:b", reg.addr()));
+    let rows = json_lines(&env.ok(&["diff", "--json", &a, &b]));
+    let of = |c: &str| -> BTreeSet<String> {
+        rows.iter()
+            .filter(|v| v["change"] == c)
+            .map(|v| v["path"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(of("D"), only_a);
+    assert_eq!(of("A"), only_b);
+    assert_eq!(of("M"), differ);
+}
