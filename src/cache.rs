@@ -23,7 +23,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::layer::{self, Compression, LayerError, LayerIndex};
-use crate::registry::LayerDesc;
+use crate::registry::{LayerDesc, RegistryError};
+
+/// A layer whose bytes fail their digest is downloaded again from the start
+/// this many times before the error.
+const REFETCHES: u32 = 2;
 
 /// Bumped whenever the index format changes, so old indexes are rebuilt.
 const INDEX_VERSION: u32 = 3;
@@ -39,6 +43,14 @@ pub enum CacheError {
     },
     #[error("layer {digest}: download failed: {detail}")]
     Fetch { digest: String, detail: String },
+    #[error(
+        "layer {digest}: downloaded content does not match the digest (got {actual}; downloaded {tries} times)"
+    )]
+    Corrupt {
+        digest: String,
+        actual: String,
+        tries: u32,
+    },
     #[error(
         "layer {digest} inflates past {limit} bytes (the cache size or --max-layer-size); refused"
     )]
@@ -237,7 +249,12 @@ impl Cache {
     }
 
     /// Opens a complete layer, or `None` if it is not (or no longer validly) cached.
-    fn load(&self, hex: &str, in_use: File) -> Result<Option<Layer>, CacheError> {
+    fn load(
+        &self,
+        hex: &str,
+        expected_diff_id: Option<&str>,
+        in_use: File,
+    ) -> Result<Option<Layer>, CacheError> {
         let (_, tar_path, idx_path) = self.paths(hex);
         let mut head = Vec::with_capacity(HEADER_MAX);
         match File::open(&idx_path) {
@@ -257,6 +274,16 @@ impl Cache {
         };
         if file.version != INDEX_VERSION {
             return Ok(None);
+        }
+        // The same blob under an image config that claims another diff_id.
+        if let Some(expected) = expected_diff_id
+            && expected != file.diff_id
+        {
+            return Err(CacheError::DiffId {
+                digest: file.digest,
+                expected: expected.to_string(),
+                actual: file.diff_id,
+            });
         }
         let tar = match File::open(&tar_path) {
             Ok(f) => f,
@@ -304,17 +331,18 @@ impl Cache {
         desc: &LayerDesc,
         image_ref: &str,
         max_layer_size: u64,
-        open_blob: F,
+        mut open_blob: F,
     ) -> Result<Arc<Layer>, CacheError>
     where
-        F: FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
+        F: FnMut() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
     {
         let hex = hex_of(&desc.digest)?.to_string();
+        let want = desc.diff_id.as_deref();
         let lock = self.lock_file(&hex)?;
         let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
         // Shared first: the common case is a layer that is already here.
         lock.lock_shared().map_err(io_err(&lock_path))?;
-        if let Some(l) = self.load(&hex, lock.try_clone().map_err(io_err(&lock_path))?)? {
+        if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
             self.note_image(&hex, image_ref);
             return Ok(Arc::new(l));
         }
@@ -323,18 +351,37 @@ impl Cache {
         lock.lock().map_err(io_err(&lock_path))?;
         let result: Result<(), CacheError> = (|| {
             if self
-                .load(&hex, lock.try_clone().map_err(io_err(&lock_path))?)?
-                .is_none()
+                .load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)?
+                .is_some()
             {
-                self.fetch(desc, &hex, max_layer_size, open_blob)?;
+                return Ok(());
             }
-            Ok(())
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match self.fetch(desc, &hex, max_layer_size, &mut open_blob) {
+                    Err(CacheError::Corrupt { .. }) if tries <= REFETCHES => {
+                        tracing::warn!(
+                            "layer {}: downloaded content does not match the digest; downloading it again",
+                            desc.digest
+                        );
+                    }
+                    Err(CacheError::Corrupt { digest, actual, .. }) => {
+                        return Err(CacheError::Corrupt {
+                            digest,
+                            actual,
+                            tries,
+                        });
+                    }
+                    other => return other,
+                }
+            }
         })();
         // Back to shared: in use from here on.
         lock.unlock().map_err(io_err(&lock_path))?;
         result?;
         lock.lock_shared().map_err(io_err(&lock_path))?;
-        let layer = self.load(&hex, lock)?.ok_or_else(|| CacheError::Io {
+        let layer = self.load(&hex, want, lock)?.ok_or_else(|| CacheError::Io {
             path: self.paths(&hex).2.display().to_string(),
             source: io::Error::other("evicted right after it was fetched"),
         })?;
@@ -353,10 +400,10 @@ impl Cache {
         desc: &LayerDesc,
         hex: &str,
         max: u64,
-        open_blob: F,
+        open_blob: &mut F,
     ) -> Result<(), CacheError>
     where
-        F: FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
+        F: FnMut() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
     {
         let digest = &desc.digest;
         let tmp_dir = self.root.join("tmp");
@@ -410,10 +457,28 @@ impl Cache {
         let indexed = layer::index_tar(&mut plain, digest);
         let index = match indexed {
             Ok(i) => i,
-            Err(LayerError::Io { source, .. }) => {
-                return Err(classify(source, digest, max));
+            Err(e) => {
+                let err = match e {
+                    LayerError::Io { source, .. } => classify(source, digest, max),
+                    other => other.into(),
+                };
+                if matches!(
+                    err,
+                    CacheError::TooLarge { .. } | CacheError::Corrupt { .. }
+                ) {
+                    return Err(err);
+                }
+                // Bytes damaged on the way show as a bad gzip or tar stream
+                // before the digest fails at the end: reading the rest (at
+                // most the size the manifest states) tells the two apart.
+                drop(plain);
+                if let Err(e) = io::copy(&mut source, &mut io::sink())
+                    && let c @ CacheError::Corrupt { .. } = classify(e, digest, max)
+                {
+                    return Err(c);
+                }
+                return Err(err);
             }
-            Err(e) => return Err(e.into()),
         };
         let tar_size = plain.count;
         let diff_id = format!(
@@ -425,6 +490,17 @@ impl Cache {
         // Whatever trails the compressed stream still belongs to the blob.
         io::copy(&mut source, &mut io::sink()).map_err(|e| classify(e, digest, max))?;
         drop(source);
+        // Only now is the blob known to be what its digest says, so a
+        // diff_id mismatch is the config's, not the network's.
+        if let Some(expected) = &desc.diff_id
+            && *expected != diff_id
+        {
+            return Err(CacheError::DiffId {
+                digest: digest.clone(),
+                expected: expected.clone(),
+                actual: diff_id,
+            });
+        }
         compressed.out.flush().map_err(io_err(blob_tmp.path()))?;
         let blob_size = compressed.count;
         drop(compressed);
@@ -614,11 +690,20 @@ impl Cache {
     }
 }
 
-/// Turns the size-limit marker back into its own error.
+/// Turns the size-limit marker and a digest mismatch of the download back
+/// into their own errors.
 fn classify(e: io::Error, digest: &str, limit: u64) -> CacheError {
-    let too_large = e
-        .get_ref()
-        .is_some_and(|inner| inner.is::<TooLargeMarker>());
+    let inner = e.get_ref();
+    let too_large = inner.is_some_and(|inner| inner.is::<TooLargeMarker>());
+    if let Some(RegistryError::Digest { actual, .. }) =
+        inner.and_then(|i| i.downcast_ref::<RegistryError>())
+    {
+        return CacheError::Corrupt {
+            digest: digest.to_string(),
+            actual: actual.clone(),
+            tries: 1,
+        };
+    }
     if too_large {
         CacheError::TooLarge {
             digest: digest.to_string(),
@@ -637,7 +722,7 @@ mod tests {
     use super::*;
 
     type Opener =
-        Box<dyn FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>>;
+        Box<dyn FnMut() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>>;
 
     fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -662,11 +747,12 @@ mod tests {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             size: blob.len() as u64,
             urls: vec![],
+            diff_id: None,
         }
     }
 
     fn serve(blob: Vec<u8>) -> Opener {
-        Box::new(move || Ok(Box::new(io::Cursor::new(blob)) as Box<dyn Read + Send>))
+        Box::new(move || Ok(Box::new(io::Cursor::new(blob.clone())) as Box<dyn Read + Send>))
     }
 
     /// Fails after `n` good bytes, like a dropped connection or a digest mismatch.
@@ -739,7 +825,7 @@ mod tests {
         let err = cache
             .ensure_layer(&d, "r", u64::MAX, move || {
                 Ok(Box::new(Broken {
-                    data: io::Cursor::new(broken),
+                    data: io::Cursor::new(broken.clone()),
                     left: 600,
                 }) as Box<dyn Read + Send>)
             })

@@ -32,6 +32,13 @@ pub struct Common {
     pub cache_size: Option<String>,
     pub max_layer_size: Option<String>,
     pub verbose: u8,
+    /// Seconds one operation keeps trying (RIMG_TIMEOUT).
+    pub timeout: Option<u64>,
+    /// Seconds without a byte before a connection counts as stalled (RIMG_STALL_TIMEOUT).
+    pub stall_timeout: Option<u64>,
+    /// Attempts per request (RIMG_RETRIES).
+    pub retries: Option<u32>,
+    pub allow_foreign_layers: bool,
 }
 
 pub struct LsArgs {
@@ -82,6 +89,7 @@ pub(crate) fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
@@ -145,7 +153,18 @@ impl Common {
             ca_certs: self.ca_certs.clone(),
             mirrors,
             credentials: CredentialStore::from_env(explicit),
+            foreign_urls: self.allow_foreign_layers,
             ..ClientOptions::default()
+        };
+        let opts = ClientOptions {
+            deadline: self
+                .timeout
+                .map_or(opts.deadline, std::time::Duration::from_secs),
+            read_timeout: self
+                .stall_timeout
+                .map_or(opts.read_timeout, std::time::Duration::from_secs),
+            max_tries: self.retries.map_or(opts.max_tries, |r| r.max(1)),
+            ..opts
         };
         Ok(Arc::new(Client::new(opts)?))
     }
@@ -545,6 +564,19 @@ fn child_args(common: &Common) -> Vec<String> {
     }
     if common.verbose > 0 {
         a.push(format!("-{}", "v".repeat(common.verbose as usize)));
+    }
+    for (flag, v) in [
+        ("--timeout", common.timeout),
+        ("--stall-timeout", common.stall_timeout),
+        ("--retries", common.retries.map(u64::from)),
+    ] {
+        if let Some(v) = v {
+            a.push(flag.into());
+            a.push(v.to_string());
+        }
+    }
+    if common.allow_foreign_layers {
+        a.push("--allow-foreign-layers".into());
     }
     a
 }

@@ -47,6 +47,19 @@ struct Global {
     /// Refuse layers that inflate past this size, e.g. 20G (default: the cache size).
     #[arg(long, global = true, value_name = "SIZE")]
     max_layer_size: Option<String>,
+    /// Seconds one operation (resolving an image, a page of tags, a layer
+    /// without a new byte) keeps trying before it fails.
+    #[arg(long, global = true, env = "RIMG_TIMEOUT", value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Seconds without a byte from the registry before a connection counts as stalled.
+    #[arg(long, global = true, env = "RIMG_STALL_TIMEOUT", value_name = "SECS")]
+    stall_timeout: Option<u64>,
+    /// Attempts per request on network errors, 5xx and 429.
+    #[arg(long, global = true, env = "RIMG_RETRIES", value_name = "N")]
+    retries: Option<u32>,
+    /// Fetch foreign layers from the URLs their descriptors list (HTTPS, or HTTP on loopback).
+    #[arg(long, global = true)]
+    allow_foreign_layers: bool,
     /// More logging (-v info, -vv debug); RIMG_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -158,6 +171,10 @@ fn main() -> ExitCode {
         cache_size: g.cache_size,
         max_layer_size: g.max_layer_size,
         verbose: g.verbose,
+        timeout: g.timeout,
+        stall_timeout: g.stall_timeout,
+        retries: g.retries,
+        allow_foreign_layers: g.allow_foreign_layers,
     };
     let result = match cli.command {
         Command::Inspect { reference, raw } => commands::inspect(&common, &reference, raw),
@@ -242,7 +259,11 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rimg: {}", commands::one_line(&e));
+            // Registry text may hold terminal control sequences.
+            eprintln!(
+                "rimg: {}",
+                rimg::registry::escape_controls(&commands::one_line(&e))
+            );
             ExitCode::FAILURE
         }
     }

@@ -14,13 +14,12 @@ use tokio::sync::mpsc;
 
 use super::client::{Client, Target};
 use super::error::{RegistryError, from_response, from_transport};
+use super::retry::{Retry, error_body, escape_text};
 use super::types::LayerDesc;
 use crate::reference::Reference;
 
 /// Chunks in flight between the download task and the reader.
 const CHANNEL_DEPTH: usize = 64;
-/// How often one download may resume after a broken connection.
-const MAX_RESUMES: u32 = 5;
 
 /// A verified blob stream for synchronous consumers. `read` returns an error
 /// instead of end-of-file when the content does not hash to its digest, so a
@@ -89,24 +88,30 @@ impl Client {
         desc: &LayerDesc,
         tx: &mpsc::Sender<Result<Bytes, RegistryError>>,
     ) -> Result<(), RegistryError> {
-        let what = format!("{} layer {}", reference.name(), desc.digest);
+        // The layer is named by the levels above; errors from here say only
+        // what went wrong with the download.
+        let mut retry = Retry::new(self.policy(), "download").labelled(&format!(
+            "{} layer {}",
+            reference.name(),
+            desc.digest
+        ));
         let mut hasher = Sha256::new();
         let mut received: u64 = 0;
-        let mut resumes = 0;
-        let mut sources = self.blob_sources(reference, desc).await?;
+        let sources = self.blob_sources(reference, desc).await?;
         let mut source = 0;
-        'attempt: loop {
-            let resp = match self
-                .open_blob(reference, desc, &sources[source], received, &what)
-                .await
-            {
+        loop {
+            let opened = self
+                .open_blob(reference, desc, &sources[source], received, &mut retry)
+                .await;
+            let resp = match opened {
                 Ok(r) => r,
                 Err(e) if source + 1 < sources.len() && received == 0 => {
-                    tracing::info!("{what}: {e}; trying the next source");
+                    tracing::info!("layer {}: {e}; trying the next source", desc.digest);
                     source += 1;
+                    retry.next_request();
                     continue;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Err(self.foreign_hint(desc, e)),
             };
             // A server that ignores Range answers 200 with the whole blob.
             let mut skip = if resp.status().as_u16() == 206 {
@@ -114,20 +119,31 @@ impl Client {
             } else {
                 received
             };
+            let registry = resp
+                .url()
+                .host_str()
+                .unwrap_or(&reference.registry)
+                .to_string();
             let mut stream = resp.bytes_stream();
-            while let Some(chunk) = stream.next().await {
-                let mut chunk = match chunk {
-                    Ok(c) => c,
-                    Err(e) if resumes < MAX_RESUMES => {
-                        resumes += 1;
-                        tracing::warn!(
-                            "{what}: download broke after {received} bytes ({e}); resuming"
-                        );
-                        tokio::time::sleep(std::time::Duration::from_millis(200 * resumes as u64))
-                            .await;
-                        continue 'attempt;
+            let broke = loop {
+                // The deadline moves with every new byte: a slow download
+                // that progresses goes on, one that stalls does not.
+                let next = tokio::time::timeout(retry.remaining(), stream.next())
+                    .await
+                    .map_err(|_| retry.timed_out())?;
+                let mut chunk = match next {
+                    None if desc.size > 0 && received < desc.size => {
+                        break Some(RegistryError::Unreachable {
+                            registry,
+                            detail: format!(
+                                "the body ended after {received} of {} bytes",
+                                desc.size
+                            ),
+                        });
                     }
-                    Err(e) => return Err(from_transport(&reference.registry, &e)),
+                    None => break None,
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => break Some(from_transport(&registry, &e)),
                 };
                 if skip > 0 {
                     let drop = skip.min(chunk.len() as u64) as usize;
@@ -140,7 +156,7 @@ impl Client {
                 received += chunk.len() as u64;
                 if desc.size > 0 && received > desc.size {
                     return Err(RegistryError::Invalid {
-                        what,
+                        what: "download".into(),
                         kind: "blob",
                         detail: format!(
                             "longer than the {} bytes its descriptor states",
@@ -149,17 +165,21 @@ impl Client {
                     });
                 }
                 hasher.update(&chunk);
+                retry.progressed();
                 if tx.send(Ok(chunk)).await.is_err() {
                     return Ok(());
                 }
+            };
+            match broke {
+                None => break,
+                // Resumed from the last byte received, with a Range request.
+                Some(e) => retry.again(e, None).await?,
             }
-            break;
         }
-        sources.clear();
         let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
         if actual != desc.digest {
             return Err(RegistryError::Digest {
-                what,
+                what: "download".into(),
                 expected: desc.digest.clone(),
                 actual,
             });
@@ -167,19 +187,45 @@ impl Client {
         Ok(())
     }
 
-    /// Foreign layers come from their `urls` first; then mirrors, then the registry.
+    /// A layer the registry does not serve, whose descriptor names foreign
+    /// URLs that were not tried, says how to get it.
+    fn foreign_hint(&self, desc: &LayerDesc, e: RegistryError) -> RegistryError {
+        if desc.urls.is_empty() || self.foreign_urls() || e.is_transient() {
+            return e;
+        }
+        RegistryError::Config(format!(
+            "{e}; the layer is foreign (its descriptor lists URLs such as {}): pass --allow-foreign-layers to fetch it from there",
+            escape_text(&desc.urls[0])
+        ))
+    }
+
+    /// Foreign layers come from their `urls` first when allowed; then
+    /// mirrors, then the registry.
     async fn blob_sources(
         &self,
         reference: &Reference,
         desc: &LayerDesc,
     ) -> Result<Vec<BlobSource>, RegistryError> {
-        let mut out: Vec<BlobSource> = desc
-            .urls
-            .iter()
-            .filter_map(|u| url::Url::parse(u).ok())
-            .filter(|u| matches!(u.scheme(), "http" | "https"))
-            .map(BlobSource::Url)
-            .collect();
+        let mut out = Vec::new();
+        if self.foreign_urls() {
+            for u in &desc.urls {
+                match url::Url::parse(u) {
+                    Ok(url) if matches!(url.scheme(), "http" | "https") => {
+                        out.push(BlobSource::Url(url))
+                    }
+                    _ => tracing::warn!(
+                        "layer {}: foreign URL {} skipped",
+                        desc.digest,
+                        escape_text(u)
+                    ),
+                }
+            }
+        } else if !desc.urls.is_empty() {
+            tracing::info!(
+                "layer {} lists foreign URLs; fetching it from the registry (--allow-foreign-layers uses them)",
+                desc.digest
+            );
+        }
         for ep in self.endpoints(reference).await? {
             out.push(BlobSource::Endpoint(ep));
         }
@@ -192,7 +238,7 @@ impl Client {
         desc: &LayerDesc,
         source: &BlobSource,
         offset: u64,
-        what: &str,
+        retry: &mut Retry,
     ) -> Result<reqwest::Response, RegistryError> {
         let mut headers = HeaderMap::new();
         if offset > 0 {
@@ -201,25 +247,27 @@ impl Client {
                 HeaderValue::from_str(&format!("bytes={offset}-")).expect("ascii"),
             );
         }
+        let what = match source {
+            BlobSource::Url(url) => format!("download from {}", url.host_str().unwrap_or("?")),
+            BlobSource::Endpoint(ep) => format!("download from {}", ep.label()),
+        };
         let resp = match source {
-            BlobSource::Url(url) => self
-                .plain_get(url.clone(), headers)
-                .await
-                .map_err(|e| from_transport(url.host_str().unwrap_or("layer url"), &e))?,
+            // Never the registry's credentials: plain_get sends none.
+            BlobSource::Url(url) => self.plain_get(url.clone(), headers).await?,
             BlobSource::Endpoint(ep) => {
                 let t = Target {
                     endpoint: ep,
                     repository: &reference.repository,
-                    what: what.to_string(),
+                    what: what.clone(),
                 };
                 let path = format!("/v2/{}/blobs/{}", reference.repository, desc.digest);
-                self.request(&t, Method::GET, &path, headers).await?
+                self.request(&t, Method::GET, &path, headers, retry).await?
             }
         };
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
-            let body = resp.bytes().await.unwrap_or_default();
-            return Err(from_response(&reference.registry, status, &body, what));
+            let body = error_body(resp).await;
+            return Err(from_response(&reference.registry, status, &body, &what));
         }
         Ok(resp)
     }

@@ -3,6 +3,8 @@
 
 use serde::Deserialize;
 
+use super::retry::escape_text;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The registry answered with its JSON error body.
@@ -56,6 +58,21 @@ pub enum RegistryError {
         kind: &'static str,
         detail: String,
     },
+    /// Attempts or time ran out; `last` says what failed last.
+    #[error("{last} (gave up after {attempts} attempts in {secs} s)")]
+    GaveUp {
+        last: Box<RegistryError>,
+        attempts: u32,
+        secs: u64,
+    },
+    #[error("{what}: no answer within {secs} s (see --timeout)")]
+    Timeout { what: String, secs: u64 },
+    #[error("{what}: {kind} larger than {max} bytes; refused")]
+    TooLarge {
+        what: String,
+        kind: &'static str,
+        max: usize,
+    },
     #[error("credentials: {0}")]
     Credentials(String),
     #[error("registry configuration: {0}")]
@@ -96,17 +113,19 @@ pub(crate) fn from_response(registry: &str, status: u16, body: &[u8], what: &str
         && let Some(first) = parsed.errors.into_iter().next()
         && !first.code.is_empty()
     {
+        // The server's words reach a terminal: no control sequences.
+        let (code, message) = (escape_text(&first.code), escape_text(&first.message));
         if status == 401 || status == 403 {
             return RegistryError::Auth {
                 registry: registry.to_string(),
                 what: what.to_string(),
-                reason: format!("{}: {}", first.code, first.message),
+                reason: format!("{code}: {message}"),
             };
         }
         return RegistryError::Api {
             status,
-            code: first.code,
-            message: first.message,
+            code,
+            message,
             what: what.to_string(),
         };
     }
@@ -180,5 +199,13 @@ mod tests {
         assert!(from_response("r", 503, b"", "x").is_transient());
         assert!(from_response("r", 429, b"", "x").is_transient());
         assert!(!from_response("r", 404, b"", "x").is_transient());
+    }
+
+    #[test]
+    fn control_characters_in_error_bodies_are_escaped() {
+        let body = b"{\"errors\":[{\"code\":\"X\\u001b[2J\",\"message\":\"m\\u001b]0;t\\u0007\"}]}";
+        let e = from_response("r", 500, body, "r/x:y").to_string();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains("X\\u{1b}[2J"), "{e}");
     }
 }

@@ -2,15 +2,15 @@
 //! index resolution to one platform, and digest checks.
 
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
-use reqwest::Method;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::client::{Client, Endpoint, Target};
-use super::error::{RegistryError, from_response, from_transport};
+use super::error::RegistryError;
 use super::platform::{PlatformSpec, describe, platform_string, select};
-use super::types::LayerDesc;
+use super::retry::{CONFIG_MAX, MANIFEST_MAX, Retry};
+use super::types::{LayerDesc, MAX_LAYERS};
 use crate::reference::Reference;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -22,9 +22,6 @@ const SCHEMA1: [&str; 3] = [
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
     "application/json",
 ];
-/// Manifests bigger than this are not manifests (the spec suggests 4 MiB).
-const MANIFEST_MAX: usize = 4 << 20;
-const CONFIG_MAX: usize = 32 << 20;
 
 /// A reference resolved to one platform's manifest, its config and layers.
 #[derive(Debug, Clone)]
@@ -88,6 +85,22 @@ impl ResolvedImage {
                 kind: "image config",
                 detail: e.to_string(),
             })?;
+        let count = manifest.layers().len();
+        if count > MAX_LAYERS {
+            return Err(RegistryError::Invalid {
+                what,
+                kind: "image manifest",
+                detail: format!("{count} layers; rimg refuses images with more than {MAX_LAYERS}"),
+            });
+        }
+        let diff_ids = &config.rootfs().diff_ids();
+        if diff_ids.len() != count {
+            return Err(RegistryError::Invalid {
+                what: format!("{what} config {config_digest}"),
+                kind: "image config",
+                detail: format!("{} diff_ids for {count} layers", diff_ids.len()),
+            });
+        }
         let platform = parts.platform.unwrap_or_else(|| {
             platform_string(
                 &config.os().to_string(),
@@ -98,11 +111,13 @@ impl ResolvedImage {
         let layers = manifest
             .layers()
             .iter()
-            .map(|d| LayerDesc {
+            .zip(diff_ids.iter())
+            .map(|(d, diff_id)| LayerDesc {
                 digest: d.digest().to_string(),
                 media_type: d.media_type().to_string(),
                 size: d.size(),
                 urls: d.urls().clone().unwrap_or_default(),
+                diff_id: Some(diff_id.clone()),
             })
             .collect();
         Ok(ResolvedImage {
@@ -178,46 +193,26 @@ fn declared_media_type(bytes: &[u8]) -> Option<String> {
     })
 }
 
-/// A response's body, refused past `max` bytes or when the status is an error.
-async fn bounded_body(
-    resp: reqwest::Response,
-    registry: &str,
-    what: &str,
-    kind: &'static str,
-    max: usize,
-) -> Result<bytes::Bytes, RegistryError> {
-    let too_large = || RegistryError::Invalid {
-        what: what.to_string(),
-        kind,
-        detail: format!("larger than {max} bytes"),
-    };
-    let status = resp.status().as_u16();
-    if (200..300).contains(&status) && resp.content_length().is_some_and(|l| l > max as u64) {
-        return Err(too_large());
-    }
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| from_transport(registry, &e))?;
-    if !(200..300).contains(&status) {
-        return Err(from_response(registry, status, &body, what));
-    }
-    if body.len() > max {
-        return Err(too_large());
-    }
-    Ok(body)
-}
-
 impl Client {
     /// Fetches the manifest `reference` points at, as served, trying mirrors first.
     pub async fn fetch_manifest(
         &self,
         reference: &Reference,
     ) -> Result<RawManifest, RegistryError> {
+        let mut retry = Retry::new(self.policy(), &reference.to_string());
+        self.fetch_manifest_with(reference, &mut retry).await
+    }
+
+    async fn fetch_manifest_with(
+        &self,
+        reference: &Reference,
+        retry: &mut Retry,
+    ) -> Result<RawManifest, RegistryError> {
         let endpoints = self.endpoints(reference).await?;
         let mut last_err = None;
         for ep in &endpoints {
-            match self.fetch_manifest_from(ep, reference).await {
+            retry.next_request();
+            match self.fetch_manifest_from(ep, reference, retry).await {
                 Ok(m) => return Ok(m),
                 Err(e) if ep.is_mirror => {
                     tracing::info!(
@@ -236,6 +231,7 @@ impl Client {
         &self,
         ep: &Endpoint,
         reference: &Reference,
+        retry: &mut Retry,
     ) -> Result<RawManifest, RegistryError> {
         let what = reference.to_string();
         let t = Target {
@@ -250,32 +246,36 @@ impl Client {
             reference.repository,
             reference.target()
         );
-        let resp = self.request(&t, Method::GET, &path, headers).await?;
-        let content_type = resp
-            .headers()
+        let url = ep
+            .base
+            .join(&path)
+            .map_err(|e| RegistryError::Config(format!("bad request path {path:?}: {e}")))?;
+        // The digest is checked inside the retry loop: a body damaged on the
+        // way is fetched again.
+        let check = |got: &HeaderMap, body: &[u8]| {
+            let digest = sha256_digest(body);
+            let header_digest = got
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .filter(|d| d.starts_with("sha256:"))
+                .map(str::to_string);
+            match reference.digest.clone().or(header_digest) {
+                Some(expected) if expected != digest => Err(RegistryError::Digest {
+                    what: format!("manifest of {what}"),
+                    expected,
+                    actual: digest,
+                }),
+                _ => Ok(()),
+            }
+        };
+        let (got, body) = self
+            .get_small(&t, url, headers, "manifest", MANIFEST_MAX, retry, check)
+            .await?;
+        let content_type = got
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
-        let header_digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = bounded_body(resp, &ep.registry, &what, "manifest", MANIFEST_MAX).await?;
         let digest = sha256_digest(&body);
-        let expected = reference
-            .digest
-            .clone()
-            .or(header_digest.filter(|d| d.starts_with("sha256:")));
-        if let Some(expected) = expected
-            && expected != digest
-        {
-            return Err(RegistryError::Digest {
-                what: format!("manifest of {what}"),
-                expected,
-                actual: digest,
-            });
-        }
         let declared = declared_media_type(&body);
         let media_type = match content_type.as_deref() {
             Some(ct) if ct != "application/json" && ct != "text/plain" => ct.to_string(),
@@ -299,7 +299,9 @@ impl Client {
     ) -> Result<ResolvedImage, RegistryError> {
         let what = reference.to_string();
         let want = platform.cloned().unwrap_or_else(PlatformSpec::host);
-        let mut raw = self.fetch_manifest(reference).await?;
+        // One deadline for the whole resolution; attempts are counted per request.
+        let mut retry = Retry::new(self.policy(), &what);
+        let mut raw = self.fetch_manifest_with(reference, &mut retry).await?;
         let mut index_digest = None;
         let mut platform_name = None;
         if matches!(raw.media_type.as_str(), OCI_INDEX | DOCKER_LIST) {
@@ -317,7 +319,7 @@ impl Client {
             platform_name = describe(chosen);
             let child = reference.with_digest(chosen.digest().as_ref());
             index_digest = Some(raw.digest.clone());
-            raw = self.fetch_manifest(&child).await?;
+            raw = self.fetch_manifest_with(&child, &mut retry).await?;
             if matches!(raw.media_type.as_str(), OCI_INDEX | DOCKER_LIST) {
                 return Err(RegistryError::Invalid {
                     what,
@@ -335,7 +337,7 @@ impl Client {
         let manifest: ImageManifest = parse_manifest(&raw.bytes, &what)?;
         let config_digest = manifest.config().digest().to_string();
         let config_bytes = self
-            .fetch_small_blob(reference, &config_digest, CONFIG_MAX)
+            .fetch_small_blob(reference, &config_digest, CONFIG_MAX, &mut retry)
             .await?;
         let image = ResolvedImage::from_parts(ImageParts {
             reference: reference.to_string(),
@@ -364,28 +366,29 @@ impl Client {
     }
 
     /// A whole blob in memory (configs), verified against its digest.
-    pub async fn fetch_small_blob(
+    pub(crate) async fn fetch_small_blob(
         &self,
         reference: &Reference,
         digest: &str,
         max: usize,
+        retry: &mut Retry,
     ) -> Result<Vec<u8>, RegistryError> {
         let what = format!("{} blob {digest}", reference.name());
         let endpoints = self.endpoints(reference).await?;
         let mut last_err = None;
         for ep in &endpoints {
+            retry.next_request();
             let t = Target {
                 endpoint: ep,
                 repository: &reference.repository,
                 what: what.clone(),
             };
-            let path = format!("/v2/{}/blobs/{digest}", reference.repository);
-            let result = async {
-                let resp = self
-                    .request(&t, Method::GET, &path, HeaderMap::new())
-                    .await?;
-                let body = bounded_body(resp, &ep.registry, &what, "blob", max).await?;
-                let actual = sha256_digest(&body);
+            let url = ep
+                .base
+                .join(&format!("/v2/{}/blobs/{digest}", reference.repository))
+                .map_err(|e| RegistryError::Config(e.to_string()))?;
+            let check = |_: &HeaderMap, body: &[u8]| {
+                let actual = sha256_digest(body);
                 if actual != digest {
                     return Err(RegistryError::Digest {
                         what: what.clone(),
@@ -393,11 +396,13 @@ impl Client {
                         actual,
                     });
                 }
-                Ok(body.to_vec())
-            }
-            .await;
-            match result {
-                Ok(b) => return Ok(b),
+                Ok(())
+            };
+            match self
+                .get_small(&t, url, HeaderMap::new(), "blob", max, retry, check)
+                .await
+            {
+                Ok((_, body)) => return Ok(body.to_vec()),
                 Err(e) if ep.is_mirror => last_err = Some(e),
                 Err(e) => return Err(e),
             }
