@@ -12,7 +12,7 @@ use reqwest::header::{self, HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-use super::client::{Client, Target};
+use super::client::{Client, Target, check_foreign_url};
 use super::error::{RegistryError, from_response, from_transport};
 use super::retry::{Retry, error_body, escape_text};
 use super::types::LayerDesc;
@@ -190,13 +190,21 @@ impl Client {
     /// A layer the registry does not serve, whose descriptor names foreign
     /// URLs that were not tried, says how to get it.
     fn foreign_hint(&self, desc: &LayerDesc, e: RegistryError) -> RegistryError {
-        if desc.urls.is_empty() || self.foreign_urls() || e.is_transient() {
+        if desc.urls.is_empty() || e.is_transient() {
             return e;
         }
-        RegistryError::Config(format!(
-            "{e}; the layer is foreign (its descriptor lists URLs such as {}): pass --allow-foreign-layers to fetch it from there",
-            escape_text(&desc.urls[0])
-        ))
+        let url = escape_text(&desc.urls[0]);
+        if !self.foreign_urls() {
+            return RegistryError::Config(format!(
+                "{e}; the layer is foreign (its descriptor lists URLs such as {url}): pass --allow-foreign-layers to fetch it from there"
+            ));
+        }
+        if !desc.urls.iter().any(|u| usable_foreign_url(u).is_ok()) {
+            return RegistryError::Config(format!(
+                "{e}; the layer's foreign URLs (such as {url}) were not fetched: only https, or http on loopback, is allowed"
+            ));
+        }
+        e
     }
 
     /// Foreign layers come from their `urls` first when allowed; then
@@ -209,15 +217,9 @@ impl Client {
         let mut out = Vec::new();
         if self.foreign_urls() {
             for u in &desc.urls {
-                match url::Url::parse(u) {
-                    Ok(url) if matches!(url.scheme(), "http" | "https") => {
-                        out.push(BlobSource::Url(url))
-                    }
-                    _ => tracing::warn!(
-                        "layer {}: foreign URL {} skipped",
-                        desc.digest,
-                        escape_text(u)
-                    ),
+                match usable_foreign_url(u) {
+                    Ok(url) => out.push(BlobSource::Url(url)),
+                    Err(e) => tracing::warn!("layer {}: {e}", desc.digest),
                 }
             }
         } else if !desc.urls.is_empty() {
@@ -271,6 +273,14 @@ impl Client {
         }
         Ok(resp)
     }
+}
+
+/// A foreign URL rimg will fetch: https, or plain http to loopback.
+fn usable_foreign_url(u: &str) -> Result<url::Url, RegistryError> {
+    let url = url::Url::parse(u)
+        .map_err(|e| RegistryError::Config(format!("foreign layer URL {}: {e}", escape_text(u))))?;
+    check_foreign_url(&url)?;
+    Ok(url)
 }
 
 pub(crate) enum BlobSource {

@@ -783,8 +783,7 @@ impl Client {
         t: &Target<'_>,
         url: Url,
         headers: HeaderMap,
-        kind: &'static str,
-        max: usize,
+        (kind, max): (&'static str, usize),
         retry: &mut Retry,
         check: impl Fn(&HeaderMap, &[u8]) -> Result<(), RegistryError>,
     ) -> Result<(HeaderMap, bytes::Bytes), RegistryError> {
@@ -906,8 +905,7 @@ impl Client {
                     &t,
                     url.clone(),
                     HeaderMap::new(),
-                    "tag list page",
-                    TAG_PAGE_MAX,
+                    ("tag list page", TAG_PAGE_MAX),
                     &mut retry,
                     |_, _| Ok(()),
                 )
@@ -937,7 +935,7 @@ impl Client {
 }
 
 /// Foreign layers are fetched over HTTPS, or plain HTTP on loopback only.
-fn check_foreign_url(url: &Url) -> Result<(), RegistryError> {
+pub(crate) fn check_foreign_url(url: &Url) -> Result<(), RegistryError> {
     let host = url.host_str().unwrap_or_default();
     match url.scheme() {
         "https" => Ok(()),

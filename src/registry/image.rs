@@ -269,7 +269,7 @@ impl Client {
             }
         };
         let (got, body) = self
-            .get_small(&t, url, headers, "manifest", MANIFEST_MAX, retry, check)
+            .get_small(&t, url, headers, ("manifest", MANIFEST_MAX), retry, check)
             .await?;
         let content_type = got
             .get(header::CONTENT_TYPE)
@@ -399,7 +399,7 @@ impl Client {
                 Ok(())
             };
             match self
-                .get_small(&t, url, HeaderMap::new(), "blob", max, retry, check)
+                .get_small(&t, url, HeaderMap::new(), ("blob", max), retry, check)
                 .await
             {
                 Ok((_, body)) => return Ok(body.to_vec()),
