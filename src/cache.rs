@@ -148,6 +148,16 @@ pub struct CachedLayer {
     pub images: Vec<String>,
 }
 
+/// One layer's result from [`Cache::verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub digest: String,
+    /// What is wrong, or `None` when the layer is intact.
+    pub problem: Option<String>,
+    /// Removed (it was corrupt and no mount was using it).
+    pub removed: bool,
+}
+
 pub struct Cache {
     root: PathBuf,
     limit: u64,
@@ -436,7 +446,7 @@ impl Cache {
         (&mut compressed)
             .take(512)
             .read_to_end(&mut head)
-            .map_err(fetch_err)?;
+            .map_err(|e| classify(e, digest, max))?;
         let compression = layer::detect(digest, &desc.media_type, &head)?;
         let mut source =
             io::BufReader::with_capacity(IO_BUFFER, io::Cursor::new(head).chain(&mut compressed));
@@ -611,6 +621,92 @@ impl Cache {
         Ok(out)
     }
 
+    /// Re-hashes every cached layer: the blob against its digest, the tar
+    /// against its diff_id (and the size its index states). Corrupt layers
+    /// are removed, so the next use fetches them again; layers in use by a
+    /// mount are checked but left in place.
+    pub fn verify(&self) -> Result<Vec<Verified>, CacheError> {
+        let mut out = Vec::new();
+        for l in self.list()? {
+            let hex = hex_of(&l.digest)?.to_string();
+            let lock = self.lock_file(&hex)?;
+            let in_use = lock.try_lock().is_err();
+            let problem = self.check_layer(&hex)?;
+            let removed = problem.is_some() && !in_use;
+            if removed {
+                self.remove_layer(&hex);
+            }
+            out.push(Verified {
+                digest: l.digest,
+                problem,
+                removed,
+            });
+        }
+        Ok(out)
+    }
+
+    /// What is wrong with a cached layer, if anything.
+    fn check_layer(&self, hex: &str) -> Result<Option<String>, CacheError> {
+        let (blob, tar, idx) = self.paths(hex);
+        let mut head = Vec::with_capacity(HEADER_MAX);
+        match File::open(&idx) {
+            Ok(f) => f
+                .take(HEADER_MAX as u64)
+                .read_to_end(&mut head)
+                .map_err(io_err(&idx))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&idx)(e)),
+        };
+        let Ok((header, _)) = postcard::take_from_bytes::<IndexHeader>(&head) else {
+            return Ok(Some("unreadable index".into()));
+        };
+        let hash = |p: &Path| -> Result<Option<(String, u64)>, CacheError> {
+            let mut f = match File::open(p) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_err(p)(e)),
+            };
+            let mut h = Sha256::new();
+            let n = io::copy(&mut f, &mut h).map_err(io_err(p))?;
+            Ok(Some((format!("sha256:{}", hex::encode(h.finalize())), n)))
+        };
+        match hash(&blob)? {
+            None => return Ok(Some("blob missing".into())),
+            Some((d, _)) if d != header.digest => {
+                return Ok(Some(format!("blob hashes to {d}")));
+            }
+            _ => {}
+        }
+        match hash(&tar)? {
+            None => Ok(Some("uncompressed tar missing".into())),
+            Some((_, n)) if n != header.tar_size => Ok(Some(format!(
+                "uncompressed tar has {n} bytes, its index says {}",
+                header.tar_size
+            ))),
+            Some((d, _)) if d != header.diff_id => Ok(Some(format!(
+                "uncompressed tar hashes to {d}, not its diff_id {}",
+                header.diff_id
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes a layer's files, index first: once it is gone, nothing
+    /// trusts the rest. Saved trees point into layers; they are cheap to
+    /// rebuild.
+    fn remove_layer(&self, hex: &str) {
+        let (blob, tar, idx) = self.paths(hex);
+        for p in [
+            idx,
+            tar,
+            blob,
+            self.root.join("layers/sha256").join(format!("{hex}.refs")),
+        ] {
+            let _ = fs::remove_file(p);
+        }
+        let _ = fs::remove_dir_all(self.root.join("trees"));
+    }
+
     /// Evicts least recently used layers until the cache holds at most `limit`
     /// bytes, skipping layers in use. Returns the bytes freed.
     pub fn prune(&self, limit: u64) -> Result<u64, CacheError> {
@@ -638,20 +734,9 @@ impl Cache {
                 busy.push(digest);
                 continue;
             }
-            let (blob, tar, idx) = self.paths(&hex);
-            // Index first: once it is gone, nothing trusts the rest.
-            for p in [
-                idx,
-                tar,
-                blob,
-                self.root.join("layers/sha256").join(format!("{hex}.refs")),
-            ] {
-                let _ = fs::remove_file(p);
-            }
+            self.remove_layer(&hex);
             total -= bytes;
             freed += bytes;
-            // Saved trees point into layers; they are cheap to rebuild.
-            let _ = fs::remove_dir_all(self.root.join("trees"));
             tracing::info!("evicted layer {digest} ({bytes} bytes)");
         }
         if total > limit && !busy.is_empty() {
@@ -878,6 +963,140 @@ mod tests {
             let l = cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
             assert_eq!(l.index().unwrap().entries[0].path, "a");
         }
+    }
+
+    fn corrupt_reader(blob: Vec<u8>) -> Box<dyn Read + Send> {
+        /// Serves the bytes, then fails as `BlobReader` does on a digest mismatch.
+        struct R(io::Cursor<Vec<u8>>);
+        impl Read for R {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match self.0.read(buf)? {
+                    0 => Err(io::Error::other(RegistryError::Digest {
+                        what: "download".into(),
+                        expected: "sha256:a".into(),
+                        actual: "sha256:b".into(),
+                    })),
+                    n => Ok(n),
+                }
+            }
+        }
+        Box::new(R(io::Cursor::new(blob)))
+    }
+
+    #[test]
+    fn a_download_that_fails_its_digest_is_fetched_again_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let blob = gzip(&tar_of(&[("f", &data)]));
+        let d = desc(&blob);
+        // A flipped byte in the gzip stream: the inflater fails first.
+        let mut flipped = blob.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        let mut calls = 0;
+        let layer = cache
+            .ensure_layer(&d, "r", u64::MAX, || {
+                calls += 1;
+                Ok(if calls < 3 {
+                    corrupt_reader(flipped.clone())
+                } else {
+                    Box::new(io::Cursor::new(blob.clone()))
+                })
+            })
+            .unwrap();
+        assert_eq!(calls, 3);
+        assert_eq!(layer.index().unwrap().entries[0].path, "f");
+    }
+
+    #[test]
+    fn a_download_that_keeps_failing_its_digest_is_reported_once_and_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let blob = gzip(&tar_of(&[("f", b"data")]));
+        let d = desc(&blob);
+        let mut calls = 0;
+        let err = cache
+            .ensure_layer(&d, "r", u64::MAX, || {
+                calls += 1;
+                Ok(corrupt_reader(blob.clone()))
+            })
+            .unwrap_err();
+        assert_eq!(calls, 1 + REFETCHES);
+        let msg = err.to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "layer {}: downloaded content does not match the digest (got sha256:b; downloaded 3 times)",
+                d.digest
+            )
+        );
+        assert_eq!(files_under(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_layer_whose_diff_id_differs_from_the_config_is_refused_and_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let tar = tar_of(&[("f", b"data")]);
+        let blob = gzip(&tar);
+        let mut d = desc(&blob);
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        d.diff_id = Some(wrong.clone());
+        let err = cache
+            .ensure_layer(&d, "r", u64::MAX, serve(blob.clone()))
+            .unwrap_err();
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
+        assert!(
+            matches!(&err, CacheError::DiffId { expected, actual: a, .. } if *expected == wrong && *a == actual),
+            "{err}"
+        );
+        assert_eq!(files_under(dir.path()), Vec::<String>::new());
+        // Cached under a right config, the layer is still refused under the wrong one.
+        d.diff_id = Some(actual);
+        cache
+            .ensure_layer(&d, "r", u64::MAX, serve(blob.clone()))
+            .unwrap();
+        d.diff_id = Some(wrong);
+        let err = cache
+            .ensure_layer(&d, "r", u64::MAX, || panic!("cached"))
+            .unwrap_err();
+        assert!(matches!(err, CacheError::DiffId { .. }), "{err}");
+    }
+
+    #[test]
+    fn verify_removes_a_layer_whose_tar_was_damaged_and_keeps_intact_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let mut digests = Vec::new();
+        for i in 0..2u8 {
+            let blob = gzip(&tar_of(&[("f", &[i; 1000])]));
+            let d = desc(&blob);
+            drop(cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap());
+            digests.push(d);
+        }
+        let tar = dir
+            .path()
+            .join("layers/sha256")
+            .join(format!("{}.tar", hex_of(&digests[0].digest).unwrap()));
+        let mut bytes = fs::read(&tar).unwrap();
+        bytes[600] ^= 1;
+        fs::write(&tar, bytes).unwrap();
+        let report = cache.verify().unwrap();
+        let bad: Vec<_> = report.iter().filter(|v| v.problem.is_some()).collect();
+        assert_eq!(bad.len(), 1, "{report:?}");
+        assert_eq!(bad[0].digest, digests[0].digest);
+        assert!(bad[0].removed);
+        assert!(bad[0].problem.as_ref().unwrap().contains("diff_id"));
+        let left: Vec<String> = cache
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.digest)
+            .collect();
+        assert_eq!(left, [digests[1].digest.clone()]);
     }
 
     #[test]

@@ -957,6 +957,31 @@ pub fn cache_ls(common: &Common) -> Result<()> {
     Ok(())
 }
 
+/// Re-hashes every cached layer; corrupt ones are removed and reported.
+/// Fails when any was corrupt, so scripts notice.
+pub fn cache_verify(common: &Common) -> Result<()> {
+    let cache = common.cache()?;
+    let report = cache.verify()?;
+    let mut out = std::io::stdout().lock();
+    let mut bad = 0;
+    for v in &report {
+        if let Some(problem) = &v.problem {
+            bad += 1;
+            let action = if v.removed {
+                "removed"
+            } else {
+                "in use by a mount, kept"
+            };
+            writeln!(out, "{}: {problem}; {action}", v.digest)?;
+        }
+    }
+    writeln!(out, "{} layers checked, {bad} corrupt", report.len())?;
+    if bad > 0 {
+        bail!("{bad} corrupt layers found in {}", cache.root().display());
+    }
+    Ok(())
+}
+
 pub fn cache_prune(common: &Common, size: Option<&str>) -> Result<()> {
     let cache = common.cache()?;
     let limit = size

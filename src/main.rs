@@ -154,6 +154,8 @@ enum CacheAction {
     Prune { size: Option<String> },
     /// Remove everything not in use by a running mount.
     Clear,
+    /// Re-hash every cached layer against its digest and diff_id; remove corrupt ones.
+    Verify,
 }
 
 fn main() -> ExitCode {
@@ -254,6 +256,7 @@ fn main() -> ExitCode {
             CacheAction::Ls => commands::cache_ls(&common),
             CacheAction::Prune { size } => commands::cache_prune(&common, size.as_deref()),
             CacheAction::Clear => commands::cache_clear(&common),
+            CacheAction::Verify => commands::cache_verify(&common),
         },
     };
     match result {
