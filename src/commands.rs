@@ -733,6 +733,14 @@ fn serve_source(
 ) -> Result<()> {
     let mountpoint = std::fs::canonicalize(&args.mountpoint)
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    // --prefetch fetches (and verifies) every layer before mounting, so a
+    // layer that cannot be had refuses the mount with its reason.
+    if args.prefetch {
+        match only {
+            Some(i) => drop(rt.block_on(source.layer(i))?),
+            None => drop(rt.block_on(source.layers())?),
+        }
+    }
     let opts = crate::fuse::MountOptions {
         allow_other: args.allow_other,
         only_layer: only,
