@@ -700,3 +700,112 @@ fn control_characters_in_registry_errors_never_reach_the_terminal() {
         run.stderr
     );
 }
+
+/// Counts requests whose path contains `part`.
+fn counter() -> Arc<AtomicUsize> {
+    Arc::new(AtomicUsize::new(0))
+}
+
+#[test]
+fn a_truncated_manifest_and_a_damaged_config_and_layer_are_fetched_again() {
+    let layer = small_layer("etc/hello", b"hello\n");
+    let img = image_with(vec![layer.clone()], None);
+    let (manifest, config) = (img.manifest.clone(), img.config.clone());
+    let config_digest = sha256(&config);
+    let (m, c, l) = (counter(), counter(), counter());
+    let (m2, c2, l2) = (Arc::clone(&m), Arc::clone(&c), Arc::clone(&l));
+    let srv = serve(img, move |req, s| {
+        let first = |n: &AtomicUsize| n.fetch_add(1, Ordering::SeqCst) == 0;
+        if req.path.contains("/manifests/") && first(&m2) {
+            // Promises the whole manifest, sends half, closes cleanly.
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: {MT}\r\nContent-Length: {}\r\n\r\n",
+                manifest.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&manifest[..manifest.len() / 2]);
+            return true;
+        }
+        let flipped = |b: &[u8]| {
+            let mut b = b.to_vec();
+            let mid = b.len() / 2;
+            b[mid] ^= 1;
+            b
+        };
+        if req.path.ends_with(&config_digest) && first(&c2) {
+            respond(s, "200 OK", &[], &flipped(&config));
+            return true;
+        }
+        if req.path.ends_with(&layer.digest) && first(&l2) {
+            respond(s, "200 OK", &[], &flipped(&layer.bytes));
+            return true;
+        }
+        false
+    });
+    let run = measured(
+        &env(),
+        &["cat", &format!("{}/x:t", srv.addr()), "/etc/hello"],
+        Duration::from_secs(60),
+    );
+    assert!(run.ok, "{}", run.stderr);
+    assert!(run.stderr.contains("retrying in"), "{}", run.stderr);
+    assert_eq!(m.load(Ordering::SeqCst), 2);
+    assert_eq!(c.load(Ordering::SeqCst), 2);
+    assert_eq!(l.load(Ordering::SeqCst), 2);
+}
+
+#[test]
+fn not_found_is_never_retried_and_a_refusal_gets_one_renewal_only() {
+    let n = counter();
+    let n2 = Arc::clone(&n);
+    let srv = serve(image_with(vec![], None), move |req, s| {
+        if req.path.contains("/manifests/") {
+            n2.fetch_add(1, Ordering::SeqCst);
+            let status = if req.path.contains("/gone/") {
+                "404 Not Found"
+            } else {
+                "401 Unauthorized"
+            };
+            respond(s, status, &[("WWW-Authenticate", "Basic realm=\"r\"")], b"");
+            return true;
+        }
+        false
+    });
+    let env = env().set("RIMG_USERNAME", "u").set("RIMG_PASSWORD", "p");
+    let run = measured(
+        &env,
+        &["inspect", &format!("{}/gone/x:t", srv.addr())],
+        Duration::from_secs(30),
+    );
+    assert!(error_line(&run).contains("NOT_FOUND"));
+    assert_eq!(n.swap(0, Ordering::SeqCst), 1, "404 asked once");
+    let run = measured(
+        &env,
+        &["inspect", &format!("{}/private/x:t", srv.addr())],
+        Duration::from_secs(30),
+    );
+    assert!(error_line(&run).contains("authentication refused"));
+    assert_eq!(n.load(Ordering::SeqCst), 2, "401: one renewal, no more");
+}
+
+#[test]
+fn inside_a_mount_a_stalled_layer_answers_eio_within_the_deadline() {
+    let layer = small_layer("etc/hello", b"hello\n");
+    let digest = layer.digest.clone();
+    let srv = serve(image_with(vec![layer], None), move |req, _s| {
+        if req.path.ends_with(&digest) {
+            std::thread::sleep(Duration::from_secs(300));
+            return true;
+        }
+        false
+    });
+    let env = env();
+    let m = Mounted::new(&env, &format!("{}/x:t", srv.addr()), &[]);
+    let started = Instant::now();
+    let e = std::fs::read(m.path.join("etc/hello")).unwrap_err();
+    let secs = started.elapsed().as_secs_f64();
+    eprintln!("EIO after {secs:.1} s");
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    assert!(secs < 14.0, "{secs} s");
+    let _ = env.run(&["umount", &m.path.display().to_string()]);
+}
