@@ -113,17 +113,33 @@ impl Client {
                 }
                 Err(e) => return Err(self.foreign_hint(desc, e)),
             };
-            // A server that ignores Range answers 200 with the whole blob.
-            let mut skip = if resp.status().as_u16() == 206 {
-                0
-            } else {
-                received
-            };
             let registry = resp
                 .url()
                 .host_str()
                 .unwrap_or(&reference.registry)
                 .to_string();
+            // A server that ignores Range answers 200 with the whole blob; one
+            // that honours it says where its part starts.
+            let mut skip = if resp.status().as_u16() == 206 {
+                match range_start(resp.headers()) {
+                    Some(start) if start <= received => received - start,
+                    start => {
+                        let e = RegistryError::Unreachable {
+                            registry,
+                            detail: format!(
+                                "asked to resume at byte {received}, the server sent {}",
+                                start.map_or("no Content-Range".into(), |s| format!(
+                                    "bytes from {s}"
+                                ))
+                            ),
+                        };
+                        retry.again(e, None).await?;
+                        continue;
+                    }
+                }
+            } else {
+                received
+            };
             let mut stream = resp.bytes_stream();
             let broke = loop {
                 // The deadline moves with every new byte: a slow download
@@ -275,6 +291,21 @@ impl Client {
     }
 }
 
+/// The first byte of a 206 answer, from `Content-Range: bytes START-END/TOTAL`.
+fn range_start(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_RANGE)?
+        .to_str()
+        .ok()?
+        .trim()
+        .strip_prefix("bytes ")?
+        .split('-')
+        .next()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A foreign URL rimg will fetch: https, or plain http to loopback.
 fn usable_foreign_url(u: &str) -> Result<url::Url, RegistryError> {
     let url = url::Url::parse(u)
@@ -286,4 +317,22 @@ fn usable_foreign_url(u: &str) -> Result<url::Url, RegistryError> {
 pub(crate) enum BlobSource {
     Url(url::Url),
     Endpoint(super::client::Endpoint),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_start_of_a_partial_answer_is_read_from_content_range() {
+        let mut h = HeaderMap::new();
+        assert_eq!(range_start(&h), None);
+        h.insert(
+            header::CONTENT_RANGE,
+            HeaderValue::from_static("bytes 500-999/1000"),
+        );
+        assert_eq!(range_start(&h), Some(500));
+        h.insert(header::CONTENT_RANGE, HeaderValue::from_static("garbage"));
+        assert_eq!(range_start(&h), None);
+    }
 }
