@@ -575,3 +575,51 @@ fn cache_verify_removes_a_damaged_layer_and_the_next_use_fetches_it_again() {
     assert_eq!(env.ok(&["cat", &r, "/etc/os-release"]), before);
     assert!(env.ok(&["cache", "verify"]).contains("0 corrupt"));
 }
+
+mod reference_grammar {
+    use proptest::prelude::*;
+    use rimg::reference::Reference;
+
+    /// Docker's grammar: lowercase components joined by `.`, `_`, `__` or dashes.
+    fn component() -> impl Strategy<Value = String> {
+        "[a-z0-9]{1,6}([._-][a-z0-9]{1,6}){0,2}"
+    }
+
+    fn registry() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9]{1,8}\\.[a-z]{2,5}",
+            "[a-z0-9]{1,8}\\.[a-z]{2,5}:[1-9][0-9]{0,4}",
+            Just("localhost:5000".to_string()),
+            Just("127.0.0.1:5000".to_string()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_string_parses_or_fails_without_panicking(s in ".{0,300}") {
+            let _ = Reference::parse(&s);
+        }
+
+        #[test]
+        fn a_valid_reference_survives_printing_and_parsing_again(
+            reg in registry(),
+            path in proptest::collection::vec(component(), 1..4),
+            tag in proptest::option::of("[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}"),
+            digest in proptest::option::of("[0-9a-f]{64}"),
+        ) {
+            let mut s = format!("{reg}/{}", path.join("/"));
+            if let Some(t) = &tag {
+                s += &format!(":{t}");
+            }
+            if let Some(d) = &digest {
+                s += &format!("@sha256:{d}");
+            }
+            let r = Reference::parse(&s).unwrap();
+            prop_assert_eq!(&r.registry, &reg);
+            prop_assert_eq!(&r.repository, &path.join("/"));
+            prop_assert_eq!(r.digest.clone(), digest.map(|d| format!("sha256:{d}")));
+            let again = Reference::parse(&r.to_string()).unwrap();
+            prop_assert_eq!(again.to_string(), r.to_string());
+        }
+    }
+}

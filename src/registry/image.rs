@@ -439,3 +439,85 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON documents shaped like manifests, indexes and configs, with
+    /// arbitrary values where the real ones have strings, numbers or lists.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            ".{0,20}".prop_map(serde_json::Value::from),
+            Just(serde_json::Value::from(OCI_MANIFEST)),
+            Just(serde_json::Value::from(
+                "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            )),
+        ];
+        let keys = prop_oneof![
+            Just("schemaVersion".to_string()),
+            Just("mediaType".to_string()),
+            Just("config".to_string()),
+            Just("layers".to_string()),
+            Just("manifests".to_string()),
+            Just("digest".to_string()),
+            Just("size".to_string()),
+            Just("urls".to_string()),
+            Just("platform".to_string()),
+            Just("architecture".to_string()),
+            Just("os".to_string()),
+            Just("rootfs".to_string()),
+            Just("diff_ids".to_string()),
+            "[a-z]{1,8}",
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(keys.clone(), inner, 0..8)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_manifest_and_config_parsers(
+            manifest in proptest::collection::vec(any::<u8>(), 0..400),
+            config in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            let _ = declared_media_type(&manifest);
+            let _ = serde_json::from_slice::<ImageIndex>(&manifest);
+            let _ = ResolvedImage::from_parts(ImageParts {
+                reference: "r.example/a:b".into(),
+                index_digest: None,
+                media_type: OCI_MANIFEST.into(),
+                platform: None,
+                manifest,
+                config,
+            });
+        }
+
+        #[test]
+        fn manifest_shaped_json_never_panics_the_parsers(m in json(), c in json()) {
+            let manifest = serde_json::to_vec(&m).unwrap();
+            let config = serde_json::to_vec(&c).unwrap();
+            let _ = declared_media_type(&manifest);
+            if let Ok(index) = serde_json::from_slice::<ImageIndex>(&manifest) {
+                let _ = select(&index, &PlatformSpec::host());
+            }
+            let _ = ResolvedImage::from_parts(ImageParts {
+                reference: "r.example/a:b".into(),
+                index_digest: None,
+                media_type: OCI_MANIFEST.into(),
+                platform: None,
+                manifest,
+                config,
+            });
+        }
+    }
+}
