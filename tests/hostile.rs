@@ -203,6 +203,7 @@ fn error_line(run: &Run) -> String {
         .filter(|l| l.starts_with("rimg: "))
         .collect();
     assert_eq!(lines.len(), 1, "one error line expected: {}", run.stderr);
+    eprintln!("{}", lines[0]);
     lines[0].to_string()
 }
 
@@ -476,7 +477,50 @@ fn headers_that_never_arrive_fail_within_the_deadline() {
         "retries are shown: {}",
         run.stderr
     );
+    assert!(!run.stderr.contains('\x1b'), "no colour into a pipe");
     check_bounded(&run, 12.0);
+}
+
+/// The two stalls of the issue with the default timeouts (60 s deadline,
+/// 30 s stall): each must end within the deadline plus one stall. Slow, so
+/// run on demand: `cargo test --test hostile -- --ignored`.
+#[test]
+#[ignore]
+fn stalls_end_within_the_default_bounds() {
+    let layer = small_layer("etc/hello", &[7u8; 300_000]);
+    let (digest, bytes) = (layer.digest.clone(), layer.bytes.clone());
+    let srv = serve(image_with(vec![layer], None), move |req, s| {
+        if req.path.contains("/manifests/stall") {
+            std::thread::sleep(Duration::from_secs(600));
+            return true;
+        }
+        if req.path.ends_with(&digest) {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                bytes.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            let _ = s.write_all(&bytes[..bytes.len() / 2]);
+            std::thread::sleep(Duration::from_secs(600));
+            return true;
+        }
+        false
+    });
+    let env = Env::new();
+    let run = measured(
+        &env,
+        &["inspect", &format!("{}/x:stall", srv.addr())],
+        Duration::from_secs(300),
+    );
+    eprintln!("headers never arrive: {}", error_line(&run));
+    check_bounded(&run, 95.0);
+    let run = measured(
+        &env,
+        &["ls", &format!("{}/x:t", srv.addr())],
+        Duration::from_secs(300),
+    );
+    eprintln!("body stalls halfway, Range ignored: {}", error_line(&run));
+    check_bounded(&run, 95.0);
 }
 
 #[test]

@@ -90,11 +90,8 @@ impl Client {
     ) -> Result<(), RegistryError> {
         // The layer is named by the levels above; errors from here say only
         // what went wrong with the download.
-        let mut retry = Retry::new(self.policy(), "download").labelled(&format!(
-            "{} layer {}",
-            reference.name(),
-            desc.digest
-        ));
+        let mut retry = Retry::new(self.policy(), &format!("registry {}", reference.registry))
+            .labelled(&format!("{} layer {}", reference.name(), desc.digest));
         let mut hasher = Sha256::new();
         let mut received: u64 = 0;
         let sources = self.blob_sources(reference, desc).await?;

@@ -91,7 +91,7 @@ pub const DEFAULT_TRIES: u32 = 6;
 /// Default stall timeout.
 pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
 /// Default deadline of one operation.
-pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(120);
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -899,7 +899,8 @@ impl Client {
             if seen.len() > MAX_TAG_PAGES {
                 return Err(invalid(format!("more than {MAX_TAG_PAGES} pages; refused")));
             }
-            let mut retry = Retry::new(self.policy(), &t.what);
+            let mut retry = Retry::new(self.policy(), &format!("registry {}", endpoint.label()))
+                .labelled(&t.what);
             let (headers, body) = self
                 .get_small(
                     &t,

@@ -65,8 +65,9 @@ pub enum RegistryError {
         attempts: u32,
         secs: u64,
     },
-    #[error("{what}: no answer within {secs} s (see --timeout)")]
-    Timeout { what: String, secs: u64 },
+    /// `who` is the registry (or server) that went silent.
+    #[error("{who} gave no answer within {secs} s (see --timeout)")]
+    Timeout { who: String, secs: u64 },
     #[error("{what}: {kind} larger than {max} bytes; refused")]
     TooLarge {
         what: String,

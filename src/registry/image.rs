@@ -199,7 +199,8 @@ impl Client {
         &self,
         reference: &Reference,
     ) -> Result<RawManifest, RegistryError> {
-        let mut retry = Retry::new(self.policy(), &reference.to_string());
+        let mut retry = Retry::new(self.policy(), &format!("registry {}", reference.registry))
+            .labelled(&reference.to_string());
         self.fetch_manifest_with(reference, &mut retry).await
     }
 
@@ -300,7 +301,8 @@ impl Client {
         let what = reference.to_string();
         let want = platform.cloned().unwrap_or_else(PlatformSpec::host);
         // One deadline for the whole resolution; attempts are counted per request.
-        let mut retry = Retry::new(self.policy(), &what);
+        let mut retry =
+            Retry::new(self.policy(), &format!("registry {}", reference.registry)).labelled(&what);
         let mut raw = self.fetch_manifest_with(reference, &mut retry).await?;
         let mut index_digest = None;
         let mut platform_name = None;

@@ -82,7 +82,7 @@ impl Retry {
     /// The error for an operation that ran out of time while waiting.
     pub(crate) fn timed_out(&self) -> RegistryError {
         RegistryError::Timeout {
-            what: self.what.clone(),
+            who: self.what.clone(),
             secs: self.started.elapsed().as_secs(),
         }
     }
@@ -165,11 +165,19 @@ pub(crate) async fn read_capped(
     Ok(buf.freeze())
 }
 
-/// An error body, for its code and message only: capped, and empty when it
-/// cannot be read.
+/// An error body, for its code and message only: capped in size and in
+/// time (a body trickled a byte at a time must not hold the error back), and
+/// empty when it cannot be read.
 pub(crate) async fn error_body(resp: reqwest::Response) -> Bytes {
-    read_capped(resp, ERROR_BODY_MAX).await.unwrap_or_default()
+    tokio::time::timeout(ERROR_BODY_TIME, read_capped(resp, ERROR_BODY_MAX))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
 }
+
+/// The longest an error body is read.
+const ERROR_BODY_TIME: Duration = Duration::from_secs(5);
 
 /// A message made safe for a terminal: control characters (ESC, CR, BEL...)
 /// are shown escaped instead of acting.
