@@ -110,11 +110,10 @@ impl Client {
                 }
                 Err(e) => return Err(self.foreign_hint(desc, e)),
             };
-            let registry = resp
-                .url()
-                .host_str()
-                .unwrap_or(&reference.registry)
-                .to_string();
+            let registry = match &sources[source] {
+                BlobSource::Endpoint(ep) => ep.label(),
+                BlobSource::Url(u) => u.host_str().unwrap_or("layer url").to_string(),
+            };
             // A server that ignores Range answers 200 with the whole blob; one
             // that honours it says where its part starts.
             let mut skip = if resp.status().as_u16() == 206 {
@@ -207,17 +206,21 @@ impl Client {
             return e;
         }
         let url = escape_text(&desc.urls[0]);
-        if !self.foreign_urls() {
-            return RegistryError::Config(format!(
-                "{e}; the layer is foreign (its descriptor lists URLs such as {url}): pass --allow-foreign-layers to fetch it from there"
-            ));
+        let hint = if !self.foreign_urls() {
+            format!(
+                "the layer is foreign (its descriptor lists URLs such as {url}): pass --allow-foreign-layers to fetch it from there"
+            )
+        } else if !desc.urls.iter().any(|u| usable_foreign_url(u).is_ok()) {
+            format!(
+                "the layer's foreign URLs (such as {url}) were not fetched: only https, or http on loopback, is allowed"
+            )
+        } else {
+            return e;
+        };
+        RegistryError::ForeignLayer {
+            error: Box::new(e),
+            hint,
         }
-        if !desc.urls.iter().any(|u| usable_foreign_url(u).is_ok()) {
-            return RegistryError::Config(format!(
-                "{e}; the layer's foreign URLs (such as {url}) were not fetched: only https, or http on loopback, is allowed"
-            ));
-        }
-        e
     }
 
     /// Foreign layers come from their `urls` first when allowed; then

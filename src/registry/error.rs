@@ -74,6 +74,13 @@ pub enum RegistryError {
         kind: &'static str,
         max: usize,
     },
+    /// A layer the registry would not serve, whose descriptor lists foreign
+    /// URLs that were not fetched; `hint` says why and what to do.
+    #[error("{error}; {hint}")]
+    ForeignLayer {
+        error: Box<RegistryError>,
+        hint: String,
+    },
     #[error("credentials: {0}")]
     Credentials(String),
     #[error("registry configuration: {0}")]
