@@ -158,7 +158,24 @@ enum CacheAction {
     Verify,
 }
 
+/// An image of up to 1000 layers keeps two files open per layer, past the
+/// usual soft limit of 1024: raise it to the hard limit, as Go programs do.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid, initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    raise_open_file_limit();
     let cli = Cli::parse();
     let g = cli.global;
     let common = Common {

@@ -177,10 +177,12 @@ impl Client {
                     });
                 }
                 hasher.update(&chunk);
-                retry.progressed();
                 if tx.send(Ok(chunk)).await.is_err() {
                     return Ok(());
                 }
+                // After the send: time spent waiting for a slow consumer is
+                // not the server's silence.
+                retry.progressed();
             };
             match broke {
                 None => break,
