@@ -70,7 +70,15 @@ pub struct ExportArgs {
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
-        let s = cause.to_string().replace('\n', " ");
+        let mut s = cause.to_string().replace('\n', " ");
+        // A cause that begins by naming what an outer level already named
+        // (`cannot resolve R` then `R: manifest ...`) says it once.
+        while let Some((head, rest)) = s.split_once(": ")
+            && head.len() >= 6
+            && parts.iter().any(|p| p.contains(head))
+        {
+            s = rest.to_string();
+        }
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
@@ -1035,6 +1043,18 @@ mod tests {
     fn times_format_as_utc_dates() {
         assert_eq!(format_time(0), "1970-01-01 00:00");
         assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13");
+    }
+
+    #[test]
+    fn one_line_names_the_reference_once() {
+        let e = anyhow::Error::new(std::io::Error::other(
+            "r.io/a:b: manifest larger than 4 bytes",
+        ))
+        .context("cannot resolve r.io/a:b");
+        assert_eq!(
+            one_line(&e),
+            "cannot resolve r.io/a:b: manifest larger than 4 bytes"
+        );
     }
 
     #[test]
