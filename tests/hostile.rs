@@ -868,3 +868,25 @@ fn inside_a_mount_a_stalled_layer_answers_eio_within_the_deadline() {
     assert!(secs < 14.0, "{secs} s");
     let _ = env.run(&["umount", &m.path.display().to_string()]);
 }
+
+#[test]
+fn tags_with_control_sequences_are_left_out_of_the_listing() {
+    let srv = serve(image_with(vec![], None), |req, s| {
+        if req.path.contains("/tags/list") {
+            respond(
+                s,
+                "200 OK",
+                &[("Content-Type", "application/json")],
+                b"{\"name\":\"x\",\"tags\":[\"1.0\",\"\\u001b[2Jevil\",\"latest\"]}",
+            );
+            return true;
+        }
+        false
+    });
+    let out = env().run(&["tags", &format!("{}/x", srv.addr())]);
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "1.0\nlatest\n");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1 tags that are not valid"), "{err}");
+    assert!(!err.contains('\x1b'));
+}

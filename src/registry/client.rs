@@ -913,7 +913,21 @@ impl Client {
                 .await?;
             let page: TagList =
                 serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
-            all.extend(page.tags.unwrap_or_default());
+            // Tags reach a terminal: any that break the tag grammar (control
+            // sequences included) are left out, and counted.
+            let (good, bad): (Vec<String>, Vec<String>) = page
+                .tags
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|t| valid_tag(t));
+            if !bad.is_empty() {
+                tracing::warn!(
+                    "{}: {} tags that are not valid tag names were left out",
+                    t.what,
+                    bad.len()
+                );
+            }
+            all.extend(good);
             if all.len() > MAX_TAGS {
                 return Err(invalid(format!("more than {MAX_TAGS} tags; refused")));
             }
@@ -933,6 +947,16 @@ impl Client {
             }
         }
     }
+}
+
+/// Docker's tag grammar: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+fn valid_tag(t: &str) -> bool {
+    let b = t.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
 }
 
 /// Foreign layers are fetched over HTTPS, or plain HTTP on loopback only.
@@ -1062,6 +1086,17 @@ mod tests {
             Some("/v2/a/tags/list?last=b&n=2")
         );
         assert_eq!(next_link(r#"</x>; rel="prev""#), None);
+    }
+
+    #[test]
+    fn tags_outside_the_grammar_are_recognised() {
+        for t in ["latest", "3.10", "v1_2-rc.3", "_x"] {
+            assert!(valid_tag(t), "{t}");
+        }
+        let long = "a".repeat(129);
+        for t in ["", ".x", "-x", "a b", "x\u{1b}[2J", "a/b", long.as_str()] {
+            assert!(!valid_tag(t), "{t:?}");
+        }
     }
 
     #[test]
