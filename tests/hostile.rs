@@ -890,3 +890,36 @@ fn tags_with_control_sequences_are_left_out_of_the_listing() {
     assert!(err.contains("1 tags that are not valid"), "{err}");
     assert!(!err.contains('\x1b'));
 }
+
+#[test]
+fn a_tag_list_link_to_another_host_is_not_followed_with_credentials() {
+    let other = Hostile::start(|_, s| respond(s, "200 OK", &[], br#"{"tags":["stolen"]}"#));
+    let next = format!(
+        "<http://{}/v2/x/tags/list?n=100&last=a>; rel=\"next\"",
+        other.addr()
+    );
+    let srv = serve(image_with(vec![], None), move |req, s| {
+        if req.header("authorization").is_none() {
+            respond(
+                s,
+                "401 Unauthorized",
+                &[("WWW-Authenticate", "Basic realm=\"r\"")],
+                b"",
+            );
+            return true;
+        }
+        if req.path.contains("/tags/list") {
+            respond(s, "200 OK", &[("Link", &next)], br#"{"tags":["a"]}"#);
+            return true;
+        }
+        false
+    });
+    let env = env().set("RIMG_USERNAME", "u").set("RIMG_PASSWORD", "p");
+    let run = measured(
+        &env,
+        &["tags", &format!("{}/x", srv.addr())],
+        Duration::from_secs(30),
+    );
+    assert!(error_line(&run).contains("points to another host"));
+    assert_eq!(other.requests.load(Ordering::SeqCst), 0);
+}

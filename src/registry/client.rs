@@ -941,7 +941,15 @@ impl Client {
                         what: t.what.clone(),
                         kind: "Link header",
                         detail: e.to_string(),
-                    })?
+                    })?;
+                    // The next page goes out with the registry's credentials:
+                    // only to the registry itself.
+                    if url.origin() != endpoint.base.origin() {
+                        return Err(invalid(format!(
+                            "the Link header points to another host ({})",
+                            super::retry::escape_text(url.as_str())
+                        )));
+                    }
                 }
                 None => return Ok(all),
             }
