@@ -923,3 +923,46 @@ fn a_tag_list_link_to_another_host_is_not_followed_with_credentials() {
     assert!(error_line(&run).contains("points to another host"));
     assert_eq!(other.requests.load(Ordering::SeqCst), 0);
 }
+
+#[test]
+fn a_layer_trickled_a_few_bytes_at_a_time_fails_within_the_deadline() {
+    // Incompressible, so the blob is large enough to trickle for long.
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let noise: Vec<u8> = (0..300_000)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let layer = small_layer("etc/big", &noise);
+    let (digest, bytes) = (layer.digest.clone(), layer.bytes.clone());
+    let srv = serve(image_with(vec![layer], None), move |req, s| {
+        if req.path.ends_with(&digest) {
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                bytes.len()
+            );
+            let _ = s.write_all(head.as_bytes());
+            // 100 bytes every 200 ms: never silent for a stall timeout,
+            // never done.
+            for c in bytes.chunks(100) {
+                if s.write_all(c).is_err() {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            return true;
+        }
+        false
+    });
+    let run = measured(
+        &env(),
+        &["ls", &format!("{}/x:t", srv.addr())],
+        Duration::from_secs(60),
+    );
+    let e = error_line(&run);
+    assert!(e.contains("sent only") && e.contains("in 8 s"), "{e}");
+    check_bounded(&run, 12.0);
+}

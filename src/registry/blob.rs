@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 
 use super::client::{Client, Target, check_foreign_url};
 use super::error::{RegistryError, from_response, from_transport};
-use super::retry::{Retry, error_body, escape_text};
+use super::retry::{MIN_PROGRESS, Retry, error_body, escape_text};
 use super::types::LayerDesc;
 use crate::reference::Reference;
 
@@ -94,6 +94,8 @@ impl Client {
             .labelled(&format!("{} layer {}", reference.name(), desc.digest));
         let mut hasher = Sha256::new();
         let mut received: u64 = 0;
+        // Bytes received when the deadline last moved.
+        let mut mark: u64 = 0;
         let sources = self.blob_sources(reference, desc).await?;
         let mut source = 0;
         loop {
@@ -142,7 +144,13 @@ impl Client {
                 // that progresses goes on, one that stalls does not.
                 let next = tokio::time::timeout(retry.remaining(), stream.next())
                     .await
-                    .map_err(|_| retry.timed_out())?;
+                    .map_err(|_| {
+                        if received > mark {
+                            retry.too_slow(received - mark)
+                        } else {
+                            retry.timed_out()
+                        }
+                    })?;
                 let mut chunk = match next {
                     None if desc.size > 0 && received < desc.size => {
                         break Some(RegistryError::Unreachable {
@@ -182,7 +190,11 @@ impl Client {
                 }
                 // After the send: time spent waiting for a slow consumer is
                 // not the server's silence.
-                retry.progressed();
+                retry.received_some();
+                if received - mark >= MIN_PROGRESS {
+                    retry.progressed();
+                    mark = received;
+                }
             };
             match broke {
                 None => break,

@@ -3,6 +3,8 @@
 
 use serde::Deserialize;
 
+#[cfg(doc)]
+use super::retry::MIN_PROGRESS;
 use super::retry::escape_text;
 
 #[derive(Debug, thiserror::Error)]
@@ -68,6 +70,9 @@ pub enum RegistryError {
     /// `who` is the registry (or server) that went silent.
     #[error("{who} gave no answer within {secs} s (see --timeout)")]
     Timeout { who: String, secs: u64 },
+    /// A download that trickles: fewer than [`MIN_PROGRESS`] bytes in `secs`.
+    #[error("{who} sent only {bytes} bytes in {secs} s (see --timeout)")]
+    TooSlow { who: String, bytes: u64, secs: u64 },
     #[error("{what}: {kind} larger than {max} bytes; refused")]
     TooLarge {
         what: String,

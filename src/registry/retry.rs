@@ -17,6 +17,10 @@ pub(crate) const ERROR_BODY_MAX: usize = 64 << 10;
 pub(crate) const TOKEN_MAX: usize = 1 << 20;
 /// One page of a tag list (100 tags asked; some registries send thousands).
 pub(crate) const TAG_PAGE_MAX: usize = 4 << 20;
+/// A download counts as progressing once this many new bytes arrived: a
+/// server trickling a byte at a time must not hold a layer forever, so a
+/// download slower than this per deadline (1 KiB/s at the default) fails.
+pub const MIN_PROGRESS: u64 = 64 << 10;
 /// A digest mismatch is fetched again from the start this many times.
 pub(crate) const DIGEST_REFETCHES: u32 = 2;
 
@@ -68,6 +72,12 @@ impl Retry {
         self.digest_refetches = 0;
     }
 
+    /// New bytes arrived: a connection that breaks after them deserves as
+    /// many attempts as the first (the deadline stays).
+    pub(crate) fn received_some(&mut self) {
+        self.attempt = 1;
+    }
+
     /// A download that made progress starts a fresh budget.
     pub(crate) fn progressed(&mut self) {
         self.attempt = 1;
@@ -77,6 +87,15 @@ impl Retry {
     /// The time left before the deadline.
     pub(crate) fn remaining(&self) -> Duration {
         self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// The error for a download that received only `bytes` before the deadline.
+    pub(crate) fn too_slow(&self, bytes: u64) -> RegistryError {
+        RegistryError::TooSlow {
+            who: self.what.clone(),
+            bytes,
+            secs: self.policy.deadline.as_secs(),
+        }
     }
 
     /// The error for an operation that ran out of time while waiting.
