@@ -103,7 +103,12 @@ fn cold_mounts_through_injected_faults_end_exact_or_with_a_clean_error() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0x5eed_2026);
-    let proxy = FaultProxy::start(&reg, seed, 3);
+    // One request in three is faulted unless RIMG_FAULT_ONE_IN says otherwise.
+    let one_in = std::env::var("RIMG_FAULT_ONE_IN")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let proxy = FaultProxy::start(&reg, seed, one_in);
     let runs: usize = std::env::var("RIMG_FAULT_RUNS")
         .ok()
         .and_then(|s| s.parse().ok())
