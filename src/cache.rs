@@ -23,7 +23,11 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::layer::{self, Compression, LayerError, LayerIndex};
-use crate::registry::LayerDesc;
+use crate::registry::{LayerDesc, RegistryError};
+
+/// A layer whose bytes fail their digest is downloaded again from the start
+/// this many times before the error.
+const REFETCHES: u32 = 2;
 
 /// Bumped whenever the index format changes, so old indexes are rebuilt.
 const INDEX_VERSION: u32 = 4;
@@ -39,6 +43,14 @@ pub enum CacheError {
     },
     #[error("layer {digest}: download failed: {detail}")]
     Fetch { digest: String, detail: String },
+    #[error(
+        "layer {digest}: downloaded content does not match the digest (got {actual}; downloaded {tries} times)"
+    )]
+    Corrupt {
+        digest: String,
+        actual: String,
+        tries: u32,
+    },
     #[error(
         "layer {digest} inflates past {limit} bytes (the cache size or --max-layer-size); refused"
     )]
@@ -138,6 +150,16 @@ pub struct CachedLayer {
     /// Seconds since the epoch.
     pub last_use: i64,
     pub images: Vec<String>,
+}
+
+/// One layer's result from [`Cache::verify`].
+#[derive(Debug, Clone, Serialize)]
+pub struct Verified {
+    pub digest: String,
+    /// What is wrong, or `None` when the layer is intact.
+    pub problem: Option<String>,
+    /// Removed (it was corrupt and no mount was using it).
+    pub removed: bool,
 }
 
 pub struct Cache {
@@ -241,7 +263,12 @@ impl Cache {
     }
 
     /// Opens a complete layer, or `None` if it is not (or no longer validly) cached.
-    fn load(&self, hex: &str, in_use: File) -> Result<Option<Layer>, CacheError> {
+    fn load(
+        &self,
+        hex: &str,
+        expected_diff_id: Option<&str>,
+        in_use: File,
+    ) -> Result<Option<Layer>, CacheError> {
         let (_, tar_path, idx_path) = self.paths(hex);
         let mut head = Vec::with_capacity(HEADER_MAX);
         match File::open(&idx_path) {
@@ -261,6 +288,16 @@ impl Cache {
         };
         if file.version != INDEX_VERSION {
             return Ok(None);
+        }
+        // The same blob under an image config that claims another diff_id.
+        if let Some(expected) = expected_diff_id
+            && expected != file.diff_id
+        {
+            return Err(CacheError::DiffId {
+                digest: file.digest,
+                expected: expected.to_string(),
+                actual: file.diff_id,
+            });
         }
         let tar = match File::open(&tar_path) {
             Ok(f) => f,
@@ -308,17 +345,18 @@ impl Cache {
         desc: &LayerDesc,
         image_ref: &str,
         max_layer_size: u64,
-        open_blob: F,
+        mut open_blob: F,
     ) -> Result<Arc<Layer>, CacheError>
     where
-        F: FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
+        F: FnMut() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
     {
         let hex = hex_of(&desc.digest)?.to_string();
+        let want = desc.diff_id.as_deref();
         let lock = self.lock_file(&hex)?;
         let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
         // Shared first: the common case is a layer that is already here.
         lock.lock_shared().map_err(io_err(&lock_path))?;
-        if let Some(l) = self.load(&hex, lock.try_clone().map_err(io_err(&lock_path))?)? {
+        if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
             self.note_image(&hex, image_ref);
             return Ok(Arc::new(l));
         }
@@ -327,18 +365,37 @@ impl Cache {
         lock.lock().map_err(io_err(&lock_path))?;
         let result: Result<(), CacheError> = (|| {
             if self
-                .load(&hex, lock.try_clone().map_err(io_err(&lock_path))?)?
-                .is_none()
+                .load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)?
+                .is_some()
             {
-                self.fetch(desc, &hex, max_layer_size, open_blob)?;
+                return Ok(());
             }
-            Ok(())
+            let mut tries = 0;
+            loop {
+                tries += 1;
+                match self.fetch(desc, &hex, max_layer_size, &mut open_blob) {
+                    Err(CacheError::Corrupt { .. }) if tries <= REFETCHES => {
+                        tracing::warn!(
+                            "layer {}: downloaded content does not match the digest; downloading it again",
+                            desc.digest
+                        );
+                    }
+                    Err(CacheError::Corrupt { digest, actual, .. }) => {
+                        return Err(CacheError::Corrupt {
+                            digest,
+                            actual,
+                            tries,
+                        });
+                    }
+                    other => return other,
+                }
+            }
         })();
         // Back to shared: in use from here on.
         lock.unlock().map_err(io_err(&lock_path))?;
         result?;
         lock.lock_shared().map_err(io_err(&lock_path))?;
-        let layer = self.load(&hex, lock)?.ok_or_else(|| CacheError::Io {
+        let layer = self.load(&hex, want, lock)?.ok_or_else(|| CacheError::Io {
             path: self.paths(&hex).2.display().to_string(),
             source: io::Error::other("evicted right after it was fetched"),
         })?;
@@ -357,10 +414,10 @@ impl Cache {
         desc: &LayerDesc,
         hex: &str,
         max: u64,
-        open_blob: F,
+        open_blob: &mut F,
     ) -> Result<(), CacheError>
     where
-        F: FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
+        F: FnMut() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
     {
         let digest = &desc.digest;
         let tmp_dir = self.root.join("tmp");
@@ -393,7 +450,7 @@ impl Cache {
         (&mut compressed)
             .take(512)
             .read_to_end(&mut head)
-            .map_err(fetch_err)?;
+            .map_err(|e| classify(e, digest, max))?;
         let compression = layer::detect(digest, &desc.media_type, &head)?;
         let mut source =
             io::BufReader::with_capacity(IO_BUFFER, io::Cursor::new(head).chain(&mut compressed));
@@ -414,10 +471,28 @@ impl Cache {
         let indexed = layer::index_tar(&mut plain, digest);
         let index = match indexed {
             Ok(i) => i,
-            Err(LayerError::Io { source, .. }) => {
-                return Err(classify(source, digest, max));
+            Err(e) => {
+                let err = match e {
+                    LayerError::Io { source, .. } => classify(source, digest, max),
+                    other => other.into(),
+                };
+                if matches!(
+                    err,
+                    CacheError::TooLarge { .. } | CacheError::Corrupt { .. }
+                ) {
+                    return Err(err);
+                }
+                // Bytes damaged on the way show as a bad gzip or tar stream
+                // before the digest fails at the end: reading the rest (at
+                // most the size the manifest states) tells the two apart.
+                drop(plain);
+                if let Err(e) = io::copy(&mut source, &mut io::sink())
+                    && let c @ CacheError::Corrupt { .. } = classify(e, digest, max)
+                {
+                    return Err(c);
+                }
+                return Err(err);
             }
-            Err(e) => return Err(e.into()),
         };
         let tar_size = plain.count;
         let diff_id = format!(
@@ -429,6 +504,17 @@ impl Cache {
         // Whatever trails the compressed stream still belongs to the blob.
         io::copy(&mut source, &mut io::sink()).map_err(|e| classify(e, digest, max))?;
         drop(source);
+        // Only now is the blob known to be what its digest says, so a
+        // diff_id mismatch is the config's, not the network's.
+        if let Some(expected) = &desc.diff_id
+            && *expected != diff_id
+        {
+            return Err(CacheError::DiffId {
+                digest: digest.clone(),
+                expected: expected.clone(),
+                actual: diff_id,
+            });
+        }
         compressed.out.flush().map_err(io_err(blob_tmp.path()))?;
         let blob_size = compressed.count;
         drop(compressed);
@@ -539,6 +625,92 @@ impl Cache {
         Ok(out)
     }
 
+    /// Re-hashes every cached layer: the blob against its digest, the tar
+    /// against its diff_id (and the size its index states). Corrupt layers
+    /// are removed, so the next use fetches them again; layers in use by a
+    /// mount are checked but left in place.
+    pub fn verify(&self) -> Result<Vec<Verified>, CacheError> {
+        let mut out = Vec::new();
+        for l in self.list()? {
+            let hex = hex_of(&l.digest)?.to_string();
+            let lock = self.lock_file(&hex)?;
+            let in_use = lock.try_lock().is_err();
+            let problem = self.check_layer(&hex)?;
+            let removed = problem.is_some() && !in_use;
+            if removed {
+                self.remove_layer(&hex);
+            }
+            out.push(Verified {
+                digest: l.digest,
+                problem,
+                removed,
+            });
+        }
+        Ok(out)
+    }
+
+    /// What is wrong with a cached layer, if anything.
+    fn check_layer(&self, hex: &str) -> Result<Option<String>, CacheError> {
+        let (blob, tar, idx) = self.paths(hex);
+        let mut head = Vec::with_capacity(HEADER_MAX);
+        match File::open(&idx) {
+            Ok(f) => f
+                .take(HEADER_MAX as u64)
+                .read_to_end(&mut head)
+                .map_err(io_err(&idx))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io_err(&idx)(e)),
+        };
+        let Ok((header, _)) = postcard::take_from_bytes::<IndexHeader>(&head) else {
+            return Ok(Some("unreadable index".into()));
+        };
+        let hash = |p: &Path| -> Result<Option<(String, u64)>, CacheError> {
+            let mut f = match File::open(p) {
+                Ok(f) => f,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+                Err(e) => return Err(io_err(p)(e)),
+            };
+            let mut h = Sha256::new();
+            let n = io::copy(&mut f, &mut h).map_err(io_err(p))?;
+            Ok(Some((format!("sha256:{}", hex::encode(h.finalize())), n)))
+        };
+        match hash(&blob)? {
+            None => return Ok(Some("blob missing".into())),
+            Some((d, _)) if d != header.digest => {
+                return Ok(Some(format!("blob hashes to {d}")));
+            }
+            _ => {}
+        }
+        match hash(&tar)? {
+            None => Ok(Some("uncompressed tar missing".into())),
+            Some((_, n)) if n != header.tar_size => Ok(Some(format!(
+                "uncompressed tar has {n} bytes, its index says {}",
+                header.tar_size
+            ))),
+            Some((d, _)) if d != header.diff_id => Ok(Some(format!(
+                "uncompressed tar hashes to {d}, not its diff_id {}",
+                header.diff_id
+            ))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Removes a layer's files, index first: once it is gone, nothing
+    /// trusts the rest. Saved trees point into layers; they are cheap to
+    /// rebuild.
+    fn remove_layer(&self, hex: &str) {
+        let (blob, tar, idx) = self.paths(hex);
+        for p in [
+            idx,
+            tar,
+            blob,
+            self.root.join("layers/sha256").join(format!("{hex}.refs")),
+        ] {
+            let _ = fs::remove_file(p);
+        }
+        let _ = fs::remove_dir_all(self.root.join("trees"));
+    }
+
     /// Evicts least recently used layers until the cache holds at most `limit`
     /// bytes, skipping layers in use. Returns the bytes freed.
     pub fn prune(&self, limit: u64) -> Result<u64, CacheError> {
@@ -566,20 +738,9 @@ impl Cache {
                 busy.push(digest);
                 continue;
             }
-            let (blob, tar, idx) = self.paths(&hex);
-            // Index first: once it is gone, nothing trusts the rest.
-            for p in [
-                idx,
-                tar,
-                blob,
-                self.root.join("layers/sha256").join(format!("{hex}.refs")),
-            ] {
-                let _ = fs::remove_file(p);
-            }
+            self.remove_layer(&hex);
             total -= bytes;
             freed += bytes;
-            // Saved trees point into layers; they are cheap to rebuild.
-            let _ = fs::remove_dir_all(self.root.join("trees"));
             tracing::info!("evicted layer {digest} ({bytes} bytes)");
         }
         if total > limit && !busy.is_empty() {
@@ -618,11 +779,20 @@ impl Cache {
     }
 }
 
-/// Turns the size-limit marker back into its own error.
+/// Turns the size-limit marker and a digest mismatch of the download back
+/// into their own errors.
 fn classify(e: io::Error, digest: &str, limit: u64) -> CacheError {
-    let too_large = e
-        .get_ref()
-        .is_some_and(|inner| inner.is::<TooLargeMarker>());
+    let inner = e.get_ref();
+    let too_large = inner.is_some_and(|inner| inner.is::<TooLargeMarker>());
+    if let Some(RegistryError::Digest { actual, .. }) =
+        inner.and_then(|i| i.downcast_ref::<RegistryError>())
+    {
+        return CacheError::Corrupt {
+            digest: digest.to_string(),
+            actual: actual.clone(),
+            tries: 1,
+        };
+    }
     if too_large {
         CacheError::TooLarge {
             digest: digest.to_string(),
@@ -641,7 +811,7 @@ mod tests {
     use super::*;
 
     type Opener =
-        Box<dyn FnOnce() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>>;
+        Box<dyn FnMut() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>>;
 
     fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
         let mut b = tar::Builder::new(Vec::new());
@@ -666,11 +836,12 @@ mod tests {
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             size: blob.len() as u64,
             urls: vec![],
+            diff_id: None,
         }
     }
 
     fn serve(blob: Vec<u8>) -> Opener {
-        Box::new(move || Ok(Box::new(io::Cursor::new(blob)) as Box<dyn Read + Send>))
+        Box::new(move || Ok(Box::new(io::Cursor::new(blob.clone())) as Box<dyn Read + Send>))
     }
 
     /// Fails after `n` good bytes, like a dropped connection or a digest mismatch.
@@ -743,7 +914,7 @@ mod tests {
         let err = cache
             .ensure_layer(&d, "r", u64::MAX, move || {
                 Ok(Box::new(Broken {
-                    data: io::Cursor::new(broken),
+                    data: io::Cursor::new(broken.clone()),
                     left: 600,
                 }) as Box<dyn Read + Send>)
             })
@@ -796,6 +967,140 @@ mod tests {
             let l = cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
             assert_eq!(l.index().unwrap().entries[0].path, b"a");
         }
+    }
+
+    fn corrupt_reader(blob: Vec<u8>) -> Box<dyn Read + Send> {
+        /// Serves the bytes, then fails as `BlobReader` does on a digest mismatch.
+        struct R(io::Cursor<Vec<u8>>);
+        impl Read for R {
+            fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+                match self.0.read(buf)? {
+                    0 => Err(io::Error::other(RegistryError::Digest {
+                        what: "download".into(),
+                        expected: "sha256:a".into(),
+                        actual: "sha256:b".into(),
+                    })),
+                    n => Ok(n),
+                }
+            }
+        }
+        Box::new(R(io::Cursor::new(blob)))
+    }
+
+    #[test]
+    fn a_download_that_fails_its_digest_is_fetched_again_from_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let data: Vec<u8> = (0..200_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let blob = gzip(&tar_of(&[("f", &data)]));
+        let d = desc(&blob);
+        // A flipped byte in the gzip stream: the inflater fails first.
+        let mut flipped = blob.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 0xff;
+        let mut calls = 0;
+        let layer = cache
+            .ensure_layer(&d, "r", u64::MAX, || {
+                calls += 1;
+                Ok(if calls < 3 {
+                    corrupt_reader(flipped.clone())
+                } else {
+                    Box::new(io::Cursor::new(blob.clone()))
+                })
+            })
+            .unwrap();
+        assert_eq!(calls, 3);
+        assert_eq!(layer.index().unwrap().entries[0].path, b"f");
+    }
+
+    #[test]
+    fn a_download_that_keeps_failing_its_digest_is_reported_once_and_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let blob = gzip(&tar_of(&[("f", b"data")]));
+        let d = desc(&blob);
+        let mut calls = 0;
+        let err = cache
+            .ensure_layer(&d, "r", u64::MAX, || {
+                calls += 1;
+                Ok(corrupt_reader(blob.clone()))
+            })
+            .unwrap_err();
+        assert_eq!(calls, 1 + REFETCHES);
+        let msg = err.to_string();
+        assert_eq!(
+            msg,
+            format!(
+                "layer {}: downloaded content does not match the digest (got sha256:b; downloaded 3 times)",
+                d.digest
+            )
+        );
+        assert_eq!(files_under(dir.path()), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_layer_whose_diff_id_differs_from_the_config_is_refused_and_not_cached() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let tar = tar_of(&[("f", b"data")]);
+        let blob = gzip(&tar);
+        let mut d = desc(&blob);
+        let wrong = format!("sha256:{}", "0".repeat(64));
+        d.diff_id = Some(wrong.clone());
+        let err = cache
+            .ensure_layer(&d, "r", u64::MAX, serve(blob.clone()))
+            .unwrap_err();
+        let actual = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
+        assert!(
+            matches!(&err, CacheError::DiffId { expected, actual: a, .. } if *expected == wrong && *a == actual),
+            "{err}"
+        );
+        assert_eq!(files_under(dir.path()), Vec::<String>::new());
+        // Cached under a right config, the layer is still refused under the wrong one.
+        d.diff_id = Some(actual);
+        cache
+            .ensure_layer(&d, "r", u64::MAX, serve(blob.clone()))
+            .unwrap();
+        d.diff_id = Some(wrong);
+        let err = cache
+            .ensure_layer(&d, "r", u64::MAX, || panic!("cached"))
+            .unwrap_err();
+        assert!(matches!(err, CacheError::DiffId { .. }), "{err}");
+    }
+
+    #[test]
+    fn verify_removes_a_layer_whose_tar_was_damaged_and_keeps_intact_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let mut digests = Vec::new();
+        for i in 0..2u8 {
+            let blob = gzip(&tar_of(&[("f", &[i; 1000])]));
+            let d = desc(&blob);
+            drop(cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap());
+            digests.push(d);
+        }
+        let tar = dir
+            .path()
+            .join("layers/sha256")
+            .join(format!("{}.tar", hex_of(&digests[0].digest).unwrap()));
+        let mut bytes = fs::read(&tar).unwrap();
+        bytes[600] ^= 1;
+        fs::write(&tar, bytes).unwrap();
+        let report = cache.verify().unwrap();
+        let bad: Vec<_> = report.iter().filter(|v| v.problem.is_some()).collect();
+        assert_eq!(bad.len(), 1, "{report:?}");
+        assert_eq!(bad[0].digest, digests[0].digest);
+        assert!(bad[0].removed);
+        assert!(bad[0].problem.as_ref().unwrap().contains("diff_id"));
+        let left: Vec<String> = cache
+            .list()
+            .unwrap()
+            .into_iter()
+            .map(|l| l.digest)
+            .collect();
+        assert_eq!(left, [digests[1].digest.clone()]);
     }
 
     #[test]

@@ -36,6 +36,13 @@ pub struct Common {
     pub cache_size: Option<String>,
     pub max_layer_size: Option<String>,
     pub verbose: u8,
+    /// Seconds one operation keeps trying (RIMG_TIMEOUT).
+    pub timeout: Option<u64>,
+    /// Seconds without a byte before a connection counts as stalled (RIMG_STALL_TIMEOUT).
+    pub stall_timeout: Option<u64>,
+    /// Attempts per request (RIMG_RETRIES).
+    pub retries: Option<u32>,
+    pub allow_foreign_layers: bool,
 }
 
 pub struct LsArgs {
@@ -69,7 +76,15 @@ pub struct ExportArgs {
 pub fn one_line(e: &anyhow::Error) -> String {
     let mut parts: Vec<String> = Vec::new();
     for cause in e.chain() {
-        let s = cause.to_string().replace('\n', " ");
+        let mut s = cause.to_string().replace('\n', " ");
+        // A cause that begins by naming what an outer level already named
+        // (`cannot resolve R` then `R: manifest ...`) says it once.
+        while let Some((head, rest)) = s.split_once(": ")
+            && head.len() >= 6
+            && parts.iter().any(|p| p.contains(head))
+        {
+            s = rest.to_string();
+        }
         if !parts.iter().any(|p| p.contains(&s)) {
             parts.push(s);
         }
@@ -88,6 +103,7 @@ pub(crate) fn init_logging(verbose: u8) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_target(false)
         .try_init();
 }
@@ -151,7 +167,18 @@ impl Common {
             ca_certs: self.ca_certs.clone(),
             mirrors,
             credentials: CredentialStore::from_env(explicit),
+            foreign_urls: self.allow_foreign_layers,
             ..ClientOptions::default()
+        };
+        let opts = ClientOptions {
+            deadline: self
+                .timeout
+                .map_or(opts.deadline, std::time::Duration::from_secs),
+            read_timeout: self
+                .stall_timeout
+                .map_or(opts.read_timeout, std::time::Duration::from_secs),
+            max_tries: self.retries.map_or(opts.max_tries, |r| r.max(1)),
+            ..opts
         };
         Ok(Arc::new(Client::new(opts)?))
     }
@@ -608,6 +635,19 @@ fn child_args(common: &Common) -> Vec<String> {
     if common.verbose > 0 {
         a.push(format!("-{}", "v".repeat(common.verbose as usize)));
     }
+    for (flag, v) in [
+        ("--timeout", common.timeout),
+        ("--stall-timeout", common.stall_timeout),
+        ("--retries", common.retries.map(u64::from)),
+    ] {
+        if let Some(v) = v {
+            a.push(flag.into());
+            a.push(v.to_string());
+        }
+    }
+    if common.allow_foreign_layers {
+        a.push("--allow-foreign-layers".into());
+    }
     a
 }
 
@@ -768,6 +808,14 @@ fn serve_source(
 ) -> Result<()> {
     let mountpoint = std::fs::canonicalize(&args.mountpoint)
         .with_context(|| format!("mount point {}", args.mountpoint.display()))?;
+    // --prefetch fetches (and verifies) every layer before mounting, so a
+    // layer that cannot be had refuses the mount with its reason.
+    if args.prefetch {
+        match only {
+            Some(i) => drop(rt.block_on(source.layer(i))?),
+            None => drop(rt.block_on(source.layers())?),
+        }
+    }
     let opts = crate::fuse::MountOptions {
         allow_other: args.allow_other,
         only_layer: only,
@@ -1024,6 +1072,31 @@ pub fn cache_ls(common: &Common) -> Result<()> {
     Ok(())
 }
 
+/// Re-hashes every cached layer; corrupt ones are removed and reported.
+/// Fails when any was corrupt, so scripts notice.
+pub fn cache_verify(common: &Common) -> Result<()> {
+    let cache = common.cache()?;
+    let report = cache.verify()?;
+    let mut out = std::io::stdout().lock();
+    let mut bad = 0;
+    for v in &report {
+        if let Some(problem) = &v.problem {
+            bad += 1;
+            let action = if v.removed {
+                "removed"
+            } else {
+                "in use by a mount, kept"
+            };
+            writeln!(out, "{}: {problem}; {action}", v.digest)?;
+        }
+    }
+    writeln!(out, "{} layers checked, {bad} corrupt", report.len())?;
+    if bad > 0 {
+        bail!("{bad} corrupt layers found in {}", cache.root().display());
+    }
+    Ok(())
+}
+
 pub fn cache_prune(common: &Common, size: Option<&str>) -> Result<()> {
     let cache = common.cache()?;
     let limit = size
@@ -1069,6 +1142,18 @@ mod tests {
     fn times_format_as_utc_dates() {
         assert_eq!(format_time(0), "1970-01-01 00:00");
         assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13");
+    }
+
+    #[test]
+    fn one_line_names_the_reference_once() {
+        let e = anyhow::Error::new(std::io::Error::other(
+            "r.io/a:b: manifest larger than 4 bytes",
+        ))
+        .context("cannot resolve r.io/a:b");
+        assert_eq!(
+            one_line(&e),
+            "cannot resolve r.io/a:b: manifest larger than 4 bytes"
+        );
     }
 
     #[test]

@@ -15,7 +15,8 @@ use crate::registry::{Client, LayerDesc, ResolvedImage};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
-    #[error("layer {index} ({digest}) of {reference}: {source}")]
+    // The cache error names the digest.
+    #[error("layer {index} of {reference}: {source}")]
     Layer {
         index: usize,
         digest: String,
@@ -122,6 +123,8 @@ impl ImageSource {
         bar.set_prefix(short_digest(&desc.digest).to_string());
         let handle = tokio::runtime::Handle::current();
         let digest = desc.digest.clone();
+        // A few layers at a time: each takes a blocking thread.
+        let _slot = self.client.layer_slot().await;
         let result = tokio::task::spawn_blocking(move || {
             let _enter = handle.enter();
             let open =

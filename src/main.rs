@@ -48,6 +48,19 @@ struct Global {
     /// Refuse layers that inflate past this size, e.g. 20G (default: the cache size).
     #[arg(long, global = true, value_name = "SIZE")]
     max_layer_size: Option<String>,
+    /// Seconds one operation (resolving an image, a page of tags, a layer
+    /// without a new byte) keeps trying before it fails.
+    #[arg(long, global = true, env = "RIMG_TIMEOUT", value_name = "SECS")]
+    timeout: Option<u64>,
+    /// Seconds without a byte from the registry before a connection counts as stalled.
+    #[arg(long, global = true, env = "RIMG_STALL_TIMEOUT", value_name = "SECS")]
+    stall_timeout: Option<u64>,
+    /// Attempts per request on network errors, 5xx and 429.
+    #[arg(long, global = true, env = "RIMG_RETRIES", value_name = "N")]
+    retries: Option<u32>,
+    /// Fetch foreign layers from the URLs their descriptors list (HTTPS, or HTTP on loopback).
+    #[arg(long, global = true)]
+    allow_foreign_layers: bool,
     /// More logging (-v info, -vv debug); RIMG_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -217,9 +230,28 @@ enum CacheAction {
     Prune { size: Option<String> },
     /// Remove everything not in use by a running mount.
     Clear,
+    /// Re-hash every cached layer against its digest and diff_id; remove corrupt ones.
+    Verify,
+}
+
+/// An image of up to 1000 layers keeps two files open per layer, past the
+/// usual soft limit of 1024: raise it to the hard limit, as Go programs do.
+fn raise_open_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit with a valid, initialised struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn main() -> ExitCode {
+    raise_open_file_limit();
     let cli = Cli::parse();
     let g = cli.global;
     let common = Common {
@@ -234,6 +266,10 @@ fn main() -> ExitCode {
         cache_size: g.cache_size,
         max_layer_size: g.max_layer_size,
         verbose: g.verbose,
+        timeout: g.timeout,
+        stall_timeout: g.stall_timeout,
+        retries: g.retries,
+        allow_foreign_layers: g.allow_foreign_layers,
     };
     let result = match cli.command {
         Command::Inspect { reference, raw } => commands::inspect(&common, &reference, raw),
@@ -304,7 +340,7 @@ fn main() -> ExitCode {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
-                    eprintln!("rimg: {}", commands::one_line(&e));
+                    print_error(&e);
                     ExitCode::from(2)
                 }
             };
@@ -369,13 +405,23 @@ fn main() -> ExitCode {
             CacheAction::Ls => commands::cache_ls(&common),
             CacheAction::Prune { size } => commands::cache_prune(&common, size.as_deref()),
             CacheAction::Clear => commands::cache_clear(&common),
+            CacheAction::Verify => commands::cache_verify(&common),
         },
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("rimg: {}", commands::one_line(&e));
+            print_error(&e);
             ExitCode::FAILURE
         }
     }
+}
+
+/// The one line a failed command prints.
+fn print_error(e: &anyhow::Error) {
+    // Registry text may hold terminal control sequences.
+    eprintln!(
+        "rimg: {}",
+        rimg::registry::escape_controls(&commands::one_line(e))
+    );
 }

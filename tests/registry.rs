@@ -370,6 +370,9 @@ fn a_corrupted_blob_fails_verification_and_leaves_nothing_cached() {
     let env = Env::new();
     let err = env.fails(&["cat", &format!("{}/c/app:1", reg.addr()), "/etc/os-release"]);
     assert!(err.contains(&p.layers[0]), "{err}");
+    // Each thing once: the layer, the digest, what went wrong.
+    assert_eq!(err.matches(&p.layers[0]).count(), 1, "{err}");
+    assert!(err.contains("downloaded 3 times"), "{err}");
     assert!(
         err.contains("digest")
             || err.contains("gzip")
@@ -494,4 +497,129 @@ fn server_errors_and_rate_limits_are_retried_then_reported() {
         "tries must be bounded: {}",
         front.refused()
     );
+}
+
+#[test]
+fn a_layer_whose_diff_id_is_wrong_is_refused_by_every_command_and_eio_in_a_mount() {
+    let reg = Registry::start(Auth::None);
+    let tar = LayerBuilder::new()
+        .file("etc/os-release", b"NAME=bad\n", 0o644)
+        .finish();
+    let mut blob = layer_blob(&tar, Compress::Gzip, true);
+    let actual = blob.diff_id.clone();
+    let wrong = format!("sha256:{}", "1".repeat(64));
+    blob.diff_id = wrong.clone();
+    let p = push_image(&reg, "bad/diffid", "1", &[blob], "amd64", true);
+    let r = format!("{}/bad/diffid:1", reg.addr());
+    let env = Env::new();
+    let out = env.dir.path().join("out.tar");
+    let out = out.display().to_string();
+    for args in [
+        vec!["ls", r.as_str()],
+        vec!["cat", r.as_str(), "/etc/os-release"],
+        vec!["export", r.as_str(), out.as_str()],
+    ] {
+        let err = env.fails(&args);
+        assert!(
+            err.contains("layer 0 of")
+                && err.contains(&p.layers[0])
+                && err.contains(&wrong)
+                && err.contains(&actual),
+            "{args:?}: {err}"
+        );
+        assert_eq!(err.matches(&p.layers[0]).count(), 1, "said once: {err}");
+        assert!(walk_files(&env.cache_dir().join("layers")).is_empty());
+    }
+    assert!(!std::path::Path::new(&out).exists());
+    // mount --prefetch refuses as well.
+    let mnt = tempfile::tempdir().unwrap();
+    let m = mnt.path().display().to_string();
+    let err = env.fails(&["mount", "--foreground", "--prefetch", &r, &m]);
+    assert!(err.contains(&wrong), "{err}");
+    assert!(!is_mountpoint(mnt.path()));
+    // Without --prefetch the mount comes up, and reading the layer fails with EIO.
+    let mounted = Mounted::new(&env, &r, &[]);
+    let e = std::fs::read(mounted.path.join("etc/os-release")).unwrap_err();
+    assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+    let _ = env.run(&["umount", &mounted.path.display().to_string()]);
+}
+
+#[test]
+fn cache_verify_removes_a_damaged_layer_and_the_next_use_fetches_it_again() {
+    let reg = Registry::start(Auth::None);
+    let p = push_alpine(&reg, "v/app", "1", "3.10.9", "amd64", false);
+    let r = format!("{}/v/app:1", reg.addr());
+    let env = Env::new();
+    let before = env.ok(&["cat", &r, "/etc/os-release"]);
+    assert!(
+        env.ok(&["cache", "verify"])
+            .contains("1 layers checked, 0 corrupt")
+    );
+    let hex = p.layers[0].trim_start_matches("sha256:");
+    let tar = env
+        .cache_dir()
+        .join("layers/sha256")
+        .join(format!("{hex}.tar"));
+    let mut bytes = std::fs::read(&tar).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 0x20;
+    std::fs::write(&tar, bytes).unwrap();
+    let out = env.run(&["cache", "verify"]);
+    assert!(!out.status.success(), "corruption makes verify fail");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&p.layers[0]) && stdout.contains("removed"),
+        "{stdout}"
+    );
+    assert!(!tar.exists());
+    assert_eq!(env.ok(&["cat", &r, "/etc/os-release"]), before);
+    assert!(env.ok(&["cache", "verify"]).contains("0 corrupt"));
+}
+
+mod reference_grammar {
+    use proptest::prelude::*;
+    use rimg::reference::Reference;
+
+    /// Docker's grammar: lowercase components joined by `.`, `_`, `__` or dashes.
+    fn component() -> impl Strategy<Value = String> {
+        "[a-z0-9]{1,6}([._-][a-z0-9]{1,6}){0,2}"
+    }
+
+    fn registry() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[a-z0-9]{1,8}\\.[a-z]{2,5}",
+            "[a-z0-9]{1,8}\\.[a-z]{2,5}:[1-9][0-9]{0,4}",
+            Just("localhost:5000".to_string()),
+            Just("127.0.0.1:5000".to_string()),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn any_string_parses_or_fails_without_panicking(s in ".{0,300}") {
+            let _ = Reference::parse(&s);
+        }
+
+        #[test]
+        fn a_valid_reference_survives_printing_and_parsing_again(
+            reg in registry(),
+            path in proptest::collection::vec(component(), 1..4),
+            tag in proptest::option::of("[A-Za-z0-9_][A-Za-z0-9_.-]{0,20}"),
+            digest in proptest::option::of("[0-9a-f]{64}"),
+        ) {
+            let mut s = format!("{reg}/{}", path.join("/"));
+            if let Some(t) = &tag {
+                s += &format!(":{t}");
+            }
+            if let Some(d) = &digest {
+                s += &format!("@sha256:{d}");
+            }
+            let r = Reference::parse(&s).unwrap();
+            prop_assert_eq!(&r.registry, &reg);
+            prop_assert_eq!(&r.repository, &path.join("/"));
+            prop_assert_eq!(r.digest.clone(), digest.map(|d| format!("sha256:{d}")));
+            let again = Reference::parse(&r.to_string()).unwrap();
+            prop_assert_eq!(again.to_string(), r.to_string());
+        }
+    }
 }

@@ -176,3 +176,36 @@ mod tests {
         assert!(c.iter().any(|c| c.scheme == "bearer"));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn any_header_parses_without_panicking(h in ".{0,200}") {
+            let _ = parse_challenges([h.as_str()]);
+        }
+
+        #[test]
+        fn any_bytes_as_latin1_parse_without_panicking(b in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let h: String = b.iter().map(|&c| c as char).collect();
+            let _ = parse_challenges([h.as_str()]);
+        }
+
+        #[test]
+        fn a_bearer_challenge_gives_back_its_realm_and_service(
+            realm in "https?://[a-z0-9.:-]{1,30}/[a-zA-Z0-9/_,=-]{0,30}",
+            service in "[a-zA-Z0-9 .,:_-]{0,30}",
+            scheme in "(?i)bearer",
+        ) {
+            let h = format!(r#"{scheme} realm="{realm}",service="{service}""#);
+            let cs = parse_challenges([h.as_str()]);
+            prop_assert_eq!(cs.len(), 1);
+            prop_assert_eq!(cs[0].scheme.as_str(), "bearer");
+            prop_assert_eq!(cs[0].param("realm"), Some(realm.as_str()));
+            prop_assert_eq!(cs[0].param("service"), Some(service.as_str()));
+        }
+    }
+}

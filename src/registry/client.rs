@@ -16,12 +16,19 @@ use url::Url;
 use super::challenge::{Challenge, parse_challenges};
 use super::credentials::{CredentialStore, Credentials};
 use super::error::{RegistryError, from_response, from_transport};
+use super::retry::{
+    BodyError, Retry, RetryPolicy, TAG_PAGE_MAX, TOKEN_MAX, error_body, read_capped,
+};
 use crate::reference::{DOCKER_HUB, Reference};
 
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 const MAX_REDIRECTS: usize = 10;
 /// Tags asked per page; Docker Hub serves at most 100.
 const TAGS_PAGE: usize = 100;
+/// Pages of a tag list followed at most (100,000 tags at 100 a page).
+const MAX_TAG_PAGES: usize = 1000;
+/// Tags kept at most, whatever the page size a server chooses.
+const MAX_TAGS: usize = 1_000_000;
 /// A token this young that is refused is not stale; asking again would loop.
 const TOKEN_FRESH: Duration = Duration::from_secs(2);
 /// Docker's default when a token server omits `expires_in`.
@@ -62,9 +69,29 @@ pub struct ClientOptions {
     /// Attempts per request before giving up on transient failures.
     pub max_tries: u32,
     pub connect_timeout: Duration,
-    /// Longest silence while reading a response.
+    /// Longest silence while waiting for a response's headers or its next
+    /// bytes (the stall timeout).
     pub read_timeout: Duration,
+    /// The longest one operation keeps trying: resolving an image, one page
+    /// of tags, or a blob without receiving a new byte.
+    pub deadline: Duration,
+    /// Fetch foreign layers from the `urls` of their descriptors (HTTPS
+    /// only, unless loopback; never with the registry's credentials).
+    pub foreign_urls: bool,
+    /// Layers downloaded (and inflated, each on a thread) at once.
+    pub parallel_layers: usize,
 }
+
+/// Default number of layers fetched at once: enough to fill a link, few
+/// enough that a 1000-layer image costs a handful of threads.
+pub const DEFAULT_PARALLEL_LAYERS: usize = 4;
+
+/// Default attempts per request.
+pub const DEFAULT_TRIES: u32 = 6;
+/// Default stall timeout.
+pub const DEFAULT_STALL: Duration = Duration::from_secs(30);
+/// Default deadline of one operation.
+pub const DEFAULT_DEADLINE: Duration = Duration::from_secs(60);
 
 impl Default for ClientOptions {
     fn default() -> Self {
@@ -74,9 +101,12 @@ impl Default for ClientOptions {
             ca_certs: Vec::new(),
             mirrors: Vec::new(),
             credentials: CredentialStore::default(),
-            max_tries: 5,
+            max_tries: DEFAULT_TRIES,
             connect_timeout: Duration::from_secs(10),
-            read_timeout: Duration::from_secs(60),
+            read_timeout: DEFAULT_STALL,
+            deadline: DEFAULT_DEADLINE,
+            foreign_urls: false,
+            parallel_layers: DEFAULT_PARALLEL_LAYERS,
         }
     }
 }
@@ -92,7 +122,7 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    fn label(&self) -> String {
+    pub(crate) fn label(&self) -> String {
         if self.is_mirror {
             format!("mirror {}", self.base)
         } else {
@@ -140,6 +170,8 @@ pub struct Client {
     creds: Mutex<HashMap<String, Option<Credentials>>>,
     /// Base URL chosen per registry (https, or http for loopback/plain).
     bases: Mutex<HashMap<String, Url>>,
+    /// Bounds the layers fetched at once, and so the threads inflating them.
+    layer_slots: tokio::sync::Semaphore,
 }
 
 /// What a request is for, so errors can name it and scopes can be asked.
@@ -149,7 +181,7 @@ pub(crate) struct Target<'a> {
     pub what: String,
 }
 
-fn is_loopback(host: &str) -> bool {
+pub(crate) fn is_loopback(host: &str) -> bool {
     let bare = host
         .trim_start_matches('[')
         .split(']')
@@ -164,11 +196,6 @@ fn is_loopback(host: &str) -> bool {
         || bare
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
-}
-
-fn backoff(attempt: u32) -> Duration {
-    let base = 200u64.saturating_mul(1 << attempt.min(6));
-    Duration::from_millis(base + fastrand::u64(0..=base / 2))
 }
 
 impl Client {
@@ -191,6 +218,7 @@ impl Client {
         }
         let plain = Self::build_http(&opts, &extra_roots, false)?;
         Ok(Client {
+            layer_slots: tokio::sync::Semaphore::new(opts.parallel_layers.max(1)),
             plain,
             tls: OnceLock::new(),
             extra_roots,
@@ -301,7 +329,8 @@ impl Client {
                 .await;
             match probe {
                 Ok(r) if r.status() == StatusCode::BAD_REQUEST => {
-                    let body = r.text().await.unwrap_or_default().to_ascii_lowercase();
+                    let body = error_body(r).await;
+                    let body = String::from_utf8_lossy(&body).to_ascii_lowercase();
                     if body.contains("https") {
                         parse("https")?
                     } else {
@@ -347,8 +376,30 @@ impl Client {
         ep.base.as_str().to_string()
     }
 
+    /// The retry policy every operation of this client follows.
+    pub fn policy(&self) -> RetryPolicy {
+        RetryPolicy {
+            max_tries: self.opts.max_tries.max(1),
+            deadline: self.opts.deadline,
+        }
+    }
+
+    /// Waits for one of the few slots for a layer download; held until the
+    /// layer is in the cache.
+    pub async fn layer_slot(&self) -> tokio::sync::SemaphorePermit<'_> {
+        self.layer_slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed")
+    }
+
+    /// Whether foreign-layer URLs may be fetched.
+    pub(crate) fn foreign_urls(&self) -> bool {
+        self.opts.foreign_urls
+    }
+
     /// Learns how an endpoint wants to be authenticated from `GET /v2/`.
-    async fn scheme(&self, ep: &Endpoint) -> Result<Scheme, RegistryError> {
+    async fn scheme(&self, ep: &Endpoint, retry: &mut Retry) -> Result<Scheme, RegistryError> {
         if let Some(s) = self
             .schemes
             .lock()
@@ -358,8 +409,13 @@ impl Client {
             return Ok(s.clone());
         }
         let url = ep.base.join("/v2/").expect("static path");
+        let t = Target {
+            endpoint: ep,
+            repository: "",
+            what: format!("{} /v2/", ep.label()),
+        };
         let resp = self
-            .send_retrying(ep, Method::GET, url, HeaderMap::new())
+            .send_retrying(&t, Method::GET, url, HeaderMap::new(), retry)
             .await?;
         let scheme = scheme_of_ping(&resp, &ep.label())?;
         self.schemes
@@ -373,7 +429,7 @@ impl Client {
         &self,
         t: &Target<'_>,
         scheme: &Scheme,
-        force_new: bool,
+        retry: &mut Retry,
     ) -> Result<Option<HeaderValue>, RegistryError> {
         let creds = if t.endpoint.is_mirror {
             None
@@ -395,14 +451,13 @@ impl Client {
             Scheme::Bearer { realm, service } => {
                 let scope = format!("repository:{}:pull", t.repository);
                 let key = (realm.clone(), scope.clone());
-                if !force_new
-                    && let Some(tok) = self.tokens.lock().expect("tokens lock").get(&key)
+                if let Some(tok) = self.tokens.lock().expect("tokens lock").get(&key)
                     && tok.expires > Instant::now()
                 {
                     return Ok(bearer_value(&tok.value));
                 }
                 let tok = self
-                    .fetch_token(t, realm, service.as_deref(), &scope, creds.as_ref())
+                    .fetch_token(t, realm, service.as_deref(), &scope, creds.as_ref(), retry)
                     .await?;
                 let v = bearer_value(&tok.value);
                 self.tokens.lock().expect("tokens lock").insert(key, tok);
@@ -424,6 +479,52 @@ impl Client {
             .map(|tok| tok.obtained.elapsed())
     }
 
+    /// One token-server exchange with the common retry policy; the body is
+    /// capped (token replies and error bodies alike).
+    async fn token_exchange(
+        &self,
+        server: &str,
+        build: impl Fn() -> reqwest::RequestBuilder,
+        retry: &mut Retry,
+    ) -> Result<(StatusCode, bytes::Bytes), RegistryError> {
+        loop {
+            let attempt = async {
+                let resp = build()
+                    .send()
+                    .await
+                    .map_err(|e| (from_transport(server, &e), None))?;
+                let status = resp.status();
+                if status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS {
+                    let hint = retry_after(resp.headers());
+                    let body = error_body(resp).await;
+                    return Err((from_response(server, status.as_u16(), &body, "token"), hint));
+                }
+                let max = if status.is_success() {
+                    TOKEN_MAX
+                } else {
+                    super::retry::ERROR_BODY_MAX
+                };
+                match read_capped(resp, max).await {
+                    Ok(body) => Ok((status, body)),
+                    Err(BodyError::TooLarge) => Err((
+                        RegistryError::TooLarge {
+                            what: server.to_string(),
+                            kind: "token reply",
+                            max,
+                        },
+                        None,
+                    )),
+                    Err(BodyError::Transport(e)) => Err((from_transport(server, &e), None)),
+                }
+            };
+            match tokio::time::timeout(retry.remaining(), attempt).await {
+                Err(_) => return Err(retry.timed_out()),
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err((e, hint))) => retry.again(e, hint).await?,
+            }
+        }
+    }
+
     async fn fetch_token(
         &self,
         t: &Target<'_>,
@@ -431,6 +532,7 @@ impl Client {
         service: Option<&str>,
         scope: &str,
         creds: Option<&Credentials>,
+        retry: &mut Retry,
     ) -> Result<Token, RegistryError> {
         let auth_err = |reason: String| RegistryError::Auth {
             registry: t.endpoint.label(),
@@ -440,14 +542,6 @@ impl Client {
         let realm_url = Url::parse(realm)
             .map_err(|e| auth_err(format!("token realm {realm:?} is not a URL: {e}")))?;
         let token_server = format!("token server {}", realm_url.host_str().unwrap_or_default());
-        let send = |req: reqwest::RequestBuilder| {
-            let token_server = token_server.clone();
-            async move {
-                req.send()
-                    .await
-                    .map_err(|e| from_transport(&token_server, &e))
-            }
-        };
         // OAuth2 refresh-token exchange first when docker config holds an
         // identity token; registries that lack the POST endpoint get the GET form.
         if let Some(refresh) = creds.and_then(|c| c.identity_token.as_deref()) {
@@ -463,20 +557,25 @@ impl Client {
             let body = url::form_urlencoded::Serializer::new(String::new())
                 .extend_pairs(form)
                 .finish();
-            let resp = send(
-                self.http(&realm_url)
-                    .post(realm_url.clone())
-                    .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
-                    .body(body),
-            )
-            .await?;
-            if resp.status().is_success() {
-                return parse_token(resp).await.map_err(auth_err);
+            let (status, reply) = self
+                .token_exchange(
+                    &token_server,
+                    || {
+                        self.http(&realm_url)
+                            .post(realm_url.clone())
+                            .header(header::CONTENT_TYPE, "application/x-www-form-urlencoded")
+                            .body(body.clone())
+                    },
+                    retry,
+                )
+                .await?;
+            if status.is_success() {
+                return parse_token(&reply).map_err(auth_err);
             }
-            if !matches!(resp.status().as_u16(), 404 | 405) {
+            if !matches!(status.as_u16(), 404 | 405) {
                 return Err(auth_err(format!(
                     "the token server refused the identity token (HTTP {})",
-                    resp.status().as_u16()
+                    status.as_u16()
                 )));
             }
         }
@@ -491,65 +590,69 @@ impl Client {
                 q.append_pair("account", creds.map(|c| c.username.as_str()).unwrap_or(""));
             }
         }
-        let mut req = self.http(&url).get(url.clone());
-        if let Some(c) = creds.filter(|c| !c.username.is_empty()) {
-            req = req.header(
-                header::AUTHORIZATION,
-                basic_header(&c.username, &c.password),
-            );
-        }
-        let resp = send(req).await?;
-        if !resp.status().is_success() {
-            let status = resp.status().as_u16();
-            let body = resp.bytes().await.unwrap_or_default();
-            let detail = match from_response(&t.endpoint.label(), status, &body, &t.what) {
+        let (status, reply) = self
+            .token_exchange(
+                &token_server,
+                || {
+                    let mut req = self.http(&url).get(url.clone());
+                    if let Some(c) = creds.filter(|c| !c.username.is_empty()) {
+                        req = req.header(
+                            header::AUTHORIZATION,
+                            basic_header(&c.username, &c.password),
+                        );
+                    }
+                    req
+                },
+                retry,
+            )
+            .await?;
+        if !status.is_success() {
+            let detail = match from_response(&t.endpoint.label(), status.as_u16(), &reply, &t.what)
+            {
                 RegistryError::Auth { reason, .. } => reason,
                 other => other.to_string(),
             };
             return Err(auth_err(format!("token server said: {detail}")));
         }
-        parse_token(resp).await.map_err(auth_err)
+        parse_token(&reply).map_err(auth_err)
     }
 
-    /// One request with retries on transient failures, without auth or redirects.
+    /// One request with retries on transient failures (connection errors,
+    /// 5xx, 429 with its Retry-After), without auth or redirects. Each
+    /// attempt waits at most the stall timeout for headers.
     async fn send_retrying(
         &self,
-        ep: &Endpoint,
+        t: &Target<'_>,
         method: Method,
         url: Url,
         headers: HeaderMap,
+        retry: &mut Retry,
     ) -> Result<reqwest::Response, RegistryError> {
-        let mut attempt = 0;
+        let label = t.endpoint.label();
         loop {
-            let result = self
-                .http(&url)
-                .request(method.clone(), url.clone())
-                .headers(headers.clone())
-                .send()
-                .await;
-            attempt += 1;
-            let wait = match &result {
-                Err(e) => {
-                    let err = from_transport(&ep.label(), e);
-                    if matches!(err, RegistryError::Tls { .. }) || attempt >= self.opts.max_tries {
-                        return Err(err);
-                    }
-                    tracing::debug!("{}: {err}; retrying", ep.label());
-                    backoff(attempt)
+            let sent = tokio::time::timeout(
+                retry.remaining(),
+                self.http(&url)
+                    .request(method.clone(), url.clone())
+                    .headers(headers.clone())
+                    .send(),
+            )
+            .await
+            .map_err(|_| retry.timed_out())?;
+            match sent {
+                Err(e) => retry.again(from_transport(&label, &e), None).await?,
+                Ok(r)
+                    if r.status() == StatusCode::TOO_MANY_REQUESTS
+                        || r.status().is_server_error() =>
+                {
+                    let hint = retry_after(r.headers());
+                    let status = r.status().as_u16();
+                    let body = error_body(r).await;
+                    let err = from_response(&label, status, &body, &t.what);
+                    retry.again(err, hint).await?;
                 }
-                Ok(r) if r.status() == StatusCode::TOO_MANY_REQUESTS => {
-                    if attempt >= self.opts.max_tries {
-                        return result.map_err(|e| from_transport(&ep.label(), &e));
-                    }
-                    retry_after(r.headers()).unwrap_or_else(|| backoff(attempt))
-                }
-                Ok(r) if r.status().is_server_error() && attempt < self.opts.max_tries => {
-                    tracing::debug!("{}: HTTP {}; retrying", ep.label(), r.status());
-                    backoff(attempt)
-                }
-                Ok(_) => return result.map_err(|e| from_transport(&ep.label(), &e)),
-            };
-            tokio::time::sleep(wait).await;
+                Ok(r) => return Ok(r),
+            }
         }
     }
 
@@ -561,13 +664,14 @@ impl Client {
         method: Method,
         path: &str,
         extra: HeaderMap,
+        retry: &mut Retry,
     ) -> Result<reqwest::Response, RegistryError> {
         let url = t
             .endpoint
             .base
             .join(path)
             .map_err(|e| RegistryError::Config(format!("bad request path {path:?}: {e}")))?;
-        self.request_url(t, method, url, extra).await
+        self.request_url(t, method, url, extra, retry).await
     }
 
     pub(crate) async fn request_url(
@@ -576,17 +680,19 @@ impl Client {
         method: Method,
         url: Url,
         extra: HeaderMap,
+        retry: &mut Retry,
     ) -> Result<reqwest::Response, RegistryError> {
-        let mut scheme = self.scheme(t.endpoint).await?;
+        let mut scheme = self.scheme(t.endpoint, retry).await?;
         let mut renewed = false;
         loop {
-            let auth = self.authorization(t, &scheme, false).await?;
+            let auth = self.authorization(t, &scheme, retry).await?;
             let resp = self
-                .follow(t, method.clone(), url.clone(), &extra, auth)
+                .follow(t, method.clone(), url.clone(), &extra, auth, retry)
                 .await?;
             let status = resp.status();
             let refused = status == StatusCode::UNAUTHORIZED
                 || (status == StatusCode::FORBIDDEN && matches!(scheme, Scheme::Bearer { .. }));
+            // One renewal at most: a refusal is never retried beyond it.
             if !refused || renewed {
                 return Ok(resp);
             }
@@ -623,6 +729,7 @@ impl Client {
         mut url: Url,
         extra: &HeaderMap,
         auth: Option<HeaderValue>,
+        retry: &mut Retry,
     ) -> Result<reqwest::Response, RegistryError> {
         let origin = (
             url.host_str().map(str::to_string),
@@ -638,7 +745,7 @@ impl Client {
                 headers.insert(header::AUTHORIZATION, a.clone());
             }
             let resp = self
-                .send_retrying(t.endpoint, method.clone(), url.clone(), headers)
+                .send_retrying(t, method.clone(), url.clone(), headers, retry)
                 .await?;
             if !resp.status().is_redirection() {
                 return Ok(resp);
@@ -666,19 +773,72 @@ impl Client {
         })
     }
 
-    /// An unauthenticated GET (foreign layer URLs), following redirects.
+    /// A GET whose whole body is wanted in memory (manifests, configs, tag
+    /// pages), with the common retry policy around request and body alike: a
+    /// body cut short, a stall or a `check` that fails with a digest
+    /// mismatch costs an attempt, not the operation. The body is capped at
+    /// `max` while it streams.
+    pub(crate) async fn get_small(
+        &self,
+        t: &Target<'_>,
+        url: Url,
+        headers: HeaderMap,
+        (kind, max): (&'static str, usize),
+        retry: &mut Retry,
+        check: impl Fn(&HeaderMap, &[u8]) -> Result<(), RegistryError>,
+    ) -> Result<(HeaderMap, bytes::Bytes), RegistryError> {
+        let label = t.endpoint.label();
+        loop {
+            let remaining = retry.remaining();
+            let attempt = async {
+                let resp = self
+                    .request_url(t, Method::GET, url.clone(), headers.clone(), retry)
+                    .await?;
+                let status = resp.status();
+                let got = resp.headers().clone();
+                if !status.is_success() {
+                    let body = error_body(resp).await;
+                    return Err(from_response(&label, status.as_u16(), &body, &t.what));
+                }
+                let body = match read_capped(resp, max).await {
+                    Ok(b) => b,
+                    Err(BodyError::TooLarge) => {
+                        return Err(RegistryError::TooLarge {
+                            what: t.what.clone(),
+                            kind,
+                            max,
+                        });
+                    }
+                    Err(BodyError::Transport(e)) => return Err(from_transport(&label, &e)),
+                };
+                check(&got, &body)?;
+                Ok((got, body))
+            };
+            match tokio::time::timeout(remaining, attempt).await {
+                Err(_) => return Err(retry.timed_out()),
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) => retry.again(e, None).await?,
+            }
+        }
+    }
+
+    /// An unauthenticated GET of a foreign layer URL, following redirects.
+    /// Only with `foreign_urls`; over HTTPS unless the host is loopback.
     pub(crate) async fn plain_get(
         &self,
         mut url: Url,
         headers: HeaderMap,
-    ) -> Result<reqwest::Response, reqwest::Error> {
-        for _ in 0..MAX_REDIRECTS {
+    ) -> Result<reqwest::Response, RegistryError> {
+        for _ in 0..=MAX_REDIRECTS {
+            check_foreign_url(&url)?;
+            let host = url.host_str().unwrap_or("layer url").to_string();
             let resp = self
                 .http(&url)
                 .get(url.clone())
                 .headers(headers.clone())
                 .send()
-                .await?;
+                .await
+                .map_err(|e| from_transport(&host, &e))?;
             let next = resp
                 .headers()
                 .get(header::LOCATION)
@@ -689,14 +849,16 @@ impl Client {
                 _ => return Ok(resp),
             }
         }
-        self.http(&url)
-            .get(url.clone())
-            .headers(headers)
-            .send()
-            .await
+        Err(RegistryError::Http {
+            registry: url.host_str().unwrap_or("layer url").to_string(),
+            status: 310,
+            what: format!("foreign layer URL (more than {MAX_REDIRECTS} redirects)"),
+        })
     }
 
-    /// Lists a repository's tags, following `Link` pagination.
+    /// Lists a repository's tags, following `Link` pagination. A `Link` back
+    /// to a page already read ends the listing with an error, as do more than
+    /// [`MAX_TAG_PAGES`] pages.
     pub async fn tags(&self, reference: &Reference) -> Result<Vec<String>, RegistryError> {
         #[derive(Deserialize)]
         struct TagList {
@@ -720,43 +882,101 @@ impl Client {
                 reference.repository
             ))
             .map_err(|e| RegistryError::Config(e.to_string()))?;
+        let invalid = |detail: String| RegistryError::Invalid {
+            what: t.what.clone(),
+            kind: "tag list",
+            detail,
+        };
+        let mut seen = std::collections::HashSet::new();
         let mut all = Vec::new();
-        for _ in 0..10_000 {
-            let resp = self
-                .request_url(&t, Method::GET, url.clone(), HeaderMap::new())
+        loop {
+            if !seen.insert(url.to_string()) {
+                return Err(invalid(format!(
+                    "the Link header leads back to a page already read ({})",
+                    super::retry::escape_text(url.as_str())
+                )));
+            }
+            if seen.len() > MAX_TAG_PAGES {
+                return Err(invalid(format!("more than {MAX_TAG_PAGES} pages; refused")));
+            }
+            let mut retry = Retry::new(self.policy(), &format!("registry {}", endpoint.label()))
+                .labelled(&t.what);
+            let (headers, body) = self
+                .get_small(
+                    &t,
+                    url.clone(),
+                    HeaderMap::new(),
+                    ("tag list page", TAG_PAGE_MAX),
+                    &mut retry,
+                    |_, _| Ok(()),
+                )
                 .await?;
-            let status = resp.status().as_u16();
-            let link = resp
-                .headers()
+            let page: TagList =
+                serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+            // Tags reach a terminal: any that break the tag grammar (control
+            // sequences included) are left out, and counted.
+            let (good, bad): (Vec<String>, Vec<String>) = page
+                .tags
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|t| valid_tag(t));
+            if !bad.is_empty() {
+                tracing::warn!(
+                    "{}: {} tags that are not valid tag names were left out",
+                    t.what,
+                    bad.len()
+                );
+            }
+            all.extend(good);
+            if all.len() > MAX_TAGS {
+                return Err(invalid(format!("more than {MAX_TAGS} tags; refused")));
+            }
+            let link = headers
                 .get(header::LINK)
                 .and_then(|l| l.to_str().ok())
                 .and_then(next_link);
-            let body = resp
-                .bytes()
-                .await
-                .map_err(|e| from_transport(&endpoint.label(), &e))?;
-            if !(200..300).contains(&status) {
-                return Err(from_response(&endpoint.label(), status, &body, &t.what));
-            }
-            let page: TagList =
-                serde_json::from_slice(&body).map_err(|e| RegistryError::Invalid {
-                    what: t.what.clone(),
-                    kind: "tag list",
-                    detail: e.to_string(),
-                })?;
-            all.extend(page.tags.unwrap_or_default());
             match link {
                 Some(next) => {
                     url = url.join(&next).map_err(|e| RegistryError::Invalid {
                         what: t.what.clone(),
                         kind: "Link header",
                         detail: e.to_string(),
-                    })?
+                    })?;
+                    // The next page goes out with the registry's credentials:
+                    // only to the registry itself.
+                    if url.origin() != endpoint.base.origin() {
+                        return Err(invalid(format!(
+                            "the Link header points to another host ({})",
+                            super::retry::escape_text(url.as_str())
+                        )));
+                    }
                 }
                 None => return Ok(all),
             }
         }
-        Ok(all)
+    }
+}
+
+/// Docker's tag grammar: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+fn valid_tag(t: &str) -> bool {
+    let b = t.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// Foreign layers are fetched over HTTPS, or plain HTTP on loopback only.
+pub(crate) fn check_foreign_url(url: &Url) -> Result<(), RegistryError> {
+    let host = url.host_str().unwrap_or_default();
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if is_loopback(host) => Ok(()),
+        other => Err(RegistryError::Config(format!(
+            "foreign layer URL {} uses {other}; only https (or http on loopback) is fetched",
+            super::retry::escape_text(url.as_str())
+        ))),
     }
 }
 
@@ -816,12 +1036,8 @@ fn bearer_value(token: &str) -> Option<HeaderValue> {
     Some(v)
 }
 
-async fn parse_token(resp: reqwest::Response) -> Result<Token, String> {
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| format!("reading the token reply: {e}"))?;
-    let reply: TokenReply = serde_json::from_slice(&body)
+fn parse_token(body: &[u8]) -> Result<Token, String> {
+    let reply: TokenReply = serde_json::from_slice(body)
         .map_err(|e| format!("the token server answered something other than a token: {e}"))?;
     let value = reply
         .token
@@ -881,6 +1097,17 @@ mod tests {
     }
 
     #[test]
+    fn tags_outside_the_grammar_are_recognised() {
+        for t in ["latest", "3.10", "v1_2-rc.3", "_x"] {
+            assert!(valid_tag(t), "{t}");
+        }
+        let long = "a".repeat(129);
+        for t in ["", ".x", "-x", "a b", "x\u{1b}[2J", "a/b", long.as_str()] {
+            assert!(!valid_tag(t), "{t:?}");
+        }
+    }
+
+    #[test]
     fn loopback_hosts_are_recognised() {
         for h in [
             "localhost:5000",
@@ -915,11 +1142,5 @@ mod tests {
         let m: Mirror = "127.0.0.1:5000=http://127.0.0.1:5001".parse().unwrap();
         assert_eq!(m.registry, "127.0.0.1:5000");
         assert!("ftp://x".parse::<Mirror>().is_err());
-    }
-
-    #[test]
-    fn backoff_grows_and_is_bounded() {
-        assert!(backoff(1) < backoff(4));
-        assert!(backoff(30) <= Duration::from_millis(200 * 64 * 3 / 2));
     }
 }

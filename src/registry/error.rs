@@ -3,6 +3,10 @@
 
 use serde::Deserialize;
 
+#[cfg(doc)]
+use super::retry::MIN_PROGRESS;
+use super::retry::escape_text;
+
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The registry answered with its JSON error body.
@@ -56,6 +60,32 @@ pub enum RegistryError {
         kind: &'static str,
         detail: String,
     },
+    /// Attempts or time ran out; `last` says what failed last.
+    #[error("{last} (gave up after {attempts} attempts in {secs} s)")]
+    GaveUp {
+        last: Box<RegistryError>,
+        attempts: u32,
+        secs: u64,
+    },
+    /// `who` is the registry (or server) that went silent.
+    #[error("{who} gave no answer within {secs} s (see --timeout)")]
+    Timeout { who: String, secs: u64 },
+    /// A download that trickles: fewer than [`MIN_PROGRESS`] bytes in `secs`.
+    #[error("{who} sent only {bytes} bytes in {secs} s (see --timeout)")]
+    TooSlow { who: String, bytes: u64, secs: u64 },
+    #[error("{what}: {kind} larger than {max} bytes; refused")]
+    TooLarge {
+        what: String,
+        kind: &'static str,
+        max: usize,
+    },
+    /// A layer the registry would not serve, whose descriptor lists foreign
+    /// URLs that were not fetched; `hint` says why and what to do.
+    #[error("{error}; {hint}")]
+    ForeignLayer {
+        error: Box<RegistryError>,
+        hint: String,
+    },
     #[error("credentials: {0}")]
     Credentials(String),
     #[error("registry configuration: {0}")]
@@ -96,17 +126,19 @@ pub(crate) fn from_response(registry: &str, status: u16, body: &[u8], what: &str
         && let Some(first) = parsed.errors.into_iter().next()
         && !first.code.is_empty()
     {
+        // The server's words reach a terminal: no control sequences.
+        let (code, message) = (escape_text(&first.code), escape_text(&first.message));
         if status == 401 || status == 403 {
             return RegistryError::Auth {
                 registry: registry.to_string(),
                 what: what.to_string(),
-                reason: format!("{}: {}", first.code, first.message),
+                reason: format!("{code}: {message}"),
             };
         }
         return RegistryError::Api {
             status,
-            code: first.code,
-            message: first.message,
+            code,
+            message,
             what: what.to_string(),
         };
     }
@@ -180,5 +212,13 @@ mod tests {
         assert!(from_response("r", 503, b"", "x").is_transient());
         assert!(from_response("r", 429, b"", "x").is_transient());
         assert!(!from_response("r", 404, b"", "x").is_transient());
+    }
+
+    #[test]
+    fn control_characters_in_error_bodies_are_escaped() {
+        let body = b"{\"errors\":[{\"code\":\"X\\u001b[2J\",\"message\":\"m\\u001b]0;t\\u0007\"}]}";
+        let e = from_response("r", 500, body, "r/x:y").to_string();
+        assert!(!e.chars().any(char::is_control), "{e:?}");
+        assert!(e.contains("X\\u{1b}[2J"), "{e}");
     }
 }

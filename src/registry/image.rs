@@ -2,15 +2,15 @@
 //! index resolution to one platform, and digest checks.
 
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
-use reqwest::Method;
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::client::{Client, Endpoint, Target};
-use super::error::{RegistryError, from_response, from_transport};
+use super::error::RegistryError;
 use super::platform::{PlatformSpec, describe, platform_string, select};
-use super::types::LayerDesc;
+use super::retry::{CONFIG_MAX, MANIFEST_MAX, Retry};
+use super::types::{LayerDesc, MAX_LAYERS};
 use crate::reference::Reference;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -22,9 +22,6 @@ const SCHEMA1: [&str; 3] = [
     "application/vnd.docker.distribution.manifest.v1+prettyjws",
     "application/json",
 ];
-/// Manifests bigger than this are not manifests (the spec suggests 4 MiB).
-const MANIFEST_MAX: usize = 4 << 20;
-const CONFIG_MAX: usize = 32 << 20;
 
 /// A reference resolved to one platform's manifest, its config and layers.
 #[derive(Debug, Clone)]
@@ -88,6 +85,22 @@ impl ResolvedImage {
                 kind: "image config",
                 detail: e.to_string(),
             })?;
+        let count = manifest.layers().len();
+        if count > MAX_LAYERS {
+            return Err(RegistryError::Invalid {
+                what,
+                kind: "image manifest",
+                detail: format!("{count} layers; rimg refuses images with more than {MAX_LAYERS}"),
+            });
+        }
+        let diff_ids = &config.rootfs().diff_ids();
+        if diff_ids.len() != count {
+            return Err(RegistryError::Invalid {
+                what: format!("{what} config {config_digest}"),
+                kind: "image config",
+                detail: format!("{} diff_ids for {count} layers", diff_ids.len()),
+            });
+        }
         let platform = parts.platform.unwrap_or_else(|| {
             platform_string(
                 &config.os().to_string(),
@@ -98,11 +111,13 @@ impl ResolvedImage {
         let layers = manifest
             .layers()
             .iter()
-            .map(|d| LayerDesc {
+            .zip(diff_ids.iter())
+            .map(|(d, diff_id)| LayerDesc {
                 digest: d.digest().to_string(),
                 media_type: d.media_type().to_string(),
                 size: d.size(),
                 urls: d.urls().clone().unwrap_or_default(),
+                diff_id: Some(diff_id.clone()),
             })
             .collect();
         Ok(ResolvedImage {
@@ -178,46 +193,27 @@ fn declared_media_type(bytes: &[u8]) -> Option<String> {
     })
 }
 
-/// A response's body, refused past `max` bytes or when the status is an error.
-async fn bounded_body(
-    resp: reqwest::Response,
-    registry: &str,
-    what: &str,
-    kind: &'static str,
-    max: usize,
-) -> Result<bytes::Bytes, RegistryError> {
-    let too_large = || RegistryError::Invalid {
-        what: what.to_string(),
-        kind,
-        detail: format!("larger than {max} bytes"),
-    };
-    let status = resp.status().as_u16();
-    if (200..300).contains(&status) && resp.content_length().is_some_and(|l| l > max as u64) {
-        return Err(too_large());
-    }
-    let body = resp
-        .bytes()
-        .await
-        .map_err(|e| from_transport(registry, &e))?;
-    if !(200..300).contains(&status) {
-        return Err(from_response(registry, status, &body, what));
-    }
-    if body.len() > max {
-        return Err(too_large());
-    }
-    Ok(body)
-}
-
 impl Client {
     /// Fetches the manifest `reference` points at, as served, trying mirrors first.
     pub async fn fetch_manifest(
         &self,
         reference: &Reference,
     ) -> Result<RawManifest, RegistryError> {
+        let mut retry = Retry::new(self.policy(), &format!("registry {}", reference.registry))
+            .labelled(&reference.to_string());
+        self.fetch_manifest_with(reference, &mut retry).await
+    }
+
+    async fn fetch_manifest_with(
+        &self,
+        reference: &Reference,
+        retry: &mut Retry,
+    ) -> Result<RawManifest, RegistryError> {
         let endpoints = self.endpoints(reference).await?;
         let mut last_err = None;
         for ep in &endpoints {
-            match self.fetch_manifest_from(ep, reference).await {
+            retry.next_request();
+            match self.fetch_manifest_from(ep, reference, retry).await {
                 Ok(m) => return Ok(m),
                 Err(e) if ep.is_mirror => {
                     tracing::info!(
@@ -236,6 +232,7 @@ impl Client {
         &self,
         ep: &Endpoint,
         reference: &Reference,
+        retry: &mut Retry,
     ) -> Result<RawManifest, RegistryError> {
         let what = reference.to_string();
         let t = Target {
@@ -250,32 +247,36 @@ impl Client {
             reference.repository,
             reference.target()
         );
-        let resp = self.request(&t, Method::GET, &path, headers).await?;
-        let content_type = resp
-            .headers()
+        let url = ep
+            .base
+            .join(&path)
+            .map_err(|e| RegistryError::Config(format!("bad request path {path:?}: {e}")))?;
+        // The digest is checked inside the retry loop: a body damaged on the
+        // way is fetched again.
+        let check = |got: &HeaderMap, body: &[u8]| {
+            let digest = sha256_digest(body);
+            let header_digest = got
+                .get("docker-content-digest")
+                .and_then(|v| v.to_str().ok())
+                .filter(|d| d.starts_with("sha256:"))
+                .map(str::to_string);
+            match reference.digest.clone().or(header_digest) {
+                Some(expected) if expected != digest => Err(RegistryError::Digest {
+                    what: format!("manifest of {what}"),
+                    expected,
+                    actual: digest,
+                }),
+                _ => Ok(()),
+            }
+        };
+        let (got, body) = self
+            .get_small(&t, url, headers, ("manifest", MANIFEST_MAX), retry, check)
+            .await?;
+        let content_type = got
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
-        let header_digest = resp
-            .headers()
-            .get("docker-content-digest")
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_string);
-        let body = bounded_body(resp, &ep.registry, &what, "manifest", MANIFEST_MAX).await?;
         let digest = sha256_digest(&body);
-        let expected = reference
-            .digest
-            .clone()
-            .or(header_digest.filter(|d| d.starts_with("sha256:")));
-        if let Some(expected) = expected
-            && expected != digest
-        {
-            return Err(RegistryError::Digest {
-                what: format!("manifest of {what}"),
-                expected,
-                actual: digest,
-            });
-        }
         let declared = declared_media_type(&body);
         let media_type = match content_type.as_deref() {
             Some(ct) if ct != "application/json" && ct != "text/plain" => ct.to_string(),
@@ -299,7 +300,10 @@ impl Client {
     ) -> Result<ResolvedImage, RegistryError> {
         let what = reference.to_string();
         let want = platform.cloned().unwrap_or_else(PlatformSpec::host);
-        let mut raw = self.fetch_manifest(reference).await?;
+        // One deadline for the whole resolution; attempts are counted per request.
+        let mut retry =
+            Retry::new(self.policy(), &format!("registry {}", reference.registry)).labelled(&what);
+        let mut raw = self.fetch_manifest_with(reference, &mut retry).await?;
         let mut index_digest = None;
         let mut platform_name = None;
         if matches!(raw.media_type.as_str(), OCI_INDEX | DOCKER_LIST) {
@@ -317,7 +321,7 @@ impl Client {
             platform_name = describe(chosen);
             let child = reference.with_digest(chosen.digest().as_ref());
             index_digest = Some(raw.digest.clone());
-            raw = self.fetch_manifest(&child).await?;
+            raw = self.fetch_manifest_with(&child, &mut retry).await?;
             if matches!(raw.media_type.as_str(), OCI_INDEX | DOCKER_LIST) {
                 return Err(RegistryError::Invalid {
                     what,
@@ -335,7 +339,7 @@ impl Client {
         let manifest: ImageManifest = parse_manifest(&raw.bytes, &what)?;
         let config_digest = manifest.config().digest().to_string();
         let config_bytes = self
-            .fetch_small_blob(reference, &config_digest, CONFIG_MAX)
+            .fetch_small_blob(reference, &config_digest, CONFIG_MAX, &mut retry)
             .await?;
         let image = ResolvedImage::from_parts(ImageParts {
             reference: reference.to_string(),
@@ -364,28 +368,29 @@ impl Client {
     }
 
     /// A whole blob in memory (configs), verified against its digest.
-    pub async fn fetch_small_blob(
+    pub(crate) async fn fetch_small_blob(
         &self,
         reference: &Reference,
         digest: &str,
         max: usize,
+        retry: &mut Retry,
     ) -> Result<Vec<u8>, RegistryError> {
         let what = format!("{} blob {digest}", reference.name());
         let endpoints = self.endpoints(reference).await?;
         let mut last_err = None;
         for ep in &endpoints {
+            retry.next_request();
             let t = Target {
                 endpoint: ep,
                 repository: &reference.repository,
                 what: what.clone(),
             };
-            let path = format!("/v2/{}/blobs/{digest}", reference.repository);
-            let result = async {
-                let resp = self
-                    .request(&t, Method::GET, &path, HeaderMap::new())
-                    .await?;
-                let body = bounded_body(resp, &ep.registry, &what, "blob", max).await?;
-                let actual = sha256_digest(&body);
+            let url = ep
+                .base
+                .join(&format!("/v2/{}/blobs/{digest}", reference.repository))
+                .map_err(|e| RegistryError::Config(e.to_string()))?;
+            let check = |_: &HeaderMap, body: &[u8]| {
+                let actual = sha256_digest(body);
                 if actual != digest {
                     return Err(RegistryError::Digest {
                         what: what.clone(),
@@ -393,11 +398,13 @@ impl Client {
                         actual,
                     });
                 }
-                Ok(body.to_vec())
-            }
-            .await;
-            match result {
-                Ok(b) => return Ok(b),
+                Ok(())
+            };
+            match self
+                .get_small(&t, url, HeaderMap::new(), ("blob", max), retry, check)
+                .await
+            {
+                Ok((_, body)) => return Ok(body.to_vec()),
                 Err(e) if ep.is_mirror => last_err = Some(e),
                 Err(e) => return Err(e),
             }
@@ -432,5 +439,87 @@ mod tests {
             sha256_digest(b""),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
+    }
+}
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// JSON documents shaped like manifests, indexes and configs, with
+    /// arbitrary values where the real ones have strings, numbers or lists.
+    fn json() -> impl Strategy<Value = serde_json::Value> {
+        let leaf = prop_oneof![
+            Just(serde_json::Value::Null),
+            any::<bool>().prop_map(serde_json::Value::from),
+            any::<i64>().prop_map(serde_json::Value::from),
+            any::<f64>().prop_map(|f| serde_json::json!(f)),
+            ".{0,20}".prop_map(serde_json::Value::from),
+            Just(serde_json::Value::from(OCI_MANIFEST)),
+            Just(serde_json::Value::from(
+                "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+            )),
+        ];
+        let keys = prop_oneof![
+            Just("schemaVersion".to_string()),
+            Just("mediaType".to_string()),
+            Just("config".to_string()),
+            Just("layers".to_string()),
+            Just("manifests".to_string()),
+            Just("digest".to_string()),
+            Just("size".to_string()),
+            Just("urls".to_string()),
+            Just("platform".to_string()),
+            Just("architecture".to_string()),
+            Just("os".to_string()),
+            Just("rootfs".to_string()),
+            Just("diff_ids".to_string()),
+            "[a-z]{1,8}",
+        ];
+        leaf.prop_recursive(4, 64, 8, move |inner| {
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..8).prop_map(serde_json::Value::from),
+                proptest::collection::btree_map(keys.clone(), inner, 0..8)
+                    .prop_map(|m| serde_json::Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic_the_manifest_and_config_parsers(
+            manifest in proptest::collection::vec(any::<u8>(), 0..400),
+            config in proptest::collection::vec(any::<u8>(), 0..400),
+        ) {
+            let _ = declared_media_type(&manifest);
+            let _ = serde_json::from_slice::<ImageIndex>(&manifest);
+            let _ = ResolvedImage::from_parts(ImageParts {
+                reference: "r.example/a:b".into(),
+                index_digest: None,
+                media_type: OCI_MANIFEST.into(),
+                platform: None,
+                manifest,
+                config,
+            });
+        }
+
+        #[test]
+        fn manifest_shaped_json_never_panics_the_parsers(m in json(), c in json()) {
+            let manifest = serde_json::to_vec(&m).unwrap();
+            let config = serde_json::to_vec(&c).unwrap();
+            let _ = declared_media_type(&manifest);
+            if let Ok(index) = serde_json::from_slice::<ImageIndex>(&manifest) {
+                let _ = select(&index, &PlatformSpec::host());
+            }
+            let _ = ResolvedImage::from_parts(ImageParts {
+                reference: "r.example/a:b".into(),
+                index_digest: None,
+                media_type: OCI_MANIFEST.into(),
+                platform: None,
+                manifest,
+                config,
+            });
+        }
     }
 }

@@ -8,11 +8,12 @@ mod credentials;
 mod error;
 mod image;
 mod platform;
+mod retry;
 mod types;
 
 pub use blob::BlobReader;
 pub use challenge::{Challenge, parse_challenges};
-pub use client::{Client, ClientOptions, Mirror};
+pub use client::{Client, ClientOptions, DEFAULT_DEADLINE, DEFAULT_STALL, DEFAULT_TRIES, Mirror};
 pub use credentials::{CredentialStore, Credentials};
 pub use error::RegistryError;
 pub use image::{
@@ -20,4 +21,5 @@ pub use image::{
     sha256_digest,
 };
 pub use platform::PlatformSpec;
+pub use retry::{RetryPolicy, escape_controls, escape_text};
 pub use types::*;

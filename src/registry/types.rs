@@ -12,4 +12,13 @@ pub struct LayerDesc {
     pub size: u64,
     /// Download locations of non-distributable (foreign) layers.
     pub urls: Vec<String>,
+    /// The sha256 of the uncompressed layer, from the config's
+    /// `rootfs.diff_ids`; checked while the layer is inflated.
+    #[serde(default)]
+    pub diff_id: Option<String>,
 }
+
+/// Images with more layers are refused. Docker refuses more than 127 (an
+/// overlayfs limit); rimg merges layers itself and allows more, but not so
+/// many that a hostile manifest makes it open thousands of files and downloads.
+pub const MAX_LAYERS: usize = 1000;

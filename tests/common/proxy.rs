@@ -275,3 +275,167 @@ impl RedirectProxy {
         self.seen.registry_auth.load(Ordering::SeqCst)
     }
 }
+
+/// Faults a [`FaultProxy`] injects, in the order of its counters.
+pub const FAULTS: [&str; 6] = [
+    "503",
+    "429",
+    "reset mid-body",
+    "truncated body, clean close",
+    "trickle",
+    "flipped byte",
+];
+
+/// A forwarding proxy in front of a registry that, on about one request in
+/// `one_in`, injects one of [`FAULTS`], drawn from a seeded generator: the
+/// same seed gives the same mix of faults (their order across concurrent
+/// requests may vary).
+pub struct FaultProxy {
+    port: u16,
+    pub requests: Arc<AtomicUsize>,
+    pub injected: Arc<[AtomicUsize; 6]>,
+}
+
+/// xorshift64*: small, seeded, good enough to pick faults.
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+}
+
+/// Closes with a TCP RST instead of a FIN.
+fn reset(stream: TcpStream) {
+    use std::os::fd::AsRawFd;
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: a valid socket and a correctly sized option value.
+    unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            &linger as *const libc::linger as *const libc::c_void,
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+    drop(stream);
+}
+
+impl FaultProxy {
+    pub fn start(reg: &Registry, seed: u64, one_in: u64) -> FaultProxy {
+        let front = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = front.local_addr().unwrap().port();
+        let upstream = reg.addr();
+        let rng = Arc::new(std::sync::Mutex::new(Rng(seed.max(1))));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let injected: Arc<[AtomicUsize; 6]> = Arc::new(Default::default());
+        let (reqs, inj) = (Arc::clone(&requests), Arc::clone(&injected));
+        std::thread::spawn(move || {
+            for conn in front.incoming().flatten() {
+                let (rng, reqs, inj) = (Arc::clone(&rng), Arc::clone(&reqs), Arc::clone(&inj));
+                let upstream = upstream.clone();
+                std::thread::spawn(move || {
+                    let mut r = BufReader::new(conn.try_clone().unwrap());
+                    let mut out = conn;
+                    let Some(req) = read_request(&mut r) else {
+                        return;
+                    };
+                    reqs.fetch_add(1, Ordering::SeqCst);
+                    let fault = {
+                        let x = rng.lock().unwrap().next();
+                        (x % one_in == 0).then_some(((x / one_in) % 6) as usize)
+                    };
+                    if let Some(f) = fault {
+                        inj[f].fetch_add(1, Ordering::SeqCst);
+                    }
+                    let canned = match fault {
+                        Some(0) => Some("503 Service Unavailable\r\n"),
+                        Some(1) => Some("429 Too Many Requests\r\nRetry-After: 1\r\n"),
+                        _ => None,
+                    };
+                    if let Some(c) = canned {
+                        let _ = write!(
+                            out,
+                            "HTTP/1.1 {c}Content-Length: 0\r\nConnection: close\r\n\r\n"
+                        );
+                        return;
+                    }
+                    let Ok(mut up) = TcpStream::connect(&upstream) else {
+                        return;
+                    };
+                    let mut head = String::new();
+                    for h in &req.head {
+                        if !h.to_ascii_lowercase().starts_with("connection:") {
+                            head.push_str(h);
+                            head.push_str("\r\n");
+                        }
+                    }
+                    head.push_str("Connection: close\r\n\r\n");
+                    let _ = up.write_all(head.as_bytes());
+                    let _ = up.write_all(&req.body);
+                    let mut resp = Vec::new();
+                    let _ = up.read_to_end(&mut resp);
+                    let split = resp
+                        .windows(4)
+                        .position(|w| w == b"\r\n\r\n")
+                        .map_or(resp.len(), |p| p + 4);
+                    let (head, body) = resp.split_at(split);
+                    let mut body = body.to_vec();
+                    let half = body.len() / 2;
+                    let _ = out.write_all(head);
+                    match fault {
+                        Some(2) if !body.is_empty() => {
+                            let _ = out.write_all(&body[..half]);
+                            let _ = out.flush();
+                            reset(out);
+                        }
+                        Some(3) if !body.is_empty() => {
+                            let _ = out.write_all(&body[..half]);
+                            let _ = out.shutdown(std::net::Shutdown::Write);
+                        }
+                        Some(4) => {
+                            for c in body.chunks(16 << 10) {
+                                if out.write_all(c).is_err() {
+                                    return;
+                                }
+                                std::thread::sleep(std::time::Duration::from_millis(5));
+                            }
+                        }
+                        Some(5) if !body.is_empty() => {
+                            body[half] ^= 0x01;
+                            let _ = out.write_all(&body);
+                        }
+                        _ => {
+                            let _ = out.write_all(&body);
+                        }
+                    }
+                });
+            }
+        });
+        FaultProxy {
+            port,
+            requests,
+            injected,
+        }
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Faults injected so far, by kind.
+    pub fn summary(&self) -> String {
+        FAULTS
+            .iter()
+            .zip(self.injected.iter())
+            .map(|(name, n)| format!("{name}: {}", n.load(Ordering::SeqCst)))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
