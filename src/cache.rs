@@ -165,6 +165,12 @@ pub struct Verified {
 pub struct Cache {
     root: PathBuf,
     limit: u64,
+    /// One gate per layer being fetched by this process. flock() serialises
+    /// processes, but two handles of one process conflict with each other:
+    /// a thread waiting for the exclusive lock would wait forever for a
+    /// shared lock this process holds on a layer it just fetched (two images
+    /// sharing a layer, or one image listing a layer twice).
+    gates: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>,
 }
 
 /// Copies everything read through it to `out`, hashing and counting it.
@@ -229,6 +235,7 @@ impl Cache {
         Ok(Cache {
             root: root.to_path_buf(),
             limit,
+            gates: Default::default(),
         })
     }
 
@@ -355,6 +362,22 @@ impl Cache {
         let lock = self.lock_file(&hex)?;
         let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
         // Shared first: the common case is a layer that is already here.
+        lock.lock_shared().map_err(io_err(&lock_path))?;
+        if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
+            self.note_image(&hex, image_ref);
+            return Ok(Arc::new(l));
+        }
+        lock.unlock().map_err(io_err(&lock_path))?;
+        // Threads of this process take turns here; the one that follows a
+        // fetch finds the layer done without asking for the exclusive lock.
+        let gate = Arc::clone(
+            self.gates
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(hex.clone())
+                .or_default(),
+        );
+        let _turn = gate.lock().unwrap_or_else(|e| e.into_inner());
         lock.lock_shared().map_err(io_err(&lock_path))?;
         if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
             self.note_image(&hex, image_ref);

@@ -409,7 +409,10 @@ fn diff_of_two_tags_on_one_base_agrees_with_diff_rq() {
     let (_kb, rb) = umoci_unpack(&reg, "two", "b");
     let (only_a, only_b, differ) = diff_rq(&ra, &rb);
     let env = Env::new();
-    let (a, b) = (format!("{}/two:a", reg.addr()), format!("{}/two:b", reg.addr()));
+    let (a, b) = (
+        format!("{}/two:a", reg.addr()),
+        format!("{}/two:b", reg.addr()),
+    );
     let rows = json_lines(&env.ok(&["diff", "--json", &a, &b]));
     let of = |c: &str| -> BTreeSet<String> {
         rows.iter()
