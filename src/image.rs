@@ -1,6 +1,8 @@
 //! An image opened for reading: its resolved manifest, its layers fetched into
 //! the cache on first need (in parallel, inflating while downloading), and the
 //! merged tree built from them. FUSE, `ls`, `cat` and export all start here.
+//! Blobs come from a registry or from a local archive ([`Blobs`]); past the
+//! fetch, the two are the same.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cache::{Cache, Layer};
 use crate::layer::LayerIndex;
+use crate::local::LocalBlobs;
 use crate::overlay::tree::{self, Tree};
 use crate::registry::{Client, LayerDesc, ResolvedImage};
 
@@ -39,10 +42,29 @@ pub enum ImageError {
     Worker { digest: String, detail: String },
 }
 
+/// Where an image's blobs are read from.
+#[derive(Clone)]
+pub enum Blobs {
+    Registry(Arc<Client>),
+    Local(Arc<LocalBlobs>),
+}
+
+impl From<Arc<Client>> for Blobs {
+    fn from(c: Arc<Client>) -> Blobs {
+        Blobs::Registry(c)
+    }
+}
+
+impl From<LocalBlobs> for Blobs {
+    fn from(l: LocalBlobs) -> Blobs {
+        Blobs::Local(Arc::new(l))
+    }
+}
+
 /// A resolved image with access to its layers.
 pub struct ImageSource {
     pub image: ResolvedImage,
-    client: Arc<Client>,
+    blobs: Blobs,
     cache: Arc<Cache>,
     max_layer_size: u64,
     progress: MultiProgress,
@@ -65,7 +87,7 @@ impl<R: Read> Read for Counted<R> {
 impl ImageSource {
     pub fn new(
         image: ResolvedImage,
-        client: Arc<Client>,
+        blobs: impl Into<Blobs>,
         cache: Arc<Cache>,
         max_layer_size: u64,
         show_progress: bool,
@@ -77,7 +99,7 @@ impl ImageSource {
         };
         ImageSource {
             image,
-            client,
+            blobs: blobs.into(),
             cache,
             max_layer_size,
             progress: MultiProgress::with_draw_target(target),
@@ -108,7 +130,15 @@ impl ImageSource {
         let desc: LayerDesc = self.image.layers[index].clone();
         let reference = self.image.reference.clone();
         let image_ref = reference.to_string();
-        let client = Arc::clone(&self.client);
+        let blobs = self.blobs.clone();
+        // Checked once the layer is in the cache, whatever it came from.
+        let diff_id = self
+            .image
+            .config
+            .rootfs()
+            .diff_ids()
+            .get(index)
+            .cloned();
         let cache = Arc::clone(&self.cache);
         let max = self.max_layer_size;
         let bar = self.progress.add(ProgressBar::new(desc.size));
@@ -131,12 +161,27 @@ impl ImageSource {
                         desc.digest,
                         desc.size
                     );
+                    let inner: Box<dyn Read + Send> = match &blobs {
+                        Blobs::Registry(client) => Box::new(client.blob_reader(&reference, &desc)),
+                        Blobs::Local(local) => local.open_blob(&desc.digest)?,
+                    };
                     Ok(Box::new(Counted {
-                        inner: client.blob_reader(&reference, &desc),
+                        inner,
                         bar: bar.clone(),
                     }))
                 };
-            let r = cache.ensure_layer(&desc, &image_ref, max, open);
+            let r = cache
+                .ensure_layer(&desc, &image_ref, max, open)
+                .and_then(|layer| match diff_id {
+                    Some(expected) if expected != layer.diff_id => {
+                        Err(crate::cache::CacheError::DiffId {
+                            digest: layer.digest.clone(),
+                            expected,
+                            actual: layer.diff_id.clone(),
+                        })
+                    }
+                    _ => Ok(layer),
+                });
             bar.finish_and_clear();
             r
         })

@@ -1,7 +1,7 @@
 //! rimg: mount container images straight from a registry as a read-only
 //! filesystem, or export them as loadable archives.
 //!
-//! Data flows one way: [`reference`] -> [`registry`] -> [`cache`] ->
+//! Data flows one way: [`reference`] -> [`registry`] (or [`local`]) -> [`cache`] ->
 //! [`layer`] -> [`tree`] -> [`fuse`] or [`export`]. No module reaches back up.
 
 pub mod cache;
@@ -10,6 +10,7 @@ pub mod export;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod local;
 pub mod names;
 pub mod overlay;
 pub mod reference;
