@@ -339,7 +339,10 @@ impl Common {
             Location::Registry(r) => {
                 let reference = parse_reference(r)?;
                 let client = self.client()?;
-                (rt.block_on(resolve(&client, self, &reference))?, client.into())
+                (
+                    rt.block_on(resolve(&client, self, &reference))?,
+                    client.into(),
+                )
             }
         };
         Ok(Arc::new(ImageSource::new(

@@ -132,13 +132,7 @@ impl ImageSource {
         let image_ref = reference.to_string();
         let blobs = self.blobs.clone();
         // Checked once the layer is in the cache, whatever it came from.
-        let diff_id = self
-            .image
-            .config
-            .rootfs()
-            .diff_ids()
-            .get(index)
-            .cloned();
+        let diff_id = self.image.config.rootfs().diff_ids().get(index).cloned();
         let cache = Arc::clone(&self.cache);
         let max = self.max_layer_size;
         let bar = self.progress.add(ProgressBar::new(desc.size));
@@ -172,16 +166,7 @@ impl ImageSource {
                 };
             let r = cache
                 .ensure_layer(&desc, &image_ref, max, open)
-                .and_then(|layer| match diff_id {
-                    Some(expected) if expected != layer.diff_id => {
-                        Err(crate::cache::CacheError::DiffId {
-                            digest: layer.digest.clone(),
-                            expected,
-                            actual: layer.diff_id.clone(),
-                        })
-                    }
-                    _ => Ok(layer),
-                });
+                .and_then(|layer| check_diff_id(layer, diff_id));
             bar.finish_and_clear();
             r
         })
@@ -253,6 +238,21 @@ impl ImageSource {
             reference: self.image.reference.to_string(),
             source: Box::new(source),
         }
+    }
+}
+
+/// The layer, if its uncompressed content is what the config says it is.
+fn check_diff_id(
+    layer: Arc<Layer>,
+    expected: Option<String>,
+) -> Result<Arc<Layer>, crate::cache::CacheError> {
+    match expected {
+        Some(expected) if expected != layer.diff_id => Err(crate::cache::CacheError::DiffId {
+            digest: layer.digest.clone(),
+            expected,
+            actual: layer.diff_id.clone(),
+        }),
+        _ => Ok(layer),
     }
 }
 

@@ -30,8 +30,8 @@ use sha2::{Digest, Sha256};
 use crate::layer::{self, EntryKind, LayerError};
 use crate::reference::Reference;
 use crate::registry::{
-    DOCKER_LIST, DOCKER_MANIFEST, ImageParts, OCI_INDEX, OCI_MANIFEST, PlatformSpec,
-    RegistryError, ResolvedImage, describe_platform, select_platform, sha256_digest,
+    DOCKER_LIST, DOCKER_MANIFEST, ImageParts, OCI_INDEX, OCI_MANIFEST, PlatformSpec, RegistryError,
+    ResolvedImage, describe_platform, select_platform, sha256_digest,
 };
 
 /// JSON documents (manifests, indexes, configs) bigger than this are refused.
@@ -73,7 +73,7 @@ pub enum LocalError {
         file: String,
         entry: String,
         #[source]
-        source: RegistryError,
+        source: Box<RegistryError>,
     },
 }
 
@@ -329,7 +329,11 @@ impl Store {
     }
 
     /// Opens the entry `name` (checked by the caller to stay inside) with its size.
-    fn open_entry(&self, file: &str, name: &str) -> Result<(Box<dyn Read + Send>, u64), LocalError> {
+    fn open_entry(
+        &self,
+        file: &str,
+        name: &str,
+    ) -> Result<(Box<dyn Read + Send>, u64), LocalError> {
         let clean = clean_name(name).ok_or_else(|| LocalError::Escapes {
             file: file.to_string(),
             entry: name.to_string(),
@@ -593,8 +597,11 @@ fn digest_from_name(name: &str) -> Option<String> {
     let clean = clean_name(name)?;
     let s = std::str::from_utf8(&clean).ok()?;
     let hex = s.strip_prefix("blobs/sha256/")?;
-    (hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
-        .then(|| format!("sha256:{hex}"))
+    (hex.len() == 64
+        && hex
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase()))
+    .then(|| format!("sha256:{hex}"))
 }
 
 type Resolved = (ResolvedImage, HashMap<String, String>);
@@ -755,7 +762,7 @@ fn docker_archive(
     .map_err(|source| LocalError::Image {
         file: file.to_string(),
         entry: entry.config.clone(),
-        source,
+        source: Box::new(source),
     })?;
     check_platform(file, &image, platform)?;
     Ok((image, entries))
@@ -772,7 +779,11 @@ fn blob_name(file: &str, digest: &str) -> Result<String, LocalError> {
         {
             Ok(format!("blobs/{alg}/{hex}"))
         }
-        _ => Err(invalid(file, "index.json", format!("bad digest {digest:?}"))),
+        _ => Err(invalid(
+            file,
+            "index.json",
+            format!("bad digest {digest:?}"),
+        )),
     }
 }
 
@@ -921,7 +932,7 @@ fn oci_layout(
     .map_err(|source| LocalError::Image {
         file: file.to_string(),
         entry,
-        source,
+        source: Box::new(source),
     })?;
     check_platform(file, &image, platform)?;
     Ok((image, entries))
