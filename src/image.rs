@@ -130,6 +130,7 @@ impl ImageSource {
         let desc: LayerDesc = self.image.layers[index].clone();
         let reference = self.image.reference.clone();
         let image_ref = reference.to_string();
+        let origin = self.origin(index);
         let blobs = self.blobs.clone();
         // Checked once the layer is in the cache, whatever it came from.
         let diff_id = self.image.config.rootfs().diff_ids().get(index).cloned();
@@ -178,7 +179,7 @@ impl ImageSource {
         result.map_err(|source| ImageError::Layer {
             index,
             digest,
-            reference: self.image.reference.to_string(),
+            reference: origin,
             source: Box::new(source),
         })
     }
@@ -231,11 +232,24 @@ impl ImageSource {
         Ok((t, layers))
     }
 
+    /// The image, and for a local one the file and entry layer `index` is
+    /// read from, as errors name them.
+    fn origin(&self, index: usize) -> String {
+        match &self.blobs {
+            Blobs::Registry(_) => self.image.reference.to_string(),
+            Blobs::Local(local) => format!(
+                "{} ({})",
+                self.image.reference,
+                local.describe(&self.image.layers[index].digest)
+            ),
+        }
+    }
+
     fn layer_error(&self, index: usize, source: crate::cache::CacheError) -> ImageError {
         ImageError::Layer {
             index,
             digest: self.image.layers[index].digest.clone(),
-            reference: self.image.reference.to_string(),
+            reference: self.origin(index),
             source: Box::new(source),
         }
     }

@@ -27,7 +27,7 @@ use oci_spec::image::{Descriptor, ImageIndex};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::layer::{self, EntryKind, LayerError};
+use crate::layer::{self, LayerError};
 use crate::reference::Reference;
 use crate::registry::{
     DOCKER_LIST, DOCKER_MANIFEST, ImageParts, OCI_INDEX, OCI_MANIFEST, PlatformSpec, RegistryError,
@@ -222,7 +222,6 @@ struct Verified<R> {
     inner: R,
     hasher: Sha256,
     expected: String,
-    entry: String,
 }
 
 impl<R: Read> Read for Verified<R> {
@@ -232,8 +231,8 @@ impl<R: Read> Read for Verified<R> {
             let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
             if actual != self.expected {
                 return Err(io::Error::other(format!(
-                    "{}: content hashes to {actual}, expected {}",
-                    self.entry, self.expected
+                    "content hashes to {actual}, expected {}",
+                    self.expected
                 )));
             }
         }
@@ -303,25 +302,7 @@ impl Store {
             return Ok(Store::Dir { root });
         }
         let file = File::open(path).map_err(io_err)?;
-        let index = layer::index_tar(io::BufReader::with_capacity(1 << 20, &file), &file_name)
-            .map_err(|e| LocalError::Tar {
-                file: file_name.clone(),
-                detail: tar_detail(e),
-            })?;
-        let mut members = HashMap::new();
-        for e in index.entries {
-            let m = match e.kind {
-                EntryKind::File if e.sparse.is_none() => Member::File {
-                    offset: e.offset,
-                    size: e.size,
-                },
-                EntryKind::Symlink => Member::Symlink(e.link.unwrap_or_default()),
-                EntryKind::Hardlink => Member::Hardlink(e.link.unwrap_or_default()),
-                EntryKind::Dir => Member::Dir,
-                _ => continue,
-            };
-            members.insert(e.path, m);
-        }
+        let members = tar_members(&file, &file_name)?;
         Ok(Store::Tar {
             file: Arc::new(file),
             members,
@@ -447,6 +428,58 @@ impl Store {
     }
 }
 
+/// The members of the tar `file`, read header by header: data is skipped by
+/// seeking, so opening a large archive reads a few blocks per member, not the
+/// archive. A member whose data would end past the end of the file is refused
+/// as truncated.
+fn tar_members(file: &File, name: &str) -> Result<HashMap<Vec<u8>, Member>, LocalError> {
+    let bad = |detail: String| LocalError::Tar {
+        file: name.to_string(),
+        detail,
+    };
+    let len = file
+        .metadata()
+        .map_err(|source| LocalError::Io {
+            file: name.to_string(),
+            source,
+        })?
+        .len();
+    let mut archive = tar::Archive::new(file);
+    let mut members = HashMap::new();
+    for entry in archive
+        .entries_with_seek()
+        .map_err(|e| bad(e.to_string()))?
+    {
+        let entry = entry.map_err(|e| bad(format!("truncated or damaged tar header: {e}")))?;
+        let path = layer::normalize(&entry.path_bytes());
+        let offset = entry.raw_file_position();
+        let size = entry.size();
+        let kind = entry.header().entry_type();
+        let m = match kind {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
+                if offset.checked_add(size).is_none_or(|end| end > len) {
+                    return Err(bad(format!(
+                        "truncated: {} ends at byte {}, past the end of the file ({len} bytes)",
+                        String::from_utf8_lossy(&path),
+                        offset.saturating_add(size)
+                    )));
+                }
+                Member::File { offset, size }
+            }
+            tar::EntryType::Symlink => {
+                Member::Symlink(entry.link_name_bytes().unwrap_or_default().into_owned())
+            }
+            tar::EntryType::Link => Member::Hardlink(layer::normalize(
+                &entry.link_name_bytes().unwrap_or_default(),
+            )),
+            tar::EntryType::Directory => Member::Dir,
+            _ => continue,
+        };
+        members.insert(path, m);
+    }
+    Ok(members)
+}
+
 /// Opens `name` beneath the directory `root`; the kernel refuses any path
 /// (through `..` or a symlink) that would leave it.
 fn open_beneath(root: &File, name: &[u8]) -> io::Result<File> {
@@ -489,6 +522,14 @@ pub struct LocalBlobs {
 }
 
 impl LocalBlobs {
+    /// `FILE: ENTRY` of the blob `digest`, for messages.
+    pub fn describe(&self, digest: &str) -> String {
+        match self.entries.get(digest) {
+            Some(entry) => format!("{}: {entry}", self.file),
+            None => self.file.clone(),
+        }
+    }
+
     /// A reader of the blob `digest` that fails at its end unless the bytes
     /// match the digest.
     pub fn open_blob(&self, digest: &str) -> Result<Box<dyn Read + Send>, LocalError> {
@@ -504,7 +545,6 @@ impl LocalBlobs {
             inner: r,
             hasher: Sha256::new(),
             expected: digest.to_string(),
-            entry: format!("{}: {entry}", self.file),
         }))
     }
 }
@@ -979,7 +1019,6 @@ mod tests {
             inner: io::Cursor::new(b"hello".to_vec()),
             hasher: Sha256::new(),
             expected: sha256_digest(b"other"),
-            entry: "x".into(),
         };
         let mut out = Vec::new();
         let err = r.read_to_end(&mut out).unwrap_err();
@@ -988,7 +1027,6 @@ mod tests {
             inner: io::Cursor::new(b"hello".to_vec()),
             hasher: Sha256::new(),
             expected: sha256_digest(b"hello"),
-            entry: "x".into(),
         };
         r.read_to_end(&mut out).unwrap();
     }

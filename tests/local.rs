@@ -272,6 +272,15 @@ fn bad_archives_are_refused_naming_the_file_and_the_entry() {
         err.contains("cut.tar") && err.contains("truncated"),
         "{err}"
     );
+    // Cut inside a header, and inside the last member's data.
+    for at in [300, whole.len() - 3000] {
+        std::fs::write(&cut, &whole[..at]).unwrap();
+        let err = env.fails(&["ls", &format!("docker-archive:{}", cut.display())]);
+        assert!(
+            err.contains("cut.tar") && err.contains("truncated"),
+            "{err}"
+        );
+    }
 
     // A layer whose bytes do not match the digest (skopeo's layers are
     // uncompressed, so their digest is the diff_id).
@@ -321,7 +330,10 @@ fn bad_archives_are_refused_naming_the_file_and_the_entry() {
     )
     .unwrap();
     let err = env.fails(&["ls", &format!("docker-archive:{}", frozen.display())]);
-    assert!(err.contains(&wrong) && err.contains("config says"), "{err}");
+    assert!(
+        err.contains(&wrong) && err.contains("config says") && err.contains(&layers[0]),
+        "{err}"
+    );
 
     // A symlink out of an OCI layout, to a copy of the right bytes: refused
     // all the same, since nothing outside the layout is read.
