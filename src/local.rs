@@ -301,6 +301,12 @@ impl Store {
             let root = unsafe { File::from_raw_fd(fd) };
             return Ok(Store::Dir { root });
         }
+        if !meta.is_file() {
+            // A pipe or device cannot be seeked, and reading one may never end.
+            return Err(io_err(io::Error::other(
+                "not a regular file (a tar archive must be a file)",
+            )));
+        }
         let file = File::open(path).map_err(io_err)?;
         let members = tar_members(&file, &file_name)?;
         Ok(Store::Tar {
@@ -492,7 +498,9 @@ fn open_beneath(root: &File, name: &[u8]) -> io::Result<File> {
         resolve: u64,
     }
     let how = OpenHow {
-        flags: (libc::O_RDONLY | libc::O_CLOEXEC) as u64,
+        // Non-blocking, so a FIFO planted in a layout cannot hang the open;
+        // the caller refuses anything but a regular file.
+        flags: (libc::O_RDONLY | libc::O_CLOEXEC | libc::O_NONBLOCK) as u64,
         mode: 0,
         resolve: libc::RESOLVE_BENEATH | libc::RESOLVE_NO_MAGICLINKS,
     };

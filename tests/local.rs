@@ -360,6 +360,16 @@ fn bad_archives_are_refused_naming_the_file_and_the_entry() {
     std::os::unix::fs::symlink(Path::new("../../../outside-blob"), &blob).unwrap();
     let err = env.fails(&["ls", &format!("oci:{}:v1", layout.display())]);
     assert!(err.contains("outside the archive"), "{err}");
+    // A FIFO in place of a blob, and as the archive itself: refused, not waited on.
+    std::fs::remove_file(&blob).unwrap();
+    run_ok(Command::new("mkfifo").arg(&blob));
+    let err = env.fails(&["ls", &format!("oci:{}:v1", layout.display())]);
+    assert!(
+        err.contains(&layer[7..]) && err.contains("not a regular file"),
+        "{err}"
+    );
+    let err = env.fails(&["ls", &format!("oci-archive:{}", blob.display())]);
+    assert!(err.contains("not a regular file"), "{err}");
     std::fs::remove_file(&blob).unwrap();
     std::fs::rename(&outside, &blob).unwrap();
 
