@@ -168,15 +168,51 @@ fn frozen_dir(dir: &Path, tag: &str) -> (Vec<u8>, Vec<String>) {
 }
 
 #[test]
-fn a_frozen_image_directory_shows_the_registry_tree() {
+fn a_frozen_image_directory_and_its_tar_with_linked_layers_show_the_registry_tree() {
     let reg = Registry::start(Auth::None);
     push_rules(&reg, "rules", "v1", false);
     let (_u, reference) = umoci_unpack(&reg, "rules", "v1");
-    let env = Env::new();
+    let registry_ref = format!("{}/rules:v1", reg.addr());
     let dir = tempfile::tempdir().unwrap();
-    frozen_dir(dir.path(), "rules:v1");
-    let src = format!("docker-archive:{}", dir.path().display());
-    assert_same_as_registry(&env, &src, &format!("{}/rules:v1", reg.addr()), &reference);
+    let frozen = dir.path().join("frozen");
+    std::fs::create_dir(&frozen).unwrap();
+    let (_, layers) = frozen_dir(&frozen, "rules:v1");
+    let src = format!("docker-archive:{}", frozen.display());
+    assert_same_as_registry(&Env::new(), &src, &registry_ref, &reference);
+    // Older `docker save` links a layer stored once from the other image
+    // directories: a relative symlink between entries, followed inside.
+    std::fs::create_dir(frozen.join("shared")).unwrap();
+    std::fs::rename(frozen.join(&layers[1]), frozen.join("shared/layer.tar")).unwrap();
+    std::os::unix::fs::symlink("../shared/layer.tar", frozen.join(&layers[1])).unwrap();
+    assert_same_as_registry(&Env::new(), &src, &registry_ref, &reference);
+    // The same layout as a tar, with the symlink as a tar member; from a
+    // relative path, which the mount server must find from its own directory.
+    run_ok(
+        Command::new("tar")
+            .arg("-cf")
+            .arg(dir.path().join("frozen.tar"))
+            .arg("-C")
+            .arg(&frozen)
+            .arg("."),
+    );
+    let env = Env::new();
+    let m = tempfile::tempdir().unwrap();
+    let out = env
+        .command(&[
+            "mount",
+            "docker-archive:frozen.tar",
+            m.path().to_str().unwrap(),
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_same_tree(m.path(), &reference);
+    run_ok(Command::new("fusermount3").arg("-u").arg(m.path()));
 }
 
 #[test]
