@@ -1021,6 +1021,76 @@ mod tests {
         assert!(clean_name("/etc/passwd").is_none());
     }
 
+    fn tar_with(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> tempfile::NamedTempFile {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        let bytes = b.into_inner().unwrap();
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), bytes).unwrap();
+        f
+    }
+
+    fn link(b: &mut tar::Builder<Vec<u8>>, kind: tar::EntryType, name: &str, target: &str) {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_size(0);
+        b.append_link(&mut h, name, target).unwrap();
+    }
+
+    fn read(store: &Store, name: &str) -> Result<Vec<u8>, LocalError> {
+        store.read_small("t.tar", name)
+    }
+
+    #[test]
+    fn links_between_tar_members_are_followed_inside_only() {
+        let f = tar_with(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(5);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "./real/data", &b"hello"[..]).unwrap();
+            link(b, tar::EntryType::Symlink, "a/rel", "../real/data");
+            link(b, tar::EntryType::Link, "a/hard", "real/data");
+            link(b, tar::EntryType::Symlink, "a/out", "../../etc/passwd");
+            link(b, tar::EntryType::Symlink, "a/abs", "/etc/passwd");
+            link(b, tar::EntryType::Symlink, "loop/x", "y");
+            link(b, tar::EntryType::Symlink, "loop/y", "x");
+        });
+        let store = Store::open(Kind::DockerArchive, f.path()).unwrap();
+        assert_eq!(read(&store, "a/rel").unwrap(), b"hello");
+        assert_eq!(read(&store, "a/hard").unwrap(), b"hello");
+        for escaping in ["a/out", "a/abs", "../real/data", "/real/data"] {
+            let err = read(&store, escaping).unwrap_err();
+            assert!(
+                matches!(err, LocalError::Escapes { .. }),
+                "{escaping}: {err}"
+            );
+        }
+        let err = read(&store, "loop/x").unwrap_err();
+        assert!(err.to_string().contains("too many levels"), "{err}");
+        let err = read(&store, "real/other").unwrap_err();
+        assert!(
+            err.to_string().contains("real/other: no such entry"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_member_that_ends_past_the_file_is_refused_at_open() {
+        let f = tar_with(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(4096);
+            h.set_mode(0o644);
+            b.append_data(&mut h, "big", &[7u8; 4096][..]).unwrap();
+        });
+        let bytes = std::fs::read(f.path()).unwrap();
+        std::fs::write(f.path(), &bytes[..512 + 1000]).unwrap();
+        let err = Store::open(Kind::OciArchive, f.path()).err().unwrap();
+        assert!(
+            err.to_string().contains("truncated: big ends at byte"),
+            "{err}"
+        );
+    }
+
     #[test]
     fn a_blob_that_does_not_match_its_digest_fails_at_its_end() {
         let mut r = Verified {
