@@ -127,6 +127,17 @@ impl ImageSource {
     /// Layer `index`, from the cache or fetched now. Runs the download on the
     /// runtime and the inflate-and-index pass on a blocking thread.
     pub async fn layer(&self, index: usize) -> Result<Arc<Layer>, ImageError> {
+        self.layer_from(index, true).await
+    }
+
+    /// Every layer with its blob in the cache (as export needs), none read in place.
+    pub async fn cached_layers(&self) -> Result<Vec<Arc<Layer>>, ImageError> {
+        try_join_all((0..self.image.layers.len()).map(|i| self.layer_from(i, false))).await
+    }
+
+    /// Layer `index`; an uncompressed layer of a local archive is read in
+    /// place when `in_place` allows, else the blob is copied into the cache.
+    async fn layer_from(&self, index: usize, in_place: bool) -> Result<Arc<Layer>, ImageError> {
         let desc: LayerDesc = self.image.layers[index].clone();
         let reference = self.image.reference.clone();
         let image_ref = reference.to_string();
@@ -165,9 +176,18 @@ impl ImageSource {
                         bar: bar.clone(),
                     }))
                 };
-            let r = cache
-                .ensure_layer(&desc, &image_ref, max, open)
-                .and_then(|layer| check_diff_id(layer, diff_id));
+            let at = match &blobs {
+                Blobs::Local(local) if in_place => local.in_place(&desc.digest, &desc.media_type),
+                _ => None,
+            };
+            let r = match at {
+                Some((file, offset, size)) => {
+                    tracing::info!("layer {index} {} read in place", desc.digest);
+                    cache.ensure_layer_in_place(&desc, &image_ref, &file, offset, size)
+                }
+                None => cache.ensure_layer(&desc, &image_ref, max, open),
+            }
+            .and_then(|layer| check_diff_id(layer, diff_id));
             bar.finish_and_clear();
             r
         })

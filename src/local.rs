@@ -315,12 +315,25 @@ impl Store {
         })
     }
 
-    /// Opens the entry `name` (checked by the caller to stay inside) with its size.
+    /// Opens the entry `name` with its size.
     fn open_entry(
         &self,
         file: &str,
         name: &str,
     ) -> Result<(Box<dyn Read + Send>, u64), LocalError> {
+        let (f, offset, size) = self.locate(file, name)?;
+        // Read as a section, so a file that grows meanwhile adds nothing.
+        let r = Section {
+            file: f,
+            pos: offset,
+            end: offset + size,
+        };
+        Ok((Box::new(r), size))
+    }
+
+    /// The file holding the entry `name`, and where in it the entry's bytes
+    /// lie: a member of the archive, or a file beneath the directory.
+    fn locate(&self, file: &str, name: &str) -> Result<(Arc<File>, u64, u64), LocalError> {
         let clean = clean_name(name).ok_or_else(|| LocalError::Escapes {
             file: file.to_string(),
             entry: name.to_string(),
@@ -342,12 +355,7 @@ impl Store {
                 for _ in 0..LINK_DEPTH {
                     match members.get(&at).ok_or_else(missing)? {
                         Member::File { offset, size } => {
-                            let r = Section {
-                                file: Arc::clone(archive),
-                                pos: *offset,
-                                end: offset + size,
-                            };
-                            return Ok((Box::new(r), *size));
+                            return Ok((Arc::clone(archive), *offset, *size));
                         }
                         Member::Hardlink(target) => at = target.clone(),
                         Member::Symlink(target) => {
@@ -400,14 +408,7 @@ impl Store {
                         source: io::Error::other("not a regular file"),
                     });
                 }
-                let size = meta.len();
-                // Read as a section, so a file that grows meanwhile adds nothing.
-                let r = Section {
-                    file: Arc::new(f),
-                    pos: 0,
-                    end: size,
-                };
-                Ok((Box::new(r), size))
+                Ok((Arc::new(f), 0, meta.len()))
             }
         }
     }
@@ -536,6 +537,17 @@ impl LocalBlobs {
             Some(entry) => format!("{}: {entry}", self.file),
             None => self.file.clone(),
         }
+    }
+
+    /// Where the blob `digest` lies in a file when it is an uncompressed tar,
+    /// which can be read in place instead of copied into the cache.
+    pub fn in_place(&self, digest: &str, media_type: &str) -> Option<(Arc<File>, u64, u64)> {
+        let entry = self.entries.get(digest)?;
+        let (f, offset, size) = self.store.locate(&self.file, entry).ok()?;
+        let mut head = vec![0u8; size.min(512) as usize];
+        f.read_exact_at(&mut head, offset).ok()?;
+        let plain = layer::detect(digest, media_type, &head).ok()? == layer::Compression::None;
+        plain.then_some((f, offset, size))
     }
 
     /// A reader of the blob `digest` that fails at its end unless the bytes

@@ -75,6 +75,58 @@ fn skopeo_docker_archive_oci_dir_and_oci_archive_show_the_registry_tree() {
     assert_eq!(inspect["layers"].as_array().unwrap().len(), 3);
 }
 
+fn files_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn uncompressed_layers_of_an_archive_are_read_in_place_without_a_copy() {
+    let reg = Registry::start(Auth::None);
+    push_rules(&reg, "rules", "v1", false);
+    let (_u, reference) = umoci_unpack(&reg, "rules", "v1");
+    let dir = tempfile::tempdir().unwrap();
+    let tar = dir.path().join("d.tar");
+    skopeo_copy(
+        &format!("docker://{}/rules:v1", reg.addr()),
+        &format!("docker-archive:{}:rules:v1", tar.display()),
+    );
+    let src = format!("docker-archive:{}", tar.display());
+    let env = Env::new();
+    {
+        let m = Mounted::new(&env, &src, &[]);
+        assert_same_tree(&m.path, &reference);
+    }
+    // skopeo writes docker archives uncompressed: no layer was copied, and
+    // each was indexed where it lies.
+    assert_eq!(
+        files_in(&env.cache_dir().join("layers/sha256")),
+        Vec::<String>::new()
+    );
+    assert_eq!(files_in(&env.cache_dir().join("inplace")).len(), 3);
+    // Warm: the kept indexes serve a second mount.
+    let m = Mounted::new(&env, &src, &[]);
+    assert_same_tree(&m.path, &reference);
+    drop(m);
+    // Export needs the blobs themselves: they are copied then.
+    let out = dir.path().join("oci.tar");
+    env.ok(&["export", "--format", "oci", &src, out.to_str().unwrap()]);
+    let fresh = Env::new();
+    let m = Mounted::new(&fresh, &format!("oci-archive:{}", out.display()), &[]);
+    assert_same_tree(&m.path, &reference);
+    drop(m);
+    // An archive changed since it was indexed is indexed (and checked) again.
+    let fresh = Env::new();
+    fresh.ok(&["ls", &src]);
+    flip_byte_at(&tar, &[0xab; 4096]);
+    let err = fresh.fails(&["cat", &src, "big.bin"]);
+    assert!(err.contains("d.tar") && err.contains("hashes to"), "{err}");
+}
+
 fn podman(root: &Path, args: &[&str]) -> String {
     run_ok(
         Command::new("podman")
