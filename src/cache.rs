@@ -514,8 +514,10 @@ impl Cache {
             _in_use: lock,
         };
         let tar = archive.try_clone().map_err(io_err(&idx_path))?;
-        if let Ok(head) =
-            fs::read(&idx_path).map(|b| b.into_iter().take(HEADER_MAX).collect::<Vec<_>>())
+        let mut head = Vec::with_capacity(HEADER_MAX);
+        if File::open(&idx_path)
+            .and_then(|f| f.take(HEADER_MAX as u64).read_to_end(&mut head))
+            .is_ok()
             && let Ok((h, _)) = postcard::take_from_bytes::<IndexHeader>(&head)
             && h.version == INDEX_VERSION
             && h.digest == desc.digest
