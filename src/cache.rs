@@ -504,7 +504,8 @@ impl Cache {
             meta.ctime_nsec()
         );
         let key = hex::encode(Sha256::digest(identity.as_bytes()));
-        let idx_path = dir.join(format!("{key}.idx"));
+        // Named by the layer first, so clearing the cache can find its lock.
+        let idx_path = dir.join(format!("{hex}-{}.idx", &key[..16]));
         let layer = |diff_id: String, tar: File| Layer {
             digest: desc.digest.clone(),
             diff_id,
@@ -702,8 +703,29 @@ impl Cache {
                 busy.len()
             );
         }
+        if limit == 0 {
+            self.clear_in_place();
+        }
         self.clean_tmp();
         Ok(freed)
+    }
+
+    /// Removes the indexes of layers read in place that no mount is using.
+    fn clear_in_place(&self) {
+        let Ok(entries) = fs::read_dir(self.root.join("inplace")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((hex, _)) = name.split_once('-') else {
+                continue;
+            };
+            if let Ok(lock) = self.lock_file(hex)
+                && lock.try_lock().is_ok()
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Removes temporary files that no process is writing (left by a crash).
@@ -937,6 +959,49 @@ mod tests {
             let l = cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
             assert_eq!(l.index().unwrap().entries[0].path, b"a");
         }
+    }
+
+    #[test]
+    fn a_layer_read_in_place_is_indexed_once_and_cleared_when_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let tar = tar_of(&[("etc/os-release", b"NAME=inplace\n")]);
+        // The layer at offset 100 of a bigger file, as a member of an archive.
+        let mut archive = vec![9u8; 100];
+        archive.extend_from_slice(&tar);
+        archive.extend_from_slice(&[9u8; 50]);
+        let path = dir.path().join("archive");
+        fs::write(&path, &archive).unwrap();
+        let file = File::open(&path).unwrap();
+        let d = desc(&tar);
+        let size = tar.len() as u64;
+        let layer = cache
+            .ensure_layer_in_place(&d, "r", &file, 100, size)
+            .unwrap();
+        let e = &layer.index().unwrap().entries[0];
+        let mut buf = vec![0; e.size as usize];
+        layer.read_at(e.offset, &mut buf).unwrap();
+        assert_eq!(buf, b"NAME=inplace\n");
+        assert_eq!(layer.diff_id, d.digest);
+        assert_eq!(
+            files_under(dir.path()),
+            Vec::<String>::new(),
+            "nothing copied"
+        );
+        let indexes = || fs::read_dir(dir.path().join("inplace")).unwrap().count();
+        assert_eq!(indexes(), 1);
+        // The wrong bytes (off by one) are refused, and nothing kept for them.
+        assert!(
+            cache
+                .ensure_layer_in_place(&d, "r", &file, 101, size)
+                .is_err()
+        );
+        assert_eq!(indexes(), 1);
+        cache.prune(0).unwrap();
+        assert_eq!(indexes(), 1, "kept while in use");
+        drop(layer);
+        cache.prune(0).unwrap();
+        assert_eq!(indexes(), 0);
     }
 
     #[test]
