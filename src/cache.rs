@@ -57,6 +57,10 @@ pub enum CacheError {
     Layer(#[from] LayerError),
     #[error("invalid layer digest {0:?}")]
     BadDigest(String),
+    /// A layer read in place whose bytes are not the ones its digest names
+    /// (the layer and its digest are named by the caller's context).
+    #[error("the layer's content hashes to {actual}, not to its digest")]
+    Digest { actual: String },
 }
 
 /// Bumped whenever the saved tree's encoding or the merge rules change, so a
@@ -550,10 +554,7 @@ impl Cache {
             hex::encode(plain.hasher.take().expect("hasher").finalize())
         );
         if actual != desc.digest || plain.count != size {
-            return Err(CacheError::Fetch {
-                digest: desc.digest.clone(),
-                detail: format!("content hashes to {actual}, expected {}", desc.digest),
-            });
+            return Err(CacheError::Digest { actual });
         }
         let header = IndexHeader {
             version: INDEX_VERSION,
