@@ -324,6 +324,30 @@ impl Common {
         }
     }
 
+    /// The image `arg` names, from a registry or a local archive, with where
+    /// its blobs come from and the argument a mount server opens it by again
+    /// (the reference pinned to the digest, or the archive's absolute path).
+    fn locate_image(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        arg: &str,
+        creds: Option<Credentials>,
+    ) -> Result<(ResolvedImage, Blobs, String)> {
+        match local::locate(arg) {
+            Location::Local(spec) => {
+                let (image, blobs) = local::open(&spec, self.platform()?.as_ref())?;
+                Ok((image, blobs.into(), spec.absolute()?.to_string()))
+            }
+            Location::Registry(r) => {
+                let reference = parse_reference(r)?;
+                let client = self.client_with(creds)?;
+                let image = rt.block_on(resolve(&client, self, &reference))?;
+                let pinned = image.reference.with_digest(&image.digest).to_string();
+                Ok((image, client.into(), pinned))
+            }
+        }
+    }
+
     /// Resolves `reference` and opens it for reading.
     pub(crate) fn open_image(
         &self,
@@ -331,20 +355,7 @@ impl Common {
         reference: &str,
         progress: bool,
     ) -> Result<Arc<ImageSource>> {
-        let (image, blobs): (ResolvedImage, Blobs) = match local::locate(reference) {
-            Location::Local(spec) => {
-                let (image, blobs) = local::open(&spec, self.platform()?.as_ref())?;
-                (image, blobs.into())
-            }
-            Location::Registry(r) => {
-                let reference = parse_reference(r)?;
-                let client = self.client()?;
-                (
-                    rt.block_on(resolve(&client, self, &reference))?,
-                    client.into(),
-                )
-            }
-        };
+        let (image, blobs, _) = self.locate_image(rt, reference, self.explicit_credentials()?)?;
         Ok(Arc::new(ImageSource::new(
             image,
             blobs,
@@ -638,22 +649,8 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     let rt = runtime()?;
     // Resolve here so a bad reference, refused auth or missing platform is
     // reported on this terminal and nothing is mounted.
-    let (image, blobs, creds, pinned): (_, Blobs, _, _) = match local::locate(&args.reference) {
-        Location::Local(spec) => {
-            let (image, blobs) = local::open(&spec, common.platform()?.as_ref())?;
-            // The server opens the file again, from wherever it runs.
-            let pinned = spec.absolute()?.to_string();
-            (image, blobs.into(), None, pinned)
-        }
-        Location::Registry(r) => {
-            let reference = parse_reference(r)?;
-            let creds = common.explicit_credentials()?;
-            let client = common.client_with(creds.clone())?;
-            let image = rt.block_on(resolve(&client, common, &reference))?;
-            let pinned = image.reference.with_digest(&image.digest).to_string();
-            (image, client.into(), creds, pinned)
-        }
-    };
+    let creds = common.explicit_credentials()?;
+    let (image, blobs, pinned) = common.locate_image(&rt, &args.reference, creds.clone())?;
     let source = Arc::new(ImageSource::new(
         image,
         blobs,
