@@ -3,9 +3,10 @@
 //! directory, and an OCI layout inside a tar. This module owns the transport
 //! prefixes (`docker-archive:`, `oci:`, `oci-archive:`, `docker://`), choosing
 //! one image in a file (by tag, then by platform as registries do), and handing
-//! out blob readers that are verified against their digests. Past this module a
-//! local image is a [`ResolvedImage`] like any other, and its layers go through
-//! the same cache.
+//! out blob readers that are verified against their digests, or, for an
+//! uncompressed layer, where it lies so the cache reads it in place. Past this
+//! module a local image is a [`ResolvedImage`] like any other, and its layers
+//! go through the same cache.
 //!
 //! Nothing outside the archive is read: names taken from an archive's JSON are
 //! refused when absolute or when they climb out with `..`; inside a tar,
@@ -259,21 +260,22 @@ fn clean_name(name: &str) -> Option<Vec<u8>> {
     (!parts.is_empty()).then(|| parts.join(&b'/'))
 }
 
-/// Explains a tar reader's error without calling the archive a layer.
-fn tar_detail(e: LayerError) -> String {
+/// Why a layer's first bytes are not a layer, without naming it again.
+fn layer_detail(e: LayerError) -> String {
     match e {
-        LayerError::Truncated { offset, .. } => {
-            format!("truncated (the tar ends inside an entry at byte {offset})")
-        }
-        LayerError::NotTar { offset, detail, .. } => format!("at byte {offset}: {detail}"),
-        LayerError::Refused { path, detail, .. } => format!("{path}: {detail}"),
-        LayerError::Io { source, .. } => source.to_string(),
+        LayerError::UnknownMediaType { .. } => "neither gzip, zstd nor a tar".to_string(),
         other => other.to_string(),
     }
 }
 
 impl Store {
     fn open(kind: Kind, path: &Path) -> Result<Store, LocalError> {
+        if path.as_os_str().is_empty() {
+            return Err(LocalError::Choice {
+                file: format!("{}:", kind.prefix()),
+                detail: "no path given".to_string(),
+            });
+        }
         let file_name = path.display().to_string();
         let io_err = |source| LocalError::Io {
             file: file_name.clone(),
@@ -774,7 +776,7 @@ fn docker_archive(
             .read_to_end(&mut head)
             .map_err(read_err)?;
         let compression = layer::detect(name, "application/x-tar", &head)
-            .map_err(|e| invalid(file, name, tar_detail(e)))?;
+            .map_err(|e| invalid(file, name, layer_detail(e)))?;
         let media_type = match compression {
             layer::Compression::Gzip => "application/vnd.docker.image.rootfs.diff.tar.gzip",
             layer::Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",

@@ -407,6 +407,19 @@ fn bad_archives_are_refused_naming_the_file_and_the_entry() {
         );
     }
 
+    // A layer that is no layer at all.
+    std::fs::write(frozen.join("manifest.json"), &text).unwrap();
+    let saved = std::fs::read(frozen.join(&layers[2])).unwrap();
+    std::fs::write(frozen.join(&layers[2]), "just some text, no tar").unwrap();
+    let err = env.fails(&["ls", &format!("docker-archive:{}", frozen.display())]);
+    assert!(
+        err.contains(&layers[2]) && err.contains("neither gzip, zstd nor a tar"),
+        "{err}"
+    );
+    std::fs::write(frozen.join(&layers[2]), saved).unwrap();
+    let err = env.fails(&["ls", "docker-archive:"]);
+    assert!(err.contains("no path given"), "{err}");
+
     // A layer that is not what the config's diff_ids say.
     std::fs::write(frozen.join("manifest.json"), &text).unwrap();
     let config_name = text.split('"').find(|s| s.ends_with(".json")).unwrap();
