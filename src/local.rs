@@ -775,8 +775,9 @@ fn docker_archive(
             .take(512)
             .read_to_end(&mut head)
             .map_err(read_err)?;
-        let compression = layer::detect(name, "application/x-tar", &head)
-            .map_err(|e| invalid(file, name, layer_detail(e)))?;
+        let compression =
+            layer::detect(name, "application/vnd.docker.image.rootfs.diff.tar", &head)
+                .map_err(|e| invalid(file, name, layer_detail(e)))?;
         let media_type = match compression {
             layer::Compression::Gzip => "application/vnd.docker.image.rootfs.diff.tar.gzip",
             layer::Compression::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",

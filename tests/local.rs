@@ -127,6 +127,42 @@ fn uncompressed_layers_of_an_archive_are_read_in_place_without_a_copy() {
     assert!(err.contains("d.tar") && err.contains("hashes to"), "{err}");
 }
 
+#[test]
+fn an_empty_layer_of_zero_blocks_is_an_empty_layer() {
+    // Older docker builds saved layers that changed nothing as 1024 zero bytes.
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let real = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/x", b"from the real layer\n", 0o644)
+        .finish();
+    let empty = vec![0u8; 1024];
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "rootfs": {"type": "layers", "diff_ids": [sha256(&real), sha256(&empty)]},
+    }))
+    .unwrap();
+    std::fs::write(d.join("c.json"), &config).unwrap();
+    for (name, bytes) in [("a", &real), ("b", &empty)] {
+        std::fs::create_dir(d.join(name)).unwrap();
+        std::fs::write(d.join(name).join("layer.tar"), bytes).unwrap();
+    }
+    std::fs::write(
+        d.join("manifest.json"),
+        br#"[{"Config":"c.json","RepoTags":["e:1"],"Layers":["a/layer.tar","b/layer.tar"]}]"#,
+    )
+    .unwrap();
+    let env = Env::new();
+    let src = format!("docker-archive:{}", d.display());
+    let out = env.command(&["cat", &src, "etc/x"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"from the real layer\n");
+}
+
 fn podman(root: &Path, args: &[&str]) -> String {
     run_ok(
         Command::new("podman")
