@@ -9,6 +9,8 @@
 //! - `layers/sha256/<hex>.idx`: the index; its presence marks a layer complete;
 //! - `layers/sha256/<hex>.refs`: the image references that used the layer;
 //! - `locks/<hex>.lock`: exclusive while fetching or evicting, shared while in use;
+//! - `inplace/<key>.idx`: the index of an uncompressed layer read in place from
+//!   an image archive on disk, keyed by the digest and the archive's identity;
 //! - `tmp/`: files being written, renamed into place when done.
 
 use std::fs::{self, File, OpenOptions};
@@ -67,6 +69,10 @@ pub enum CacheError {
     Layer(#[from] LayerError),
     #[error("invalid layer digest {0:?}")]
     BadDigest(String),
+    /// A layer read in place whose bytes are not the ones its digest names
+    /// (the layer and its digest are named by the caller's context).
+    #[error("the layer's content hashes to {actual}, not to its digest")]
+    Digest { actual: String },
 }
 
 /// Bumped whenever the saved tree's encoding or the merge rules change, so a
@@ -114,6 +120,9 @@ pub struct Layer {
     pub diff_id: String,
     idx_path: PathBuf,
     tar: File,
+    /// Where the layer's tar starts in `tar`: 0 for the cache's own copy, the
+    /// member's offset for a layer read in place from an archive.
+    base: u64,
     _in_use: File,
 }
 
@@ -138,7 +147,7 @@ impl Layer {
     /// Reads from the uncompressed tar at `offset`. This is the one interface
     /// the tree and FUSE read through, whatever form the storage takes.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        self.tar.read_at(buf, offset)
+        self.tar.read_at(buf, self.base + offset)
     }
 }
 
@@ -328,6 +337,7 @@ impl Cache {
             diff_id: file.diff_id,
             idx_path,
             tar,
+            base: 0,
             _in_use: in_use,
         }))
     }
@@ -573,6 +583,113 @@ impl Cache {
         Ok(())
     }
 
+    /// The layer `desc`, an uncompressed tar of `size` bytes at `offset` in
+    /// `archive`, read in place: nothing is copied. It is indexed once while
+    /// its digest is checked, and the index kept under a key of the digest and
+    /// the archive's identity (device, inode, size, change time, offset), so an
+    /// archive changed since is indexed again. A copy the cache already holds
+    /// is used instead.
+    pub fn ensure_layer_in_place(
+        &self,
+        desc: &LayerDesc,
+        image_ref: &str,
+        archive: &File,
+        offset: u64,
+        size: u64,
+    ) -> Result<Arc<Layer>, CacheError> {
+        use std::os::unix::fs::MetadataExt;
+        let hex = hex_of(&desc.digest)?.to_string();
+        let lock = self.lock_file(&hex)?;
+        let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
+        lock.lock_shared().map_err(io_err(&lock_path))?;
+        let want = desc.diff_id.as_deref();
+        if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
+            self.note_image(&hex, image_ref);
+            return Ok(Arc::new(l));
+        }
+        let dir = self.root.join("inplace");
+        let meta = archive.metadata().map_err(io_err(&dir))?;
+        let identity = format!(
+            "{hex} {} {} {} {}.{} {offset} {size}",
+            meta.dev(),
+            meta.ino(),
+            meta.len(),
+            meta.ctime(),
+            meta.ctime_nsec()
+        );
+        let key = hex::encode(Sha256::digest(identity.as_bytes()));
+        // Named by the layer first, so clearing the cache can find its lock.
+        let idx_path = dir.join(format!("{hex}-{}.idx", &key[..16]));
+        let layer = |diff_id: String, tar: File| Layer {
+            digest: desc.digest.clone(),
+            diff_id,
+            idx_path: idx_path.clone(),
+            tar,
+            base: offset,
+            _in_use: lock,
+        };
+        let tar = archive.try_clone().map_err(io_err(&idx_path))?;
+        let mut head = Vec::with_capacity(HEADER_MAX);
+        if File::open(&idx_path)
+            .and_then(|f| f.take(HEADER_MAX as u64).read_to_end(&mut head))
+            .is_ok()
+            && let Ok((h, _)) = postcard::take_from_bytes::<IndexHeader>(&head)
+            && h.version == INDEX_VERSION
+            && h.digest == desc.digest
+            && h.tar_size == size
+        {
+            return Ok(Arc::new(layer(h.diff_id, tar)));
+        }
+        // Indexed from the archive while hashed; published only if the hash is the digest.
+        let mut plain = Tee {
+            inner: InPlace {
+                file: archive,
+                pos: offset,
+                end: offset + size,
+            },
+            out: io::sink(),
+            hasher: Some(Sha256::new()),
+            count: 0,
+            limit: u64::MAX,
+        };
+        let index = match layer::index_tar(&mut plain, &desc.digest) {
+            Ok(i) => i,
+            Err(LayerError::Io { source, .. }) => {
+                return Err(classify(source, &desc.digest, u64::MAX));
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let actual = format!(
+            "sha256:{}",
+            hex::encode(plain.hasher.take().expect("hasher").finalize())
+        );
+        if actual != desc.digest || plain.count != size {
+            return Err(CacheError::Digest { actual });
+        }
+        let header = IndexHeader {
+            version: INDEX_VERSION,
+            digest: desc.digest.clone(),
+            diff_id: actual.clone(),
+            blob_size: size,
+            tar_size: size,
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err(&dir))?;
+        let encode = |e: postcard::Error| io_err(&idx_path)(io::Error::other(e));
+        let mut bytes = postcard::to_stdvec(&header).map_err(encode)?;
+        bytes.extend(postcard::to_stdvec(&index).map_err(encode)?);
+        let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err(&dir))?;
+        tmp.as_file()
+            .write_all(&bytes)
+            .map_err(io_err(tmp.path()))?;
+        tmp.persist(&idx_path)
+            .map_err(|e| io_err(&idx_path)(e.error))?;
+        Ok(Arc::new(layer(actual, tar)))
+    }
+
     fn tree_path(&self, image_digest: &str) -> Result<PathBuf, CacheError> {
         Ok(self
             .root
@@ -772,8 +889,29 @@ impl Cache {
                 busy.len()
             );
         }
+        if limit == 0 {
+            self.clear_in_place();
+        }
         self.clean_tmp();
         Ok(freed)
+    }
+
+    /// Removes the indexes of layers read in place that no mount is using.
+    fn clear_in_place(&self) {
+        let Ok(entries) = fs::read_dir(self.root.join("inplace")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some((hex, _)) = name.split_once('-') else {
+                continue;
+            };
+            if let Ok(lock) = self.lock_file(hex)
+                && lock.try_lock().is_ok()
+            {
+                let _ = fs::remove_file(e.path());
+            }
+        }
     }
 
     /// Removes temporary files that no process is writing (left by a crash).
@@ -799,6 +937,33 @@ impl Cache {
                 let _ = fs::remove_file(e.path());
             }
         }
+    }
+}
+
+/// A section of a file, read with `pread`; a file that ends early is an error.
+struct InPlace<'a> {
+    file: &'a File,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for InPlace<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf
+            .len()
+            .min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the archive ends inside the layer",
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
     }
 }
 
@@ -1124,6 +1289,49 @@ mod tests {
             .map(|l| l.digest)
             .collect();
         assert_eq!(left, [digests[1].digest.clone()]);
+    }
+
+    #[test]
+    fn a_layer_read_in_place_is_indexed_once_and_cleared_when_unused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let tar = tar_of(&[("etc/os-release", b"NAME=inplace\n")]);
+        // The layer at offset 100 of a bigger file, as a member of an archive.
+        let mut archive = vec![9u8; 100];
+        archive.extend_from_slice(&tar);
+        archive.extend_from_slice(&[9u8; 50]);
+        let path = dir.path().join("archive");
+        fs::write(&path, &archive).unwrap();
+        let file = File::open(&path).unwrap();
+        let d = desc(&tar);
+        let size = tar.len() as u64;
+        let layer = cache
+            .ensure_layer_in_place(&d, "r", &file, 100, size)
+            .unwrap();
+        let e = &layer.index().unwrap().entries[0];
+        let mut buf = vec![0; e.size as usize];
+        layer.read_at(e.offset, &mut buf).unwrap();
+        assert_eq!(buf, b"NAME=inplace\n");
+        assert_eq!(layer.diff_id, d.digest);
+        assert_eq!(
+            files_under(dir.path()),
+            Vec::<String>::new(),
+            "nothing copied"
+        );
+        let indexes = || fs::read_dir(dir.path().join("inplace")).unwrap().count();
+        assert_eq!(indexes(), 1);
+        // The wrong bytes (off by one) are refused, and nothing kept for them.
+        assert!(
+            cache
+                .ensure_layer_in_place(&d, "r", &file, 101, size)
+                .is_err()
+        );
+        assert_eq!(indexes(), 1);
+        cache.prune(0).unwrap();
+        assert_eq!(indexes(), 1, "kept while in use");
+        drop(layer);
+        cache.prune(0).unwrap();
+        assert_eq!(indexes(), 0);
     }
 
     #[test]

@@ -13,8 +13,9 @@ pub use forensics::{GrepArgs, deleted, diff, grep, log};
 
 use crate::cache::Cache;
 use crate::fuse::mounts::{self, MountRecord};
-use crate::image::{ImageSource, short_digest};
+use crate::image::{Blobs, ImageSource, short_digest};
 use crate::layer::EntryKind;
+use crate::local::{self, Location};
 use crate::names;
 use crate::overlay::tree::NodeId;
 use crate::reference::Reference;
@@ -184,8 +185,9 @@ impl Common {
     }
 }
 
+/// A registry reference, bare or after `docker://`.
 pub(crate) fn parse_reference(s: &str) -> Result<Reference> {
-    Ok(Reference::parse(s)?)
+    Ok(Reference::parse(s.strip_prefix("docker://").unwrap_or(s))?)
 }
 
 pub(crate) async fn resolve(
@@ -202,7 +204,18 @@ pub(crate) async fn resolve(
 
 pub fn inspect(common: &Common, reference: &str, raw: bool) -> Result<()> {
     init_logging(common.verbose);
-    let reference = parse_reference(reference)?;
+    let reference = match local::locate(reference) {
+        Location::Registry(r) => parse_reference(r)?,
+        Location::Local(spec) => {
+            let (image, _) = local::open(&spec, common.platform()?.as_ref())?;
+            if raw {
+                std::io::stdout().write_all(&image.manifest_bytes)?;
+            } else {
+                println!("{}", serde_json::to_string_pretty(&inspect_json(&image))?);
+            }
+            return Ok(());
+        }
+    };
     let client = common.client()?;
     let rt = runtime()?;
     if raw {
@@ -343,6 +356,30 @@ impl Common {
         }
     }
 
+    /// The image `arg` names, from a registry or a local archive, with where
+    /// its blobs come from and the argument a mount server opens it by again
+    /// (the reference pinned to the digest, or the archive's absolute path).
+    fn locate_image(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        arg: &str,
+        creds: Option<Credentials>,
+    ) -> Result<(ResolvedImage, Blobs, String)> {
+        match local::locate(arg) {
+            Location::Local(spec) => {
+                let (image, blobs) = local::open(&spec, self.platform()?.as_ref())?;
+                Ok((image, blobs.into(), spec.absolute()?.to_string()))
+            }
+            Location::Registry(r) => {
+                let reference = parse_reference(r)?;
+                let client = self.client_with(creds)?;
+                let image = rt.block_on(resolve(&client, self, &reference))?;
+                let pinned = image.reference.with_digest(&image.digest).to_string();
+                Ok((image, client.into(), pinned))
+            }
+        }
+    }
+
     /// Resolves `reference` and opens it for reading.
     pub(crate) fn open_image(
         &self,
@@ -350,12 +387,10 @@ impl Common {
         reference: &str,
         progress: bool,
     ) -> Result<Arc<ImageSource>> {
-        let reference = parse_reference(reference)?;
-        let client = self.client()?;
-        let image = rt.block_on(resolve(&client, self, &reference))?;
+        let (image, blobs, _) = self.locate_image(rt, reference, self.explicit_credentials()?)?;
         Ok(Arc::new(ImageSource::new(
             image,
-            client,
+            blobs,
             self.cache()?,
             self.max_layer_size()?,
             progress,
@@ -659,16 +694,14 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
             args.mountpoint.display()
         );
     }
-    let reference = parse_reference(&args.reference)?;
     let rt = runtime()?;
-    let creds = common.explicit_credentials()?;
-    let client = common.client_with(creds.clone())?;
     // Resolve here so a bad reference, refused auth or missing platform is
     // reported on this terminal and nothing is mounted.
-    let image = rt.block_on(resolve(&client, common, &reference))?;
+    let creds = common.explicit_credentials()?;
+    let (image, blobs, pinned) = common.locate_image(&rt, &args.reference, creds.clone())?;
     let source = Arc::new(ImageSource::new(
         image,
-        client,
+        blobs,
         common.cache()?,
         common.max_layer_size()?,
         args.foreground && std::io::stderr().is_terminal(),
@@ -677,11 +710,6 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     if args.foreground {
         return serve_source(&rt, source, args, only, None);
     }
-    let pinned = source
-        .image
-        .reference
-        .with_digest(&source.image.digest)
-        .to_string();
     let log_dir = common.cache_dir().join("logs");
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("cannot create {}", log_dir.display()))?;
@@ -782,9 +810,23 @@ pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
             _ => None,
         };
         let image = crate::registry::ResolvedImage::from_parts(handoff.image)?;
+        let blobs: Blobs = match local::locate(&args.reference) {
+            Location::Local(spec) => {
+                let (opened, blobs) = local::open(&spec, common.platform()?.as_ref())?;
+                if opened.digest != image.digest {
+                    bail!(
+                        "{spec} changed since it was opened (image {} is now {})",
+                        image.digest,
+                        opened.digest
+                    );
+                }
+                blobs.into()
+            }
+            Location::Registry(_) => common.client_with(creds)?.into(),
+        };
         let source = Arc::new(ImageSource::new(
             image,
-            common.client_with(creds)?,
+            blobs,
             common.cache()?,
             common.max_layer_size()?,
             false,

@@ -376,7 +376,7 @@ pub async fn export<W: Write + Send + 'static>(
     out: W,
 ) -> Result<W, ExportError> {
     let layers = source
-        .layers()
+        .cached_layers()
         .await
         .map_err(|e| ExportError::Io(io::Error::other(e)))?;
     let digests: Vec<String> = source

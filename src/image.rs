@@ -1,6 +1,8 @@
 //! An image opened for reading: its resolved manifest, its layers fetched into
 //! the cache on first need (in parallel, inflating while downloading), and the
 //! merged tree built from them. FUSE, `ls`, `cat` and export all start here.
+//! Blobs come from a registry or from a local archive ([`Blobs`]); past the
+//! fetch, the two are the same.
 
 use std::io::Read;
 use std::sync::Arc;
@@ -10,6 +12,7 @@ use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cache::{Cache, Layer};
 use crate::layer::LayerIndex;
+use crate::local::LocalBlobs;
 use crate::overlay::tree::{self, Tree};
 use crate::registry::{Client, LayerDesc, ResolvedImage};
 
@@ -40,10 +43,29 @@ pub enum ImageError {
     Worker { digest: String, detail: String },
 }
 
+/// Where an image's blobs are read from.
+#[derive(Clone)]
+pub enum Blobs {
+    Registry(Arc<Client>),
+    Local(Arc<LocalBlobs>),
+}
+
+impl From<Arc<Client>> for Blobs {
+    fn from(c: Arc<Client>) -> Blobs {
+        Blobs::Registry(c)
+    }
+}
+
+impl From<LocalBlobs> for Blobs {
+    fn from(l: LocalBlobs) -> Blobs {
+        Blobs::Local(Arc::new(l))
+    }
+}
+
 /// A resolved image with access to its layers.
 pub struct ImageSource {
     pub image: ResolvedImage,
-    client: Arc<Client>,
+    blobs: Blobs,
     cache: Arc<Cache>,
     max_layer_size: u64,
     progress: MultiProgress,
@@ -66,7 +88,7 @@ impl<R: Read> Read for Counted<R> {
 impl ImageSource {
     pub fn new(
         image: ResolvedImage,
-        client: Arc<Client>,
+        blobs: impl Into<Blobs>,
         cache: Arc<Cache>,
         max_layer_size: u64,
         show_progress: bool,
@@ -78,7 +100,7 @@ impl ImageSource {
         };
         ImageSource {
             image,
-            client,
+            blobs: blobs.into(),
             cache,
             max_layer_size,
             progress: MultiProgress::with_draw_target(target),
@@ -106,10 +128,24 @@ impl ImageSource {
     /// Layer `index`, from the cache or fetched now. Runs the download on the
     /// runtime and the inflate-and-index pass on a blocking thread.
     pub async fn layer(&self, index: usize) -> Result<Arc<Layer>, ImageError> {
+        self.layer_from(index, true).await
+    }
+
+    /// Every layer with its blob in the cache (as export needs), none read in place.
+    pub async fn cached_layers(&self) -> Result<Vec<Arc<Layer>>, ImageError> {
+        try_join_all((0..self.image.layers.len()).map(|i| self.layer_from(i, false))).await
+    }
+
+    /// Layer `index`; an uncompressed layer of a local archive is read in
+    /// place when `in_place` allows, else the blob is copied into the cache.
+    async fn layer_from(&self, index: usize, in_place: bool) -> Result<Arc<Layer>, ImageError> {
         let desc: LayerDesc = self.image.layers[index].clone();
         let reference = self.image.reference.clone();
         let image_ref = reference.to_string();
-        let client = Arc::clone(&self.client);
+        let origin = self.origin(index);
+        let blobs = self.blobs.clone();
+        // Checked once the layer is in the cache, whatever it came from.
+        let diff_id = self.image.config.rootfs().diff_ids().get(index).cloned();
         let cache = Arc::clone(&self.cache);
         let max = self.max_layer_size;
         let bar = self.progress.add(ProgressBar::new(desc.size));
@@ -124,7 +160,12 @@ impl ImageSource {
         let handle = tokio::runtime::Handle::current();
         let digest = desc.digest.clone();
         // A few layers at a time: each takes a blocking thread.
-        let _slot = self.client.layer_slot().await;
+        let _slot = match &self.blobs {
+            Blobs::Registry(client) => Some(client.layer_slot().await),
+            // A local file needs no download slot; its layers are read in place
+            // or inflated one blocking thread each.
+            Blobs::Local(_) => None,
+        };
         let result = tokio::task::spawn_blocking(move || {
             let _enter = handle.enter();
             let open =
@@ -134,12 +175,27 @@ impl ImageSource {
                         desc.digest,
                         desc.size
                     );
+                    let inner: Box<dyn Read + Send> = match &blobs {
+                        Blobs::Registry(client) => Box::new(client.blob_reader(&reference, &desc)),
+                        Blobs::Local(local) => local.open_blob(&desc.digest)?,
+                    };
                     Ok(Box::new(Counted {
-                        inner: client.blob_reader(&reference, &desc),
+                        inner,
                         bar: bar.clone(),
                     }))
                 };
-            let r = cache.ensure_layer(&desc, &image_ref, max, open);
+            let at = match &blobs {
+                Blobs::Local(local) if in_place => local.in_place(&desc.digest, &desc.media_type),
+                _ => None,
+            };
+            let r = match at {
+                Some((file, offset, size)) => {
+                    tracing::info!("layer {index} {} read in place", desc.digest);
+                    cache.ensure_layer_in_place(&desc, &image_ref, &file, offset, size)
+                }
+                None => cache.ensure_layer(&desc, &image_ref, max, open),
+            }
+            .and_then(|layer| check_diff_id(layer, diff_id));
             bar.finish_and_clear();
             r
         })
@@ -151,7 +207,7 @@ impl ImageSource {
         result.map_err(|source| ImageError::Layer {
             index,
             digest,
-            reference: self.image.reference.to_string(),
+            reference: origin,
             source: Box::new(source),
         })
     }
@@ -204,13 +260,41 @@ impl ImageSource {
         Ok((t, layers))
     }
 
+    /// The image, and for a local one the file and entry layer `index` is
+    /// read from, as errors name them.
+    fn origin(&self, index: usize) -> String {
+        match &self.blobs {
+            Blobs::Registry(_) => self.image.reference.to_string(),
+            Blobs::Local(local) => format!(
+                "{} ({})",
+                self.image.reference,
+                local.describe(&self.image.layers[index].digest)
+            ),
+        }
+    }
+
     fn layer_error(&self, index: usize, source: crate::cache::CacheError) -> ImageError {
         ImageError::Layer {
             index,
             digest: self.image.layers[index].digest.clone(),
-            reference: self.image.reference.to_string(),
+            reference: self.origin(index),
             source: Box::new(source),
         }
+    }
+}
+
+/// The layer, if its uncompressed content is what the config says it is.
+fn check_diff_id(
+    layer: Arc<Layer>,
+    expected: Option<String>,
+) -> Result<Arc<Layer>, crate::cache::CacheError> {
+    match expected {
+        Some(expected) if expected != layer.diff_id => Err(crate::cache::CacheError::DiffId {
+            digest: layer.digest.clone(),
+            expected,
+            actual: layer.diff_id.clone(),
+        }),
+        _ => Ok(layer),
     }
 }
 

@@ -4,12 +4,14 @@
 //! Data flows one way; each stage imports only the stages before it:
 //!
 //! ```text
-//! reference -> registry -> cache (+ layer: the tar reader) -> overlay -> image -> fuse | export | forensics
+//! reference -> registry | local -> cache (+ layer: the tar reader) -> overlay -> image -> fuse | export | forensics
 //!                                                                         \-> commands (the CLI edge)
 //! ```
 //!
 //! - [`reference`]: docker-style image references;
 //! - [`registry`]: the distribution API client (auth, manifests, blobs);
+//! - [`local`]: images in files (`docker-archive:`, `oci:`, `oci-archive:`),
+//!   the other place blobs come from;
 //! - [`cache`]: layers fetched, verified, inflated and indexed on disk, using
 //!   [`layer`], the tar reader (Go's `archive/tar` behaviour, sparse files);
 //! - [`overlay`]: the merge rules, the merged tree, and top-down answers for
@@ -26,6 +28,7 @@ pub mod forensics;
 pub mod fuse;
 pub mod image;
 pub mod layer;
+pub mod local;
 pub mod names;
 pub mod overlay;
 pub mod reference;

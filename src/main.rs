@@ -8,7 +8,12 @@ use rimg::commands::{self, Common, ExportArgs, GrepArgs, LsArgs, MountArgs};
 
 /// Mount, inspect and export container images straight from a registry.
 #[derive(Parser)]
-#[command(name = "rimg", version, about)]
+#[command(
+    name = "rimg",
+    version,
+    about,
+    after_help = "REF is a registry reference (alpine:3.10, docker://host:5000/repo:tag) or an image in a file: docker-archive:PATH[:REPO:TAG], oci:DIR[:TAG], oci-archive:PATH[:TAG]."
+)]
 struct Cli {
     #[command(flatten)]
     global: Global,

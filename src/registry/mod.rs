@@ -20,6 +20,6 @@ pub use image::{
     DOCKER_LIST, DOCKER_MANIFEST, ImageParts, OCI_INDEX, OCI_MANIFEST, RawManifest, ResolvedImage,
     sha256_digest,
 };
-pub use platform::PlatformSpec;
+pub use platform::{PlatformSpec, describe as describe_platform, select as select_platform};
 pub use retry::{RetryPolicy, escape_controls, escape_text};
 pub use types::*;
