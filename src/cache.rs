@@ -79,6 +79,9 @@ pub enum CacheError {
 /// tree saved by an older rimg is rebuilt rather than trusted.
 const TREE_FORMAT: u32 = 2;
 
+/// How long to wait for a layer that others hold but that cannot be read.
+const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> CacheError + '_ {
     move |source| CacheError::Io {
         path: path.display().to_string(),
@@ -174,12 +177,6 @@ pub struct Verified {
 pub struct Cache {
     root: PathBuf,
     limit: u64,
-    /// One gate per layer being fetched by this process. flock() serialises
-    /// processes, but two handles of one process conflict with each other:
-    /// a thread waiting for the exclusive lock would wait forever for a
-    /// shared lock this process holds on a layer it just fetched (two images
-    /// sharing a layer, or one image listing a layer twice).
-    gates: std::sync::Mutex<std::collections::HashMap<String, Arc<std::sync::Mutex<()>>>>,
 }
 
 /// Copies everything read through it to `out`, hashing and counting it.
@@ -244,7 +241,6 @@ impl Cache {
         Ok(Cache {
             root: root.to_path_buf(),
             limit,
-            gates: Default::default(),
         })
     }
 
@@ -378,24 +374,37 @@ impl Cache {
             return Ok(Arc::new(l));
         }
         lock.unlock().map_err(io_err(&lock_path))?;
-        // Threads of this process take turns here; the one that follows a
-        // fetch finds the layer done without asking for the exclusive lock.
-        let gate = Arc::clone(
-            self.gates
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .entry(hex.clone())
-                .or_default(),
-        );
-        let _turn = gate.lock().unwrap_or_else(|e| e.into_inner());
-        lock.lock_shared().map_err(io_err(&lock_path))?;
-        if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
-            self.note_image(&hex, image_ref);
-            return Ok(Arc::new(l));
+        // Exclusive while fetching. Never wait for it blindly: flock lets new
+        // shared locks past a waiting exclusive one, so a process (or a
+        // thread of this one: each handle locks on its own) that fetched
+        // the layer and now uses it would keep a waiter out forever. While
+        // the lock is taken, wait for shared instead (that waits out a fetch
+        // in progress) and look again.
+        let mut waited = std::time::Duration::ZERO;
+        loop {
+            match lock.try_lock() {
+                Ok(()) => break,
+                Err(std::fs::TryLockError::WouldBlock) => {}
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+            }
+            lock.lock_shared().map_err(io_err(&lock_path))?;
+            if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
+                self.note_image(&hex, image_ref);
+                return Ok(Arc::new(l));
+            }
+            lock.unlock().map_err(io_err(&lock_path))?;
+            // In use by someone, yet not loadable: damaged under a mount.
+            if waited > IN_USE_WAIT {
+                return Err(CacheError::Io {
+                    path: lock_path.display().to_string(),
+                    source: io::Error::other(
+                        "the layer is in use by another mount but unreadable here; unmount it and retry",
+                    ),
+                });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            waited += std::time::Duration::from_millis(50);
         }
-        lock.unlock().map_err(io_err(&lock_path))?;
-        // Exclusive while fetching: a second process waits here, then finds it done.
-        lock.lock().map_err(io_err(&lock_path))?;
         let result: Result<(), CacheError> = (|| {
             if self
                 .load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)?
@@ -1090,6 +1099,47 @@ mod tests {
         assert_eq!(fs::read(cache.blob_path(&d.digest).unwrap()).unwrap(), blob);
         let listed = cache.list().unwrap();
         assert_eq!(listed[0].images, ["r:1", "r:2"]);
+    }
+
+    #[test]
+    fn a_layer_published_while_others_hold_it_is_found_not_waited_for() {
+        // Someone holds the layer's lock shared (a mount using it) while it
+        // is not yet here; then it appears. flock lets shared locks past a
+        // waiting exclusive one, so a fetcher blocked on the exclusive lock
+        // would wait as long as the mount lives. It must find the layer.
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Arc::new(Cache::open(dir.path(), u64::MAX).unwrap());
+        let blob = gzip(&tar_of(&[("f", b"data")]));
+        let d = desc(&blob);
+        let hex = hex_of(&d.digest).unwrap().to_string();
+        let holder = cache.lock_file(&hex).unwrap();
+        holder.lock_shared().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        {
+            let (cache, d) = (Arc::clone(&cache), d.clone());
+            std::thread::spawn(move || {
+                let r = cache.ensure_layer(&d, "r:1", u64::MAX, || panic!("fetched while held"));
+                tx.send(r.map(|l| l.diff_id.clone())).unwrap();
+            });
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        // Another process publishes it (here: fetched into a second cache
+        // and moved into place).
+        let other = tempfile::tempdir().unwrap();
+        let c2 = Cache::open(other.path(), u64::MAX).unwrap();
+        let l2 = c2
+            .ensure_layer(&d, "r:2", u64::MAX, serve(blob.clone()))
+            .unwrap();
+        let (src, dst) = (c2.paths(&hex), cache.paths(&hex));
+        fs::copy(&src.0, &dst.0).unwrap();
+        fs::copy(&src.1, &dst.1).unwrap();
+        fs::copy(&src.2, &dst.2).unwrap();
+        let got = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("found without waiting for the holder")
+            .unwrap();
+        assert_eq!(got, l2.diff_id);
+        drop(holder);
     }
 
     #[test]

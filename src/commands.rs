@@ -570,7 +570,7 @@ pub(crate) fn shell_quote(name: &[u8]) -> String {
     let mut quoted = false;
     for chunk in name.utf8_chunks() {
         for c in chunk.valid().chars() {
-            if c.is_control() {
+            if names::unsafe_on_a_terminal(c) {
                 if quoted {
                     out.push('\'');
                     quoted = false;

@@ -24,14 +24,7 @@ impl fmt::Display for Escaped<'_> {
                     '\t' => f.write_str("\\t")?,
                     '\r' => f.write_str("\\r")?,
                     c if (c as u32) < 0x20 || c == '\x7f' => write!(f, "\\x{:02x}", c as u32)?,
-                    // C1 controls and bidi overrides also move the cursor or
-                    // reorder text on a terminal.
-                    c if ('\u{80}'..='\u{9f}').contains(&c)
-                        || ('\u{202a}'..='\u{202e}').contains(&c)
-                        || ('\u{2066}'..='\u{2069}').contains(&c) =>
-                    {
-                        write!(f, "\\u{{{:04x}}}", c as u32)?
-                    }
+                    c if unsafe_on_a_terminal(c) => write!(f, "\\u{{{:04x}}}", c as u32)?,
                     c => fmt::Write::write_char(f, c)?,
                 }
             }
@@ -47,6 +40,17 @@ impl fmt::Debug for Escaped<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "\"{self}\"")
     }
+}
+
+/// Whether a character moves the cursor or reorders or hides text on a
+/// terminal: controls (C0, DEL, C1), bidi overrides and isolates, and the
+/// invisible format characters.
+pub fn unsafe_on_a_terminal(c: char) -> bool {
+    c.is_control()
+        || ('\u{202a}'..='\u{202e}').contains(&c)
+        || ('\u{2066}'..='\u{2069}').contains(&c)
+        || ('\u{200b}'..='\u{200f}').contains(&c)
+        || c == '\u{feff}'
 }
 
 /// Shorthand for `Escaped(bytes)`.

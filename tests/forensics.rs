@@ -424,3 +424,41 @@ fn diff_of_two_tags_on_one_base_agrees_with_diff_rq() {
     assert_eq!(of("A"), only_b);
     assert_eq!(of("M"), differ);
 }
+
+#[test]
+fn diff_on_one_base_sees_a_directory_whited_out_and_made_again() {
+    // b's own layers white out etc/ and make it again: etc/base-only, which
+    // only the base holds, is gone from b but not from a.
+    let reg = Registry::start(Auth::None);
+    let base = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/version", b"0\n", 0o644)
+        .file("etc/base-only", b"base\n", 0o644)
+        .finish();
+    let top_a = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/version", b"1\n", 0o644)
+        .finish();
+    let top_b1 = LayerBuilder::new().whiteout("etc").finish();
+    let top_b2 = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/version", b"1\n", 0o644)
+        .finish();
+    let blob = |t: &[u8]| layer_blob(t, Compress::Gzip, true);
+    let b0 = blob(&base);
+    push_image(&reg, "wh", "a", &[b0.clone(), blob(&top_a)], "amd64", true);
+    push_image(
+        &reg,
+        "wh",
+        "b",
+        &[b0, blob(&top_b1), blob(&top_b2)],
+        "amd64",
+        true,
+    );
+    let env = Env::new();
+    let (a, b) = (
+        format!("{}/wh:a", reg.addr()),
+        format!("{}/wh:b", reg.addr()),
+    );
+    assert_eq!(env.ok(&["diff", &a, &b]), "D /etc/base-only\n");
+}

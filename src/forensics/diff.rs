@@ -316,6 +316,16 @@ pub fn diff_above_base(
                 return Ok(None);
             }
             (Some((i, ea)), Some((j, eb))) => {
+                // Both a directory: what the base has in it must show on
+                // both sides or on neither (one side may have whited the
+                // directory out and made it again). A name no tar can hold
+                // asks about exactly that.
+                if ea.kind == EntryKind::Dir {
+                    let probe = names::join(path, b"\0");
+                    if top_down(&va, &probe) != top_down(&vb, &probe) {
+                        return Ok(None);
+                    }
+                }
                 let ia = Item::of_entry(&ea, &upper_a[i].2, &upper_a[i].1);
                 let ib = Item::of_entry(&eb, &upper_b[j].2, &upper_b[j].1);
                 let what = compare(&ia, &ib, path)?;

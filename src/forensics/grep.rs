@@ -22,6 +22,8 @@ use crate::names;
 pub enum GrepError {
     #[error("bad pattern: {0}")]
     Pattern(String),
+    #[error("a search thread stopped unexpectedly")]
+    Worker,
     #[error("{}: reading layer {digest}: {source}", names::escaped(.path))]
     Read {
         path: Vec<u8>,
@@ -161,7 +163,7 @@ pub fn search(
             .collect();
         workers
             .into_iter()
-            .map(|w| w.join().unwrap_or(Ok(())))
+            .map(|w| w.join().unwrap_or(Err(GrepError::Worker)))
             .collect()
     });
     for r in results {

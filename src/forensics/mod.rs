@@ -206,7 +206,9 @@ impl LayerChanges {
         up.push(path);
         if up.iter().any(|a| self.whiteouts.contains(*a)) {
             How::Whiteout
-        } else if names::ancestors(path).any(|a| self.opaque.contains(a)) {
+        } else if self.opaque.contains(&b""[..])
+            || names::ancestors(path).any(|a| self.opaque.contains(a))
+        {
             How::Opaque
         } else if names::ancestors(path).any(|a| self.nondirs.contains(a)) {
             How::FileOverDirectory

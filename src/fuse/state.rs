@@ -64,7 +64,15 @@ pub struct State {
     pub(super) background_tree: AtomicBool,
     /// Whether every layer was in the cache, checked after the first lookup.
     pub(super) warm_checked: AtomicBool,
+    /// The last failure to get a layer or build the tree, and when: accesses
+    /// soon after it get the same answer instead of asking a registry that
+    /// just failed again (the fetch itself already retried within its bounds).
+    pub(super) failed: Mutex<Option<(std::time::Instant, String)>>,
 }
+
+/// How long a failure is answered from memory before the next access tries
+/// again.
+const RETRY_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl State {
     pub fn new(source: Arc<ImageSource>, only: Option<usize>) -> Arc<State> {
@@ -77,7 +85,23 @@ impl State {
             saved_tree: OnceLock::new(),
             background_tree: AtomicBool::new(false),
             warm_checked: AtomicBool::new(false),
+            failed: Mutex::new(None),
         })
+    }
+
+    /// The recent failure, if an access should not try again yet.
+    fn recent_failure(&self) -> Option<String> {
+        let f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        f.as_ref()
+            .filter(|(at, _)| at.elapsed() < RETRY_AFTER)
+            .map(|(_, e)| format!("{e} (not retried for {RETRY_AFTER:?} after a failure)"))
+    }
+
+    /// Remembers a failure for [`Self::recent_failure`] and hands it on.
+    fn failure(&self, e: String) -> String {
+        *self.failed.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some((std::time::Instant::now(), e.clone()));
+        e
     }
 
     pub(super) fn partial(&self) -> std::sync::MutexGuard<'_, Partial> {
@@ -102,10 +126,21 @@ impl State {
         if let Some(v) = self.partial().views.get(&i) {
             return Ok(v.clone());
         }
-        let layer = self.source.layer(i).await.map_err(|e| e.to_string())?;
-        let index = layer.index().map_err(|e| e.to_string())?;
+        if let Some(e) = self.recent_failure() {
+            return Err(e);
+        }
+        let layer = self
+            .source
+            .layer(i)
+            .await
+            .map_err(|e| self.failure(e.to_string()))?;
+        let index = layer.index().map_err(|e| self.failure(e.to_string()))?;
         let view = Arc::new(LayerView::new(index));
         let v = (layer, view);
+        if self.ready.get().is_some() {
+            // The tree serves now and has dropped the views; keep none.
+            return Ok(v);
+        }
         let all = {
             let mut p = self.partial();
             p.views.insert(i, v.clone());
@@ -161,7 +196,14 @@ impl State {
     /// takes; `None` when the path does not exist, `Deferred` when only the
     /// merged tree can tell.
     pub(super) async fn resolve_partial(self: &Arc<Self>, path: &[u8]) -> Result<Partly, String> {
-        let top = self.source.image.layers.len().saturating_sub(1);
+        if self.ready.get().is_some() {
+            // The tree was published meanwhile: it answers.
+            return Ok(Partly::Deferred);
+        }
+        if self.source.image.layers.is_empty() {
+            return Ok(Partly::Missing);
+        }
+        let top = self.source.image.layers.len() - 1;
         let mut above: Vec<Arc<LayerView>> = Vec::new();
         for i in (0..=top).rev() {
             if i + 1 == top {
@@ -228,15 +270,22 @@ impl State {
         if let Some(m) = self.ready.get() {
             return Ok(Arc::clone(m));
         }
+        if let Some(e) = self.recent_failure() {
+            return Err(e);
+        }
         let _guard = self.building.lock().await;
         if let Some(m) = self.ready.get() {
             return Ok(Arc::clone(m));
+        }
+        // Those who waited for the build that just failed get its answer.
+        if let Some(e) = self.recent_failure() {
+            return Err(e);
         }
         let (tree, layers) = self
             .source
             .tree(self.only)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| self.failure(e.to_string()))?;
         let digests = match self.only {
             Some(i) => vec![self.source.image.layers[i].digest.clone()],
             None => self

@@ -83,13 +83,21 @@ impl LayerView {
             }
             if e.kind == EntryKind::Dir && literal {
                 own_dirs.insert(&e.path);
-            } else {
-                own_dirs.remove(&e.path[..]);
+            } else if own_dirs.remove(&e.path[..]) {
+                // Its subdirectories went with it.
+                let p: &[u8] = &e.path;
+                own_dirs.retain(|d| !(d.len() > p.len() && d.starts_with(p) && d[p.len()] == b'/'));
             }
             if e.kind == EntryKind::Hardlink {
                 v.linked.insert(e.path.clone());
                 if let Some(t) = &e.link {
                     v.linked.insert(t.clone());
+                    // A target whose parents are not this layer's own may be
+                    // reached through a lower symlink: its real path is
+                    // unknown here, so any path with its names is deferred.
+                    if !names::ancestors(t).all(|a| own_dirs.contains(a)) {
+                        v.drifting.extend(names::components(t).map(<[u8]>::to_vec));
+                    }
                 }
             }
         }
@@ -164,6 +172,10 @@ pub fn decide(v: &LayerView, path: &[u8]) -> Decision {
             return Decision::Defer;
         }
         return Decision::Found(e.clone());
+    }
+    // An opaque marker at the root hides everything lower layers have.
+    if !path.is_empty() && v.opaque.contains(&b""[..]) {
+        return Decision::Gone;
     }
     for a in names::ancestors(path) {
         if v.whiteouts.contains(a) || v.opaque.contains(a) {
@@ -277,5 +289,41 @@ mod tests {
         ])
         .unwrap();
         assert!(tree.resolve(b"etc/secret", false).is_ok());
+    }
+
+    #[test]
+    fn a_directory_emptied_by_a_file_no_longer_vouches_for_its_subdirectories() {
+        // "a/b" was this layer's directory, but "a" became a file and a
+        // directory again: "a/b/f" lands in an implicit "a/b" the tree makes.
+        let l = LayerIndex {
+            entries: vec![
+                d("a"),
+                d("a/b"),
+                e("a", EntryKind::File, None),
+                d("a"),
+                e("a/b/f", EntryKind::File, None),
+            ],
+        };
+        let tree = super::super::tree::merge(&[&l]).unwrap();
+        assert!(tree.resolve(b"a/b", false).is_ok());
+        assert!(matches!(
+            decide(&LayerView::new(l), b"a/b"),
+            Decision::Defer
+        ));
+    }
+
+    #[test]
+    fn an_opaque_marker_at_the_root_hides_every_lower_path() {
+        let v = view(vec![e(".wh..wh..opq", EntryKind::File, None)]);
+        assert!(matches!(decide(&v, b"x"), Decision::Gone));
+        assert!(matches!(decide(&v, b"x/y"), Decision::Gone));
+    }
+
+    #[test]
+    fn a_hardlink_through_a_lower_symlink_defers_its_target_names() {
+        // "l" links to "s/x", which is "d/x" when "s" is a symlink to "d"
+        // below: "d/x" then has two names, which no single layer can see.
+        let upper = view(vec![e("l", EntryKind::Hardlink, Some("s/x"))]);
+        assert!(matches!(decide(&upper, b"d/x"), Decision::Defer));
     }
 }

@@ -539,9 +539,19 @@ impl Builder {
             return Err(TreeError::TooLarge(order.len()));
         }
         names.shrink_to_fit();
+        // A file's link count is its names that are still reachable: a name
+        // under a directory that was whited out, or hidden, no longer counts.
+        let mut names_of = vec![0u32; nodes.len()];
+        for n in &nodes {
+            for (_, c) in n.children.iter() {
+                names_of[*c as usize] += 1;
+            }
+        }
         // Directory link counts: 2 plus one per subdirectory.
         for id in 0..nodes.len() {
-            if nodes[id].kind == EntryKind::Dir {
+            if nodes[id].kind != EntryKind::Dir {
+                nodes[id].nlink = names_of[id].max(1);
+            } else {
                 let subdirs = nodes[id]
                     .children
                     .iter()
@@ -993,5 +1003,18 @@ mod tests {
         ]);
         assert_eq!(t.len(), 2);
         assert_eq!(listing(&t), ["b@0"]);
+    }
+
+    #[test]
+    fn a_file_counts_only_the_names_that_are_still_reachable() {
+        let t = merged(vec![
+            layer(vec![
+                d("d"),
+                f("d/t"),
+                link("l", EntryKind::Hardlink, "d/t"),
+            ]),
+            layer(vec![f(".wh.d")]),
+        ]);
+        assert_eq!(t.node(t.resolve(b"l", false).unwrap()).nlink, 1);
     }
 }
