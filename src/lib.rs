@@ -5,7 +5,6 @@
 //!
 //! ```text
 //! reference -> registry | local -> cache (+ layer: the tar reader) -> overlay -> image -> fuse | export | forensics
-//!                                                                         \-> commands (the CLI edge)
 //! ```
 //!
 //! - [`reference`]: docker-style image references;
@@ -18,11 +17,12 @@
 //!   single paths before every layer is present;
 //! - [`image`]: a resolved image tied to the cache;
 //! - [`fuse`], [`export`], [`forensics`]: what is done with an image;
-//! - [`names`]: names as bytes, and the one way to print them;
-//! - [`commands`]: the command-line front end (anyhow; `main.rs` parses).
+//! - [`names`]: names as bytes, and the one way to print them.
+//!
+//! The command-line front end (clap, anyhow) lives in the binary, `src/main.rs`
+//! and `src/cli/`.
 
 pub mod cache;
-pub mod commands;
 pub mod export;
 pub mod forensics;
 pub mod fuse;

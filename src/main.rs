@@ -1,10 +1,16 @@
+//! The `rimg` binary: parses the command line with clap and hands each
+//! subcommand to [`cli`], which drives the library and reports errors as one
+//! line (exit 1; `grep` exits 0, 1 or 2 as grep does).
+
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use rimg::commands::{self, Common, ExportArgs, GrepArgs, LsArgs, MountArgs};
+mod cli;
+
+use cli::{Common, ExportArgs, GrepArgs, LsArgs, MountArgs};
 
 /// Mount, inspect and export container images straight from a registry.
 #[derive(Parser)]
@@ -217,8 +223,6 @@ enum Command {
         reference: String,
         mountpoint: PathBuf,
         #[arg(long)]
-        ready_fd: Option<i32>,
-        #[arg(long)]
         allow_other: bool,
         #[arg(long)]
         prefetch: bool,
@@ -277,15 +281,15 @@ fn main() -> ExitCode {
         allow_foreign_layers: g.allow_foreign_layers,
     };
     let result = match cli.command {
-        Command::Inspect { reference, raw } => commands::inspect(&common, &reference, raw),
-        Command::Tags { repository } => commands::tags(&common, &repository),
+        Command::Inspect { reference, raw } => cli::inspect(&common, &reference, raw),
+        Command::Tags { repository } => cli::tags(&common, &repository),
         Command::Ls {
             reference,
             path,
             long,
             recursive,
             layer,
-        } => commands::ls(
+        } => cli::ls(
             &common,
             &LsArgs {
                 reference,
@@ -299,20 +303,20 @@ fn main() -> ExitCode {
             reference,
             path,
             layer,
-        } => commands::cat(&common, &reference, path.as_bytes(), layer),
+        } => cli::cat(&common, &reference, path.as_bytes(), layer),
         Command::Log {
             reference,
             path,
             recursive,
             json,
-        } => commands::log(&common, &reference, path.as_bytes(), recursive, json),
-        Command::Deleted { reference, json } => commands::deleted(&common, &reference, json),
+        } => cli::log(&common, &reference, path.as_bytes(), recursive, json),
+        Command::Deleted { reference, json } => cli::deleted(&common, &reference, json),
         Command::Diff {
             reference_a,
             reference_b,
             long,
             json,
-        } => commands::diff(&common, &reference_a, &reference_b, long, json),
+        } => cli::diff(&common, &reference_a, &reference_b, long, json),
         Command::Grep {
             pattern,
             reference,
@@ -341,7 +345,7 @@ fn main() -> ExitCode {
                 json,
             };
             // grep's exit status: 0 found, 1 not found, 2 trouble.
-            return match commands::grep(&common, &args) {
+            return match cli::grep(&common, &args) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
@@ -357,7 +361,7 @@ fn main() -> ExitCode {
             allow_other,
             prefetch,
             layer,
-        } => commands::mount(
+        } => cli::mount(
             &common,
             &MountArgs {
                 reference,
@@ -366,17 +370,15 @@ fn main() -> ExitCode {
                 allow_other,
                 prefetch,
                 layer,
-                ready_fd: None,
             },
         ),
         Command::Serve {
             reference,
             mountpoint,
-            ready_fd,
             allow_other,
             prefetch,
             layer,
-        } => commands::serve(
+        } => cli::serve(
             &common,
             &MountArgs {
                 reference,
@@ -385,18 +387,17 @@ fn main() -> ExitCode {
                 allow_other,
                 prefetch,
                 layer,
-                ready_fd,
             },
         ),
-        Command::Umount { mountpoint } => commands::umount(&mountpoint),
-        Command::Mounts => commands::mounts(),
+        Command::Umount { mountpoint } => cli::umount(&mountpoint),
+        Command::Mounts => cli::mounts(),
         Command::Export {
             reference,
             output,
             format,
             flatten,
             tag,
-        } => commands::export(
+        } => cli::export(
             &common,
             &ExportArgs {
                 reference,
@@ -407,10 +408,10 @@ fn main() -> ExitCode {
             },
         ),
         Command::Cache { action } => match action {
-            CacheAction::Ls => commands::cache_ls(&common),
-            CacheAction::Prune { size } => commands::cache_prune(&common, size.as_deref()),
-            CacheAction::Clear => commands::cache_clear(&common),
-            CacheAction::Verify => commands::cache_verify(&common),
+            CacheAction::Ls => cli::cache_ls(&common),
+            CacheAction::Prune { size } => cli::cache_prune(&common, size.as_deref()),
+            CacheAction::Clear => cli::cache_clear(&common),
+            CacheAction::Verify => cli::cache_verify(&common),
         },
     };
     match result {
@@ -427,6 +428,6 @@ fn print_error(e: &anyhow::Error) {
     // Registry text may hold terminal control sequences.
     eprintln!(
         "rimg: {}",
-        rimg::registry::escape_controls(&commands::one_line(e))
+        rimg::registry::escape_controls(&cli::one_line(e))
     );
 }

@@ -1,5 +1,5 @@
 //! The forensic commands: `log`, `deleted`, `diff` and `grep`, printing the
-//! records of [`crate::forensics`] as text or as JSON lines.
+//! records of [`rimg::forensics`] as text or as JSON lines.
 //!
 //! JSON: one object per line. A name that is valid UTF-8 goes in `path` (or
 //! `target`, `line`); any other name in `path_bytes` (`target_bytes`,
@@ -13,11 +13,11 @@ use base64::Engine;
 use serde_json::{Map, Value};
 
 use super::{Common, runtime, shell_quote};
-use crate::cache::Layer;
-use crate::forensics::{self, diff, grep};
-use crate::image::ImageSource;
-use crate::layer::{EntryKind, LayerIndex};
-use crate::overlay::tree::{NodeId, Tree};
+use rimg::cache::Layer;
+use rimg::forensics::{self, diff, grep};
+use rimg::image::ImageSource;
+use rimg::layer::{EntryKind, LayerIndex};
+use rimg::overlay::tree::{NodeId, Tree};
 
 /// Puts `bytes` in `obj` under `key` if UTF-8, else base64 under `key_bytes`.
 fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
@@ -159,7 +159,7 @@ pub fn log(
             out,
             "{:>3} {} {:<12} ",
             r.layer,
-            crate::image::short_digest(&digests[r.layer]),
+            rimg::image::short_digest(&digests[r.layer]),
             r.action.as_str()
         )?;
         names.write(&mut out, &absolute(&r.path))?;
@@ -328,7 +328,7 @@ fn files_below(tree: &Tree, start: NodeId, path: &[u8], out: &mut Vec<(Vec<u8>, 
         EntryKind::File => out.push((path.to_vec(), start)),
         EntryKind::Dir => {
             for (name, c) in tree.children(start) {
-                files_below(tree, c, &crate::names::join(path, name), out);
+                files_below(tree, c, &rimg::names::join(path, name), out);
             }
         }
         _ => {}
@@ -419,7 +419,7 @@ pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
     } else {
         args.paths
             .iter()
-            .map(|p| crate::layer::normalize(p))
+            .map(|p| rimg::layer::normalize(p))
             .collect()
     };
     for p in &roots {
@@ -427,7 +427,7 @@ pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
             format!(
                 "{}: {}",
                 source.image.reference,
-                crate::names::escaped(&absolute(p))
+                rimg::names::escaped(&absolute(p))
             )
         })?;
         files_below(&tree, id, p, &mut files);

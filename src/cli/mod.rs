@@ -11,15 +11,15 @@ use serde_json::json;
 mod forensics;
 pub use forensics::{GrepArgs, deleted, diff, grep, log};
 
-use crate::cache::Cache;
-use crate::fuse::mounts::{self, MountRecord};
-use crate::image::{Blobs, ImageSource, short_digest};
-use crate::layer::EntryKind;
-use crate::local::{self, Location};
-use crate::names;
-use crate::overlay::tree::NodeId;
-use crate::reference::Reference;
-use crate::registry::{
+use rimg::cache::Cache;
+use rimg::fuse::mounts::{self, MountRecord};
+use rimg::image::{Blobs, ImageSource, short_digest};
+use rimg::layer::EntryKind;
+use rimg::local::{self, Location};
+use rimg::names;
+use rimg::overlay::tree::NodeId;
+use rimg::reference::Reference;
+use rimg::registry::{
     Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, ResolvedImage,
 };
 
@@ -62,7 +62,6 @@ pub struct MountArgs {
     pub allow_other: bool,
     pub prefetch: bool,
     pub layer: Option<i64>,
-    pub ready_fd: Option<i32>,
 }
 
 pub struct ExportArgs {
@@ -331,7 +330,7 @@ impl Common {
     pub(crate) fn cache_dir(&self) -> PathBuf {
         self.cache_dir
             .clone()
-            .unwrap_or_else(crate::cache::default_dir)
+            .unwrap_or_else(rimg::cache::default_dir)
     }
 
     pub(crate) fn cache_limit(&self) -> Result<u64> {
@@ -554,7 +553,7 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
 
 fn normalize_display(path: &[u8]) -> Vec<u8> {
     let mut out = b"/".to_vec();
-    out.extend_from_slice(&crate::layer::normalize(path));
+    out.extend_from_slice(&rimg::layer::normalize(path));
     out
 }
 
@@ -620,7 +619,7 @@ pub fn cat(common: &Common, reference: &str, path: &[u8], layer: Option<i64>) ->
     if n.kind != EntryKind::File {
         bail!("{what}: not a regular file");
     }
-    let mut data = crate::image::FileData::of(&layers, n);
+    let mut data = rimg::image::FileData::of(&layers, n);
     let digest = &source.image.layers[image_layer(n.layer)].digest;
     let mut out = std::io::stdout().lock();
     let mut buf = vec![0u8; 1 << 20];
@@ -688,7 +687,7 @@ fn child_args(common: &Common) -> Vec<String> {
 
 pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     init_logging(common.verbose);
-    if crate::fuse::check_mountpoint(&args.mountpoint)? {
+    if rimg::fuse::check_mountpoint(&args.mountpoint)? {
         eprintln!(
             "rimg: unmounted the dead rimg mount at {} first",
             args.mountpoint.display()
@@ -716,7 +715,7 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     let canonical = std::fs::canonicalize(&args.mountpoint)?;
     let log_path = log_dir.join(format!(
         "mount-{}.log",
-        &crate::registry::sha256_digest(canonical.as_os_str().as_encoded_bytes())[7..19]
+        &rimg::registry::sha256_digest(canonical.as_os_str().as_encoded_bytes())[7..19]
     ));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -786,7 +785,7 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
 /// What `rimg mount` hands its background server on stdin.
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Handoff {
-    image: crate::registry::ImageParts,
+    image: rimg::registry::ImageParts,
     username: Option<String>,
     password: Option<String>,
 }
@@ -809,7 +808,7 @@ pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
             }),
             _ => None,
         };
-        let image = crate::registry::ResolvedImage::from_parts(handoff.image)?;
+        let image = rimg::registry::ResolvedImage::from_parts(handoff.image)?;
         let blobs: Blobs = match local::locate(&args.reference) {
             Location::Local(spec) => {
                 let (opened, blobs) = local::open(&spec, common.platform()?.as_ref())?;
@@ -858,11 +857,11 @@ fn serve_source(
             None => drop(rt.block_on(source.layers())?),
         }
     }
-    let opts = crate::fuse::MountOptions {
+    let opts = rimg::fuse::MountOptions {
         allow_other: args.allow_other,
         only_layer: only,
     };
-    let mount = crate::fuse::mount(rt.handle().clone(), Arc::clone(&source), &mountpoint, &opts)?;
+    let mount = rimg::fuse::mount(rt.handle().clone(), Arc::clone(&source), &mountpoint, &opts)?;
     let record = MountRecord {
         reference: source.image.reference.to_string(),
         digest: source.image.digest.clone(),
@@ -914,7 +913,7 @@ fn serve_source(
 }
 
 pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
-    if std::env::var_os(crate::fuse::WATCH_ENV).is_some() {
+    if std::env::var_os(rimg::fuse::WATCH_ENV).is_some() {
         return unmount_when_dead(mountpoint);
     }
     // Not canonicalize: a dead mount answers ENOTCONN, and it is exactly the
@@ -930,7 +929,7 @@ pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
     let record = mounts::find(&canonical);
     // A dead mount holds nothing to flush; detach it even if a shell sits in it.
     let dead = mounts::is_dead(&canonical, record.as_ref());
-    crate::fuse::unmount(&canonical, dead)
+    rimg::fuse::unmount(&canonical, dead)
         .with_context(|| format!("cannot unmount {}", canonical.display()))?;
     if let Some(r) = record {
         for _ in 0..100 {
@@ -959,7 +958,7 @@ fn unmount_when_dead(mountpoint: &std::path::Path) -> Result<()> {
     // Only the kernel's word: a record could be stale, and a live mount made
     // here since must stay.
     if mounts::disconnected(&canonical) {
-        crate::fuse::unmount(&canonical, true)?;
+        rimg::fuse::unmount(&canonical, true)?;
         mounts::remove(&canonical);
     }
     Ok(())
@@ -1017,9 +1016,9 @@ impl<W: Write> Write for ProgressWriter<W> {
 pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
     init_logging(common.verbose);
     let format = match args.format.as_str() {
-        "docker" => crate::export::Format::Docker,
-        "oci" => crate::export::Format::Oci,
-        "rootfs" => crate::export::Format::Rootfs,
+        "docker" => rimg::export::Format::Docker,
+        "oci" => rimg::export::Format::Oci,
+        "rootfs" => rimg::export::Format::Rootfs,
         other => bail!("unknown export format {other:?} (docker, oci or rootfs)"),
     };
     let to_stdout = args.output == "-";
@@ -1029,7 +1028,7 @@ pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
     let rt = runtime()?;
     let show = std::io::stderr().is_terminal();
     let source = common.open_image(&rt, &args.reference, show)?;
-    let name = crate::export::archive_name(&source, args.tag.as_deref())?;
+    let name = rimg::export::archive_name(&source, args.tag.as_deref())?;
     let bar = if show {
         let b = indicatif::ProgressBar::new_spinner();
         b.set_style(
@@ -1045,7 +1044,7 @@ pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
             inner: std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()),
             bar: bar.clone(),
         };
-        let mut out = rt.block_on(crate::export::export(
+        let mut out = rt.block_on(rimg::export::export(
             source,
             format,
             args.flatten,
@@ -1073,7 +1072,7 @@ pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
         bar: bar.clone(),
     };
     let out = rt
-        .block_on(crate::export::export(
+        .block_on(rimg::export::export(
             source,
             format,
             args.flatten,
