@@ -651,7 +651,7 @@ impl Cache {
         }
         // Indexed from the archive while hashed; published only if the hash is the digest.
         let mut plain = Tee {
-            inner: InPlace {
+            inner: Section {
                 file: archive,
                 pos: offset,
                 end: offset + size,
@@ -949,14 +949,15 @@ impl Cache {
     }
 }
 
-/// A section of a file, read with `pread`; a file that ends early is an error.
-struct InPlace<'a> {
-    file: &'a File,
-    pos: u64,
-    end: u64,
+/// A section of a file, read with `pread`; a file that ends before the
+/// section does is an error. Borrowed or shared, as the caller holds it.
+pub(crate) struct Section<F> {
+    pub(crate) file: F,
+    pub(crate) pos: u64,
+    pub(crate) end: u64,
 }
 
-impl Read for InPlace<'_> {
+impl<F: std::borrow::Borrow<File>> Read for Section<F> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let want = buf
             .len()
@@ -964,11 +965,11 @@ impl Read for InPlace<'_> {
         if want == 0 {
             return Ok(0);
         }
-        let n = self.file.read_at(&mut buf[..want], self.pos)?;
+        let n = self.file.borrow().read_at(&mut buf[..want], self.pos)?;
         if n == 0 {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                "the archive ends inside the layer",
+                "the archive ends inside the member",
             ));
         }
         self.pos += n as u64;

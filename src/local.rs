@@ -191,32 +191,6 @@ enum Store {
     Dir { root: File },
 }
 
-/// A section of a file, read with `pread` so readers share the descriptor.
-struct Section {
-    file: Arc<File>,
-    pos: u64,
-    end: u64,
-}
-
-impl Read for Section {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.end - self.pos;
-        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        if want == 0 {
-            return Ok(0);
-        }
-        let n = self.file.read_at(&mut buf[..want], self.pos)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the archive ends inside the entry",
-            ));
-        }
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
-
 /// Hashes what it reads and fails at the end instead of reaching end-of-file
 /// when the bytes do not match `expected`, as the cache requires of a blob.
 struct Verified<R> {
@@ -325,7 +299,7 @@ impl Store {
     ) -> Result<(Box<dyn Read + Send>, u64), LocalError> {
         let (f, offset, size) = self.locate(file, name)?;
         // Read as a section, so a file that grows meanwhile adds nothing.
-        let r = Section {
+        let r = crate::cache::Section {
             file: f,
             pos: offset,
             end: offset + size,
