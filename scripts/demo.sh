@@ -2,7 +2,7 @@
 # One command from a fresh Debian machine to a mounted image: installs what is
 # needed, builds rimg, starts a local registry (Docker Hub is not reachable
 # here), pushes the real Alpine 3.10.9 rootfs to it, then inspects, lists,
-# mounts, greps and exports the image with rimg.
+# mounts, greps, exports and inspects the history of the image with rimg.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
@@ -49,4 +49,9 @@ find "$mnt" -type f | wc -l
 getfattr -n user.rimg.layer "$mnt/bin/busybox" 2>/dev/null || true
 "$rimg" export "$ref" "$work/alpine.tar"
 skopeo inspect "docker-archive:$work/alpine.tar" | head -n 12
+# The exported file is itself an image source; forensics need no mount.
+"$rimg" ls "docker-archive:$work/alpine.tar" /etc | head -n 5
+"$rimg" grep -l alpine "$ref" /etc | head -n 5
+"$rimg" log "$ref" /etc/os-release
+"$rimg" deleted "$ref" | head -n 5
 "$rimg" umount "$mnt"
