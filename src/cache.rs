@@ -79,6 +79,23 @@ pub enum CacheError {
 /// tree saved by an older rimg is rebuilt rather than trusted.
 const TREE_FORMAT: u32 = 2;
 
+/// Feeds everything `r` yields to `h`; returns how many bytes.
+pub(crate) fn hash_into(r: &mut impl Read, h: &mut Sha256) -> io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => {
+                h.update(&buf[..k]);
+                n += k as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 /// How long to wait for a layer that others hold but that cannot be read.
 const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
@@ -820,7 +837,7 @@ impl Cache {
                 Err(e) => return Err(io_err(p)(e)),
             };
             let mut h = Sha256::new();
-            let n = io::copy(&mut f, &mut h).map_err(io_err(p))?;
+            let n = hash_into(&mut f, &mut h).map_err(io_err(p))?;
             Ok(Some((format!("sha256:{}", hex::encode(h.finalize())), n)))
         };
         match hash(&blob)? {
@@ -867,20 +884,16 @@ impl Cache {
     }
 
     fn evict(&self, limit: u64) -> Result<u64, CacheError> {
+        // Least recently used first: `list` sorts by last use.
         let layers = self.list()?;
-        let mut lru: lru::LruCache<String, u64> = lru::LruCache::unbounded();
-        let mut total = 0;
-        for l in &layers {
-            let bytes = l.blob_size + l.tar_size;
-            total += bytes;
-            lru.put(l.digest.clone(), bytes);
-        }
+        let mut total: u64 = layers.iter().map(|l| l.blob_size + l.tar_size).sum();
         let mut freed = 0;
         let mut busy = Vec::new();
-        while total > limit {
-            let Some((digest, bytes)) = lru.pop_lru() else {
+        for l in &layers {
+            if total <= limit {
                 break;
-            };
+            }
+            let (digest, bytes) = (l.digest.clone(), l.blob_size + l.tar_size);
             let hex = hex_of(&digest)?.to_string();
             let lock = self.lock_file(&hex)?;
             if lock.try_lock().is_err() {
@@ -1399,8 +1412,17 @@ mod tests {
             if i == 0 {
                 held.push(l);
             }
-            // Distinct last-use times for a deterministic order.
-            std::thread::sleep(std::time::Duration::from_millis(1100));
+            // Distinct last-use times (the index's mtime) for a
+            // deterministic order, set rather than waited for.
+            let idx = cache.paths(hex_of(&d.digest).unwrap()).2;
+            File::options()
+                .write(true)
+                .open(&idx)
+                .unwrap()
+                .set_modified(
+                    SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1_000_000 + i as u64),
+                )
+                .unwrap();
         }
         let freed = cache.prune(0).unwrap();
         assert!(freed > 0);

@@ -8,7 +8,6 @@ use std::io::Read;
 use std::sync::Arc;
 
 use futures_util::future::try_join_all;
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cache::{Cache, Layer};
 use crate::layer::LayerIndex;
@@ -62,25 +61,54 @@ impl From<LocalBlobs> for Blobs {
     }
 }
 
+/// Hears how layer downloads go, for whoever shows progress (the CLI draws
+/// bars with it; the library draws nothing).
+pub trait Progress: Send + Sync {
+    /// A layer of `size` compressed bytes starts downloading.
+    fn layer(&self, digest: &str, size: u64) -> Arc<dyn LayerProgress>;
+}
+
+/// One layer's download.
+pub trait LayerProgress: Send + Sync {
+    /// `bytes` more of the blob arrived.
+    fn advance(&self, bytes: u64);
+    /// The layer is in the cache, or failed.
+    fn done(&self);
+}
+
+/// Reports nothing.
+pub struct Quiet;
+
+impl Progress for Quiet {
+    fn layer(&self, _: &str, _: u64) -> Arc<dyn LayerProgress> {
+        Arc::new(Quiet)
+    }
+}
+
+impl LayerProgress for Quiet {
+    fn advance(&self, _: u64) {}
+    fn done(&self) {}
+}
+
 /// A resolved image with access to its layers.
 pub struct ImageSource {
     pub image: ResolvedImage,
     blobs: Blobs,
     cache: Arc<Cache>,
     max_layer_size: u64,
-    progress: MultiProgress,
+    progress: Arc<dyn Progress>,
 }
 
-/// Counts bytes into a progress bar as the decompressor pulls them.
+/// Counts bytes to the progress listener as the decompressor pulls them.
 struct Counted<R> {
     inner: R,
-    bar: ProgressBar,
+    progress: Arc<dyn LayerProgress>,
 }
 
 impl<R: Read> Read for Counted<R> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let n = self.inner.read(buf)?;
-        self.bar.inc(n as u64);
+        self.progress.advance(n as u64);
         Ok(n)
     }
 }
@@ -91,19 +119,14 @@ impl ImageSource {
         blobs: impl Into<Blobs>,
         cache: Arc<Cache>,
         max_layer_size: u64,
-        show_progress: bool,
+        progress: Arc<dyn Progress>,
     ) -> Self {
-        let target = if show_progress {
-            ProgressDrawTarget::stderr()
-        } else {
-            ProgressDrawTarget::hidden()
-        };
         ImageSource {
             image,
             blobs: blobs.into(),
             cache,
             max_layer_size,
-            progress: MultiProgress::with_draw_target(target),
+            progress,
         }
     }
 
@@ -148,15 +171,7 @@ impl ImageSource {
         let diff_id = self.image.config.rootfs().diff_ids().get(index).cloned();
         let cache = Arc::clone(&self.cache);
         let max = self.max_layer_size;
-        let bar = self.progress.add(ProgressBar::new(desc.size));
-        bar.set_style(
-            ProgressStyle::with_template(
-                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
-            )
-            .unwrap_or_else(|_| ProgressStyle::default_bar())
-            .progress_chars("=> "),
-        );
-        bar.set_prefix(short_digest(&desc.digest).to_string());
+        let bar = self.progress.layer(&desc.digest, desc.size);
         let handle = tokio::runtime::Handle::current();
         let digest = desc.digest.clone();
         // A few layers at a time: each takes a blocking thread.
@@ -181,7 +196,7 @@ impl ImageSource {
                     };
                     Ok(Box::new(Counted {
                         inner,
-                        bar: bar.clone(),
+                        progress: Arc::clone(&bar),
                     }))
                 };
             let at = match &blobs {
@@ -196,7 +211,7 @@ impl ImageSource {
                 None => cache.ensure_layer(&desc, &image_ref, max, open),
             }
             .and_then(|layer| check_diff_id(layer, diff_id));
-            bar.finish_and_clear();
+            bar.done();
             r
         })
         .await

@@ -766,7 +766,7 @@ fn docker_archive(
             _ => {
                 let mut h = Sha256::new();
                 h.update(&head);
-                io::copy(&mut r, &mut h).map_err(read_err)?;
+                crate::cache::hash_into(&mut r, &mut h).map_err(read_err)?;
                 format!("sha256:{}", hex::encode(h.finalize()))
             }
         };

@@ -306,8 +306,48 @@ impl Common {
             blobs,
             self.cache()?,
             self.max_layer_size()?,
-            progress,
+            bars(progress),
         )))
+    }
+}
+
+/// Progress bars on stderr for layer downloads, or nothing.
+pub(crate) fn bars(show: bool) -> Arc<dyn rimg::image::Progress> {
+    if show {
+        Arc::new(Bars(indicatif::MultiProgress::with_draw_target(
+            indicatif::ProgressDrawTarget::stderr(),
+        )))
+    } else {
+        Arc::new(rimg::image::Quiet)
+    }
+}
+
+struct Bars(indicatif::MultiProgress);
+
+struct Bar(indicatif::ProgressBar);
+
+impl rimg::image::Progress for Bars {
+    fn layer(&self, digest: &str, size: u64) -> Arc<dyn rimg::image::LayerProgress> {
+        let bar = self.0.add(indicatif::ProgressBar::new(size));
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+        );
+        bar.set_prefix(rimg::image::short_digest(digest).to_string());
+        Arc::new(Bar(bar))
+    }
+}
+
+impl rimg::image::LayerProgress for Bar {
+    fn advance(&self, bytes: u64) {
+        self.0.inc(bytes);
+    }
+
+    fn done(&self) {
+        self.0.finish_and_clear();
     }
 }
 

@@ -80,7 +80,7 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
         blobs,
         common.cache()?,
         common.max_layer_size()?,
-        args.foreground && std::io::stderr().is_terminal(),
+        bars(args.foreground && std::io::stderr().is_terminal()),
     ));
     let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
     if args.foreground {
@@ -205,7 +205,7 @@ pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
             blobs,
             common.cache()?,
             common.max_layer_size()?,
-            false,
+            bars(false),
         ));
         let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
         serve_source(&rt, source, args, only, Some(()))

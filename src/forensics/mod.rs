@@ -43,14 +43,7 @@ pub enum ForensicsError {
 /// sha256 of a reader's bytes, as hex.
 pub fn sha256_hex(mut r: impl Read) -> io::Result<String> {
     let mut h = Sha256::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = r.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        h.update(&buf[..n]);
-    }
+    crate::cache::hash_into(&mut r, &mut h)?;
     Ok(hex::encode(h.finalize()))
 }
 
