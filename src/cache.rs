@@ -79,6 +79,25 @@ pub enum CacheError {
 /// tree saved by an older rimg is rebuilt rather than trusted.
 const TREE_FORMAT: u32 = 2;
 
+/// The header of a layer index: `None` when there is no index, `Err` when
+/// it cannot be decoded.
+fn read_index_header(idx: &Path) -> Result<Option<Result<IndexHeader, ()>>, CacheError> {
+    let mut head = Vec::with_capacity(HEADER_MAX);
+    match File::open(idx) {
+        Ok(f) => f
+            .take(HEADER_MAX as u64)
+            .read_to_end(&mut head)
+            .map_err(io_err(idx))?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(io_err(idx)(e)),
+    };
+    Ok(Some(
+        postcard::take_from_bytes::<IndexHeader>(&head)
+            .map(|(h, _)| h)
+            .map_err(|_| ()),
+    ))
+}
+
 /// Feeds everything `r` yields to `h`; returns how many bytes.
 pub(crate) fn hash_into(r: &mut impl Read, h: &mut Sha256) -> io::Result<u64> {
     let mut buf = vec![0u8; 256 * 1024];
@@ -299,21 +318,16 @@ impl Cache {
         in_use: File,
     ) -> Result<Option<Layer>, CacheError> {
         let (_, tar_path, idx_path) = self.paths(hex);
-        let mut head = Vec::with_capacity(HEADER_MAX);
-        match File::open(&idx_path) {
-            Ok(f) => f
-                .take(HEADER_MAX as u64)
-                .read_to_end(&mut head)
-                .map_err(io_err(&idx_path))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&idx_path)(e)),
-        };
-        let Ok((file, _)) = postcard::take_from_bytes::<IndexHeader>(&head) else {
-            tracing::warn!(
-                "{}: unreadable index; rebuilding the layer",
-                idx_path.display()
-            );
-            return Ok(None);
+        let file = match read_index_header(&idx_path)? {
+            None => return Ok(None),
+            Some(Ok(h)) => h,
+            Some(Err(())) => {
+                tracing::warn!(
+                    "{}: unreadable index; rebuilding the layer",
+                    idx_path.display()
+                );
+                return Ok(None);
+            }
         };
         if file.version != INDEX_VERSION {
             return Ok(None);
@@ -818,17 +832,10 @@ impl Cache {
     /// What is wrong with a cached layer, if anything.
     fn check_layer(&self, hex: &str) -> Result<Option<String>, CacheError> {
         let (blob, tar, idx) = self.paths(hex);
-        let mut head = Vec::with_capacity(HEADER_MAX);
-        match File::open(&idx) {
-            Ok(f) => f
-                .take(HEADER_MAX as u64)
-                .read_to_end(&mut head)
-                .map_err(io_err(&idx))?,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io_err(&idx)(e)),
-        };
-        let Ok((header, _)) = postcard::take_from_bytes::<IndexHeader>(&head) else {
-            return Ok(Some("unreadable index".into()));
+        let header = match read_index_header(&idx)? {
+            None => return Ok(None),
+            Some(Ok(h)) => h,
+            Some(Err(())) => return Ok(Some("unreadable index".into())),
         };
         let hash = |p: &Path| -> Result<Option<(String, u64)>, CacheError> {
             let mut f = match File::open(p) {
