@@ -1,0 +1,393 @@
+//! Sending requests: the retry policy applied to each, redirects followed
+//! without leaking credentials, small bodies read under their caps, and tag
+//! listing across pages.
+
+use super::super::error::{RegistryError, from_response, from_transport};
+use crate::reference::Reference;
+use crate::registry::retry::{BodyError, Retry, TAG_PAGE_MAX, error_body, read_capped};
+use reqwest::header::{self, HeaderMap, HeaderValue};
+use reqwest::{Method, StatusCode};
+use serde::Deserialize;
+use std::time::Duration;
+use url::Url;
+
+use super::*;
+
+impl Client {
+    /// One request with retries on transient failures (connection errors,
+    /// 5xx, 429 with its Retry-After), without auth or redirects. Each
+    /// attempt waits at most the stall timeout for headers.
+    pub(super) async fn send_retrying(
+        &self,
+        t: &Target<'_>,
+        method: Method,
+        url: Url,
+        headers: HeaderMap,
+        retry: &mut Retry,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let label = t.endpoint.label();
+        loop {
+            let sent = tokio::time::timeout(
+                retry.remaining(),
+                self.http(&url)
+                    .request(method.clone(), url.clone())
+                    .headers(headers.clone())
+                    .send(),
+            )
+            .await
+            .map_err(|_| retry.timed_out())?;
+            match sent {
+                Err(e) => retry.again(from_transport(&label, &e), None).await?,
+                Ok(r)
+                    if r.status() == StatusCode::TOO_MANY_REQUESTS
+                        || r.status().is_server_error() =>
+                {
+                    let hint = retry_after(r.headers());
+                    let status = r.status().as_u16();
+                    let body = error_body(r).await;
+                    let err = from_response(&label, status, &body, &t.what);
+                    retry.again(err, hint).await?;
+                }
+                Ok(r) => return Ok(r),
+            }
+        }
+    }
+
+    /// An authenticated request to `path` (relative to the endpoint), following
+    /// redirects and renewing a stale token once.
+    pub(crate) async fn request(
+        &self,
+        t: &Target<'_>,
+        method: Method,
+        path: &str,
+        extra: HeaderMap,
+        retry: &mut Retry,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let url = t
+            .endpoint
+            .base
+            .join(path)
+            .map_err(|e| RegistryError::Config(format!("bad request path {path:?}: {e}")))?;
+        self.request_url(t, method, url, extra, retry).await
+    }
+
+    pub(crate) async fn request_url(
+        &self,
+        t: &Target<'_>,
+        method: Method,
+        url: Url,
+        extra: HeaderMap,
+        retry: &mut Retry,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let mut scheme = self.scheme(t.endpoint, retry).await?;
+        let mut renewed = false;
+        loop {
+            let auth = self.authorization(t, &scheme, retry).await?;
+            let resp = self
+                .follow(t, method.clone(), url.clone(), &extra, auth, retry)
+                .await?;
+            let status = resp.status();
+            let refused = status == StatusCode::UNAUTHORIZED
+                || (status == StatusCode::FORBIDDEN && matches!(scheme, Scheme::Bearer { .. }));
+            // One renewal at most: a refusal is never retried beyond it.
+            if !refused || renewed {
+                return Ok(resp);
+            }
+            renewed = true;
+            // The registry may name a new realm or scheme; else the token expired.
+            if let Some(fresh) = scheme_from_challenges(&challenges(resp.headers())) {
+                scheme = fresh;
+                self.schemes
+                    .lock()
+                    .expect("schemes lock")
+                    .insert(Self::scheme_key(t.endpoint), scheme.clone());
+            }
+            let age = self.token_age(t, &scheme);
+            if age.is_some_and(|a| a < TOKEN_FRESH) && status == StatusCode::FORBIDDEN {
+                return Ok(resp);
+            }
+            if let Scheme::Bearer { realm, .. } = &scheme {
+                let key = (realm.clone(), format!("repository:{}:pull", t.repository));
+                self.tokens.lock().expect("tokens lock").remove(&key);
+            }
+            tracing::debug!(
+                "{}: {} refused, renewing credentials",
+                t.endpoint.label(),
+                t.what
+            );
+        }
+    }
+
+    /// Sends and follows redirects; Authorization goes only to the original host.
+    pub(super) async fn follow(
+        &self,
+        t: &Target<'_>,
+        method: Method,
+        mut url: Url,
+        extra: &HeaderMap,
+        auth: Option<HeaderValue>,
+        retry: &mut Retry,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let origin = (
+            url.host_str().map(str::to_string),
+            url.port_or_known_default(),
+        );
+        for _ in 0..=MAX_REDIRECTS {
+            let mut headers = extra.clone();
+            let same_origin = (
+                url.host_str().map(str::to_string),
+                url.port_or_known_default(),
+            ) == origin;
+            if same_origin && let Some(a) = &auth {
+                headers.insert(header::AUTHORIZATION, a.clone());
+            }
+            let resp = self
+                .send_retrying(t, method.clone(), url.clone(), headers, retry)
+                .await?;
+            if !resp.status().is_redirection() {
+                return Ok(resp);
+            }
+            let location = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .ok_or_else(|| RegistryError::Http {
+                    registry: t.endpoint.label(),
+                    status: resp.status().as_u16(),
+                    what: format!("{} (redirect without Location)", t.what),
+                })?;
+            url = url.join(location).map_err(|e| RegistryError::Http {
+                registry: t.endpoint.label(),
+                status: resp.status().as_u16(),
+                what: format!("{} (bad redirect {location:?}: {e})", t.what),
+            })?;
+            tracing::debug!("{}: redirected to {}", t.what, url.host_str().unwrap_or(""));
+        }
+        Err(RegistryError::Http {
+            registry: t.endpoint.label(),
+            status: 310,
+            what: format!("{} (more than {MAX_REDIRECTS} redirects)", t.what),
+        })
+    }
+
+    /// A GET whose whole body is wanted in memory (manifests, configs, tag
+    /// pages), with the common retry policy around request and body alike: a
+    /// body cut short, a stall or a `check` that fails with a digest
+    /// mismatch costs an attempt, not the operation. The body is capped at
+    /// `max` while it streams.
+    pub(crate) async fn get_small(
+        &self,
+        t: &Target<'_>,
+        url: Url,
+        headers: HeaderMap,
+        (kind, max): (&'static str, usize),
+        retry: &mut Retry,
+        check: impl Fn(&HeaderMap, &[u8]) -> Result<(), RegistryError>,
+    ) -> Result<(HeaderMap, bytes::Bytes), RegistryError> {
+        let label = t.endpoint.label();
+        loop {
+            let remaining = retry.remaining();
+            let attempt = async {
+                let resp = self
+                    .request_url(t, Method::GET, url.clone(), headers.clone(), retry)
+                    .await?;
+                let status = resp.status();
+                let got = resp.headers().clone();
+                if !status.is_success() {
+                    let body = error_body(resp).await;
+                    return Err(from_response(&label, status.as_u16(), &body, &t.what));
+                }
+                let body = match read_capped(resp, max).await {
+                    Ok(b) => b,
+                    Err(BodyError::TooLarge) => {
+                        return Err(RegistryError::TooLarge {
+                            what: t.what.clone(),
+                            kind,
+                            max,
+                        });
+                    }
+                    Err(BodyError::Transport(e)) => return Err(from_transport(&label, &e)),
+                };
+                check(&got, &body)?;
+                Ok((got, body))
+            };
+            match tokio::time::timeout(remaining, attempt).await {
+                Err(_) => return Err(retry.timed_out()),
+                Ok(Ok(r)) => return Ok(r),
+                Ok(Err(e)) => retry.again(e, None).await?,
+            }
+        }
+    }
+
+    /// An unauthenticated GET of a foreign layer URL, following redirects.
+    /// Only with `foreign_urls`; over HTTPS unless the host is loopback.
+    pub(crate) async fn plain_get(
+        &self,
+        mut url: Url,
+        headers: HeaderMap,
+    ) -> Result<reqwest::Response, RegistryError> {
+        for _ in 0..=MAX_REDIRECTS {
+            check_foreign_url(&url)?;
+            let host = url.host_str().unwrap_or("layer url").to_string();
+            let resp = self
+                .http(&url)
+                .get(url.clone())
+                .headers(headers.clone())
+                .send()
+                .await
+                .map_err(|e| from_transport(&host, &e))?;
+            let next = resp
+                .headers()
+                .get(header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url.join(l).ok());
+            match next {
+                Some(n) if resp.status().is_redirection() => url = n,
+                _ => return Ok(resp),
+            }
+        }
+        Err(RegistryError::Http {
+            registry: url.host_str().unwrap_or("layer url").to_string(),
+            status: 310,
+            what: format!("foreign layer URL (more than {MAX_REDIRECTS} redirects)"),
+        })
+    }
+
+    /// Lists a repository's tags, following `Link` pagination. A `Link` back
+    /// to a page already read ends the listing with an error, as do more than
+    /// [`MAX_TAG_PAGES`] pages.
+    pub async fn tags(&self, reference: &Reference) -> Result<Vec<String>, RegistryError> {
+        #[derive(Deserialize)]
+        struct TagList {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
+        let endpoint = self
+            .endpoints(reference)
+            .await?
+            .pop()
+            .expect("registry endpoint");
+        let t = Target {
+            endpoint: &endpoint,
+            repository: &reference.repository,
+            what: reference.name(),
+        };
+        let mut url = endpoint
+            .base
+            .join(&format!(
+                "/v2/{}/tags/list?n={TAGS_PAGE}",
+                reference.repository
+            ))
+            .map_err(|e| RegistryError::Config(e.to_string()))?;
+        let invalid = |detail: String| RegistryError::Invalid {
+            what: t.what.clone(),
+            kind: "tag list",
+            detail,
+        };
+        let mut seen = std::collections::HashSet::new();
+        let mut all = Vec::new();
+        loop {
+            if !seen.insert(url.to_string()) {
+                return Err(invalid(format!(
+                    "the Link header leads back to a page already read ({})",
+                    crate::registry::retry::escape_text(url.as_str())
+                )));
+            }
+            if seen.len() > MAX_TAG_PAGES {
+                return Err(invalid(format!("more than {MAX_TAG_PAGES} pages; refused")));
+            }
+            let mut retry = Retry::new(self.policy(), &format!("registry {}", endpoint.label()))
+                .labelled(&t.what);
+            let (headers, body) = self
+                .get_small(
+                    &t,
+                    url.clone(),
+                    HeaderMap::new(),
+                    ("tag list page", TAG_PAGE_MAX),
+                    &mut retry,
+                    |_, _| Ok(()),
+                )
+                .await?;
+            let page: TagList =
+                serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
+            // Tags reach a terminal: any that break the tag grammar (control
+            // sequences included) are left out, and counted.
+            let (good, bad): (Vec<String>, Vec<String>) = page
+                .tags
+                .unwrap_or_default()
+                .into_iter()
+                .partition(|t| valid_tag(t));
+            if !bad.is_empty() {
+                tracing::warn!(
+                    "{}: {} tags that are not valid tag names were left out",
+                    t.what,
+                    bad.len()
+                );
+            }
+            all.extend(good);
+            if all.len() > MAX_TAGS {
+                return Err(invalid(format!("more than {MAX_TAGS} tags; refused")));
+            }
+            let link = headers
+                .get(header::LINK)
+                .and_then(|l| l.to_str().ok())
+                .and_then(next_link);
+            match link {
+                Some(next) => {
+                    url = url.join(&next).map_err(|e| RegistryError::Invalid {
+                        what: t.what.clone(),
+                        kind: "Link header",
+                        detail: e.to_string(),
+                    })?;
+                    // The next page goes out with the registry's credentials:
+                    // only to the registry itself.
+                    if url.origin() != endpoint.base.origin() {
+                        return Err(invalid(format!(
+                            "the Link header points to another host ({})",
+                            crate::registry::retry::escape_text(url.as_str())
+                        )));
+                    }
+                }
+                None => return Ok(all),
+            }
+        }
+    }
+}
+
+/// Docker's tag grammar: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
+pub(super) fn valid_tag(t: &str) -> bool {
+    let b = t.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers
+        .get(header::RETRY_AFTER)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    Some(Duration::from_secs(secs.min(60)))
+}
+
+/// `<url>; rel="next"`
+pub(super) fn next_link(link: &str) -> Option<String> {
+    link.split(',').find_map(|part| {
+        let (target, params) = part.split_once(';')?;
+        params
+            .split(';')
+            .any(|p| p.trim().trim_start_matches("rel=").trim_matches('"') == "next")
+            .then(|| {
+                target
+                    .trim()
+                    .trim_start_matches('<')
+                    .trim_end_matches('>')
+                    .to_string()
+            })
+    })
+}
