@@ -26,6 +26,7 @@ use crate::layer::{LayerError, LayerIndex};
 use crate::registry::RegistryError;
 
 mod fetch;
+pub mod ranged;
 mod maintain;
 
 /// A layer whose bytes fail their digest is downloaded again from the start
