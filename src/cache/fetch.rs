@@ -299,8 +299,10 @@ impl Cache {
             digest: desc.digest.clone(),
             diff_id,
             idx_path: idx_path.clone(),
-            tar,
-            base: offset,
+            data: Data::Tar {
+                file: tar,
+                base: offset,
+            },
             _in_use: lock,
         };
         let tar = archive.try_clone().map_err(io_err(&idx_path))?;

@@ -17,6 +17,7 @@ use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, FileExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
@@ -69,6 +70,8 @@ pub enum CacheError {
     },
     #[error(transparent)]
     Layer(#[from] LayerError),
+    #[error(transparent)]
+    Ranged(#[from] ranged::RangedError),
     #[error("invalid layer digest {0:?}")]
     BadDigest(String),
     /// A layer read in place whose bytes are not the ones its digest names
@@ -160,11 +163,18 @@ pub struct Layer {
     pub digest: String,
     pub diff_id: String,
     idx_path: PathBuf,
-    tar: File,
-    /// Where the layer's tar starts in `tar`: 0 for the cache's own copy, the
-    /// member's offset for a layer read in place from an archive.
-    base: u64,
+    data: Data,
     _in_use: File,
+}
+
+/// Where a layer's bytes are read from.
+enum Data {
+    /// An uncompressed tar: the cache's own copy (`base` 0), or a member of
+    /// an archive on disk read in place (`base` its offset).
+    Tar { file: File, base: u64 },
+    /// Fetched by range as reads need them; the index's offsets are
+    /// addresses in the ranged layer's own space.
+    Ranged(Arc<ranged::Ranged>),
 }
 
 impl std::fmt::Debug for Layer {
@@ -188,7 +198,19 @@ impl Layer {
     /// Reads from the uncompressed tar at `offset`. This is the one interface
     /// the tree and FUSE read through, whatever form the storage takes.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<usize> {
-        self.tar.read_at(buf, self.base + offset)
+        match &self.data {
+            Data::Tar { file, base } => file.read_at(buf, base + offset),
+            Data::Ranged(r) => Ok(r.read_at(offset, buf)?),
+        }
+    }
+
+    /// The range reader of a layer read by range: reads may wait for the
+    /// network, so FUSE must not make them on its session thread.
+    pub fn ranged(&self) -> Option<&Arc<ranged::Ranged>> {
+        match &self.data {
+            Data::Ranged(r) => Some(r),
+            Data::Tar { .. } => None,
+        }
     }
 }
 
@@ -365,8 +387,7 @@ impl Cache {
             digest: file.digest,
             diff_id: file.diff_id,
             idx_path,
-            tar,
-            base: 0,
+            data: Data::Tar { file: tar, base: 0 },
             _in_use: in_use,
         }))
     }

@@ -516,6 +516,109 @@ impl Drop for Ranged {
     }
 }
 
+/// Names the form a layer is read by range in (a table of contents, a
+/// checkpoint index): the files of each form are kept apart.
+pub type Form = &'static str;
+
+impl super::Cache {
+    fn ranged_stem(&self, hex: &str, form: Form) -> PathBuf {
+        self.root.join("lazy/sha256").join(format!("{hex}-{form}"))
+    }
+
+    /// Layer `desc` read by range in `form`. Its entry index and span
+    /// metadata (opaque here) are made by `build` the first time (from the
+    /// network) and kept; `map` makes the spans from the metadata; reads
+    /// fetch through `source`. While the layer lives it holds the layer's
+    /// lock shared, like any layer in use.
+    pub fn open_ranged<E: From<super::CacheError>>(
+        &self,
+        desc: &crate::registry::LayerDesc,
+        image_ref: &str,
+        form: Form,
+        build: impl FnOnce() -> Result<(crate::layer::LayerIndex, Vec<u8>), E>,
+        map: impl FnOnce(&[u8]) -> Result<Box<dyn SpanMap>, E>,
+        source: Arc<dyn RangeSource>,
+    ) -> Result<Arc<super::Layer>, E> {
+        use super::{CacheError, IndexHeader, INDEX_VERSION};
+        let hex = super::hex_of(&desc.digest)?.to_string();
+        let dir = self.root.join("lazy/sha256");
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .create(&dir)
+            .map_err(|e| CacheError::from(io_err(&dir)(e)))?;
+        let lock = self.lock_file(&hex)?;
+        let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
+        lock.lock_shared()
+            .map_err(|e| CacheError::from(io_err(&lock_path)(e)))?;
+        let stem = self.ranged_stem(&hex, form);
+        let idx_path = stem.with_extension("idx");
+        let meta_path = stem.with_extension("meta");
+        let stored = match (super::read_index_header(&idx_path)?, std::fs::read(&meta_path)) {
+            (Some(Ok(h)), Ok(meta)) if h.version == INDEX_VERSION && h.digest == *desc.digest => {
+                Some((h, meta))
+            }
+            _ => None,
+        };
+        let (header, meta) = match stored {
+            Some(found) => found,
+            None => {
+                let (index, meta) = build()?;
+                let end = index
+                    .entries
+                    .iter()
+                    .map(|e| e.offset + e.size)
+                    .max()
+                    .unwrap_or(0);
+                let header = IndexHeader {
+                    version: INDEX_VERSION,
+                    digest: desc.digest.to_string(),
+                    // Not verified: a layer read by range is never whole
+                    // here; its spans are verified instead.
+                    diff_id: desc.diff_id.clone().unwrap_or_default(),
+                    blob_size: desc.size,
+                    tar_size: end,
+                };
+                let write = |path: &Path, parts: &[&[u8]]| -> Result<(), CacheError> {
+                    let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp"))
+                        .map_err(|e| CacheError::from(io_err(path)(e)))?;
+                    for p in parts {
+                        tmp.as_file()
+                            .write_all(p)
+                            .map_err(|e| CacheError::from(io_err(path)(e)))?;
+                    }
+                    tmp.as_file()
+                        .sync_data()
+                        .map_err(|e| CacheError::from(io_err(path)(e)))?;
+                    tmp.persist(path)
+                        .map_err(|e| CacheError::from(io_err(path)(e.error)))?;
+                    Ok(())
+                };
+                let encode = |e: postcard::Error| CacheError::from(io_err(&idx_path)(io::Error::other(e)));
+                let head = postcard::to_stdvec(&header).map_err(encode)?;
+                let body = postcard::to_stdvec(&index).map_err(encode)?;
+                // Metadata first: the index's presence says both are there.
+                write(&meta_path, &[&meta])?;
+                write(&idx_path, &[&head, &body])?;
+                (header, meta)
+            }
+        };
+        let spans = map(&meta)?;
+        let reader = Ranged::open(&desc.digest, &stem, spans, source).map_err(CacheError::from)?;
+        // Last use is the index file's mtime, as for whole layers.
+        if let Ok(f) = std::fs::File::options().write(true).open(&idx_path) {
+            let _ = f.set_modified(std::time::SystemTime::now());
+        }
+        self.note_image(&hex, image_ref);
+        Ok(Arc::new(super::Layer {
+            digest: header.digest,
+            diff_id: header.diff_id,
+            idx_path,
+            data: super::Data::Ranged(Arc::new(reader)),
+            _in_use: lock,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -85,6 +85,34 @@ impl Target<'_> {
         }
     }
 
+    /// A read of this target that may wait for the network (its layer is
+    /// read by range), as a job that owns what it needs so it can run off
+    /// the FUSE session thread; `None` when the bytes are on disk.
+    pub(super) fn ranged_read(&self, offset: u64, size: u32) -> Option<RangedRead> {
+        let (layer, at, len, sparse) = match self {
+            Target::Node(m, id) => {
+                let n = m.tree.node(*id);
+                let layer = m.layers.get(n.layer as usize)?;
+                (n.kind == EntryKind::File).then_some(())?;
+                (layer, n.offset, n.size, n.sparse())
+            }
+            Target::Prov(_, p) if p.entry.kind == EntryKind::File => {
+                let e = &p.entry;
+                (&p.layer, e.offset, e.size, e.sparse.as_deref())
+            }
+            Target::Prov(..) => return None,
+        };
+        layer.ranged()?;
+        Some(RangedRead {
+            layer: Arc::clone(layer),
+            at,
+            len,
+            sparse: sparse.map(|s| s.to_vec()),
+            offset,
+            size,
+        })
+    }
+
     /// `(name, value)` pairs: the entry's own xattrs plus `user.rimg.layer`.
     pub(super) fn xattrs(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         match self {
@@ -205,6 +233,29 @@ pub(super) fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
         reply.error(Errno::ERANGE);
     } else {
         reply.data(data);
+    }
+}
+
+/// A file read to run on a blocking thread (see [`Target::ranged_read`]).
+pub(super) struct RangedRead {
+    layer: Arc<Layer>,
+    at: u64,
+    len: u64,
+    sparse: Option<Vec<Segment>>,
+    offset: u64,
+    size: u32,
+}
+
+impl RangedRead {
+    pub(super) fn run(self) -> Result<Vec<u8>, Errno> {
+        read_data(
+            &self.layer,
+            self.at,
+            self.len,
+            self.sparse.as_deref(),
+            self.offset,
+            self.size,
+        )
     }
 }
 

@@ -256,9 +256,20 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.with_inode(ino, move |t| match t.and_then(|t| t.read(offset, size)) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
+        let rt = self.rt.clone();
+        self.with_inode(ino, move |t| {
+            // A layer read by range may have to fetch: never on this thread.
+            if let Ok(Some(job)) = t.as_ref().map(|t| t.ranged_read(offset, size)) {
+                rt.spawn_blocking(move || match job.run() {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(e),
+                });
+                return;
+            }
+            match t.and_then(|t| t.read(offset, size)) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            }
         });
     }
 
