@@ -15,6 +15,9 @@ use crate::local::LocalBlobs;
 use crate::overlay::tree::{self, Tree};
 use crate::registry::{Client, LayerDesc, ResolvedImage};
 
+mod ranged;
+pub use ranged::RangedOpenError;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     // The cache error names the digest.
@@ -37,6 +40,14 @@ pub enum ImageError {
         reference: String,
         count: usize,
         asked: i64,
+    },
+    #[error("layer {index} ({digest}) of {reference}: reading it by range")]
+    Ranged {
+        index: usize,
+        digest: String,
+        reference: String,
+        #[source]
+        source: Box<RangedOpenError>,
     },
     #[error("worker for layer {digest} stopped: {detail}")]
     Worker { digest: String, detail: String },
@@ -97,6 +108,8 @@ pub struct ImageSource {
     cache: Arc<Cache>,
     max_layer_size: u64,
     progress: Arc<dyn Progress>,
+    /// Layers whose table of contents the manifest pins are read by range.
+    range_reads: bool,
 }
 
 /// Counts bytes to the progress listener as the decompressor pulls them.
@@ -127,7 +140,15 @@ impl ImageSource {
             cache,
             max_layer_size,
             progress,
+            range_reads: true,
         }
+    }
+
+    /// Whether layers that allow it are read by range (the default) or
+    /// always fetched whole.
+    pub fn with_range_reads(mut self, on: bool) -> Self {
+        self.range_reads = on;
+        self
     }
 
     pub fn cache(&self) -> &Arc<Cache> {
@@ -162,6 +183,9 @@ impl ImageSource {
     /// Layer `index`; an uncompressed layer of a local archive is read in
     /// place when `in_place` allows, else the blob is copied into the cache.
     async fn layer_from(&self, index: usize, in_place: bool) -> Result<Arc<Layer>, ImageError> {
+        if in_place && let Some(l) = self.ranged_layer(index).await? {
+            return Ok(l);
+        }
         let desc: LayerDesc = self.image.layers[index].clone();
         let reference = self.image.reference.clone();
         let image_ref = reference.to_string();
@@ -242,7 +266,8 @@ impl ImageSource {
         }
         let started = std::time::Instant::now();
         let layers = self.layers().await?;
-        if let Some(t) = self.cache.load_tree::<Tree>(&self.image.digest) {
+        let key = self.tree_key(layers.iter().map(|l| l.ranged().is_some()));
+        if let Some(t) = self.cache.load_tree::<Tree>(&key) {
             tracing::info!(
                 "{}: saved tree of {} entries loaded in {:?}",
                 self.image.reference,
@@ -269,10 +294,34 @@ impl ImageSource {
             fetched,
             started.elapsed() - fetched
         );
-        if let Err(e) = self.cache.store_tree(&self.image.digest, &t) {
+        if let Err(e) = self.cache.store_tree(&key, &t) {
             tracing::warn!("cannot save the merged tree: {e}");
         }
         Ok((t, layers))
+    }
+
+    /// What the merged tree is saved under: the image's digest when every
+    /// layer is read whole, else a digest of it and which layers are read
+    /// by range (their files' addresses differ from a whole layer's).
+    fn tree_key(&self, ranged: impl Iterator<Item = bool>) -> String {
+        let forms: String = ranged.map(|r| if r { 'R' } else { 'W' }).collect();
+        if !forms.contains('R') {
+            return self.image.digest.to_string();
+        }
+        use sha2::Digest as _;
+        let key = sha2::Sha256::digest(format!("{}/{forms}", self.image.digest));
+        format!("sha256:{}", hex::encode(key))
+    }
+
+    /// The key [`Self::tree`] will save the merged tree under, told from
+    /// the cache alone (a layer with a kept range cache is read by range).
+    pub fn predicted_tree_key(&self) -> String {
+        let ranged = self.image.layers.iter().map(|l| {
+            self.range_reads
+                && matches!(self.blobs, Blobs::Registry(_))
+                && self.cache.has_ranged(&l.digest, "toc")
+        });
+        self.tree_key(ranged)
     }
 
     /// The image, and for a local one the file and entry layer `index` is

@@ -56,6 +56,11 @@ pub trait SpanMap: Send + Sync {
     fn describe(&self, _i: usize) -> Option<String> {
         None
     }
+    /// Addresses below this are fetched first when the whole layer is
+    /// prefetched (eStargz's prefetch landmark).
+    fn prefetch_first(&self) -> Option<u64> {
+        None
+    }
 }
 
 /// Fetches byte ranges of a layer's blob; called from blocking threads.
@@ -288,9 +293,12 @@ impl Ranged {
         Ok(want)
     }
 
-    /// Fetches every span not yet held, in order (the caller decides which
-    /// first by calling [`Self::prefetch_until`] before); stops at the first error.
+    /// Fetches every span not yet held: first those the layer marks to
+    /// fetch first, then the rest in order; stops at the first error.
     pub fn prefetch(&self) -> Result<(), RangedError> {
+        if let Some(first) = self.map.prefetch_first() {
+            self.prefetch_until(first)?;
+        }
         self.prefetch_until(u64::MAX)
     }
 
@@ -523,6 +531,12 @@ pub type Form = &'static str;
 impl super::Cache {
     fn ranged_stem(&self, hex: &str, form: Form) -> PathBuf {
         self.root.join("lazy/sha256").join(format!("{hex}-{form}"))
+    }
+
+    /// Whether the range cache of layer `digest` in `form` is kept.
+    pub fn has_ranged(&self, digest: &str, form: Form) -> bool {
+        super::hex_of(digest)
+            .is_ok_and(|hex| self.ranged_stem(hex, form).with_extension("idx").exists())
     }
 
     /// Layer `desc` read by range in `form`. Its entry index and span

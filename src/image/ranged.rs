@@ -1,0 +1,274 @@
+//! Which layers are read by range, and how: a layer whose table of contents
+//! the manifest pins (eStargz, zstd:chunked) is opened from that table alone
+//! and its files are fetched chunk by chunk; every other layer is fetched
+//! whole. The span maps here verify each chunk against the digest its table
+//! states before a byte of it is kept.
+//!
+//! A layer keeps the form it was first opened in while its range cache
+//! lives (a layer read by range stays so even once it is also cached
+//! whole), because a saved merged tree points at addresses in that form.
+
+use std::sync::Arc;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Blobs, ImageError, ImageSource};
+use crate::cache::ranged::{BoxError, RangeSource, SpanLoc, SpanMap};
+use crate::cache::{CacheError, Layer};
+use crate::layer::toc::{self, TocChunk, TocKind, TocLocation};
+use crate::registry::{Client, LayerDesc, RegistryError};
+use crate::reference::Reference;
+
+/// Tables of contents larger than this are refused before they are fetched.
+const TOC_MAX: u64 = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RangedOpenError {
+    #[error("fetching its table of contents")]
+    Fetch(#[source] RegistryError),
+    #[error(transparent)]
+    Toc(#[from] toc::TocError),
+    #[error("its table of contents is {len} bytes, over the {TOC_MAX}-byte bound")]
+    TooLarge { len: u64 },
+    #[error(transparent)]
+    Cache(#[from] CacheError),
+    #[error("its eStargz footer puts the table of contents at {at}, outside the {size}-byte blob")]
+    Footer { at: u64, size: u64 },
+    #[error("its saved span map is unreadable")]
+    Meta(#[source] postcard::Error),
+}
+
+/// Fetches ranges of one blob from its registry, blocking the calling
+/// thread (never a runtime thread) on the runtime that owns the client.
+struct RegistryRange {
+    client: Arc<Client>,
+    reference: Reference,
+    desc: LayerDesc,
+    handle: tokio::runtime::Handle,
+}
+
+impl RangeSource for RegistryRange {
+    fn fetch(&self, start: u64, len: u64) -> Result<Vec<u8>, BoxError> {
+        let got = self.handle.block_on(
+            self.client
+                .blob_range(&self.reference, &self.desc, start, len),
+        )?;
+        Ok(got.to_vec())
+    }
+}
+
+/// A table of contents' chunks, as kept beside the range cache.
+#[derive(Serialize, Deserialize)]
+struct TocMeta {
+    zstd: bool,
+    chunks: Vec<(u64, u64, u64, u64, u64, [u8; 32])>,
+    /// Each file's first address and path, for errors.
+    files: Vec<(u64, Vec<u8>)>,
+    prefetch_until: Option<u64>,
+}
+
+struct TocSpans {
+    kind: TocKind,
+    chunks: Vec<TocChunk>,
+    files: Vec<(u64, Vec<u8>)>,
+    prefetch_until: Option<u64>,
+}
+
+impl SpanMap for TocSpans {
+    fn count(&self) -> usize {
+        self.chunks.len()
+    }
+    fn span(&self, i: usize) -> SpanLoc {
+        let c = &self.chunks[i];
+        SpanLoc {
+            start: c.start,
+            len: c.len,
+            coff: c.coff,
+            clen: c.clen,
+        }
+    }
+    fn decode(&self, i: usize, compressed: &[u8]) -> Result<Vec<u8>, BoxError> {
+        Ok(toc::decode_chunk(self.kind, &self.chunks[i], compressed)?)
+    }
+    fn describe(&self, i: usize) -> Option<String> {
+        let at = self.chunks.get(i)?.start;
+        let k = self.files.partition_point(|(s, _)| *s <= at).checked_sub(1)?;
+        Some(crate::names::escaped(&self.files[k].1).to_string())
+    }
+    fn prefetch_first(&self) -> Option<u64> {
+        self.prefetch_until
+    }
+}
+
+fn toc_meta(t: &toc::TocLayer) -> TocMeta {
+    let mut files: Vec<(u64, Vec<u8>)> = t
+        .index
+        .entries
+        .iter()
+        .filter(|e| e.kind == crate::layer::EntryKind::File && e.size > 0)
+        .map(|e| (e.offset, e.path.clone()))
+        .collect();
+    files.sort();
+    TocMeta {
+        zstd: matches!(t.kind, TocKind::ZstdChunked),
+        chunks: t
+            .chunks
+            .iter()
+            .map(|c| (c.start, c.len, c.coff, c.clen, c.skip, c.digest))
+            .collect(),
+        files,
+        prefetch_until: t.prefetch_until,
+    }
+}
+
+fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
+    let m: TocMeta = postcard::from_bytes(meta).map_err(RangedOpenError::Meta)?;
+    Ok(Box::new(TocSpans {
+        kind: if m.zstd {
+            TocKind::ZstdChunked
+        } else {
+            TocKind::Estargz
+        },
+        chunks: m
+            .chunks
+            .into_iter()
+            .map(|(start, len, coff, clen, skip, digest)| TocChunk {
+                start,
+                len,
+                coff,
+                clen,
+                skip,
+                digest,
+            })
+            .collect(),
+        files: m.files,
+        prefetch_until: m.prefetch_until,
+    }))
+}
+
+impl ImageSource {
+    /// Layer `index` read by range when it can be and is not already
+    /// cached whole; `None` means fetch it whole.
+    pub(super) async fn ranged_layer(&self, index: usize) -> Result<Option<Arc<Layer>>, ImageError> {
+        if !self.range_reads {
+            return Ok(None);
+        }
+        let Blobs::Registry(client) = &self.blobs else {
+            return Ok(None);
+        };
+        let desc = self.image.layers[index].clone();
+        let form = "toc";
+        let kept = self.cache.has_ranged(&desc.digest, form);
+        if !kept && self.cache.blob_path(&desc.digest).is_some() {
+            return Ok(None);
+        }
+        let Some(location) = toc::locate(&desc.media_type, &desc.annotations) else {
+            return Ok(None);
+        };
+        if let TocLocation::EstargzFooter { digest: None } = location {
+            // A table of contents no digest pins could say anything about
+            // the blob; only a whole download is verified.
+            tracing::info!(
+                "layer {}: eStargz without a toc.digest annotation; fetched whole",
+                desc.digest
+            );
+            return Ok(None);
+        }
+        let source = Arc::new(RegistryRange {
+            client: Arc::clone(client),
+            reference: self.image.reference.clone(),
+            desc: desc.clone(),
+            handle: tokio::runtime::Handle::current(),
+        });
+        let cache = Arc::clone(&self.cache);
+        let image_ref = self.image.reference.to_string();
+        let fetcher = Arc::clone(&source);
+        let d = desc.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            cache.open_ranged::<RangedOpenError>(
+                &d,
+                &image_ref,
+                form,
+                || {
+                    let t = fetch_toc(&*fetcher, &d, location)?;
+                    tracing::info!(
+                        "layer {}: read by range from its table of contents ({} entries, {} chunks)",
+                        d.digest,
+                        t.index.entries.len(),
+                        t.chunks.len()
+                    );
+                    let meta = postcard::to_stdvec(&toc_meta(&t)).map_err(RangedOpenError::Meta)?;
+                    Ok((t.index, meta))
+                },
+                toc_spans,
+                source,
+            )
+        })
+        .await
+        .map_err(|e| ImageError::Worker {
+            digest: desc.digest.to_string(),
+            detail: e.to_string(),
+        })?;
+        match opened {
+            Ok(l) => Ok(Some(l)),
+            Err(e) => Err(ImageError::Ranged {
+                index,
+                digest: desc.digest.to_string(),
+                reference: self.image.reference.to_string(),
+                source: Box::new(e),
+            }),
+        }
+    }
+}
+
+/// Fetches and parses a layer's table of contents, verified against the
+/// digest the manifest pins.
+fn fetch_toc(
+    source: &RegistryRange,
+    desc: &LayerDesc,
+    location: TocLocation,
+) -> Result<toc::TocLayer, RangedOpenError> {
+    let get = |start: u64, len: u64| -> Result<Vec<u8>, RangedOpenError> {
+        if len > TOC_MAX {
+            return Err(RangedOpenError::TooLarge { len });
+        }
+        source
+            .handle
+            .block_on(source.client.blob_range(&source.reference, desc, start, len))
+            .map(|b| b.to_vec())
+            .map_err(RangedOpenError::Fetch)
+    };
+    match location {
+        TocLocation::Range {
+            kind,
+            offset,
+            len,
+            digest,
+            ..
+        } => {
+            let bytes = get(offset, len)?;
+            Ok(toc::parse(kind, &bytes, Some(&digest), desc.size, &desc.digest)?)
+        }
+        TocLocation::EstargzFooter { digest } => {
+            let outside = |at| RangedOpenError::Footer {
+                at,
+                size: desc.size,
+            };
+            let footer_at = desc
+                .size
+                .checked_sub(toc::ESTARGZ_FOOTER)
+                .ok_or(outside(0))?;
+            let footer = get(footer_at, toc::ESTARGZ_FOOTER)?;
+            let at = toc::estargz_footer(&footer)?;
+            let len = footer_at.checked_sub(at).ok_or(outside(at))?;
+            let bytes = get(at, len)?;
+            Ok(toc::parse(
+                TocKind::Estargz,
+                &bytes,
+                digest.as_deref(),
+                desc.size,
+                &desc.digest,
+            )?)
+        }
+    }
+}
