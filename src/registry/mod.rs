@@ -8,6 +8,7 @@ mod credentials;
 mod error;
 mod image;
 mod platform;
+mod range;
 mod retry;
 mod types;
 
@@ -21,5 +22,6 @@ pub use image::{
     sha256_digest,
 };
 pub use platform::{PlatformSpec, describe as describe_platform, select as select_platform};
+pub use range::WHOLE_BLOB_FALLBACK_MAX;
 pub use retry::{RetryPolicy, escape_controls, escape_text};
 pub use types::*;
