@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 mod header;
 mod index;
+pub mod toc;
 
 use header::*;
 pub use index::*;
