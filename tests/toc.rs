@@ -34,7 +34,6 @@ fn layers(reg: &Registry, repo: &str, tag: &str) -> Vec<Layer> {
         "Accept: application/vnd.oci.image.manifest.v1+json",
         &format!("{}/v2/{repo}/manifests/{tag}", reg.url()),
     ]));
-    eprintln!("manifest {repo}:{tag}: {out}");
     let m: serde_json::Value = serde_json::from_str(&out).unwrap();
     m["layers"]
         .as_array()
@@ -83,8 +82,14 @@ fn toc_of(l: &Layer) -> (TocKind, Vec<u8>, Option<String>) {
 
 fn parse(l: &Layer) -> TocLayer {
     let (kind, bytes, digest) = toc_of(l);
-    toc::parse(kind, &bytes, digest.as_deref(), l.blob.len() as u64, &l.digest)
-        .unwrap_or_else(|e| panic!("{e}"))
+    toc::parse(
+        kind,
+        &bytes,
+        digest.as_deref(),
+        l.blob.len() as u64,
+        &l.digest,
+    )
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 fn decompress(l: &Layer, kind: TocKind) -> Vec<u8> {
@@ -350,8 +355,13 @@ fn varied_estargz_toc_matches_the_tar_with_chunked_large_files() {
         .position(|e| e.path == b"data/big.bin")
         .unwrap();
     assert_eq!(t.chunks.iter().filter(|c| c.file == big).count(), 5);
-    assert!(t.index.entries.iter().any(|e| e.kind == EntryKind::Hardlink
-        && e.link.as_deref() == Some(&b"data/big.bin"[..])));
+    assert!(
+        t.index
+            .entries
+            .iter()
+            .any(|e| e.kind == EntryKind::Hardlink
+                && e.link.as_deref() == Some(&b"data/big.bin"[..]))
+    );
     check_tampering(&parsed[1].0, t);
 }
 

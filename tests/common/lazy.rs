@@ -107,7 +107,14 @@ pub fn estargz_with(reg: &Registry, src: &str, dst: &str, chunk_size: Option<u64
         format!("{}/{dst}", reg.addr()),
     );
     // The native snapshotter unpacks by copying: no overlay mounts needed.
-    c.ctr(&["image", "pull", "--plain-http", "--snapshotter", "native", &src]);
+    c.ctr(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        &src,
+    ]);
     let size = chunk_size.map(|s| s.to_string());
     let mut args = vec!["image", "convert", "--estargz", "--oci"];
     if let Some(s) = &size {

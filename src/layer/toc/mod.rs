@@ -426,7 +426,9 @@ impl Builder {
 
     fn read_json(&mut self, json: &[u8]) -> Result<(), TocError> {
         let mut de = serde_json::Deserializer::from_slice(json);
-        let r = TocSeed { b: self }.deserialize(&mut de).and_then(|()| de.end());
+        let r = TocSeed { b: self }
+            .deserialize(&mut de)
+            .and_then(|()| de.end());
         if let Some(e) = self.failed.take() {
             return Err(e);
         }
@@ -604,7 +606,10 @@ impl Builder {
         self.member_starts.dedup();
         let mut chunks = Vec::with_capacity(self.pieces.len());
         for (n, f) in self.files.iter().enumerate() {
-            let pieces_end = self.files.get(n + 1).map_or(self.pieces.len(), |g| g.first_piece);
+            let pieces_end = self
+                .files
+                .get(n + 1)
+                .map_or(self.pieces.len(), |g| g.first_piece);
             let pieces = &self.pieces[f.first_piece..pieces_end];
             let e = &self.entries[f.entry];
             let bad = |d: String| self.bad(&e.path, d);
@@ -622,7 +627,9 @@ impl Builder {
                     None => return Err(bad("a chunk without a size before the last".into())),
                 };
                 if len == 0 || len > e.size - at {
-                    return Err(bad(format!("chunk of {len} bytes at {at} exceeds the file")));
+                    return Err(bad(format!(
+                        "chunk of {len} bytes at {at} exceeds the file"
+                    )));
                 }
                 if len > CHUNK_MAX || p.inner > CHUNK_MAX {
                     return Err(bad(format!(
@@ -755,7 +762,14 @@ fn rfc3339_seconds(s: &str) -> Option<i64> {
         t.iter().all(u8::is_ascii_digit).then_some(())?;
         std::str::from_utf8(t).ok()?.parse().ok()
     };
-    let (y, mo, d, h, mi, sec) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
+    let (y, mo, d, h, mi, sec) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
         return None;
     }
@@ -777,7 +791,11 @@ fn rfc3339_seconds(s: &str) -> Option<i64> {
         _ => return None,
     };
     // Days from the civil date (Howard Hinnant's algorithm).
-    let (y, m) = if mo <= 2 { (y - 1, mo + 9) } else { (y, mo - 3) };
+    let (y, m) = if mo <= 2 {
+        (y - 1, mo + 9)
+    } else {
+        (y, mo - 3)
+    };
     let era = y.div_euclid(400);
     let yoe = y - era * 400;
     let doy = (153 * m + 2) / 5 + d - 1;
