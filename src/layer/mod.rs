@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 
 mod header;
 mod index;
+pub mod zran;
 
 use header::*;
 pub use index::*;
