@@ -492,6 +492,7 @@ mod tests {
             size: blob.len() as u64,
             urls: vec![],
             diff_id: None,
+            annotations: Default::default(),
         }
     }
 

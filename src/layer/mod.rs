@@ -15,6 +15,8 @@ use serde::{Deserialize, Serialize};
 
 mod header;
 mod index;
+pub mod toc;
+pub mod zran;
 
 use header::*;
 pub use index::*;

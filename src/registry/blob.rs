@@ -215,7 +215,7 @@ impl Client {
 
     /// A layer the registry does not serve, whose descriptor names foreign
     /// URLs that were not tried, says how to get it.
-    fn foreign_hint(&self, desc: &LayerDesc, e: RegistryError) -> RegistryError {
+    pub(super) fn foreign_hint(&self, desc: &LayerDesc, e: RegistryError) -> RegistryError {
         if desc.urls.is_empty() || e.is_transient() {
             return e;
         }
@@ -239,7 +239,7 @@ impl Client {
 
     /// Foreign layers come from their `urls` first when allowed; then
     /// mirrors, then the registry.
-    async fn blob_sources(
+    pub(super) async fn blob_sources(
         &self,
         reference: &Reference,
         desc: &LayerDesc,

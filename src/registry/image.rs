@@ -118,6 +118,12 @@ impl ResolvedImage {
                 size: d.size(),
                 urls: d.urls().clone().unwrap_or_default(),
                 diff_id: Some(diff_id.clone()),
+                annotations: d
+                    .annotations()
+                    .iter()
+                    .flatten()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
             })
             .collect();
         Ok(ResolvedImage {

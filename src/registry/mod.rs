@@ -8,6 +8,9 @@ mod credentials;
 mod error;
 mod image;
 mod platform;
+mod push;
+mod range;
+mod referrers;
 mod retry;
 mod types;
 
@@ -21,5 +24,7 @@ pub use image::{
     sha256_digest,
 };
 pub use platform::{PlatformSpec, describe as describe_platform, select as select_platform};
+pub use range::WHOLE_BLOB_FALLBACK_MAX;
+pub use referrers::{Artifact, ArtifactBlob, EMPTY_MEDIA_TYPE, referrers_tag};
 pub use retry::{RetryPolicy, escape_controls, escape_text};
 pub use types::*;

@@ -1,5 +1,7 @@
 //! Plain data the registry hands to the layers below it.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 /// One layer of a resolved image, as the manifest describes it.
@@ -16,6 +18,10 @@ pub struct LayerDesc {
     /// `rootfs.diff_ids`; checked while the layer is inflated.
     #[serde(default)]
     pub diff_id: Option<String>,
+    /// The layer descriptor's annotations, as the manifest states them
+    /// (where lazy readers find hints such as a table of contents).
+    #[serde(default)]
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// Images with more layers are refused. Docker refuses more than 127 (an

@@ -6,6 +6,7 @@
 
 pub mod fixtures;
 pub mod image;
+pub mod lazy;
 pub mod listing;
 pub mod proxy;
 pub mod token;

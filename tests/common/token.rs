@@ -265,13 +265,20 @@ fn handle(
         .map(|(_, v)| v.clone())
         .unwrap_or_default();
     let repo = scope.split(':').nth(1).unwrap_or("").to_string();
-    let actions: Vec<&str> = if authenticated {
+    let allowed: Vec<&str> = if authenticated {
         vec!["pull", "push"]
     } else if public.contains(&repo) {
         vec!["pull"]
     } else {
         vec![]
     };
+    // Only what the scope asks for, as real token servers grant: a client
+    // that forgets to ask for push cannot push.
+    let asked = scope.split(':').nth(2).unwrap_or("");
+    let actions: Vec<&str> = allowed
+        .into_iter()
+        .filter(|a| asked.split(',').any(|x| x == *a))
+        .collect();
     let token = signer.sign(&repo, &actions, ttl);
     let body = serde_json::json!({
         "token": token, "access_token": token, "expires_in": ttl,

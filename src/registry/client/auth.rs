@@ -36,7 +36,7 @@ impl Client {
             what: format!("{} /v2/", ep.label()),
         };
         let resp = self
-            .send_retrying(&t, Method::GET, url, HeaderMap::new(), retry)
+            .send_retrying(&t, Method::GET, url, HeaderMap::new(), None, retry)
             .await?;
         let scheme = scheme_of_ping(&resp, &ep.label())?;
         self.schemes
@@ -50,6 +50,7 @@ impl Client {
         &self,
         t: &Target<'_>,
         scheme: &Scheme,
+        push: bool,
         retry: &mut Retry,
     ) -> Result<Option<HeaderValue>, RegistryError> {
         let creds = if t.endpoint.is_mirror {
@@ -70,7 +71,7 @@ impl Client {
                 basic_header(&c.username, &c.password)
             }
             Scheme::Bearer { realm, service } => {
-                let scope = format!("repository:{}:pull", t.repository);
+                let scope = scope(t.repository, push);
                 let key = (realm.clone(), scope.clone());
                 if let Some(tok) = self.tokens.lock().expect("tokens lock").get(&key)
                     && tok.expires > Instant::now()
@@ -88,11 +89,16 @@ impl Client {
         Ok(HeaderValue::from_str(&value).ok())
     }
 
-    pub(super) fn token_age(&self, t: &Target<'_>, scheme: &Scheme) -> Option<Duration> {
+    pub(super) fn token_age(
+        &self,
+        t: &Target<'_>,
+        scheme: &Scheme,
+        push: bool,
+    ) -> Option<Duration> {
         let Scheme::Bearer { realm, .. } = scheme else {
             return None;
         };
-        let key = (realm.clone(), format!("repository:{}:pull", t.repository));
+        let key = (realm.clone(), scope(t.repository, push));
         self.tokens
             .lock()
             .expect("tokens lock")
@@ -237,6 +243,13 @@ impl Client {
         }
         parse_token(&reply).map_err(auth_err)
     }
+}
+
+/// The token scope for a repository: `pull`, or `pull,push` for requests
+/// that write (blob uploads, manifest PUTs).
+pub(super) fn scope(repository: &str, push: bool) -> String {
+    let actions = if push { "pull,push" } else { "pull" };
+    format!("repository:{repository}:{actions}")
 }
 
 /// How a registry wants to be authenticated, from its answer to `GET /v2/`.

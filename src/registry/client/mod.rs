@@ -21,6 +21,7 @@ mod request;
 
 use auth::*;
 use request::*;
+pub(crate) use request::{next_link, valid_tag};
 
 const DOCKER_HUB_API: &str = "registry-1.docker.io";
 const MAX_REDIRECTS: usize = 10;
@@ -436,6 +437,12 @@ mod tests {
         for t in ["", ".x", "-x", "a b", "x\u{1b}[2J", "a/b", long.as_str()] {
             assert!(!valid_tag(t), "{t:?}");
         }
+    }
+
+    #[test]
+    fn writes_ask_for_push_and_reads_for_pull_only() {
+        assert_eq!(scope("a/b", false), "repository:a/b:pull");
+        assert_eq!(scope("a/b", true), "repository:a/b:pull,push");
     }
 
     #[test]

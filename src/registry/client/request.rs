@@ -23,19 +23,21 @@ impl Client {
         method: Method,
         url: Url,
         headers: HeaderMap,
+        body: Option<&bytes::Bytes>,
         retry: &mut Retry,
     ) -> Result<reqwest::Response, RegistryError> {
         let label = t.endpoint.label();
         loop {
-            let sent = tokio::time::timeout(
-                retry.remaining(),
-                self.http(&url)
-                    .request(method.clone(), url.clone())
-                    .headers(headers.clone())
-                    .send(),
-            )
-            .await
-            .map_err(|_| retry.timed_out())?;
+            let mut req = self
+                .http(&url)
+                .request(method.clone(), url.clone())
+                .headers(headers.clone());
+            if let Some(b) = body {
+                req = req.body(b.clone());
+            }
+            let sent = tokio::time::timeout(retry.remaining(), req.send())
+                .await
+                .map_err(|_| retry.timed_out())?;
             match sent {
                 Err(e) => retry.again(from_transport(&label, &e), None).await?,
                 Ok(r)
@@ -79,12 +81,35 @@ impl Client {
         extra: HeaderMap,
         retry: &mut Retry,
     ) -> Result<reqwest::Response, RegistryError> {
+        self.request_with_body(t, method, url, extra, None, retry)
+            .await
+    }
+
+    /// As [`Client::request_url`], sending `body`. Methods that write
+    /// (anything but GET and HEAD) ask a token for `pull,push`.
+    pub(crate) async fn request_with_body(
+        &self,
+        t: &Target<'_>,
+        method: Method,
+        url: Url,
+        extra: HeaderMap,
+        body: Option<bytes::Bytes>,
+        retry: &mut Retry,
+    ) -> Result<reqwest::Response, RegistryError> {
+        let push = !matches!(method, Method::GET | Method::HEAD);
         let mut scheme = self.scheme(t.endpoint, retry).await?;
         let mut renewed = false;
         loop {
-            let auth = self.authorization(t, &scheme, retry).await?;
+            let auth = self.authorization(t, &scheme, push, retry).await?;
             let resp = self
-                .follow(t, method.clone(), url.clone(), &extra, auth, retry)
+                .follow(
+                    t,
+                    method.clone(),
+                    url.clone(),
+                    (&extra, body.as_ref()),
+                    auth,
+                    retry,
+                )
                 .await?;
             let status = resp.status();
             let refused = status == StatusCode::UNAUTHORIZED
@@ -102,12 +127,12 @@ impl Client {
                     .expect("schemes lock")
                     .insert(Self::scheme_key(t.endpoint), scheme.clone());
             }
-            let age = self.token_age(t, &scheme);
+            let age = self.token_age(t, &scheme, push);
             if age.is_some_and(|a| a < TOKEN_FRESH) && status == StatusCode::FORBIDDEN {
                 return Ok(resp);
             }
             if let Scheme::Bearer { realm, .. } = &scheme {
-                let key = (realm.clone(), format!("repository:{}:pull", t.repository));
+                let key = (realm.clone(), scope(t.repository, push));
                 self.tokens.lock().expect("tokens lock").remove(&key);
             }
             tracing::debug!(
@@ -118,13 +143,14 @@ impl Client {
         }
     }
 
-    /// Sends and follows redirects; Authorization goes only to the original host.
+    /// Sends (headers and body) and follows redirects; Authorization goes
+    /// only to the original host.
     pub(super) async fn follow(
         &self,
         t: &Target<'_>,
         method: Method,
         mut url: Url,
-        extra: &HeaderMap,
+        (extra, body): (&HeaderMap, Option<&bytes::Bytes>),
         auth: Option<HeaderValue>,
         retry: &mut Retry,
     ) -> Result<reqwest::Response, RegistryError> {
@@ -142,7 +168,7 @@ impl Client {
                 headers.insert(header::AUTHORIZATION, a.clone());
             }
             let resp = self
-                .send_retrying(t, method.clone(), url.clone(), headers, retry)
+                .send_retrying(t, method.clone(), url.clone(), headers, body, retry)
                 .await?;
             if !resp.status().is_redirection() {
                 return Ok(resp);
@@ -355,7 +381,7 @@ impl Client {
 }
 
 /// Docker's tag grammar: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
-pub(super) fn valid_tag(t: &str) -> bool {
+pub(crate) fn valid_tag(t: &str) -> bool {
     let b = t.as_bytes();
     !b.is_empty()
         && b.len() <= 128
@@ -376,7 +402,7 @@ pub(super) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 }
 
 /// `<url>; rel="next"`
-pub(super) fn next_link(link: &str) -> Option<String> {
+pub(crate) fn next_link(link: &str) -> Option<String> {
     link.split(',').find_map(|part| {
         let (target, params) = part.split_once(';')?;
         params
