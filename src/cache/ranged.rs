@@ -50,12 +50,9 @@ pub trait SpanMap: Send + Sync {
     fn count(&self) -> usize;
     fn span(&self, i: usize) -> SpanLoc;
     /// Verifies `compressed` (exactly the span's `clen` bytes from `coff`)
-    /// and decodes it to the span's `len` bytes.
+    /// and decodes it to the span's `len` bytes. The error names the layer
+    /// and the file (or place) the span belongs to.
     fn decode(&self, i: usize, compressed: &[u8]) -> Result<Vec<u8>, BoxError>;
-    /// Where a decoded span names the file it belongs to, for errors.
-    fn describe(&self, _i: usize) -> Option<String> {
-        None
-    }
     /// Addresses below this are fetched first when the whole layer is
     /// prefetched (eStargz's prefetch landmark).
     fn prefetch_first(&self) -> Option<u64> {
@@ -78,14 +75,10 @@ pub enum RangedError {
         #[source]
         source: BoxError,
     },
-    #[error("layer {digest}: span {span}{} fails verification", .file.as_deref().map(|f| format!(" (file {f})")).unwrap_or_default())]
-    Span {
-        digest: String,
-        span: usize,
-        file: Option<String>,
-        #[source]
-        source: BoxError,
-    },
+    /// A span that fails verification or decoding; the span map's error
+    /// names the layer and the file.
+    #[error(transparent)]
+    Span(BoxError),
     #[error("layer {digest}: span {span} decodes to {got} bytes, not the {want} its index says")]
     Length {
         digest: String,
@@ -466,12 +459,7 @@ impl Ranged {
         let decoded = self
             .map
             .decode(i, compressed)
-            .map_err(|source| RangedError::Span {
-                digest: self.digest.clone(),
-                span: i,
-                file: self.map.describe(i),
-                source,
-            })?;
+            .map_err(RangedError::Span)?;
         if decoded.len() as u64 != s.len {
             return Err(RangedError::Length {
                 digest: self.digest.clone(),
@@ -655,12 +643,9 @@ mod tests {
             let s = self.spans[i];
             let out: Vec<u8> = c.iter().map(|b| b ^ 0x5a).collect();
             if out[..] != self.content[s.start as usize..(s.start + s.len) as usize] {
-                return Err("digest mismatch".into());
+                return Err(format!("layer sha256:x: file{i}: digest mismatch").into());
             }
             Ok(out)
-        }
-        fn describe(&self, i: usize) -> Option<String> {
-            Some(format!("file{i}"))
         }
     }
 
@@ -739,7 +724,7 @@ mod tests {
             .unwrap();
         let mut buf = vec![0; 100];
         let e = r.read_at(1000, &mut buf).unwrap_err();
-        let chain = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+        let chain = e.to_string();
         assert!(chain.contains("sha256:x"), "{chain}");
         assert!(chain.contains("file1"), "{chain}");
         assert!(chain.contains("digest mismatch"), "{chain}");

@@ -61,25 +61,26 @@ impl RangeSource for RegistryRange {
 #[derive(Serialize, Deserialize)]
 struct TocMeta {
     zstd: bool,
-    chunks: Vec<(u64, u64, u64, u64, u64, [u8; 32])>,
-    /// Each file's first address and path, for errors.
-    files: Vec<(u64, Vec<u8>)>,
+    layer: String,
+    /// start, len, coff, clen, skip, digest, file
+    chunks: Vec<(u64, u64, u64, u64, u64, [u8; 32], usize)>,
+    /// Each entry's path (`TocChunk::file` indexes it), for errors.
+    paths: Vec<Vec<u8>>,
     prefetch_until: Option<u64>,
 }
 
+/// The chunks, and their layer as far as errors name it (entries' paths
+/// only: the index itself is the cache's).
 struct TocSpans {
-    kind: TocKind,
-    chunks: Vec<TocChunk>,
-    files: Vec<(u64, Vec<u8>)>,
-    prefetch_until: Option<u64>,
+    layer: toc::TocLayer,
 }
 
 impl SpanMap for TocSpans {
     fn count(&self) -> usize {
-        self.chunks.len()
+        self.layer.chunks.len()
     }
     fn span(&self, i: usize) -> SpanLoc {
-        let c = &self.chunks[i];
+        let c = &self.layer.chunks[i];
         SpanLoc {
             start: c.start,
             len: c.len,
@@ -88,61 +89,63 @@ impl SpanMap for TocSpans {
         }
     }
     fn decode(&self, i: usize, compressed: &[u8]) -> Result<Vec<u8>, BoxError> {
-        Ok(toc::decode_chunk(self.kind, &self.chunks[i], compressed)?)
-    }
-    fn describe(&self, i: usize) -> Option<String> {
-        let at = self.chunks.get(i)?.start;
-        let k = self.files.partition_point(|(s, _)| *s <= at).checked_sub(1)?;
-        Some(crate::names::escaped(&self.files[k].1).to_string())
+        Ok(toc::decode_chunk(
+            &self.layer,
+            &self.layer.chunks[i],
+            compressed,
+        )?)
     }
     fn prefetch_first(&self) -> Option<u64> {
-        self.prefetch_until
+        self.layer.prefetch_until
     }
 }
 
 fn toc_meta(t: &toc::TocLayer) -> TocMeta {
-    let mut files: Vec<(u64, Vec<u8>)> = t
-        .index
-        .entries
-        .iter()
-        .filter(|e| e.kind == crate::layer::EntryKind::File && e.size > 0)
-        .map(|e| (e.offset, e.path.clone()))
-        .collect();
-    files.sort();
     TocMeta {
         zstd: matches!(t.kind, TocKind::ZstdChunked),
+        layer: t.layer.clone(),
         chunks: t
             .chunks
             .iter()
-            .map(|c| (c.start, c.len, c.coff, c.clen, c.skip, c.digest))
+            .map(|c| (c.start, c.len, c.coff, c.clen, c.skip, c.digest, c.file))
             .collect(),
-        files,
+        paths: t.index.entries.iter().map(|e| e.path.clone()).collect(),
         prefetch_until: t.prefetch_until,
     }
 }
 
 fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
     let m: TocMeta = postcard::from_bytes(meta).map_err(RangedOpenError::Meta)?;
+    let entries = m
+        .paths
+        .iter()
+        .map(|p| crate::layer::Entry::new(p, crate::layer::EntryKind::File))
+        .collect();
+    let chunks = m
+        .chunks
+        .into_iter()
+        .map(|(start, len, coff, clen, skip, digest, file)| TocChunk {
+            start,
+            len,
+            coff,
+            clen,
+            skip,
+            digest,
+            file,
+        })
+        .collect();
     Ok(Box::new(TocSpans {
-        kind: if m.zstd {
-            TocKind::ZstdChunked
-        } else {
-            TocKind::Estargz
+        layer: toc::TocLayer {
+            index: crate::layer::LayerIndex { entries },
+            chunks,
+            prefetch_until: m.prefetch_until,
+            kind: if m.zstd {
+                TocKind::ZstdChunked
+            } else {
+                TocKind::Estargz
+            },
+            layer: m.layer,
         },
-        chunks: m
-            .chunks
-            .into_iter()
-            .map(|(start, len, coff, clen, skip, digest)| TocChunk {
-                start,
-                len,
-                coff,
-                clen,
-                skip,
-                digest,
-            })
-            .collect(),
-        files: m.files,
-        prefetch_until: m.prefetch_until,
     }))
 }
 

@@ -4,6 +4,7 @@
 //! rimg's view with umoci's.
 #![allow(dead_code, unused_imports)]
 
+pub mod counting;
 pub mod fixtures;
 pub mod image;
 pub mod lazy;
