@@ -374,3 +374,32 @@ fn varied_zstd_chunked_toc_matches_the_tar() {
     describe(&parsed);
     check_tampering(&parsed[1].0, &parsed[1].1);
 }
+
+/// Go's JSON turns a name that is not UTF-8 into U+FFFD; both producers'
+/// TOCs carry the mangled name, so the TOC is refused (the whole-layer path
+/// shows the real one) instead of showing a name the layer does not have.
+#[test]
+fn names_that_are_not_utf8_make_the_toc_refused_not_mangled() {
+    let reg = Registry::start(Auth::None);
+    let mut b = LayerBuilder::new();
+    b.file("ok", b"fine\n", 0o644)
+        .file_bytes(b"latin1-\xe9.txt", b"latin1\n");
+    let blob = layer_blob(&b.finish(), Compress::Gzip, true);
+    push_image(&reg, "raw", "gz", &[blob], "amd64", true);
+    lazy::estargz(&reg, "raw:gz", "raw:esgz");
+    lazy::zstd_chunked(&reg, "raw:gz", "raw-zstd:1");
+    for (repo, tag) in [("raw", "esgz"), ("raw-zstd", "1")] {
+        for l in layers(&reg, repo, tag) {
+            let (kind, bytes, digest) = toc_of(&l);
+            let e = toc::parse(
+                kind,
+                &bytes,
+                digest.as_deref(),
+                l.blob.len() as u64,
+                &l.digest,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("not UTF-8"), "{kind}: {e}");
+        }
+    }
+}
