@@ -344,7 +344,7 @@ fn push_varied(reg: &Registry) {
 fn varied_estargz_toc_matches_the_tar_with_chunked_large_files() {
     let reg = Registry::start(Auth::None);
     push_varied(&reg);
-    lazy::estargz_with(&reg, "varied:gz", "varied:esgz", Some(1 << 20));
+    lazy::estargz_with(&reg, "varied:gz", "varied:esgz", Some(1 << 20), &[]);
     let parsed = check_image(&reg, "varied", "esgz", TocKind::Estargz);
     describe(&parsed);
     let (_, t) = &parsed[1];
@@ -402,4 +402,24 @@ fn names_that_are_not_utf8_make_the_toc_refused_not_mangled() {
             assert!(e.to_string().contains("not UTF-8"), "{kind}: {e}");
         }
     }
+}
+
+/// Files a workload reads first (ctr-remote's record file) come first, and
+/// the prefetch landmark after them gives where prefetching may stop.
+#[test]
+fn estargz_prefetch_landmark_follows_the_prioritized_files() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "alpine", "3.20", "3.20.3", "amd64", true);
+    let first = ["/bin/busybox", "/etc/passwd"];
+    lazy::estargz_with(&reg, "alpine:3.20", "alpine:prio", None, &first);
+    let parsed = check_image(&reg, "alpine", "prio", TocKind::Estargz);
+    describe(&parsed);
+    let t = &parsed[0].1;
+    let size_of = |p: &[u8]| {
+        let e = t.index.entries.iter().find(|e| e.path == p).unwrap();
+        assert!(e.offset + e.size <= t.prefetch_until.unwrap());
+        e.size
+    };
+    let want = size_of(b"bin/busybox") + size_of(b"etc/passwd");
+    assert_eq!(t.prefetch_until, Some(want));
 }
