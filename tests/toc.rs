@@ -256,8 +256,9 @@ fn describe(parsed: &[(Layer, TocLayer)]) {
     for (l, t) in parsed {
         let max = t.chunks.iter().map(|c| c.len).max().unwrap_or(0);
         let skips = t.chunks.iter().filter(|c| c.skip > 0).count();
+        let toc_len = toc_of(l).1.len();
         eprintln!(
-            "{} {} bytes {}: {} entries, {} chunks (largest {max}, {skips} with skip), prefetch_until {:?}, annotations {:?}",
+            "{} {} bytes (TOC {toc_len}) {}: {} entries, {} chunks (largest {max}, {skips} with skip), prefetch_until {:?}, annotations {:?}",
             t.kind,
             l.blob.len(),
             l.media_type,
