@@ -256,8 +256,9 @@ fn describe(parsed: &[(Layer, TocLayer)]) {
     for (l, t) in parsed {
         let max = t.chunks.iter().map(|c| c.len).max().unwrap_or(0);
         let skips = t.chunks.iter().filter(|c| c.skip > 0).count();
+        let toc_len = toc_of(l).1.len();
         eprintln!(
-            "{} {} bytes {}: {} entries, {} chunks (largest {max}, {skips} with skip), prefetch_until {:?}, annotations {:?}",
+            "{} {} bytes (TOC {toc_len}) {}: {} entries, {} chunks (largest {max}, {skips} with skip), prefetch_until {:?}, annotations {:?}",
             t.kind,
             l.blob.len(),
             l.media_type,
@@ -344,7 +345,7 @@ fn push_varied(reg: &Registry) {
 fn varied_estargz_toc_matches_the_tar_with_chunked_large_files() {
     let reg = Registry::start(Auth::None);
     push_varied(&reg);
-    lazy::estargz_with(&reg, "varied:gz", "varied:esgz", Some(1 << 20));
+    lazy::estargz_with(&reg, "varied:gz", "varied:esgz", Some(1 << 20), &[]);
     let parsed = check_image(&reg, "varied", "esgz", TocKind::Estargz);
     describe(&parsed);
     let (_, t) = &parsed[1];
@@ -373,4 +374,53 @@ fn varied_zstd_chunked_toc_matches_the_tar() {
     let parsed = check_image(&reg, "varied-zstd", "1", TocKind::ZstdChunked);
     describe(&parsed);
     check_tampering(&parsed[1].0, &parsed[1].1);
+}
+
+/// Go's JSON turns a name that is not UTF-8 into U+FFFD; both producers'
+/// TOCs carry the mangled name, so the TOC is refused (the whole-layer path
+/// shows the real one) instead of showing a name the layer does not have.
+#[test]
+fn names_that_are_not_utf8_make_the_toc_refused_not_mangled() {
+    let reg = Registry::start(Auth::None);
+    let mut b = LayerBuilder::new();
+    b.file("ok", b"fine\n", 0o644)
+        .file_bytes(b"latin1-\xe9.txt", b"latin1\n");
+    let blob = layer_blob(&b.finish(), Compress::Gzip, true);
+    push_image(&reg, "raw", "gz", &[blob], "amd64", true);
+    lazy::estargz(&reg, "raw:gz", "raw:esgz");
+    lazy::zstd_chunked(&reg, "raw:gz", "raw-zstd:1");
+    for (repo, tag) in [("raw", "esgz"), ("raw-zstd", "1")] {
+        for l in layers(&reg, repo, tag) {
+            let (kind, bytes, digest) = toc_of(&l);
+            let e = toc::parse(
+                kind,
+                &bytes,
+                digest.as_deref(),
+                l.blob.len() as u64,
+                &l.digest,
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("not UTF-8"), "{kind}: {e}");
+        }
+    }
+}
+
+/// Files a workload reads first (ctr-remote's record file) come first, and
+/// the prefetch landmark after them gives where prefetching may stop.
+#[test]
+fn estargz_prefetch_landmark_follows_the_prioritized_files() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "alpine", "3.20", "3.20.3", "amd64", true);
+    let first = ["/bin/busybox", "/etc/passwd"];
+    lazy::estargz_with(&reg, "alpine:3.20", "alpine:prio", None, &first);
+    let parsed = check_image(&reg, "alpine", "prio", TocKind::Estargz);
+    describe(&parsed);
+    let t = &parsed[0].1;
+    let size_of = |p: &[u8]| {
+        let e = t.index.entries.iter().find(|e| e.path == p).unwrap();
+        assert!(e.offset + e.size <= t.prefetch_until.unwrap());
+        e.size
+    };
+    let want = size_of(b"bin/busybox") + size_of(b"etc/passwd");
+    assert_eq!(t.prefetch_until, Some(want));
 }

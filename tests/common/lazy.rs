@@ -95,12 +95,20 @@ impl Drop for Containerd {
 /// Converts `src` (`repo:tag` in `reg`) to eStargz as `dst` with ctr-remote's
 /// default chunk size (4 MiB).
 pub fn estargz(reg: &Registry, src: &str, dst: &str) {
-    estargz_with(reg, src, dst, None)
+    estargz_with(reg, src, dst, None, &[])
 }
 
 /// Converts `src` to eStargz as `dst`, splitting files into chunks of
-/// `chunk_size` bytes when given.
-pub fn estargz_with(reg: &Registry, src: &str, dst: &str, chunk_size: Option<u64>) {
+/// `chunk_size` bytes when given, and putting the absolute paths in
+/// `prioritized` first, before a `.prefetch.landmark` (ctr-remote's record
+/// file is a stream of `{"path": ...}` objects).
+pub fn estargz_with(
+    reg: &Registry,
+    src: &str,
+    dst: &str,
+    chunk_size: Option<u64>,
+    prioritized: &[&str],
+) {
     let c = Containerd::start();
     let (src, dst) = (
         format!("{}/{src}", reg.addr()),
@@ -119,6 +127,15 @@ pub fn estargz_with(reg: &Registry, src: &str, dst: &str, chunk_size: Option<u64
     let mut args = vec!["image", "convert", "--estargz", "--oci"];
     if let Some(s) = &size {
         args.extend(["--estargz-chunk-size", s]);
+    }
+    let record = c.dir.path().join("record.json");
+    if !prioritized.is_empty() {
+        let lines: Vec<String> = prioritized
+            .iter()
+            .map(|p| serde_json::json!({ "path": p }).to_string())
+            .collect();
+        std::fs::write(&record, lines.join("\n")).unwrap();
+        args.extend(["--estargz-record-in", record.to_str().unwrap()]);
     }
     args.extend([src.as_str(), dst.as_str()]);
     c.ctr(&args);

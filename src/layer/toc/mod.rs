@@ -17,6 +17,10 @@
 //! decoder stops before. eStargz's `innerOffset` (several small files packed in
 //! one member, `--estargz-min-chunk-size`) is the only case where decoded
 //! bytes come before a chunk's content ([`TocChunk::skip`]).
+//!
+//! Both TOCs are JSON written by Go, which turns bytes that are not UTF-8
+//! into U+FFFD: a TOC naming anything with U+FFFD is refused, so the caller
+//! falls back to reading the whole layer and shows the names the tar has.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -448,6 +452,19 @@ impl Builder {
             });
         }
         let path = normalize(raw.name.as_bytes());
+        // Go's JSON encoder replaces bytes that are not UTF-8 with U+FFFD, so
+        // such a name in the tar reaches the TOC changed: refuse rather than
+        // show a name the layer does not have.
+        let mangled = |s: &str| s.contains('\u{fffd}');
+        if mangled(&raw.name)
+            || mangled(&raw.link_name)
+            || raw.xattrs.iter().flatten().any(|(k, _)| mangled(k))
+        {
+            return Err(self.bad(
+                &path,
+                "a name with U+FFFD: the TOC cannot carry names that are not UTF-8",
+            ));
+        }
         let num = |v: i64, what: &str| {
             u64::try_from(v).map_err(|_| self.bad(&path, format!("negative {what}")))
         };

@@ -427,6 +427,8 @@ fn hostile_tocs_are_refused_with_the_reason() {
         1000,
     );
     assert!(e.contains("base64"), "{e}");
+    let e = refused(json!([{"name": "bad-\u{fffd}", "type": "dir"}]), 1000);
+    assert!(e.contains("not UTF-8"), "{e}");
     let e = refused(json!({"not": "a list"}), 1000);
     assert!(e.contains("invalid JSON"), "{e}");
     let m = zstd::encode_all(&br#"{"version":2,"entries":[]}"#[..], 1).unwrap();
