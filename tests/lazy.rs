@@ -48,7 +48,11 @@ fn manifest_layers(reg: &Registry, repo: &str, tag: &str) -> Vec<(String, u64)> 
 }
 
 /// umoci's unpack of the converted image, without the format's own files.
-fn reference_rootfs(reg: &Registry, repo: &str, tag: &str) -> (tempfile::TempDir, std::path::PathBuf) {
+fn reference_rootfs(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+) -> (tempfile::TempDir, std::path::PathBuf) {
     let (dir, rootfs) = umoci_unpack(reg, repo, tag);
     for h in HIDDEN {
         let _ = std::fs::remove_file(rootfs.join(h));
@@ -73,13 +77,21 @@ fn a_cold_mount_of_toc_images_reads_files_by_range_and_shows_umocis_tree() {
             sent * 3 < blob_bytes,
             "{repo}: a cold read of one file fetched {sent} bytes of {blob_bytes}"
         );
-        let (_d, rootfs) = reference_rootfs(&reg, repo, "3.20");
+        // umoci reads no zstd; skopeo recompressed the same tar stream.
+        let (_d, rootfs) = match repo {
+            "zchunked" => umoci_unpack(&reg, "src", "3.20"),
+            _ => reference_rootfs(&reg, repo, "3.20"),
+        };
         assert_same_tree(&m.path, &rootfs);
         // The same bytes through the CLI, on a fresh cache.
         let env2 = Env::new();
         proxy.reset();
         let out = env2.ok(&["cat", &r, "/etc/os-release"]);
         assert_eq!(out, got);
-        assert!(proxy.sent() * 3 < blob_bytes, "{repo}: cat fetched {}", proxy.sent());
+        assert!(
+            proxy.sent() * 3 < blob_bytes,
+            "{repo}: cat fetched {}",
+            proxy.sent()
+        );
     }
 }

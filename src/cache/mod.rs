@@ -27,8 +27,8 @@ use crate::layer::{LayerError, LayerIndex};
 use crate::registry::RegistryError;
 
 mod fetch;
-pub mod ranged;
 mod maintain;
+pub mod ranged;
 
 /// A layer whose bytes fail their digest is downloaded again from the start
 /// this many times before the error.

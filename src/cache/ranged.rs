@@ -124,7 +124,9 @@ struct State {
 
 impl State {
     fn has(&self, i: usize) -> bool {
-        self.have.get(i / 64).is_some_and(|w| w & (1 << (i % 64)) != 0)
+        self.have
+            .get(i / 64)
+            .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
     fn set(&mut self, i: usize) {
         if let Some(w) = self.have.get_mut(i / 64) {
@@ -440,7 +442,8 @@ impl Ranged {
                 return out;
             }
         };
-        self.fetched.fetch_add(bytes.len() as u64, Ordering::Relaxed);
+        self.fetched
+            .fetch_add(bytes.len() as u64, Ordering::Relaxed);
         let mut failed = Vec::new();
         for &i in run {
             if let Err(e) = self.store_span(i, &bytes, start) {
@@ -456,10 +459,7 @@ impl Ranged {
         let s = self.map.span(i);
         let at = (s.coff - start) as usize;
         let compressed = &bytes[at..at + s.clen as usize];
-        let decoded = self
-            .map
-            .decode(i, compressed)
-            .map_err(RangedError::Span)?;
+        let decoded = self.map.decode(i, compressed).map_err(RangedError::Span)?;
         if decoded.len() as u64 != s.len {
             return Err(RangedError::Length {
                 digest: self.digest.clone(),
@@ -541,7 +541,7 @@ impl super::Cache {
         map: impl FnOnce(&[u8]) -> Result<Box<dyn SpanMap>, E>,
         source: Arc<dyn RangeSource>,
     ) -> Result<Arc<super::Layer>, E> {
-        use super::{CacheError, IndexHeader, INDEX_VERSION};
+        use super::{CacheError, INDEX_VERSION, IndexHeader};
         let hex = super::hex_of(&desc.digest)?.to_string();
         let dir = self.root.join("lazy/sha256");
         std::fs::DirBuilder::new()
@@ -555,7 +555,10 @@ impl super::Cache {
         let stem = self.ranged_stem(&hex, form);
         let idx_path = stem.with_extension("idx");
         let meta_path = stem.with_extension("meta");
-        let stored = match (super::read_index_header(&idx_path)?, std::fs::read(&meta_path)) {
+        let stored = match (
+            super::read_index_header(&idx_path)?,
+            std::fs::read(&meta_path),
+        ) {
             (Some(Ok(h)), Ok(meta)) if h.version == INDEX_VERSION && h.digest == *desc.digest => {
                 Some((h, meta))
             }
@@ -595,7 +598,8 @@ impl super::Cache {
                         .map_err(|e| CacheError::from(io_err(path)(e.error)))?;
                     Ok(())
                 };
-                let encode = |e: postcard::Error| CacheError::from(io_err(&idx_path)(io::Error::other(e)));
+                let encode =
+                    |e: postcard::Error| CacheError::from(io_err(&idx_path)(io::Error::other(e)));
                 let head = postcard::to_stdvec(&header).map_err(encode)?;
                 let body = postcard::to_stdvec(&index).map_err(encode)?;
                 // Metadata first: the index's presence says both are there.
@@ -695,21 +699,35 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (map, blob) = layer(64, 4096);
         let content = map.content.clone();
-        let r = Ranged::open("sha256:x", &dir.path().join("l"), Box::new(map), blob.clone())
-            .unwrap();
+        let r = Ranged::open(
+            "sha256:x",
+            &dir.path().join("l"),
+            Box::new(map),
+            blob.clone(),
+        )
+        .unwrap();
         let mut buf = vec![0; 10_000];
         assert_eq!(r.read_at(5000, &mut buf).unwrap(), 10_000);
         assert_eq!(buf, content[5000..15_000]);
         assert_eq!(blob.requests.load(Ordering::Relaxed), 1);
         // Covering spans 1..=3 plus at most READ_AHEAD of read-ahead.
-        assert!(r.fetched() <= 3 * 4106 + READ_AHEAD + 4106, "{}", r.fetched());
+        assert!(
+            r.fetched() <= 3 * 4106 + READ_AHEAD + 4106,
+            "{}",
+            r.fetched()
+        );
         r.read_at(4096, &mut buf).unwrap();
         assert_eq!(blob.requests.load(Ordering::Relaxed), 1);
         drop(r);
         // A second opening knows what the first fetched.
         let (map, _) = layer(64, 4096);
-        let r = Ranged::open("sha256:x", &dir.path().join("l"), Box::new(map), blob.clone())
-            .unwrap();
+        let r = Ranged::open(
+            "sha256:x",
+            &dir.path().join("l"),
+            Box::new(map),
+            blob.clone(),
+        )
+        .unwrap();
         r.read_at(5000, &mut buf).unwrap();
         assert_eq!(buf, content[5000..15_000]);
         assert_eq!(blob.requests.load(Ordering::Relaxed), 1);
@@ -720,8 +738,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (map, blob) = layer(4, 1000);
         blob.bytes.lock().unwrap()[10 + 1010 + 5] ^= 1; // in span 1
-        let r = Ranged::open("sha256:x", &dir.path().join("l"), Box::new(map), blob.clone())
-            .unwrap();
+        let r = Ranged::open(
+            "sha256:x",
+            &dir.path().join("l"),
+            Box::new(map),
+            blob.clone(),
+        )
+        .unwrap();
         let mut buf = vec![0; 100];
         let e = r.read_at(1000, &mut buf).unwrap_err();
         let chain = e.to_string();
@@ -753,7 +776,13 @@ mod tests {
         let (map, blob) = layer(256, 1000);
         let content = map.content.clone();
         let r = Arc::new(
-            Ranged::open("sha256:x", &dir.path().join("l"), Box::new(map), blob.clone()).unwrap(),
+            Ranged::open(
+                "sha256:x",
+                &dir.path().join("l"),
+                Box::new(map),
+                blob.clone(),
+            )
+            .unwrap(),
         );
         let threads: Vec<_> = (0..8)
             .map(|t| {
@@ -781,8 +810,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (map, blob) = layer(100, 3000);
         let content = map.content.clone();
-        let r = Ranged::open("sha256:x", &dir.path().join("l"), Box::new(map), blob.clone())
-            .unwrap();
+        let r = Ranged::open(
+            "sha256:x",
+            &dir.path().join("l"),
+            Box::new(map),
+            blob.clone(),
+        )
+        .unwrap();
         r.prefetch().unwrap();
         assert_eq!(r.held(), (100, 100));
         let before = blob.requests.load(Ordering::Relaxed);

@@ -109,9 +109,11 @@ impl State {
     }
 
     pub(super) fn saved_tree(&self) -> bool {
-        *self
-            .saved_tree
-            .get_or_init(|| self.source.cache().has_tree(&self.source.predicted_tree_key()))
+        *self.saved_tree.get_or_init(|| {
+            self.source
+                .cache()
+                .has_tree(&self.source.predicted_tree_key())
+        })
     }
 
     pub(super) fn provisional(&self, ino: u64) -> Option<Arc<Prov>> {

@@ -16,8 +16,8 @@ use super::{Blobs, ImageError, ImageSource};
 use crate::cache::ranged::{BoxError, RangeSource, SpanLoc, SpanMap};
 use crate::cache::{CacheError, Layer};
 use crate::layer::toc::{self, TocChunk, TocKind, TocLocation};
-use crate::registry::{Client, LayerDesc, RegistryError};
 use crate::reference::Reference;
+use crate::registry::{Client, LayerDesc, RegistryError};
 
 /// Tables of contents larger than this are refused before they are fetched.
 const TOC_MAX: u64 = 64 << 20;
@@ -49,10 +49,12 @@ struct RegistryRange {
 
 impl RangeSource for RegistryRange {
     fn fetch(&self, start: u64, len: u64) -> Result<Vec<u8>, BoxError> {
-        let got = self.handle.block_on(
-            self.client
-                .blob_range(&self.reference, &self.desc, start, len),
-        )?;
+        let got = self.handle.block_on(self.client.blob_range(
+            &self.reference,
+            &self.desc,
+            start,
+            len,
+        ))?;
         Ok(got.to_vec())
     }
 }
@@ -152,7 +154,10 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
 impl ImageSource {
     /// Layer `index` read by range when it can be and is not already
     /// cached whole; `None` means fetch it whole.
-    pub(super) async fn ranged_layer(&self, index: usize) -> Result<Option<Arc<Layer>>, ImageError> {
+    pub(super) async fn ranged_layer(
+        &self,
+        index: usize,
+    ) -> Result<Option<Arc<Layer>>, ImageError> {
         if !self.range_reads {
             return Ok(None);
         }
@@ -237,7 +242,11 @@ fn fetch_toc(
         }
         source
             .handle
-            .block_on(source.client.blob_range(&source.reference, desc, start, len))
+            .block_on(
+                source
+                    .client
+                    .blob_range(&source.reference, desc, start, len),
+            )
             .map(|b| b.to_vec())
             .map_err(RangedOpenError::Fetch)
     };
@@ -250,7 +259,13 @@ fn fetch_toc(
             ..
         } => {
             let bytes = get(offset, len)?;
-            Ok(toc::parse(kind, &bytes, Some(&digest), desc.size, &desc.digest)?)
+            Ok(toc::parse(
+                kind,
+                &bytes,
+                Some(&digest),
+                desc.size,
+                &desc.digest,
+            )?)
         }
         TocLocation::EstargzFooter { digest } => {
             let outside = |at| RangedOpenError::Footer {

@@ -5,8 +5,8 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct CountingProxy {
@@ -56,7 +56,12 @@ impl CountingProxy {
 
 type Limit = (u64, Arc<Mutex<Instant>>);
 
-fn pipe(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>, limit: Option<Limit>) {
+fn pipe(
+    mut from: TcpStream,
+    mut to: TcpStream,
+    count: Option<Arc<AtomicU64>>,
+    limit: Option<Limit>,
+) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
         let n = match from.read(&mut buf) {
@@ -69,8 +74,8 @@ fn pipe(mut from: TcpStream, mut to: TcpStream, count: Option<Arc<AtomicU64>>, l
         if let Some((rate, wire)) = &limit {
             let until = {
                 let mut next = wire.lock().unwrap();
-                *next = (*next).max(Instant::now())
-                    + Duration::from_secs_f64(n as f64 / *rate as f64);
+                *next =
+                    (*next).max(Instant::now()) + Duration::from_secs_f64(n as f64 / *rate as f64);
                 *next
             };
             if let Some(wait) = until.checked_duration_since(Instant::now()) {
