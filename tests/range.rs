@@ -173,3 +173,19 @@ fn a_storage_host_that_ignores_range_is_sliced_for_small_blobs_and_refused_for_l
     assert_eq!(front.refused(), 2);
     assert!(front.redirected() >= 2);
 }
+
+#[test]
+fn a_body_cut_short_is_asked_again() {
+    let reg = Registry::start(Auth::None);
+    // The storage host's first answer promises the whole blob and hangs up
+    // after 1000 bytes.
+    let front = RedirectProxy::start_flaky(&reg, 1000);
+    let data = pattern(200_000);
+    push_blob(&reg, "range/flaky", &data);
+    let reference = Reference::parse(&format!("{}/range/flaky:latest", front.addr())).unwrap();
+    let got = runtime()
+        .block_on(client(false).blob_range(&reference, &desc_of(&data), 150_000, 20_000))
+        .unwrap();
+    assert!(got[..] == data[150_000..170_000]);
+    assert!(front.cdn_requests() >= 2, "{}", front.cdn_requests());
+}

@@ -440,6 +440,34 @@ mod tests {
     }
 
     #[test]
+    fn layer_annotations_reach_the_layer_descriptions() {
+        let config = br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":["sha256:1111111111111111111111111111111111111111111111111111111111111111"]}}"#;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(config), "size": config.len()},
+            "layers": [{
+                "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                "digest": "sha256:2222222222222222222222222222222222222222222222222222222222222222",
+                "size": 10,
+                "annotations": {"org.example.toc": "sha256:33", "b": "c"},
+            }],
+        });
+        let image = ResolvedImage::from_parts(ImageParts {
+            reference: "127.0.0.1:5000/a:b".into(),
+            index_digest: None,
+            media_type: OCI_MANIFEST.into(),
+            platform: None,
+            manifest: serde_json::to_vec(&manifest).unwrap(),
+            config: config.to_vec(),
+        })
+        .unwrap();
+        let got = &image.layers[0].annotations;
+        assert_eq!(got.len(), 2);
+        assert_eq!(got["org.example.toc"], "sha256:33");
+    }
+
+    #[test]
     fn digest_of_bytes_is_sha256_prefixed() {
         assert_eq!(
             sha256_digest(b""),

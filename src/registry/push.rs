@@ -97,18 +97,6 @@ impl Client {
                 detail: "HTTP 202 without a Location header".into(),
             })?;
         let mut put = join(&ep.base, location)?;
-        // The upload goes out with the registry's credentials: only to the
-        // registry itself.
-        if put.origin() != ep.base.origin() {
-            return Err(RegistryError::Invalid {
-                what,
-                kind: "upload answer",
-                detail: format!(
-                    "the upload location is on another host ({}); rimg sends credentials only to the registry",
-                    escape_text(put.as_str())
-                ),
-            });
-        }
         put.query_pairs_mut().append_pair("digest", &digest);
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -116,9 +104,23 @@ impl Client {
             HeaderValue::from_static("application/octet-stream"),
         );
         retry.next_request();
-        let resp = self
-            .request_with_body(&t, Method::PUT, put, headers, Some(bytes), &mut retry)
-            .await?;
+        // A registry may hand uploads to another server (the location is
+        // opaque and carries its own authority): the registry's credentials
+        // go only to the registry itself.
+        let resp = if put.origin() == ep.base.origin() {
+            self.request_with_body(&t, Method::PUT, put, headers, Some(bytes), &mut retry)
+                .await?
+        } else {
+            self.follow(
+                &t,
+                Method::PUT,
+                put,
+                (&headers, Some(&bytes)),
+                None,
+                &mut retry,
+            )
+            .await?
+        };
         if !resp.status().is_success() {
             let status = resp.status().as_u16();
             let body = error_body(resp).await;

@@ -3,6 +3,8 @@
 //! downloading all of it. Owns the parsing of `Content-Range` answers and the
 //! bound on what a server may make rimg hold in memory for one read.
 
+use std::time::{Duration, Instant};
+
 use bytes::{Bytes, BytesMut};
 use reqwest::Method;
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -227,7 +229,8 @@ impl Client {
                         "{n} bytes announced for a {want}-byte range"
                     )));
                 }
-                read_at_most(resp, want, true, &server, what, retry).await
+                let stall = self.policy().deadline;
+                read_at_most(resp, (want, true), &server, what, stall, retry).await
             }
             200 => {
                 // The server ignored Range. A small blob is read whole (never
@@ -246,15 +249,9 @@ impl Client {
                 if whole == 0 || whole > WHOLE_BLOB_FALLBACK_MAX {
                     return Err(ignores());
                 }
-                let body = read_at_most(
-                    resp,
-                    WHOLE_BLOB_FALLBACK_MAX as usize,
-                    false,
-                    &server,
-                    what,
-                    retry,
-                )
-                .await?;
+                let max = WHOLE_BLOB_FALLBACK_MAX as usize;
+                let stall = self.policy().deadline;
+                let body = read_at_most(resp, (max, false), &server, what, stall, retry).await?;
                 if desc.digest.starts_with("sha256:") {
                     let actual = format!("sha256:{}", hex::encode(Sha256::digest(&body)));
                     if actual != desc.digest {
@@ -307,14 +304,15 @@ fn past_end(what: &str, size: u64) -> RegistryError {
 
 /// Reads a body of at most `max` bytes (exactly `max` when `exact`), failing
 /// as soon as the server sends more. A body that stops short is a transient
-/// error (asked again); silence longer than the deadline, unless bytes keep
-/// arriving, is a timeout.
+/// error (asked again from its start, so it costs an attempt: a server that
+/// always cuts the body cannot hold the read forever); every
+/// [`MIN_PROGRESS`] bytes move the deadline `stall` ahead.
 async fn read_at_most(
     mut resp: reqwest::Response,
-    max: usize,
-    exact: bool,
+    (max, exact): (usize, bool),
     server: &str,
     what: &str,
+    stall: Duration,
     retry: &mut Retry,
 ) -> Result<Bytes, RegistryError> {
     let mut buf = BytesMut::with_capacity(max.min(INITIAL_CAPACITY));
@@ -342,9 +340,8 @@ async fn read_at_most(
             });
         }
         buf.extend_from_slice(&chunk);
-        retry.received_some();
         if buf.len() - mark >= MIN_PROGRESS as usize {
-            retry.progressed();
+            retry.deadline = Instant::now() + stall;
             mark = buf.len();
         }
     }

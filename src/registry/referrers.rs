@@ -25,8 +25,10 @@ pub const EMPTY_MEDIA_TYPE: &str = "application/vnd.oci.empty.v1+json";
 const EMPTY_CONTENT: &[u8] = b"{}";
 /// Pages of a referrers listing followed at most.
 const MAX_REFERRER_PAGES: usize = 100;
-/// Fallback tags are cut to the tag grammar's 128 characters.
-const MAX_TAG: usize = 128;
+/// The referrers tag schema keeps this much of a digest's algorithm...
+const TAG_ALGORITHM_MAX: usize = 32;
+/// ...and of its encoded part.
+const TAG_ENCODED_MAX: usize = 64;
 
 /// One blob of an artifact: its media type, bytes and descriptor annotations.
 #[derive(Debug, Clone)]
@@ -49,11 +51,27 @@ pub struct Artifact {
     pub annotations: BTreeMap<String, String>,
 }
 
-/// The fallback tag for `digest`: `sha256:<hex>` becomes `sha256-<hex>`.
+/// The fallback tag for `digest` (the distribution spec's referrers tag
+/// schema): the algorithm cut to 32 characters, `-`, the encoded part cut to
+/// 64, characters a tag cannot hold replaced by `-`. `sha256:<hex>` becomes
+/// `sha256-<hex>`.
 pub fn referrers_tag(digest: &str) -> Result<String, RegistryError> {
     validate_digest(digest).map_err(RegistryError::Config)?;
-    let tag = digest.replacen(':', "-", 1);
-    Ok(tag.chars().take(MAX_TAG).collect())
+    let (algorithm, encoded) = digest.split_once(':').expect("validated digest");
+    let tag_char = |c: char| {
+        if c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-') {
+            c
+        } else {
+            '-'
+        }
+    };
+    Ok(algorithm
+        .chars()
+        .take(TAG_ALGORITHM_MAX)
+        .map(tag_char)
+        .chain(std::iter::once('-'))
+        .chain(encoded.chars().take(TAG_ENCODED_MAX).map(tag_char))
+        .collect())
 }
 
 fn media(s: &str) -> MediaType {
@@ -196,7 +214,8 @@ impl Client {
             .unwrap_or_default())
     }
 
-    /// The index under the fallback tag, if there is one.
+    /// The index under the fallback tag, if there is one. Something else
+    /// under that tag counts as no referrers, as the spec says.
     async fn fallback_index(
         &self,
         ep: &Endpoint,
@@ -241,7 +260,13 @@ impl Client {
             )
             .await
         {
-            Ok((_, body)) => Ok(Some(parse_index(&body, &what)?)),
+            Ok((_, body)) => match parse_index(&body, &what) {
+                Ok(index) => Ok(Some(index)),
+                Err(e) => {
+                    tracing::warn!("{e}; taken as no referrers");
+                    Ok(None)
+                }
+            },
             Err(RegistryError::Api { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
@@ -379,8 +404,7 @@ mod tests {
         );
         let long = "b".repeat(128);
         let tag = referrers_tag(&format!("sha512:{long}")).unwrap();
-        assert_eq!(tag.len(), MAX_TAG);
-        assert!(tag.starts_with("sha512-bbb"));
+        assert_eq!(tag, format!("sha512-{}", "b".repeat(64)));
         assert!(referrers_tag("sha256:xyz").is_err());
     }
 

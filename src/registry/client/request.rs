@@ -145,7 +145,7 @@ impl Client {
 
     /// Sends (headers and body) and follows redirects; Authorization goes
     /// only to the original host.
-    pub(super) async fn follow(
+    pub(crate) async fn follow(
         &self,
         t: &Target<'_>,
         method: Method,
