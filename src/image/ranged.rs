@@ -59,13 +59,15 @@ impl RangeSource for RegistryRange {
     }
 }
 
+/// start, len, coff, clen, skip, digest, file: a [`TocChunk`] as saved.
+type SavedChunk = (u64, u64, u64, u64, u64, [u8; 32], usize);
+
 /// A table of contents' chunks, as kept beside the range cache.
 #[derive(Serialize, Deserialize)]
 struct TocMeta {
     zstd: bool,
     layer: String,
-    /// start, len, coff, clen, skip, digest, file
-    chunks: Vec<(u64, u64, u64, u64, u64, [u8; 32], usize)>,
+    chunks: Vec<SavedChunk>,
     /// Each entry's path (`TocChunk::file` indexes it), for errors.
     paths: Vec<Vec<u8>>,
     prefetch_until: Option<u64>,
@@ -198,7 +200,7 @@ impl ImageSource {
                 &image_ref,
                 form,
                 || {
-                    let t = fetch_toc(&*fetcher, &d, location)?;
+                    let t = fetch_toc(&fetcher, &d, location)?;
                     tracing::info!(
                         "layer {}: read by range from its table of contents ({} entries, {} chunks)",
                         d.digest,
