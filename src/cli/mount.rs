@@ -278,8 +278,25 @@ pub(super) fn serve_source(
     if args.prefetch {
         let state = Arc::clone(&mount.state);
         rt.spawn(async move {
-            if let Err(e) = state.mounted().await {
-                tracing::error!("prefetch: {e}");
+            let m = match state.mounted().await {
+                Ok(m) => m,
+                Err(e) => return tracing::error!("prefetch: {e}"),
+            };
+            // Layers read by range fetch the rest of their chunks, the
+            // files their producer marked first.
+            for layer in m.layers.iter().filter(|l| l.ranged().is_some()) {
+                let layer = Arc::clone(layer);
+                tokio::task::spawn_blocking(move || {
+                    let Some(r) = layer.ranged() else { return };
+                    match r.prefetch() {
+                        Ok(()) => tracing::info!(
+                            "layer {} prefetched by range ({} bytes fetched)",
+                            layer.digest,
+                            r.fetched()
+                        ),
+                        Err(e) => tracing::error!("prefetch: {e}"),
+                    }
+                });
             }
         });
     }
