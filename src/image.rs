@@ -15,7 +15,9 @@ use crate::local::LocalBlobs;
 use crate::overlay::tree::{self, Tree};
 use crate::registry::{Client, LayerDesc, ResolvedImage};
 
+mod gzindex;
 mod ranged;
+pub use gzindex::{ARTIFACT_TYPE, LayerGzIndex};
 pub use ranged::RangedOpenError;
 
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,14 @@ pub enum ImageError {
         reference: String,
         #[source]
         source: Box<RangedOpenError>,
+    },
+    #[error("{reference} is not in a registry; gzip indexes are published to one")]
+    NotRemote { reference: String },
+    #[error("publishing the gzip index of {reference}")]
+    Push {
+        reference: String,
+        #[source]
+        source: crate::registry::RegistryError,
     },
     #[error("worker for layer {digest} stopped: {detail}")]
     Worker { digest: String, detail: String },
@@ -110,6 +120,9 @@ pub struct ImageSource {
     progress: Arc<dyn Progress>,
     /// Layers whose table of contents the manifest pins are read by range.
     range_reads: bool,
+    /// Gzip layers with a published index are read by range.
+    use_index: bool,
+    published: tokio::sync::OnceCell<gzindex::Published>,
 }
 
 /// Counts bytes to the progress listener as the decompressor pulls them.
@@ -141,7 +154,15 @@ impl ImageSource {
             max_layer_size,
             progress,
             range_reads: true,
+            use_index: true,
+            published: tokio::sync::OnceCell::new(),
         }
+    }
+
+    /// Whether published gzip indexes are used (the default).
+    pub fn with_published_indexes(mut self, on: bool) -> Self {
+        self.use_index = on;
+        self
     }
 
     /// Whether layers that allow it are read by range (the default) or
@@ -319,7 +340,8 @@ impl ImageSource {
         let ranged = self.image.layers.iter().map(|l| {
             self.range_reads
                 && matches!(self.blobs, Blobs::Registry(_))
-                && self.cache.has_ranged(&l.digest, "toc")
+                && (self.cache.has_ranged(&l.digest, ranged::TOC)
+                    || self.use_index && self.cache.has_ranged(&l.digest, ranged::GZ_INDEX))
         });
         self.tree_key(ranged)
     }

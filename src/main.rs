@@ -72,6 +72,14 @@ struct Global {
     /// Fetch foreign layers from the URLs their descriptors list (HTTPS, or HTTP on loopback).
     #[arg(long, global = true)]
     allow_foreign_layers: bool,
+    /// Never read layers by range: fetch every layer whole, even eStargz,
+    /// zstd:chunked and gzip layers with a published index.
+    #[arg(long, global = true)]
+    whole_layers: bool,
+    /// Ignore published gzip indexes (`rimg index push`); TOC layers are
+    /// still read by range.
+    #[arg(long, global = true)]
+    no_index: bool,
     /// More logging (-v info, -vv debug); RIMG_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -212,6 +220,11 @@ enum Command {
         #[arg(long, value_name = "NAME:TAG")]
         tag: Option<String>,
     },
+    /// Gzip checkpoint indexes: read plain gzip layers by range elsewhere.
+    Index {
+        #[command(subcommand)]
+        action: IndexAction,
+    },
     /// Show or free the layer cache.
     Cache {
         #[command(subcommand)]
@@ -229,6 +242,16 @@ enum Command {
         #[arg(long, allow_hyphen_values = true)]
         layer: Option<i64>,
     },
+}
+
+#[derive(Subcommand)]
+enum IndexAction {
+    /// Build the gzip checkpoint index of every gzip layer (fetching the
+    /// layers whole if need be) and print its size against the layer's.
+    Build { reference: String },
+    /// Build the indexes and push them as an artifact referring to the
+    /// image, so other machines read its gzip layers by range.
+    Push { reference: String },
 }
 
 #[derive(Subcommand)]
@@ -279,6 +302,8 @@ fn main() -> ExitCode {
         stall_timeout: g.stall_timeout,
         retries: g.retries,
         allow_foreign_layers: g.allow_foreign_layers,
+        whole_layers: g.whole_layers,
+        no_index: g.no_index,
     };
     let result = match cli.command {
         Command::Inspect { reference, raw } => cli::inspect(&common, &reference, raw),
@@ -407,6 +432,10 @@ fn main() -> ExitCode {
                 tag,
             },
         ),
+        Command::Index { action } => match action {
+            IndexAction::Build { reference } => cli::index(&common, &reference, false),
+            IndexAction::Push { reference } => cli::index(&common, &reference, true),
+        },
         Command::Cache { action } => match action {
             CacheAction::Ls => cli::cache_ls(&common),
             CacheAction::Prune { size } => cli::cache_prune(&common, size.as_deref()),

@@ -53,6 +53,16 @@ pub trait SpanMap: Send + Sync {
     /// and decodes it to the span's `len` bytes. The error names the layer
     /// and the file (or place) the span belongs to.
     fn decode(&self, i: usize, compressed: &[u8]) -> Result<Vec<u8>, BoxError>;
+    /// Called before bytes at `offset` are served, with a reader of the
+    /// layer's verified bytes: a map whose addresses come from an untrusted
+    /// index checks here that they are what it claims.
+    fn check_read(
+        &self,
+        _offset: u64,
+        _read: &dyn Fn(u64, &mut [u8]) -> Result<(), BoxError>,
+    ) -> Result<(), BoxError> {
+        Ok(())
+    }
     /// Addresses below this are fetched first when the whole layer is
     /// prefetched (eStargz's prefetch landmark).
     fn prefetch_first(&self) -> Option<u64> {
@@ -267,6 +277,21 @@ impl Ranged {
             buf[..want].fill(0);
             return Ok(want);
         };
+        let verified = |o: u64, b: &mut [u8]| -> Result<(), BoxError> {
+            let n = self.read_at(o, b)?;
+            if n < b.len() {
+                return Err("the layer ends there".into());
+            }
+            Ok(())
+        };
+        if let Err(e) = self.map.check_read(offset, &verified) {
+            // The index lied: nothing it says is used again.
+            tracing::warn!("{e}; dropping the range cache of layer {}", self.digest);
+            for ext in ["idx", "meta"] {
+                let _ = std::fs::remove_file(self.data_path.with_extension(ext));
+            }
+            return Err(RangedError::Span(e));
+        }
         self.ensure(first, last, READ_AHEAD)?;
         let mut done = 0;
         while done < want {

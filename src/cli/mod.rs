@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 mod cache;
 mod export;
 mod forensics;
+mod index;
 mod inspect;
 mod ls;
 mod mount;
@@ -18,6 +19,7 @@ mod mount;
 pub use cache::{cache_clear, cache_ls, cache_prune, cache_verify};
 pub use export::export;
 pub use forensics::{GrepArgs, deleted, diff, grep, log};
+pub use index::index;
 pub use inspect::{inspect, tags};
 pub use ls::{cat, ls};
 // Shared by several subcommands (and the tests below).
@@ -53,6 +55,8 @@ pub struct Common {
     /// Attempts per request (RIMG_RETRIES).
     pub retries: Option<u32>,
     pub allow_foreign_layers: bool,
+    pub whole_layers: bool,
+    pub no_index: bool,
 }
 
 pub struct LsArgs {
@@ -301,13 +305,19 @@ impl Common {
         progress: bool,
     ) -> Result<Arc<ImageSource>> {
         let (image, blobs, _) = self.locate_image(rt, reference, self.explicit_credentials()?)?;
-        Ok(Arc::new(ImageSource::new(
+        Ok(Arc::new(self.lazy(ImageSource::new(
             image,
             blobs,
             self.cache()?,
             self.max_layer_size()?,
             bars(progress),
-        )))
+        ))))
+    }
+
+    /// Which layers may be read by range, as the flags say.
+    pub(crate) fn lazy(&self, s: ImageSource) -> ImageSource {
+        s.with_range_reads(!self.whole_layers)
+            .with_published_indexes(!self.no_index)
     }
 }
 

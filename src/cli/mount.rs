@@ -43,6 +43,12 @@ pub(super) fn child_args(common: &Common) -> Vec<String> {
             a.push(v.clone());
         }
     }
+    if common.whole_layers {
+        a.push("--whole-layers".into());
+    }
+    if common.no_index {
+        a.push("--no-index".into());
+    }
     if common.verbose > 0 {
         a.push(format!("-{}", "v".repeat(common.verbose as usize)));
     }
@@ -75,13 +81,13 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     // reported on this terminal and nothing is mounted.
     let creds = common.explicit_credentials()?;
     let (image, blobs, pinned) = common.locate_image(&rt, &args.reference, creds.clone())?;
-    let source = Arc::new(ImageSource::new(
+    let source = Arc::new(common.lazy(ImageSource::new(
         image,
         blobs,
         common.cache()?,
         common.max_layer_size()?,
         bars(args.foreground && std::io::stderr().is_terminal()),
-    ));
+    )));
     let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
     if args.foreground {
         return serve_source(&rt, source, args, only, None);
@@ -200,13 +206,13 @@ pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
             }
             Location::Registry(_) => common.client_with(creds)?.into(),
         };
-        let source = Arc::new(ImageSource::new(
+        let source = Arc::new(common.lazy(ImageSource::new(
             image,
             blobs,
             common.cache()?,
             common.max_layer_size()?,
             bars(false),
-        ));
+        )));
         let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
         serve_source(&rt, source, args, only, Some(()))
     })();

@@ -12,12 +12,17 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
+use super::gzindex::{GzMeta, GzSpans, LayerGzIndex};
 use super::{Blobs, ImageError, ImageSource};
 use crate::cache::ranged::{BoxError, RangeSource, SpanLoc, SpanMap};
 use crate::cache::{CacheError, Layer};
 use crate::layer::toc::{self, TocChunk, TocKind, TocLocation};
 use crate::reference::Reference;
 use crate::registry::{Client, LayerDesc, RegistryError};
+
+/// The forms a layer is read by range in, as the cache names them.
+pub(super) const TOC: &str = "toc";
+pub(super) const GZ_INDEX: &str = "gzidx";
 
 /// Tables of contents larger than this are refused before they are fetched.
 const TOC_MAX: u64 = 64 << 20;
@@ -34,6 +39,12 @@ pub enum RangedOpenError {
     Cache(#[from] CacheError),
     #[error("its eStargz footer puts the table of contents at {at}, outside the {size}-byte blob")]
     Footer { at: u64, size: u64 },
+    #[error(transparent)]
+    Index(#[from] super::gzindex::GzIndexError),
+    #[error("its published gzip index is {len} bytes, over the {}-byte bound", super::gzindex::BLOB_MAX)]
+    IndexTooLarge { len: u64 },
+    #[error("its published gzip index {digest} hashes to {actual}")]
+    IndexDigest { digest: String, actual: String },
     #[error("its saved span map is unreadable")]
     Meta(#[source] postcard::Error),
 }
@@ -156,32 +167,39 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
 impl ImageSource {
     /// Layer `index` read by range when it can be and is not already
     /// cached whole; `None` means fetch it whole.
-    pub(super) async fn ranged_layer(
-        &self,
-        index: usize,
-    ) -> Result<Option<Arc<Layer>>, ImageError> {
-        if !self.range_reads {
-            return Ok(None);
-        }
+    pub(super) async fn ranged_layer(&self, index: usize) -> Result<Option<Arc<Layer>>, ImageError> {
         let Blobs::Registry(client) = &self.blobs else {
             return Ok(None);
         };
         let desc = self.image.layers[index].clone();
-        let form = "toc";
-        let kept = self.cache.has_ranged(&desc.digest, form);
-        if !kept && self.cache.blob_path(&desc.digest).is_some() {
-            return Ok(None);
-        }
-        let Some(location) = toc::locate(&desc.media_type, &desc.annotations) else {
+        let toc = self.range_reads.then(|| toc::locate(&desc.media_type, &desc.annotations));
+        let plan = match toc.flatten() {
+            Some(TocLocation::EstargzFooter { digest: None }) | None => None,
+            Some(location) => Some(Plan::Toc(location)),
+        };
+        let plan = match plan {
+            Some(p) => Some(p),
+            None if self.range_reads && self.use_index => {
+                let kept = self.cache.has_ranged(&desc.digest, GZ_INDEX);
+                if !kept && self.cache.blob_path(&desc.digest).is_some() {
+                    return Ok(None);
+                }
+                match self.published().await.get(&*desc.digest) {
+                    Some(d) => Some(Plan::Published(d.clone())),
+                    None if kept => return Ok(None),
+                    None => None,
+                }
+            }
+            None => None,
+        };
+        let Some(plan) = plan else {
             return Ok(None);
         };
-        if let TocLocation::EstargzFooter { digest: None } = location {
-            // A table of contents no digest pins could say anything about
-            // the blob; only a whole download is verified.
-            tracing::info!(
-                "layer {}: eStargz without a toc.digest annotation; fetched whole",
-                desc.digest
-            );
+        let form = match plan {
+            Plan::Toc(_) => TOC,
+            Plan::Published(_) => GZ_INDEX,
+        };
+        if !self.cache.has_ranged(&desc.digest, form) && self.cache.blob_path(&desc.digest).is_some() {
             return Ok(None);
         }
         let source = Arc::new(RegistryRange {
@@ -194,11 +212,11 @@ impl ImageSource {
         let image_ref = self.image.reference.to_string();
         let fetcher = Arc::clone(&source);
         let d = desc.clone();
-        let opened = tokio::task::spawn_blocking(move || {
-            cache.open_ranged::<RangedOpenError>(
+        let opened = tokio::task::spawn_blocking(move || match plan {
+            Plan::Toc(location) => cache.open_ranged::<RangedOpenError>(
                 &d,
                 &image_ref,
-                form,
+                TOC,
                 || {
                     let t = fetch_toc(&fetcher, &d, location)?;
                     tracing::info!(
@@ -212,23 +230,87 @@ impl ImageSource {
                 },
                 toc_spans,
                 source,
-            )
+            ),
+            Plan::Published(blob) => cache.open_ranged::<RangedOpenError>(
+                &d,
+                &image_ref,
+                GZ_INDEX,
+                || {
+                    let ix = fetch_gz_index(&fetcher, &d, &blob)?;
+                    tracing::info!(
+                        "layer {}: read by range through a published gzip index ({} entries, {} checkpoints)",
+                        d.digest,
+                        ix.entries.entries.len(),
+                        ix.zran.spans.len()
+                    );
+                    let meta = postcard::to_stdvec(&GzMeta::new(&ix)).map_err(RangedOpenError::Meta)?;
+                    Ok((ix.entries, meta))
+                },
+                |meta| {
+                    let m: GzMeta = postcard::from_bytes(meta).map_err(RangedOpenError::Meta)?;
+                    Ok(Box::new(GzSpans::new(m)) as Box<dyn SpanMap>)
+                },
+                source,
+            ),
         })
         .await
         .map_err(|e| ImageError::Worker {
             digest: desc.digest.to_string(),
             detail: e.to_string(),
         })?;
-        match opened {
-            Ok(l) => Ok(Some(l)),
-            Err(e) => Err(ImageError::Ranged {
-                index,
-                digest: desc.digest.to_string(),
-                reference: self.image.reference.to_string(),
-                source: Box::new(e),
-            }),
+        opened.map(Some).map_err(|e| self.ranged_error(index, e))
+    }
+
+    pub(super) fn ranged_error(&self, index: usize, e: RangedOpenError) -> ImageError {
+        ImageError::Ranged {
+            index,
+            digest: self.image.layers[index].digest.to_string(),
+            reference: self.image.reference.to_string(),
+            source: Box::new(e),
         }
     }
+}
+
+enum Plan {
+    Toc(TocLocation),
+    Published(oci_spec::image::Descriptor),
+}
+
+/// Fetches a published gzip index blob, checks its digest, and decodes it
+/// for this exact layer.
+fn fetch_gz_index(
+    source: &RegistryRange,
+    desc: &LayerDesc,
+    blob: &oci_spec::image::Descriptor,
+) -> Result<LayerGzIndex, RangedOpenError> {
+    let len = blob.size();
+    if len > super::gzindex::BLOB_MAX {
+        return Err(RangedOpenError::IndexTooLarge { len });
+    }
+    let blob_desc = LayerDesc {
+        digest: blob.digest().to_string().parse().map_err(|_| RangedOpenError::IndexDigest {
+            digest: blob.digest().to_string(),
+            actual: "an invalid digest".into(),
+        })?,
+        media_type: blob.media_type().to_string(),
+        size: len,
+        urls: Vec::new(),
+        diff_id: None,
+        annotations: Default::default(),
+    };
+    let bytes = source
+        .handle
+        .block_on(source.client.blob_range(&source.reference, &blob_desc, 0, len))
+        .map_err(RangedOpenError::Fetch)?;
+    use sha2::Digest as _;
+    let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
+    if actual != blob.digest().to_string() {
+        return Err(RangedOpenError::IndexDigest {
+            digest: blob.digest().to_string(),
+            actual,
+        });
+    }
+    Ok(LayerGzIndex::decode(&bytes, &desc.digest, desc.size)?)
 }
 
 /// Fetches and parses a layer's table of contents, verified against the

@@ -1,0 +1,443 @@
+//! Gzip checkpoint indexes shared through the registry: what one machine
+//! that read a plain gzip layer whole publishes so that others can read it
+//! by range (zlib's zran, as SOCI and nydus do).
+//!
+//! The artifact (pushed by `rimg index push` as a referrer of the image
+//! manifest, found through the referrers API or its `sha256-<hex>` fallback
+//! tag):
+//! - `artifactType` [`ARTIFACT_TYPE`];
+//! - one layer blob per gzip layer of the image, media type [`BLOB_TYPE`],
+//!   annotated with [`LAYER_ANNOTATION`] = the image layer's digest; its
+//!   content is zstd-compressed postcard of [`LayerGzIndex`]: the layer's
+//!   tar entries and its checkpoints (every ~4 MiB of tar, each with its
+//!   32 KiB window, deflated, and the sha256 of the compressed span).
+//!
+//! Trust: anyone who can push to the repository can push an index, so it is
+//! a hint that must never cause a wrong byte. It is used only for the exact
+//! layer digests it names (and sizes); each span's compressed bytes are
+//! checked against its hash before it is decoded; before a file's bytes are
+//! served, the tar header in front of them (from verified spans) must
+//! describe that file, so a forged offset cannot redirect a read; and when
+//! the layer is later fetched whole, the index is compared with the real one
+//! and dropped on any difference. What an index cannot be checked for
+//! without the whole layer is its list of entries: a forged index can hide
+//! or invent entries until the layer is fetched whole. `--no-index` turns
+//! all of this off.
+
+use std::collections::HashMap;
+use std::io::Read;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cache::ranged::{BoxError, SpanLoc, SpanMap};
+use crate::layer::zran::{self, ZranIndex};
+use crate::layer::{EntryKind, LayerIndex};
+
+pub const ARTIFACT_TYPE: &str = "application/vnd.rimg.gzip-index.v1";
+pub const BLOB_TYPE: &str = "application/vnd.rimg.gzip-index.layer.v1+zstd";
+pub const LAYER_ANNOTATION: &str = "dev.rimg.layer.digest";
+/// A published layer index larger than this is not fetched.
+pub const BLOB_MAX: u64 = 256 << 20;
+/// Decoded, an index may be at most this large.
+const DECODED_MAX: u64 = 1 << 30;
+const FORMAT: u32 = 1;
+
+/// One layer's published index.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
+pub struct LayerGzIndex {
+    pub format: u32,
+    /// The layer blob's digest and size this index is of.
+    pub layer: String,
+    pub blob_size: u64,
+    pub entries: LayerIndex,
+    pub zran: ZranIndex,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum GzIndexError {
+    #[error("the published index is not a rimg gzip index (format {0})")]
+    Format(u32),
+    #[error("the published index cannot be decoded")]
+    Decode(#[source] BoxError),
+    #[error("the published index is of layer {found}, not this one")]
+    OtherLayer { found: String },
+    #[error("the published index's checkpoints are malformed")]
+    Zran(#[source] zran::ZranError),
+}
+
+impl LayerGzIndex {
+    pub fn encode(&self) -> Result<Vec<u8>, GzIndexError> {
+        let plain = postcard::to_stdvec(self).map_err(|e| GzIndexError::Decode(e.into()))?;
+        zstd::encode_all(&plain[..], 9).map_err(|e| GzIndexError::Decode(e.into()))
+    }
+
+    /// Decodes a published index of the layer `digest` of `size` bytes,
+    /// checking it names exactly that layer and has well-formed spans.
+    pub fn decode(bytes: &[u8], digest: &str, size: u64) -> Result<LayerGzIndex, GzIndexError> {
+        let mut plain = Vec::new();
+        zstd::stream::read::Decoder::new(bytes)
+            .map_err(|e| GzIndexError::Decode(e.into()))?
+            .take(DECODED_MAX)
+            .read_to_end(&mut plain)
+            .map_err(|e| GzIndexError::Decode(e.into()))?;
+        let ix: LayerGzIndex =
+            postcard::from_bytes(&plain).map_err(|e| GzIndexError::Decode(e.into()))?;
+        if ix.format != FORMAT {
+            return Err(GzIndexError::Format(ix.format));
+        }
+        if ix.layer != digest || ix.blob_size != size || ix.zran.compressed_size != size {
+            return Err(GzIndexError::OtherLayer { found: ix.layer });
+        }
+        ix.zran.validate().map_err(GzIndexError::Zran)?;
+        Ok(ix)
+    }
+}
+
+/// What is kept beside the range cache of a layer read through a
+/// published index: its checkpoints, and each file's data offset with what
+/// its tar header must say.
+#[derive(Serialize, Deserialize)]
+pub(super) struct GzMeta {
+    layer: String,
+    zran: ZranIndex,
+    /// Sorted by offset: (data offset, size, path) of every regular file
+    /// with data.
+    files: Vec<(u64, u64, Vec<u8>)>,
+}
+
+impl GzMeta {
+    pub(super) fn new(ix: &LayerGzIndex) -> GzMeta {
+        let mut files: Vec<(u64, u64, Vec<u8>)> = ix
+            .entries
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File && e.size > 0 && e.sparse.is_none())
+            .map(|e| (e.offset, e.size, e.path.clone()))
+            .collect();
+        files.sort();
+        GzMeta {
+            layer: ix.layer.clone(),
+            zran: ix.zran.clone(),
+            files,
+        }
+    }
+}
+
+/// The spans of a layer read through a published gzip index.
+pub(super) struct GzSpans {
+    meta: GzMeta,
+    /// Files whose tar header was checked.
+    checked: std::sync::Mutex<Vec<u64>>,
+}
+
+impl GzSpans {
+    pub(super) fn new(meta: GzMeta) -> GzSpans {
+        let words = meta.files.len().div_ceil(64);
+        GzSpans {
+            meta,
+            checked: std::sync::Mutex::new(vec![0; words]),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("layer {layer}: span at tar offset {out}")]
+struct SpanError {
+    layer: String,
+    out: u64,
+    #[source]
+    source: zran::ZranError,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "layer {layer}: the published index puts {path} at tar offset {offset}, but the tar header there says otherwise ({why}); the index is not trusted"
+)]
+pub struct ForgedOffset {
+    layer: String,
+    path: String,
+    offset: u64,
+    why: String,
+}
+
+impl SpanMap for GzSpans {
+    fn count(&self) -> usize {
+        self.meta.zran.spans.len()
+    }
+    fn span(&self, i: usize) -> SpanLoc {
+        let s = &self.meta.zran.spans[i];
+        SpanLoc {
+            start: s.out,
+            len: s.out_len,
+            coff: s.cstart,
+            clen: s.clen,
+        }
+    }
+    fn decode(&self, i: usize, compressed: &[u8]) -> Result<Vec<u8>, BoxError> {
+        let s = &self.meta.zran.spans[i];
+        zran::decode_span(s, compressed).map_err(|source| {
+            Box::new(SpanError {
+                layer: self.meta.layer.clone(),
+                out: s.out,
+                source,
+            }) as BoxError
+        })
+    }
+    fn check_read(
+        &self,
+        offset: u64,
+        read: &dyn Fn(u64, &mut [u8]) -> Result<(), BoxError>,
+    ) -> Result<(), BoxError> {
+        let files = &self.meta.files;
+        let Some(k) = files.partition_point(|f| f.0 <= offset).checked_sub(1) else {
+            return Ok(());
+        };
+        let (at, size, path) = &files[k];
+        if offset >= at + size {
+            return Ok(());
+        }
+        let bit = |c: &Vec<u64>| c[k / 64] & (1 << (k % 64)) != 0;
+        if bit(&self.checked.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(());
+        }
+        let forged = |why: String| -> BoxError {
+            Box::new(ForgedOffset {
+                layer: self.meta.layer.clone(),
+                path: crate::names::escaped(path).to_string(),
+                offset: *at,
+                why,
+            })
+        };
+        let header_at = at.checked_sub(512).ok_or_else(|| forged("no room for a header".into()))?;
+        let mut block = [0u8; 512];
+        read(header_at, &mut block)?;
+        check_header(&block, *size, path).map_err(forged)?;
+        let mut c = self.checked.lock().unwrap_or_else(|e| e.into_inner());
+        c[k / 64] |= 1 << (k % 64);
+        Ok(())
+    }
+}
+
+/// Whether the tar header block in front of a file's data describes it:
+/// a valid checksum, a regular file, its size, and its name where the
+/// header holds the whole name (longer names come from extension headers
+/// further back).
+fn check_header(block: &[u8; 512], size: u64, path: &[u8]) -> Result<(), String> {
+    let h = tar::Header::from_byte_slice(block);
+    let stored = h.cksum().map_err(|_| "no checksum".to_string())?;
+    let sum: u32 = block
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u32 })
+        .sum();
+    if stored != sum {
+        return Err("not a tar header".into());
+    }
+    let t = h.entry_type();
+    if !(t.is_file() || t == tar::EntryType::Continuous) {
+        return Err(format!("entry type {:?}", t.as_byte() as char));
+    }
+    // A PAX size overrides the field; a field that disagrees is only
+    // wrong when it could hold the size.
+    let field = h.entry_size().map_err(|_| "unreadable size".to_string())?;
+    if field != size && size < 0o77777777777 {
+        return Err(format!("size {field}, the index says {size}"));
+    }
+    // Longer and non-ASCII names may live in extension headers further
+    // back, with a truncated or sanitised name here.
+    let name = crate::layer::normalize(&h.path_bytes());
+    if name != path && path.len() < 100 && path.is_ascii() {
+        return Err(format!("name {}", crate::names::escaped(&name)));
+    }
+    Ok(())
+}
+
+/// Index of published layer indexes by layer digest: the blob descriptors
+/// of the newest rimg index artifact that refers to the image.
+pub(super) type Published = HashMap<String, oci_spec::image::Descriptor>;
+
+pub(super) fn published_from(manifest: &oci_spec::image::ImageManifest) -> Published {
+    let mut out = HashMap::new();
+    for l in manifest.layers() {
+        if l.media_type().to_string() != BLOB_TYPE {
+            continue;
+        }
+        if let Some(d) = l.annotations().as_ref().and_then(|a| a.get(LAYER_ANNOTATION)) {
+            out.insert(d.clone(), l.clone());
+        }
+    }
+    out
+}
+
+/// Builds a layer's published index from its blob (read locally, once).
+pub fn build(
+    layer_digest: &str,
+    blob: impl Read,
+    entries: LayerIndex,
+) -> Result<LayerGzIndex, zran::ZranError> {
+    let blob = std::io::BufReader::with_capacity(1 << 20, blob);
+    let mut b = zran::ZranBuilder::new(blob, zran::DEFAULT_SPACING);
+    std::io::copy(&mut b, &mut std::io::sink()).map_err(zran::ZranError::Io)?;
+    let zran = b.finish()?;
+    Ok(LayerGzIndex {
+        format: FORMAT,
+        layer: layer_digest.to_string(),
+        blob_size: zran.compressed_size,
+        entries,
+        zran,
+    })
+}
+
+/// Publishing and finding indexes.
+impl super::ImageSource {
+    /// Builds the published index of every gzip layer, from the layers
+    /// cached whole (fetched now if need be): `(layer number, index)`.
+    pub async fn build_gz_indexes(&self) -> Result<Vec<(usize, LayerGzIndex)>, super::ImageError> {
+        let layers = self.cached_layers().await?;
+        let mut out = Vec::new();
+        for (i, layer) in layers.into_iter().enumerate() {
+            let desc = self.image.layers[i].clone();
+            let Some(blob) = self.cache.blob_path(&desc.digest) else {
+                continue;
+            };
+            let entries = layer.index().map_err(|e| self.layer_error(i, e))?;
+            let built = tokio::task::spawn_blocking(move || -> Result<_, super::RangedOpenError> {
+                let mut f = std::fs::File::open(&blob)
+                    .map_err(|e| super::RangedOpenError::Cache(crate::cache::CacheError::Io {
+                        path: blob.display().to_string(),
+                        source: e,
+                    }))?;
+                let mut head = [0u8; 2];
+                let gzip = f.read_exact(&mut head).is_ok() && head == [0x1f, 0x8b];
+                if !gzip {
+                    return Ok(None);
+                }
+                let f = std::fs::File::open(&blob).map_err(|e| {
+                    super::RangedOpenError::Cache(crate::cache::CacheError::Io {
+                        path: blob.display().to_string(),
+                        source: e,
+                    })
+                })?;
+                Ok(Some(build(&desc.digest, f, entries).map_err(|e| {
+                    super::RangedOpenError::Index(GzIndexError::Zran(e))
+                })?))
+            })
+            .await
+            .map_err(|e| super::ImageError::Worker {
+                digest: self.image.layers[i].digest.to_string(),
+                detail: e.to_string(),
+            })?
+            .map_err(|e| self.ranged_error(i, e))?;
+            if let Some(ix) = built {
+                out.push((i, ix));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Pushes the image's gzip indexes as an artifact referring to its
+    /// manifest; returns the artifact's digest and the blobs' sizes.
+    pub async fn push_gz_indexes(
+        &self,
+        built: &[(usize, LayerGzIndex)],
+    ) -> Result<String, super::ImageError> {
+        let super::Blobs::Registry(client) = &self.blobs else {
+            return Err(super::ImageError::NotRemote {
+                reference: self.image.reference.to_string(),
+            });
+        };
+        let mut layers = Vec::new();
+        for (i, ix) in built {
+            let bytes = ix
+                .encode()
+                .map_err(|e| self.ranged_error(*i, super::RangedOpenError::Index(e)))?;
+            layers.push(crate::registry::ArtifactBlob {
+                media_type: BLOB_TYPE.to_string(),
+                bytes: bytes.into(),
+                annotations: [(LAYER_ANNOTATION.to_string(), ix.layer.clone())].into(),
+            });
+        }
+        let subject = oci_spec::image::DescriptorBuilder::default()
+            .media_type(oci_spec::image::MediaType::from(self.image.media_type.as_str()))
+            .digest(
+                self.image
+                    .digest
+                    .parse::<oci_spec::image::Digest>()
+                    .map_err(|e| super::ImageError::Push {
+                        reference: self.image.reference.to_string(),
+                        source: crate::registry::RegistryError::Invalid {
+                            what: self.image.digest.to_string(),
+                            kind: "digest",
+                            detail: e.to_string(),
+                        },
+                    })?,
+            )
+            .size(self.image.manifest_bytes.len() as u64)
+            .build()
+            .expect("all descriptor fields set");
+        let artifact = crate::registry::Artifact {
+            artifact_type: ARTIFACT_TYPE.to_string(),
+            config: None,
+            layers,
+            annotations: Default::default(),
+        };
+        client
+            .push_referrer(&self.image.reference, &subject, &artifact)
+            .await
+            .map_err(|source| super::ImageError::Push {
+                reference: self.image.reference.to_string(),
+                source,
+            })
+    }
+
+    /// The newest published index artifact of the image, by layer digest;
+    /// empty when there is none or it cannot be had (an index is a hint).
+    pub(super) async fn published(&self) -> &Published {
+        self.published
+            .get_or_init(|| async {
+                let super::Blobs::Registry(client) = &self.blobs else {
+                    return Published::new();
+                };
+                match self.find_published(client).await {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::warn!(
+                            "{}: looking for a published gzip index: {e}",
+                            self.image.reference
+                        );
+                        Published::new()
+                    }
+                }
+            })
+            .await
+    }
+
+    async fn find_published(
+        &self,
+        client: &crate::registry::Client,
+    ) -> Result<Published, crate::registry::RegistryError> {
+        let found = client
+            .referrers(&self.image.reference, &self.image.digest, Some(ARTIFACT_TYPE))
+            .await?;
+        let Some(newest) = found.last() else {
+            return Ok(Published::new());
+        };
+        let digest = newest.digest().to_string();
+        let raw = client
+            .fetch_manifest(&self.image.reference.with_digest(&digest))
+            .await?;
+        let manifest: oci_spec::image::ImageManifest = serde_json::from_slice(&raw.bytes)
+            .map_err(|e| crate::registry::RegistryError::Invalid {
+                what: format!("gzip index {digest}"),
+                kind: "image manifest",
+                detail: e.to_string(),
+            })?;
+        let p = published_from(&manifest);
+        tracing::info!(
+            "{}: published gzip index {digest} covers {} layers",
+            self.image.reference,
+            p.len()
+        );
+        Ok(p)
+    }
+}
