@@ -253,7 +253,12 @@ impl ImageSource {
                     tracing::info!("layer {index} {} read in place", desc.digest);
                     cache.ensure_layer_in_place(&desc, &image_ref, &file, offset, size)
                 }
-                None => cache.ensure_layer(&desc, &image_ref, max, open),
+                None => cache
+                    .ensure_layer(&desc, &image_ref, max, open)
+                    .inspect(|l| {
+                        // A published index kept for this layer must match it.
+                        cache.audit_ranged(l, ranged::GZ_INDEX)
+                    }),
             }
             .and_then(|layer| check_diff_id(layer, diff_id));
             bar.done();

@@ -72,6 +72,10 @@ pub enum CacheError {
     Layer(#[from] LayerError),
     #[error(transparent)]
     Ranged(#[from] ranged::RangedError),
+    #[error(
+        "layer {digest}: the published index it was read through differs from the layer itself; dropped"
+    )]
+    IndexMismatch { digest: String },
     #[error("invalid layer digest {0:?}")]
     BadDigest(String),
     /// A layer read in place whose bytes are not the ones its digest names

@@ -63,6 +63,11 @@ pub trait SpanMap: Send + Sync {
     ) -> Result<(), BoxError> {
         Ok(())
     }
+    /// Whether addresses are offsets in the layer's uncompressed tar (so
+    /// that, once every span is held, the spans are the tar).
+    fn addresses_are_tar(&self) -> bool {
+        false
+    }
     /// Addresses below this are fetched first when the whole layer is
     /// prefetched (eStargz's prefetch landmark).
     fn prefetch_first(&self) -> Option<u64> {
@@ -230,6 +235,12 @@ impl Ranged {
             fetched: AtomicU64::new(0),
             end,
         })
+    }
+
+    /// Whether every span is held.
+    pub fn complete(&self) -> bool {
+        let (held, all) = self.held();
+        held == all
     }
 
     /// Compressed bytes fetched so far by this reader.
@@ -533,6 +544,70 @@ impl Drop for Ranged {
     fn drop(&mut self) {
         if let Err(e) = self.flush_log(true) {
             tracing::warn!("{e}");
+        }
+    }
+}
+
+impl super::Layer {
+    /// For a layer read by range through an index whose addresses are tar
+    /// offsets, once every span is held: indexes the tar the spans make and
+    /// compares it with the index the layer was opened from. On any
+    /// difference the kept index is dropped (the next opening reads the
+    /// layer whole) and the error says so.
+    pub fn audit_index(&self) -> Result<(), super::CacheError> {
+        let super::Data::Ranged(r) = &self.data else {
+            return Ok(());
+        };
+        if !r.map.addresses_are_tar() || !r.complete() {
+            return Ok(());
+        }
+        let tar = super::Section {
+            file: &r.data,
+            pos: 0,
+            end: r.end,
+        };
+        let real = crate::layer::index_tar(
+            std::io::BufReader::with_capacity(1 << 20, tar),
+            &self.digest,
+        )?;
+        if real == self.index()? {
+            return Ok(());
+        }
+        for ext in ["idx", "meta"] {
+            let _ = std::fs::remove_file(r.data_path.with_extension(ext));
+        }
+        Err(super::CacheError::IndexMismatch {
+            digest: self.digest.clone(),
+        })
+    }
+}
+
+/// Compares a kept index of `form` with a layer fetched whole; drops it
+/// (with a warning) when they differ.
+impl super::Cache {
+    pub fn audit_ranged(&self, layer: &super::Layer, form: Form) {
+        let Ok(hex) = super::hex_of(&layer.digest) else {
+            return;
+        };
+        let idx = self.ranged_stem(hex, form).with_extension("idx");
+        let Ok(bytes) = std::fs::read(&idx) else {
+            return;
+        };
+        let claimed = postcard::take_from_bytes::<super::IndexHeader>(&bytes)
+            .ok()
+            .and_then(|(_, rest)| postcard::from_bytes::<crate::layer::LayerIndex>(rest).ok());
+        match (claimed, layer.index()) {
+            (Some(c), Ok(real)) if c == real => {}
+            (_, Err(e)) => tracing::warn!("{e}"),
+            _ => {
+                tracing::warn!(
+                    "layer {}: the published index kept for it differs from the layer itself; dropped",
+                    layer.digest
+                );
+                for ext in ["idx", "meta", "data", "have"] {
+                    let _ = std::fs::remove_file(idx.with_extension(ext));
+                }
+            }
         }
     }
 }

@@ -17,7 +17,11 @@ pub fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let built = rt.block_on(source.build_gz_indexes())?;
     let mut out = std::io::stdout().lock();
-    writeln!(out, "{:<19} {:>12} {:>10} {:>7} {:>6}", "LAYER", "BLOB", "INDEX", "SPANS", "SIZE")?;
+    writeln!(
+        out,
+        "{:<19} {:>12} {:>10} {:>7} {:>6}",
+        "LAYER", "BLOB", "INDEX", "SPANS", "SIZE"
+    )?;
     let (mut blobs, mut indexes) = (0u64, 0u64);
     for (_, ix) in &built {
         let size = ix.encode()?.len() as u64;

@@ -300,7 +300,11 @@ pub(super) fn serve_source(
                             layer.digest,
                             r.fetched()
                         ),
-                        Err(e) => tracing::error!("prefetch: {e}"),
+                        Err(e) => return tracing::error!("prefetch: {e}"),
+                    }
+                    // Whole now: a published index it came through must match it.
+                    if let Err(e) = layer.audit_index() {
+                        tracing::error!("{e}");
                     }
                 });
             }

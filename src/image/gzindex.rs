@@ -183,6 +183,9 @@ impl SpanMap for GzSpans {
             }) as BoxError
         })
     }
+    fn addresses_are_tar(&self) -> bool {
+        true
+    }
     fn check_read(
         &self,
         offset: u64,
@@ -208,7 +211,9 @@ impl SpanMap for GzSpans {
                 why,
             })
         };
-        let header_at = at.checked_sub(512).ok_or_else(|| forged("no room for a header".into()))?;
+        let header_at = at
+            .checked_sub(512)
+            .ok_or_else(|| forged("no room for a header".into()))?;
         let mut block = [0u8; 512];
         read(header_at, &mut block)?;
         check_header(&block, *size, path).map_err(forged)?;
@@ -228,7 +233,13 @@ fn check_header(block: &[u8; 512], size: u64, path: &[u8]) -> Result<(), String>
     let sum: u32 = block
         .iter()
         .enumerate()
-        .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { b as u32 })
+        .map(|(i, &b)| {
+            if (148..156).contains(&i) {
+                32
+            } else {
+                b as u32
+            }
+        })
         .sum();
     if stored != sum {
         return Err("not a tar header".into());
@@ -262,7 +273,11 @@ pub(super) fn published_from(manifest: &oci_spec::image::ImageManifest) -> Publi
         if l.media_type().to_string() != BLOB_TYPE {
             continue;
         }
-        if let Some(d) = l.annotations().as_ref().and_then(|a| a.get(LAYER_ANNOTATION)) {
+        if let Some(d) = l
+            .annotations()
+            .as_ref()
+            .and_then(|a| a.get(LAYER_ANNOTATION))
+        {
             out.insert(d.clone(), l.clone());
         }
     }
@@ -301,33 +316,35 @@ impl super::ImageSource {
                 continue;
             };
             let entries = layer.index().map_err(|e| self.layer_error(i, e))?;
-            let built = tokio::task::spawn_blocking(move || -> Result<_, super::RangedOpenError> {
-                let mut f = std::fs::File::open(&blob)
-                    .map_err(|e| super::RangedOpenError::Cache(crate::cache::CacheError::Io {
-                        path: blob.display().to_string(),
-                        source: e,
-                    }))?;
-                let mut head = [0u8; 2];
-                let gzip = f.read_exact(&mut head).is_ok() && head == [0x1f, 0x8b];
-                if !gzip {
-                    return Ok(None);
-                }
-                let f = std::fs::File::open(&blob).map_err(|e| {
-                    super::RangedOpenError::Cache(crate::cache::CacheError::Io {
-                        path: blob.display().to_string(),
-                        source: e,
-                    })
-                })?;
-                Ok(Some(build(&desc.digest, f, entries).map_err(|e| {
-                    super::RangedOpenError::Index(GzIndexError::Zran(e))
-                })?))
-            })
-            .await
-            .map_err(|e| super::ImageError::Worker {
-                digest: self.image.layers[i].digest.to_string(),
-                detail: e.to_string(),
-            })?
-            .map_err(|e| self.ranged_error(i, e))?;
+            let built =
+                tokio::task::spawn_blocking(move || -> Result<_, super::RangedOpenError> {
+                    let mut f = std::fs::File::open(&blob).map_err(|e| {
+                        super::RangedOpenError::Cache(crate::cache::CacheError::Io {
+                            path: blob.display().to_string(),
+                            source: e,
+                        })
+                    })?;
+                    let mut head = [0u8; 2];
+                    let gzip = f.read_exact(&mut head).is_ok() && head == [0x1f, 0x8b];
+                    if !gzip {
+                        return Ok(None);
+                    }
+                    let f = std::fs::File::open(&blob).map_err(|e| {
+                        super::RangedOpenError::Cache(crate::cache::CacheError::Io {
+                            path: blob.display().to_string(),
+                            source: e,
+                        })
+                    })?;
+                    Ok(Some(build(&desc.digest, f, entries).map_err(|e| {
+                        super::RangedOpenError::Index(GzIndexError::Zran(e))
+                    })?))
+                })
+                .await
+                .map_err(|e| super::ImageError::Worker {
+                    digest: self.image.layers[i].digest.to_string(),
+                    detail: e.to_string(),
+                })?
+                .map_err(|e| self.ranged_error(i, e))?;
             if let Some(ix) = built {
                 out.push((i, ix));
             }
@@ -358,7 +375,9 @@ impl super::ImageSource {
             });
         }
         let subject = oci_spec::image::DescriptorBuilder::default()
-            .media_type(oci_spec::image::MediaType::from(self.image.media_type.as_str()))
+            .media_type(oci_spec::image::MediaType::from(
+                self.image.media_type.as_str(),
+            ))
             .digest(
                 self.image
                     .digest
@@ -417,7 +436,11 @@ impl super::ImageSource {
         client: &crate::registry::Client,
     ) -> Result<Published, crate::registry::RegistryError> {
         let found = client
-            .referrers(&self.image.reference, &self.image.digest, Some(ARTIFACT_TYPE))
+            .referrers(
+                &self.image.reference,
+                &self.image.digest,
+                Some(ARTIFACT_TYPE),
+            )
             .await?;
         let Some(newest) = found.last() else {
             return Ok(Published::new());
@@ -426,11 +449,13 @@ impl super::ImageSource {
         let raw = client
             .fetch_manifest(&self.image.reference.with_digest(&digest))
             .await?;
-        let manifest: oci_spec::image::ImageManifest = serde_json::from_slice(&raw.bytes)
-            .map_err(|e| crate::registry::RegistryError::Invalid {
-                what: format!("gzip index {digest}"),
-                kind: "image manifest",
-                detail: e.to_string(),
+        let manifest: oci_spec::image::ImageManifest =
+            serde_json::from_slice(&raw.bytes).map_err(|e| {
+                crate::registry::RegistryError::Invalid {
+                    what: format!("gzip index {digest}"),
+                    kind: "image manifest",
+                    detail: e.to_string(),
+                }
             })?;
         let p = published_from(&manifest);
         tracing::info!(

@@ -41,7 +41,10 @@ pub enum RangedOpenError {
     Footer { at: u64, size: u64 },
     #[error(transparent)]
     Index(#[from] super::gzindex::GzIndexError),
-    #[error("its published gzip index is {len} bytes, over the {}-byte bound", super::gzindex::BLOB_MAX)]
+    #[error(
+        "its published gzip index is {len} bytes, over the {}-byte bound",
+        super::gzindex::BLOB_MAX
+    )]
     IndexTooLarge { len: u64 },
     #[error("its published gzip index {digest} hashes to {actual}")]
     IndexDigest { digest: String, actual: String },
@@ -167,12 +170,17 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
 impl ImageSource {
     /// Layer `index` read by range when it can be and is not already
     /// cached whole; `None` means fetch it whole.
-    pub(super) async fn ranged_layer(&self, index: usize) -> Result<Option<Arc<Layer>>, ImageError> {
+    pub(super) async fn ranged_layer(
+        &self,
+        index: usize,
+    ) -> Result<Option<Arc<Layer>>, ImageError> {
         let Blobs::Registry(client) = &self.blobs else {
             return Ok(None);
         };
         let desc = self.image.layers[index].clone();
-        let toc = self.range_reads.then(|| toc::locate(&desc.media_type, &desc.annotations));
+        let toc = self
+            .range_reads
+            .then(|| toc::locate(&desc.media_type, &desc.annotations));
         let plan = match toc.flatten() {
             Some(TocLocation::EstargzFooter { digest: None }) | None => None,
             Some(location) => Some(Plan::Toc(location)),
@@ -199,7 +207,9 @@ impl ImageSource {
             Plan::Toc(_) => TOC,
             Plan::Published(_) => GZ_INDEX,
         };
-        if !self.cache.has_ranged(&desc.digest, form) && self.cache.blob_path(&desc.digest).is_some() {
+        if !self.cache.has_ranged(&desc.digest, form)
+            && self.cache.blob_path(&desc.digest).is_some()
+        {
             return Ok(None);
         }
         let source = Arc::new(RegistryRange {
@@ -287,20 +297,27 @@ fn fetch_gz_index(
     if len > super::gzindex::BLOB_MAX {
         return Err(RangedOpenError::IndexTooLarge { len });
     }
-    let blob_desc = LayerDesc {
-        digest: blob.digest().to_string().parse().map_err(|_| RangedOpenError::IndexDigest {
-            digest: blob.digest().to_string(),
-            actual: "an invalid digest".into(),
-        })?,
-        media_type: blob.media_type().to_string(),
-        size: len,
-        urls: Vec::new(),
-        diff_id: None,
-        annotations: Default::default(),
-    };
+    let blob_desc =
+        LayerDesc {
+            digest: blob.digest().to_string().parse().map_err(|_| {
+                RangedOpenError::IndexDigest {
+                    digest: blob.digest().to_string(),
+                    actual: "an invalid digest".into(),
+                }
+            })?,
+            media_type: blob.media_type().to_string(),
+            size: len,
+            urls: Vec::new(),
+            diff_id: None,
+            annotations: Default::default(),
+        };
     let bytes = source
         .handle
-        .block_on(source.client.blob_range(&source.reference, &blob_desc, 0, len))
+        .block_on(
+            source
+                .client
+                .blob_range(&source.reference, &blob_desc, 0, len),
+        )
         .map_err(RangedOpenError::Fetch)?;
     use sha2::Digest as _;
     let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
