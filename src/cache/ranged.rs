@@ -30,6 +30,9 @@ use std::time::{Duration, Instant};
 /// An error from verifying or decoding a span, or from fetching it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// Reads verified bytes of a layer read by range (all of `buf`).
+pub type VerifiedRead<'a> = &'a dyn Fn(u64, &mut [u8]) -> Result<(), BoxError>;
+
 /// Where one span's decoded bytes live in the layer's address space and
 /// where its compressed bytes are in the blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,11 +59,7 @@ pub trait SpanMap: Send + Sync {
     /// Called before bytes at `offset` are served, with a reader of the
     /// layer's verified bytes: a map whose addresses come from an untrusted
     /// index checks here that they are what it claims.
-    fn check_read(
-        &self,
-        _offset: u64,
-        _read: &dyn Fn(u64, &mut [u8]) -> Result<(), BoxError>,
-    ) -> Result<(), BoxError> {
+    fn check_read(&self, _offset: u64, _read: VerifiedRead<'_>) -> Result<(), BoxError> {
         Ok(())
     }
     /// Whether addresses are offsets in the layer's uncompressed tar (so

@@ -29,7 +29,7 @@ use std::io::Read;
 
 use serde::{Deserialize, Serialize};
 
-use crate::cache::ranged::{BoxError, SpanLoc, SpanMap};
+use crate::cache::ranged::{BoxError, SpanLoc, SpanMap, VerifiedRead};
 use crate::layer::zran::{self, ZranIndex};
 use crate::layer::{EntryKind, LayerIndex};
 
@@ -186,11 +186,7 @@ impl SpanMap for GzSpans {
     fn addresses_are_tar(&self) -> bool {
         true
     }
-    fn check_read(
-        &self,
-        offset: u64,
-        read: &dyn Fn(u64, &mut [u8]) -> Result<(), BoxError>,
-    ) -> Result<(), BoxError> {
+    fn check_read(&self, offset: u64, read: VerifiedRead<'_>) -> Result<(), BoxError> {
         let files = &self.meta.files;
         let Some(k) = files.partition_point(|f| f.0 <= offset).checked_sub(1) else {
             return Ok(());

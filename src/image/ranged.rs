@@ -193,7 +193,7 @@ impl ImageSource {
                     return Ok(None);
                 }
                 match self.published().await.get(&*desc.digest) {
-                    Some(d) => Some(Plan::Published(d.clone())),
+                    Some(d) => Some(Plan::Published(Box::new(d.clone()))),
                     None if kept => return Ok(None),
                     None => None,
                 }
@@ -283,7 +283,7 @@ impl ImageSource {
 
 enum Plan {
     Toc(TocLocation),
-    Published(oci_spec::image::Descriptor),
+    Published(Box<oci_spec::image::Descriptor>),
 }
 
 /// Fetches a published gzip index blob, checks its digest, and decodes it
