@@ -948,6 +948,72 @@ mod tests {
         is_send::<ZranBuilder<std::fs::File>>();
     }
 
+    /// Inflate throughput of the builder against flate2's MultiGzDecoder, and
+    /// the serialized index size. Not a test: run with
+    /// `cargo test --release --lib zran::tests::measure -- --ignored --nocapture`.
+    #[test]
+    #[ignore]
+    fn measure_throughput_and_index_size() {
+        fn drain(mut r: impl Read) -> u64 {
+            let mut buf = vec![0u8; 64 << 10];
+            let mut n = 0u64;
+            loop {
+                match r.read(&mut buf).unwrap() {
+                    0 => return n,
+                    k => n += k as u64,
+                }
+            }
+        }
+        let mut inputs: Vec<(String, Vec<u8>)> = alpine_tarballs()
+            .into_iter()
+            .map(|p| (p.display().to_string(), std::fs::read(&p).unwrap()))
+            .collect();
+        let big = mixed_data(200 << 20, 11);
+        let mut child = std::process::Command::new("gzip")
+            .arg("-6")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("gzip");
+        let mut stdin = child.stdin.take().unwrap();
+        let writer = std::thread::spawn(move || stdin.write_all(&big));
+        let mut gz = Vec::new();
+        child.stdout.take().unwrap().read_to_end(&mut gz).unwrap();
+        writer.join().unwrap().unwrap();
+        child.wait().unwrap();
+        inputs.push(("200 MiB mixed, gzip -6".into(), gz));
+        for (name, gz) in &inputs {
+            let rate = |f: &dyn Fn() -> u64| {
+                let t = std::time::Instant::now();
+                let n = f();
+                n as f64 / t.elapsed().as_secs_f64() / 1e6
+            };
+            // Alternate the two so drift in clock speed hits both alike.
+            let (mut flate, mut zran) = (0.0f64, 0.0f64);
+            for _ in 0..5 {
+                zran = zran.max(rate(&|| {
+                    let mut b = ZranBuilder::new(&gz[..], DEFAULT_SPACING);
+                    let n = drain(&mut b);
+                    b.finish().unwrap();
+                    n
+                }));
+                flate = flate.max(rate(&|| drain(MultiGzDecoder::new(&gz[..]))));
+            }
+            let mut b = ZranBuilder::new(&gz[..], DEFAULT_SPACING);
+            drain(&mut b);
+            let index = b.finish().unwrap();
+            let size = postcard::to_stdvec(&index).unwrap().len();
+            println!(
+                "{name}: {} -> {} bytes; MultiGzDecoder {flate:.0} MB/s, ZranBuilder {zran:.0} MB/s; \
+                 {} spans, index {size} bytes = {:.2}% of compressed",
+                gz.len(),
+                index.uncompressed_size,
+                index.spans.len(),
+                100.0 * size as f64 / gz.len() as f64
+            );
+        }
+    }
+
     proptest! {
         #![proptest_config(ProptestConfig::with_cases(48))]
         #[test]
