@@ -268,7 +268,16 @@ impl ImageSource {
             digest: desc.digest.to_string(),
             detail: e.to_string(),
         })?;
-        opened.map(Some).map_err(|e| self.ranged_error(index, e))
+        match opened {
+            Ok(l) => Ok(Some(l)),
+            // A table that cannot say what the tar says (names Go's JSON
+            // mangled): the whole layer can.
+            Err(RangedOpenError::Toc(e @ toc::TocError::Entry { .. })) => {
+                tracing::info!("{e}; the layer is fetched whole");
+                Ok(None)
+            }
+            Err(e) => Err(self.ranged_error(index, e)),
+        }
     }
 
     pub(super) fn ranged_error(&self, index: usize, e: RangedOpenError) -> ImageError {
