@@ -462,3 +462,61 @@ impl super::ImageSource {
         Ok(p)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tar_of(files: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (path, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_mode(0o644);
+            h.set_size(data.len() as u64);
+            b.append_data(&mut h, path, *data).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
+    fn header_before(tar: &[u8], data_at: u64) -> [u8; 512] {
+        tar[data_at as usize - 512..data_at as usize]
+            .try_into()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_header_in_front_of_a_file_must_describe_it() {
+        let tar = tar_of(&[("etc/a", b"aaaa"), ("etc/b", b"bbbbbbbb")]);
+        let idx = crate::layer::index_tar(&tar[..], "sha256:t").unwrap();
+        let (a, b) = (&idx.entries[0], &idx.entries[1]);
+        assert!(check_header(&header_before(&tar, a.offset), a.size, &a.path).is_ok());
+        // A forged index pointing b's name at a's bytes: name and size differ.
+        let e = check_header(&header_before(&tar, a.offset), b.size, &b.path).unwrap_err();
+        assert!(e.contains("size"), "{e}");
+        let e = check_header(&header_before(&tar, a.offset), a.size, b"etc/b").unwrap_err();
+        assert!(e.contains("name"), "{e}");
+        // An offset into the middle of data: no valid header there.
+        let mut junk = [b'x'; 512];
+        junk[0] = b'e';
+        assert!(check_header(&junk, a.size, &a.path).is_err());
+    }
+
+    #[test]
+    fn a_published_index_is_refused_for_another_layer_or_size() {
+        let tar = tar_of(&[("f", b"data")]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        let blob = gz.finish().unwrap();
+        let entries = crate::layer::index_tar(&tar[..], "sha256:l").unwrap();
+        let ix = build("sha256:l", &blob[..], entries).unwrap();
+        let bytes = ix.encode().unwrap();
+        let n = blob.len() as u64;
+        assert_eq!(LayerGzIndex::decode(&bytes, "sha256:l", n).unwrap(), ix);
+        assert!(matches!(
+            LayerGzIndex::decode(&bytes, "sha256:other", n),
+            Err(GzIndexError::OtherLayer { .. })
+        ));
+        assert!(LayerGzIndex::decode(&bytes, "sha256:l", n + 1).is_err());
+        assert!(LayerGzIndex::decode(&bytes[..bytes.len() / 2], "sha256:l", n).is_err());
+    }
+}
