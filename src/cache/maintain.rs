@@ -172,15 +172,40 @@ impl Cache {
     }
 
     pub(super) fn evict(&self, limit: u64) -> Result<u64, CacheError> {
-        // Least recently used first: `list` sorts by last use.
+        // Least recently used first, whole layers and range caches alike:
+        // both lists are sorted by last use.
         let layers = self.list()?;
-        let mut total: u64 = layers.iter().map(|l| l.blob_size + l.tar_size).sum();
+        let ranged = self.ranged_list();
+        let mut total: u64 = layers.iter().map(|l| l.blob_size + l.tar_size).sum::<u64>()
+            + ranged.iter().map(|r| r.bytes).sum::<u64>();
+        let mut candidates: Vec<(
+            i64,
+            Option<&CachedLayer>,
+            Option<&super::ranged::RangedCache>,
+        )> = layers.iter().map(|l| (l.last_use, Some(l), None)).collect();
+        candidates.extend(ranged.iter().map(|r| (r.last_use, None, Some(r))));
+        candidates.sort_by_key(|c| c.0);
         let mut freed = 0;
         let mut busy = Vec::new();
-        for l in &layers {
+        for (_, whole, by_range) in candidates {
             if total <= limit {
                 break;
             }
+            if let Some(r) = by_range {
+                if self.remove_ranged(&r.digest, &r.form) {
+                    total -= r.bytes;
+                    freed += r.bytes;
+                    tracing::info!(
+                        "evicted the range cache of layer {} ({} bytes)",
+                        r.digest,
+                        r.bytes
+                    );
+                } else {
+                    busy.push(r.digest.clone());
+                }
+                continue;
+            }
+            let Some(l) = whole else { continue };
             let (digest, bytes) = (l.digest.clone(), l.blob_size + l.tar_size);
             let hex = hex_of(&digest)?.to_string();
             let lock = self.lock_file(&hex)?;

@@ -611,6 +611,68 @@ impl super::Cache {
     }
 }
 
+/// A layer's range cache, as `rimg cache ls` shows it and eviction weighs it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RangedCache {
+    pub digest: String,
+    pub form: String,
+    /// Disk the decoded chunks and metadata take (the data file is sparse).
+    pub bytes: u64,
+    /// Seconds since the epoch.
+    pub last_use: i64,
+}
+
+impl super::Cache {
+    /// Every kept range cache, least recently used first.
+    pub fn ranged_list(&self) -> Vec<RangedCache> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.root.join("lazy/sha256");
+        let mut out = Vec::new();
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".idx") else {
+                continue;
+            };
+            let Some((hex, form)) = stem.split_once('-') else {
+                continue;
+            };
+            let Ok(meta) = e.metadata() else { continue };
+            let bytes = ["idx", "meta", "data", "have"]
+                .iter()
+                .filter_map(|ext| std::fs::metadata(dir.join(format!("{stem}.{ext}"))).ok())
+                .map(|m| m.blocks() * 512)
+                .sum();
+            out.push(RangedCache {
+                digest: format!("sha256:{hex}"),
+                form: form.to_string(),
+                bytes,
+                last_use: super::mtime_secs(&meta),
+            });
+        }
+        out.sort_by_key(|r| r.last_use);
+        out
+    }
+
+    /// Removes a range cache no mount is using; `false` when one is.
+    pub(super) fn remove_ranged(&self, digest: &str, form: &str) -> bool {
+        let Ok(hex) = super::hex_of(digest) else {
+            return false;
+        };
+        let Ok(lock) = self.lock_file(hex) else {
+            return false;
+        };
+        if lock.try_lock().is_err() {
+            return false;
+        }
+        let stem = self.root.join("lazy/sha256").join(format!("{hex}-{form}"));
+        // Index first: without it nothing trusts the rest.
+        for ext in ["idx", "meta", "data", "have"] {
+            let _ = std::fs::remove_file(stem.with_extension(ext));
+        }
+        true
+    }
+}
+
 /// Names the form a layer is read by range in (a table of contents, a
 /// checkpoint index): the files of each form are kept apart.
 pub type Form = &'static str;
@@ -714,6 +776,10 @@ impl super::Cache {
             let _ = f.set_modified(std::time::SystemTime::now());
         }
         self.note_image(&hex, image_ref);
+        // Range caches grow as they are read; make room as a new one opens.
+        if let Err(e) = self.evict(self.limit) {
+            tracing::warn!("cache eviction: {e}");
+        }
         Ok(Arc::new(super::Layer {
             digest: header.digest,
             diff_id: header.diff_id,

@@ -29,6 +29,18 @@ pub fn cache_ls(common: &Common) -> Result<()> {
             l.images.join(", ")
         )?;
     }
+    for r in cache.ranged_list() {
+        total += r.bytes;
+        writeln!(
+            out,
+            "{:<19} {:>12} {:>12} {:<16} read by range ({})",
+            format!("sha256:{}", short_digest(&r.digest)),
+            "-",
+            r.bytes,
+            format_time(r.last_use),
+            r.form
+        )?;
+    }
     writeln!(out, "total {total} bytes in {}", cache.root().display())?;
     Ok(())
 }
