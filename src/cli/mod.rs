@@ -25,6 +25,7 @@ use ls::{format_time, shell_quote};
 pub use mount::{mount, mounts, serve, umount};
 
 use rimg::cache::Cache;
+use rimg::digest::Digest;
 use rimg::image::{Blobs, ImageSource};
 use rimg::local::{self, Location};
 use rimg::reference::Reference;
@@ -327,7 +328,7 @@ struct Bars(indicatif::MultiProgress);
 struct Bar(indicatif::ProgressBar);
 
 impl rimg::image::Progress for Bars {
-    fn layer(&self, digest: &str, size: u64) -> Arc<dyn rimg::image::LayerProgress> {
+    fn layer(&self, digest: &Digest, size: u64) -> Arc<dyn rimg::image::LayerProgress> {
         let bar = self.0.add(indicatif::ProgressBar::new(size));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -336,7 +337,7 @@ impl rimg::image::Progress for Bars {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
-        bar.set_prefix(rimg::image::short_digest(digest).to_string());
+        bar.set_prefix(digest.short().to_string());
         Arc::new(Bar(bar))
     }
 }

@@ -294,7 +294,7 @@ fn check_platform(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::sha256_digest;
+    use crate::digest::Digest;
 
     #[test]
     fn prefixes_split_path_and_pick_as_skopeo_does() {
@@ -401,16 +401,16 @@ mod tests {
     fn a_blob_that_does_not_match_its_digest_fails_at_its_end() {
         let mut r = Verified {
             inner: io::Cursor::new(b"hello".to_vec()),
-            hasher: Sha256::new(),
-            expected: sha256_digest(b"other"),
+            hasher: Digest::hasher(),
+            expected: Digest::of_bytes(b"other").to_string(),
         };
         let mut out = Vec::new();
         let err = r.read_to_end(&mut out).unwrap_err();
         assert!(err.to_string().contains("expected"), "{err}");
         let mut r = Verified {
             inner: io::Cursor::new(b"hello".to_vec()),
-            hasher: Sha256::new(),
-            expected: sha256_digest(b"hello"),
+            hasher: Digest::hasher(),
+            expected: Digest::of_bytes(b"hello").to_string(),
         };
         r.read_to_end(&mut out).unwrap();
     }
