@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::image::{Blob, Compress, LayerBuilder, layer_blob, sha256};
 use common::*;
 
 /// One request as the server saw it.

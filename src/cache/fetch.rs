@@ -55,7 +55,7 @@ impl Cache {
             return Ok(l);
         }
         lock.unlock().map_err(io_err(&lock_path))?;
-        if let Some(l) = self.lock_exclusive(&lock, &lock_path, &loaded)? {
+        if let Some(l) = self.lock_exclusive(&lock, &lock_path, loaded)? {
             return Ok(l);
         }
         let result = self.fetch_verified(desc, hex, want, &lock, max_layer_size, &mut open_blob);
@@ -69,7 +69,7 @@ impl Cache {
         })?;
         self.note_image(hex, image_ref);
         if let Err(e) = self.evict(self.limit) {
-            tracing::warn!("cache eviction: {e}");
+            tracing::warn!("cache eviction: {}", crate::report::Chain(&e));
         }
         Ok(Arc::new(layer))
     }
@@ -85,7 +85,7 @@ impl Cache {
         &self,
         lock: &File,
         lock_path: &Path,
-        loaded: &dyn Fn(&File) -> Result<Option<Arc<Layer>>, CacheError>,
+        loaded: impl Fn(&File) -> Result<Option<Arc<Layer>>, CacheError>,
     ) -> Result<Option<Arc<Layer>>, CacheError> {
         let step = std::time::Duration::from_millis(50);
         let mut waited = std::time::Duration::ZERO;

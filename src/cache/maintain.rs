@@ -97,12 +97,12 @@ impl Cache {
         let mut out = Vec::new();
         for l in self.list()? {
             let hex = l.digest.hex();
-            let lock = self.lock_file(&hex)?;
+            let lock = self.lock_file(hex)?;
             let in_use = lock.try_lock().is_err();
-            let problem = self.check_layer(&hex)?;
+            let problem = self.check_layer(hex)?;
             let removed = problem.is_some() && !in_use;
             if removed {
-                self.remove_layer(&hex);
+                self.remove_layer(hex);
             }
             out.push(Verified {
                 digest: l.digest,
@@ -186,12 +186,12 @@ impl Cache {
             }
             let (digest, bytes) = (l.digest.clone(), l.blob_size + l.tar_size);
             let hex = digest.hex();
-            let lock = self.lock_file(&hex)?;
+            let lock = self.lock_file(hex)?;
             if lock.try_lock().is_err() {
                 busy.push(digest);
                 continue;
             }
-            self.remove_layer(&hex);
+            self.remove_layer(hex);
             total -= bytes;
             freed += bytes;
             tracing::info!("evicted layer {digest} ({bytes} bytes)");

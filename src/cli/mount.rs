@@ -280,7 +280,7 @@ pub(super) fn serve_source(
         let state = Arc::clone(&mount.state);
         rt.spawn(async move {
             if let Err(e) = state.mounted().await {
-                tracing::error!("prefetch: {e}");
+                tracing::error!("prefetch: {}", rimg::report::Chain(&e));
             }
         });
     }

@@ -41,13 +41,13 @@ const LINK_DEPTH: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Io {
         file: String,
         #[source]
         source: io::Error,
     },
-    #[error("{file}: {entry}: {source}")]
+    #[error("{file}: {entry}")]
     Entry {
         file: String,
         entry: String,
@@ -68,7 +68,7 @@ pub enum LocalError {
     },
     #[error("{file}: {detail}")]
     Choice { file: String, detail: String },
-    #[error("{file}: {entry}: {source}")]
+    #[error("{file}: {entry}")]
     Image {
         file: String,
         entry: String,
