@@ -30,7 +30,8 @@ use rimg::image::{Blobs, ImageSource};
 use rimg::local::{self, Location};
 use rimg::reference::Reference;
 use rimg::registry::{
-    Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, ResolvedImage,
+    Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, RegistryError,
+    ResolvedImage,
 };
 
 /// Options every subcommand shares.
@@ -197,7 +198,18 @@ pub(crate) async fn resolve(
     client
         .resolve(reference, platform.as_ref())
         .await
-        .with_context(|| format!("cannot resolve {reference}"))
+        .map_err(|e| about(e, reference, format!("cannot resolve {reference}")))
+}
+
+/// A registry error, with `doing` in front unless the error already names
+/// the repository: most registry errors do (`R: manifest larger than ...`),
+/// those about the connection name only the host. Said once either way.
+pub(crate) fn about(e: RegistryError, reference: &Reference, doing: String) -> anyhow::Error {
+    if e.to_string().contains(&reference.name()) {
+        e.into()
+    } else {
+        anyhow::Error::new(e).context(doing)
+    }
 }
 
 /// Parses sizes like `10G`, `500M`, `4096` (binary multiples).
