@@ -329,7 +329,7 @@ fn write_archive<W: Write>(
         let top = img
             .layers
             .last()
-            .map(|(d, _)| d.trim_start_matches("sha256:").to_string())
+            .map(|(d, _)| d.hex().to_string())
             .unwrap_or_default();
         let repositories = json!({ repo: { tag: top } });
         append_file(
@@ -454,13 +454,13 @@ fn write_flattened<W: Write>(
     let file = tmp.reopen()?;
     let compressed = HashingWriter {
         inner: io::BufWriter::new(file),
-        hasher: Sha256::new(),
+        hasher: Digest::hasher(),
         written: 0,
     };
     let gz = GzEncoder::new(compressed, Compression::fast());
     let plain = HashingWriter {
         inner: gz,
-        hasher: Sha256::new(),
+        hasher: Digest::hasher(),
         written: 0,
     };
     let plain = write_rootfs(tree, layers, digests, plain)?;

@@ -22,8 +22,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use crate::layer::{self};
 use crate::reference::Reference;
 use crate::registry::{PlatformSpec, RegistryError, ResolvedImage};
@@ -212,7 +210,7 @@ impl LocalBlobs {
         let (r, _) = self.store.open_entry(&self.file, entry)?;
         Ok(Box::new(Verified {
             inner: r,
-            hasher: Sha256::new(),
+            hasher: crate::digest::Digest::hasher(),
             expected: digest.to_string(),
         }))
     }
