@@ -18,7 +18,7 @@ use tempfile::NamedTempFile;
 
 use super::*;
 
-/// What opens a layer's blob stream; see [`Cache::ensure_layer`].
+/// Why a layer's blob stream could not be opened; see [`Cache::ensure_layer`].
 type BlobError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Cache {
@@ -41,7 +41,6 @@ impl Cache {
         let want = desc.diff_id.as_deref();
         let lock = self.lock_file(hex)?;
         let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
-        let lock_err = io_err(&lock_path);
         let loaded = |lock: &File| -> Result<Option<Arc<Layer>>, CacheError> {
             let handle = lock.try_clone().map_err(io_err(&lock_path))?;
             Ok(self.load(hex, want, handle)?.map(|l| {
@@ -62,7 +61,7 @@ impl Cache {
         // Back to shared: in use from here on.
         lock.unlock().map_err(io_err(&lock_path))?;
         result?;
-        lock.lock_shared().map_err(lock_err)?;
+        lock.lock_shared().map_err(io_err(&lock_path))?;
         let layer = self.load(hex, want, lock)?.ok_or_else(|| CacheError::Io {
             path: self.paths(hex).2.display().to_string(),
             source: io::Error::other("evicted right after it was fetched"),
