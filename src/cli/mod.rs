@@ -369,6 +369,27 @@ mod tests {
     }
 
     #[test]
+    fn a_registry_error_naming_the_image_is_not_prefixed_with_it_again() {
+        let r = Reference::parse("r.io/a:b").unwrap();
+        let named = RegistryError::Invalid {
+            what: "r.io/a:b".into(),
+            kind: "image manifest",
+            detail: "bad".into(),
+        };
+        let line = one_line(&about(named, &r, "cannot resolve r.io/a:b".into()));
+        assert_eq!(line, "r.io/a:b: invalid image manifest: bad");
+        let unnamed = RegistryError::Unreachable {
+            registry: "r.io".into(),
+            detail: "refused".into(),
+        };
+        let line = one_line(&about(unnamed, &r, "cannot resolve r.io/a:b".into()));
+        assert_eq!(
+            line,
+            "cannot resolve r.io/a:b: cannot reach registry r.io: refused"
+        );
+    }
+
+    #[test]
     fn one_line_joins_the_chain_without_repeats() {
         let e = anyhow!("inner").context("outer");
         assert_eq!(one_line(&e), "outer: inner");
