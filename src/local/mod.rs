@@ -369,8 +369,8 @@ mod tests {
                 "{escaping}: {err}"
             );
         }
-        let err = read(&store, "loop/x").unwrap_err();
-        assert!(err.to_string().contains("too many levels"), "{err}");
+        let err = crate::report::Chain(&read(&store, "loop/x").unwrap_err()).to_string();
+        assert!(err.contains("too many levels"), "{err}");
         let err = read(&store, "real/other").unwrap_err();
         assert!(
             err.to_string().contains("real/other: no such entry"),
