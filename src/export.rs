@@ -10,22 +10,28 @@ use std::sync::Arc;
 
 use flate2::Compression;
 use flate2::write::GzEncoder;
+use oci_spec::image::MediaType;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
 use crate::cache::Layer;
-use crate::image::ImageSource;
+use crate::digest::Digest;
+use crate::image::{ImageError, ImageSource};
 use crate::layer::EntryKind;
 use crate::overlay::tree::{NodeId, Tree};
-use crate::registry::{OCI_MANIFEST, sha256_digest};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
-    #[error("writing the archive: {0}")]
+    #[error("writing the archive")]
     Io(#[from] io::Error),
+    /// The image's layers could not be had (the error names the layer).
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error("export worker stopped")]
+    Worker(#[source] tokio::task::JoinError),
     #[error("layer {digest} is not in the cache after fetching it")]
-    MissingBlob { digest: String },
-    #[error("{path}: reading layer {digest}: {source}")]
+    MissingBlob { digest: Digest },
+    #[error("{path}: reading layer {digest}")]
     Read {
         path: String,
         digest: String,
@@ -81,7 +87,7 @@ fn header_for(kind: EntryKind) -> tar::EntryType {
 pub fn write_rootfs<W: Write>(
     tree: &Tree,
     layers: &[Arc<Layer>],
-    digests: &[String],
+    digests: &[Digest],
     out: W,
 ) -> Result<W, ExportError> {
     let mut builder = tar::Builder::new(out);
@@ -148,7 +154,10 @@ pub fn write_rootfs<W: Write>(
                 append_entry(&mut builder, header, n, &path, None, reader).map_err(|source| {
                     ExportError::Read {
                         path: format!("/{}", crate::names::escaped(&path)),
-                        digest: digests.get(n.layer as usize).cloned().unwrap_or_default(),
+                        digest: digests
+                            .get(n.layer as usize)
+                            .map(Digest::to_string)
+                            .unwrap_or_default(),
                         source,
                     }
                 })?;
@@ -238,8 +247,8 @@ fn append_dir<W: Write>(builder: &mut tar::Builder<W>, name: &str) -> io::Result
     builder.append_data(&mut header, name, io::empty())
 }
 
-fn blob_name(digest: &str) -> String {
-    format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"))
+fn blob_name(digest: &Digest) -> String {
+    format!("blobs/sha256/{}", digest.hex())
 }
 
 /// The image as an archive's contents: manifest, config and layer files.
@@ -247,8 +256,8 @@ struct ArchiveImage<'a> {
     manifest: Vec<u8>,
     manifest_media_type: String,
     config: Vec<u8>,
-    config_digest: String,
-    layers: Vec<(String, &'a Path)>,
+    config_digest: Digest,
+    layers: Vec<(Digest, &'a Path)>,
 }
 
 /// Writes docker's files (when `docker`) and the OCI layout around one set of blobs.
@@ -259,7 +268,7 @@ fn write_archive<W: Write>(
     out: W,
 ) -> Result<W, ExportError> {
     let mut b = tar::Builder::new(out);
-    let manifest_digest = sha256_digest(&img.manifest);
+    let manifest_digest = Digest::of_bytes(&img.manifest);
     append_dir(&mut b, "blobs")?;
     append_dir(&mut b, "blobs/sha256")?;
     let mut written = std::collections::HashSet::new();
@@ -320,7 +329,7 @@ fn write_archive<W: Write>(
         let top = img
             .layers
             .last()
-            .map(|(d, _)| d.trim_start_matches("sha256:").to_string())
+            .map(|(d, _)| d.hex().to_string())
             .unwrap_or_default();
         let repositories = json!({ repo: { tag: top } });
         append_file(
@@ -375,21 +384,15 @@ pub async fn export<W: Write + Send + 'static>(
     name: ArchiveName,
     out: W,
 ) -> Result<W, ExportError> {
-    let layers = source
-        .cached_layers()
-        .await
-        .map_err(|e| ExportError::Io(io::Error::other(e)))?;
-    let digests: Vec<String> = source
+    let layers = source.cached_layers().await?;
+    let digests: Vec<Digest> = source
         .image
         .layers
         .iter()
         .map(|l| l.digest.clone())
         .collect();
     if format == Format::Rootfs || flatten {
-        let (tree, layers) = source
-            .tree(None)
-            .await
-            .map_err(|e| ExportError::Io(io::Error::other(e)))?;
+        let (tree, layers) = source.tree(None).await?;
         let src = Arc::clone(&source);
         return tokio::task::spawn_blocking(move || {
             if format == Format::Rootfs {
@@ -406,12 +409,12 @@ pub async fn export<W: Write + Send + 'static>(
             )
         })
         .await
-        .map_err(|e| ExportError::Io(io::Error::other(e)))?;
+        .map_err(ExportError::Worker)?;
     }
     drop(layers);
     tokio::task::spawn_blocking(move || {
         let cache = source.cache();
-        let paths: Vec<(String, std::path::PathBuf)> = digests
+        let paths: Vec<(Digest, std::path::PathBuf)> = digests
             .iter()
             .map(|d| {
                 cache
@@ -424,7 +427,8 @@ pub async fn export<W: Write + Send + 'static>(
             manifest: source.image.manifest_bytes.clone(),
             manifest_media_type: source.image.media_type.clone(),
             config: source.image.config_bytes.clone(),
-            config_digest: source.image.config_digest.clone(),
+            // The config's digest, checked when the image was resolved.
+            config_digest: Digest::of_bytes(&source.image.config_bytes),
             layers: paths
                 .iter()
                 .map(|(d, p)| (d.clone(), p.as_path()))
@@ -433,7 +437,7 @@ pub async fn export<W: Write + Send + 'static>(
         write_archive(&img, &name, format == Format::Docker, out)
     })
     .await
-    .map_err(|e| ExportError::Io(io::Error::other(e)))?
+    .map_err(ExportError::Worker)?
 }
 
 /// One gzip layer holding the merged tree, with a config and manifest to match.
@@ -441,7 +445,7 @@ fn write_flattened<W: Write>(
     source: &ImageSource,
     tree: &Tree,
     layers: &[Arc<Layer>],
-    digests: &[String],
+    digests: &[Digest],
     name: &ArchiveName,
     docker: bool,
     out: W,
@@ -450,20 +454,20 @@ fn write_flattened<W: Write>(
     let file = tmp.reopen()?;
     let compressed = HashingWriter {
         inner: io::BufWriter::new(file),
-        hasher: Sha256::new(),
+        hasher: Digest::hasher(),
         written: 0,
     };
     let gz = GzEncoder::new(compressed, Compression::fast());
     let plain = HashingWriter {
         inner: gz,
-        hasher: Sha256::new(),
+        hasher: Digest::hasher(),
         written: 0,
     };
     let plain = write_rootfs(tree, layers, digests, plain)?;
-    let diff_id = format!("sha256:{}", hex::encode(plain.hasher.finalize()));
+    let diff_id = Digest::from_hasher(plain.hasher);
     let mut compressed = plain.inner.finish()?;
     compressed.flush()?;
-    let layer_digest = format!("sha256:{}", hex::encode(compressed.hasher.finalize()));
+    let layer_digest = Digest::from_hasher(compressed.hasher);
     let layer_size = compressed.written;
 
     let reference = source.image.reference.to_string();
@@ -478,10 +482,10 @@ fn write_flattened<W: Write>(
         "comment": format!("flattened from {} layers of {}", digests.len(), source.image.digest),
     }]);
     let config_bytes = serde_json::to_vec(&config).expect("json");
-    let config_digest = sha256_digest(&config_bytes);
+    let config_digest = Digest::of_bytes(&config_bytes);
     let manifest = json!({
         "schemaVersion": 2,
-        "mediaType": OCI_MANIFEST,
+        "mediaType": MediaType::ImageManifest.to_string(),
         "config": {
             "mediaType": "application/vnd.oci.image.config.v1+json",
             "digest": config_digest,
@@ -495,7 +499,7 @@ fn write_flattened<W: Write>(
     });
     let img = ArchiveImage {
         manifest: serde_json::to_vec(&manifest).expect("json"),
-        manifest_media_type: OCI_MANIFEST.to_string(),
+        manifest_media_type: MediaType::ImageManifest.to_string(),
         config: config_bytes,
         config_digest,
         layers: vec![(layer_digest, tmp.path())],

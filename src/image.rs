@@ -10,6 +10,7 @@ use std::sync::Arc;
 use futures_util::future::try_join_all;
 
 use crate::cache::{Cache, Layer};
+use crate::digest::Digest;
 use crate::layer::LayerIndex;
 use crate::local::LocalBlobs;
 use crate::overlay::tree::{self, Tree};
@@ -23,15 +24,15 @@ pub use ranged::RangedOpenError;
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     // The cache error names the digest.
-    #[error("layer {index} of {reference}: {source}")]
+    #[error("layer {index} of {reference}")]
     Layer {
         index: usize,
-        digest: String,
+        digest: Digest,
         reference: String,
         #[source]
         source: Box<crate::cache::CacheError>,
     },
-    #[error("merging the layers of {reference}: {source}")]
+    #[error("merging the layers of {reference}")]
     Tree {
         reference: String,
         #[source]
@@ -59,8 +60,12 @@ pub enum ImageError {
         #[source]
         source: crate::registry::RegistryError,
     },
-    #[error("worker for layer {digest} stopped: {detail}")]
-    Worker { digest: String, detail: String },
+    #[error("worker for layer {digest} stopped")]
+    Worker {
+        digest: Digest,
+        #[source]
+        source: tokio::task::JoinError,
+    },
 }
 
 /// Where an image's blobs are read from.
@@ -86,7 +91,7 @@ impl From<LocalBlobs> for Blobs {
 /// bars with it; the library draws nothing).
 pub trait Progress: Send + Sync {
     /// A layer of `size` compressed bytes starts downloading.
-    fn layer(&self, digest: &str, size: u64) -> Arc<dyn LayerProgress>;
+    fn layer(&self, digest: &Digest, size: u64) -> Arc<dyn LayerProgress>;
 }
 
 /// One layer's download.
@@ -101,7 +106,7 @@ pub trait LayerProgress: Send + Sync {
 pub struct Quiet;
 
 impl Progress for Quiet {
-    fn layer(&self, _: &str, _: u64) -> Arc<dyn LayerProgress> {
+    fn layer(&self, _: &Digest, _: u64) -> Arc<dyn LayerProgress> {
         Arc::new(Quiet)
     }
 }
@@ -265,9 +270,9 @@ impl ImageSource {
             r
         })
         .await
-        .map_err(|e| ImageError::Worker {
+        .map_err(|source| ImageError::Worker {
             digest: digest.clone(),
-            detail: e.to_string(),
+            source,
         })?;
         result.map_err(|source| ImageError::Layer {
             index,
@@ -321,7 +326,7 @@ impl ImageSource {
             started.elapsed() - fetched
         );
         if let Err(e) = self.cache.store_tree(&key, &t) {
-            tracing::warn!("cannot save the merged tree: {e}");
+            tracing::warn!("cannot save the merged tree: {}", crate::report::Chain(&e));
         }
         Ok((t, layers))
     }
@@ -364,7 +369,7 @@ impl ImageSource {
         }
     }
 
-    fn layer_error(&self, index: usize, source: crate::cache::CacheError) -> ImageError {
+    pub(crate) fn layer_error(&self, index: usize, source: crate::cache::CacheError) -> ImageError {
         ImageError::Layer {
             index,
             digest: self.image.layers[index].digest.clone(),
@@ -387,12 +392,6 @@ fn check_diff_id(
         }),
         _ => Ok(layer),
     }
-}
-
-/// `sha256:abcdef012345...` -> `abcdef012345`
-pub fn short_digest(d: &str) -> &str {
-    let hex = d.split_once(':').map_or(d, |(_, h)| h);
-    &hex[..hex.len().min(12)]
 }
 
 /// A file's bytes in its layer, holes of a sparse file as zeros, as a

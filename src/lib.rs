@@ -17,12 +17,15 @@
 //!   single paths before every layer is present;
 //! - [`image`]: a resolved image tied to the cache;
 //! - [`fuse`], [`export`], [`forensics`]: what is done with an image;
-//! - [`names`]: names as bytes, and the one way to print them.
+//! - [`names`]: names as bytes, and the one way to print them;
+//! - [`digest`]: sha256 digests, checked where they enter and typed from then on;
+//! - [`report`]: an error and its causes as one line.
 //!
 //! The command-line front end (clap, anyhow) lives in the binary, `src/main.rs`
 //! and `src/cli/`.
 
 pub mod cache;
+pub mod digest;
 pub mod export;
 pub mod forensics;
 pub mod fuse;
@@ -33,3 +36,4 @@ pub mod names;
 pub mod overlay;
 pub mod reference;
 pub mod registry;
+pub mod report;

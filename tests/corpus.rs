@@ -13,6 +13,10 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::image::{Compress, layer_blob, push_image};
+use common::listing::{
+    EntryInfo, assert_same_tree, diff_listings, from_lossless, lossless, tree_listing,
+};
 use common::*;
 
 const TESTDATA: &str = "/usr/share/go-1.19/src/archive/tar/testdata";

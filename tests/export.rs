@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::fixtures::*;
+use common::image::{Pushed, push_alpine, sha256};
+use common::listing::assert_same_tree;
 use common::*;
 
 fn export(env: &Env, reference: &str, extra: &[&str]) -> (tempfile::TempDir, PathBuf) {

@@ -9,6 +9,8 @@ mod common;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use common::image::{Blob, Compress, LayerBuilder, layer_blob, push_alpine, push_image};
+use common::listing::{EntryInfo, diff_listings, tree_listing};
 use common::proxy::FaultProxy;
 use common::*;
 

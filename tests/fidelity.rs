@@ -10,6 +10,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use common::image::{Compress, LayerBuilder, layer_blob, push_image};
+use common::listing::assert_same_tree;
 use common::*;
 
 const LATIN1: &[u8] = b"odd/latin1-\xe9.txt";

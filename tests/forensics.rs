@@ -8,6 +8,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
 
+use common::image::{
+    Blob, Compress, LayerBuilder, Pushed, layer_blob, push_alpine, push_image, sha256,
+};
 use common::*;
 
 const SECRET: &str = "AKIA-LEAKED-0123456789";

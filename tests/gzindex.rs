@@ -5,6 +5,7 @@
 mod common;
 
 use common::counting::CountingProxy;
+use common::image::push_alpine;
 use common::*;
 
 #[test]

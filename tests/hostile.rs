@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use common::image::{Blob, Compress, LayerBuilder, layer_blob, sha256};
 use common::*;
 
 /// One request as the server saw it.
@@ -965,4 +966,66 @@ fn a_layer_trickled_a_few_bytes_at_a_time_fails_within_the_deadline() {
     let e = error_line(&run);
     assert!(e.contains("sent only") && e.contains("in 8 s"), "{e}");
     check_bounded(&run, 12.0);
+}
+
+/// How often `needle` occurs in `hay`.
+fn occurrences(hay: &str, needle: &str) -> usize {
+    hay.matches(needle).count()
+}
+
+#[test]
+fn layer_errors_are_one_line_naming_image_layer_and_cause_once() {
+    let corrupt = small_layer("etc/corrupt", b"corrupt\n");
+    let missing = small_layer("etc/missing", b"missing\n");
+    let garbage = {
+        // Bytes that are neither gzip nor a tar, under their true digest.
+        let bytes = b"this is not a layer at all".repeat(40);
+        let mut b = corrupt.clone();
+        b.digest = sha256(&bytes);
+        b.diff_id = sha256(&bytes);
+        b.bytes = bytes;
+        b
+    };
+    let cases: [(Blob, &str); 3] = [
+        (corrupt, "does not match the digest"),
+        (missing, "blob unknown to registry"),
+        (garbage, "layer"),
+    ];
+    for (i, (layer, cause)) in cases.into_iter().enumerate() {
+        let digest = layer.digest.clone();
+        let damaged = i == 0;
+        let gone = i == 1;
+        let img = image_with(vec![layer.clone()], None);
+        let srv = serve(img, move |req, s| {
+            if damaged && req.path.ends_with(&layer.digest) {
+                let mut b = layer.bytes.clone();
+                let mid = b.len() / 2;
+                b[mid] ^= 1;
+                respond(s, "200 OK", &[], &b);
+                return true;
+            }
+            if gone && req.path.ends_with(&layer.digest) {
+                respond(
+                    s,
+                    "404 Not Found",
+                    &[("Content-Type", "application/json")],
+                    br#"{"errors":[{"code":"BLOB_UNKNOWN","message":"blob unknown to registry"}]}"#,
+                );
+                return true;
+            }
+            false
+        });
+        let image = format!("{}/x:t", srv.addr());
+        let run = measured(
+            &env(),
+            &["cat", &image, "/etc/hello"],
+            Duration::from_secs(60),
+        );
+        let line = error_line(&run);
+        assert!(line.contains(&image), "names the image: {line}");
+        assert_eq!(occurrences(&line, &digest), 1, "the digest once: {line}");
+        assert!(line.contains(cause), "says why: {line}");
+        // Not even a shortened form a second time.
+        assert_eq!(occurrences(&line, &digest[7..19]), 1, "{line}");
+    }
 }

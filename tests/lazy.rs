@@ -9,6 +9,8 @@ mod common;
 use std::process::Command;
 
 use common::counting::CountingProxy;
+use common::image::push_alpine;
+use common::listing::assert_same_tree;
 use common::*;
 
 const HIDDEN: [&str; 3] = [

@@ -10,6 +10,8 @@ use std::path::Path;
 use std::process::Command;
 
 use common::fixtures::*;
+use common::image::{LayerBuilder, push_alpine, push_index, sha256};
+use common::listing::assert_same_tree;
 use common::*;
 
 fn skopeo_copy(src: &str, dest: &str) {

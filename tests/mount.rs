@@ -8,6 +8,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use common::fixtures::*;
+use common::image::{push_alpine, push_image, push_index};
+use common::listing::{assert_same_tree, tree_listing};
 use common::*;
 
 #[test]

@@ -7,6 +7,8 @@ mod common;
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
+use common::image::{Compress, LayerBuilder, Pushed, layer_blob, push_image, sha256};
+use common::token::TokenServer;
 use common::*;
 use oci_spec::image::{Descriptor, MediaType};
 use rimg::reference::Reference;

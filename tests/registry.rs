@@ -5,6 +5,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::image::{
+    Compress, LayerBuilder, layer_blob, push_alpine, push_image, push_index, push_manifest,
+};
+use common::proxy::RedirectProxy;
+use common::token::TokenServer;
 use common::*;
 
 fn inspect(env: &Env, reference: &str, extra: &[&str]) -> serde_json::Value {

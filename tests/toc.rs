@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use std::io::Read;
 use std::process::Command;
 
+use common::image::{Compress, LayerBuilder, layer_blob, push_alpine, push_image};
 use common::*;
 use rimg::layer::toc::{self, TocError, TocKind, TocLayer, TocLocation};
 use rimg::layer::{EntryKind, LayerIndex, index_tar};

@@ -6,6 +6,8 @@ mod common;
 use std::time::Duration;
 
 use common::fixtures::*;
+use common::image::{Blob, Compress, LayerBuilder, layer_blob, push_alpine, push_image, sha256};
+use common::proxy::RedirectProxy;
 use common::*;
 
 fn rules_ref(reg: &Registry) -> String {

@@ -12,6 +12,8 @@ use std::process::{Command, Output};
 use std::sync::Mutex;
 use std::time::Duration;
 
+use common::image::push_alpine;
+use common::listing::tree_listing;
 use common::*;
 
 /// The tests change machine-wide settings; one at a time.

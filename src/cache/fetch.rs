@@ -1,17 +1,25 @@
 //! Getting a layer into the cache: the one streaming pass that copies the
 //! blob aside, inflates, writes and indexes it, under the per-layer lock;
 //! and layers indexed in place in a local archive.
+//!
+//! The pass is a pipeline of stages, each its own function: [`sniff`] the
+//! compression, [`inflate_and_index`] (tee the tar aside while hashing it,
+//! under the size limit), then [`Staged::publish`] (fsync, rename, index last).
 
-use crate::layer::{self, Compression, LayerError};
+use crate::digest::Digest;
+use crate::layer::{self, Compression, LayerError, LayerIndex};
 use crate::registry::LayerDesc;
 use flate2::bufread::MultiGzDecoder;
-use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, BufWriter, Read, Write};
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
+use tempfile::NamedTempFile;
 
 use super::*;
+
+/// Why a layer's blob stream could not be opened; see [`Cache::ensure_layer`].
+type BlobError = Box<dyn std::error::Error + Send + Sync>;
 
 impl Cache {
     /// The layer `desc`, from the cache or fetched with `open_blob` now.
@@ -27,38 +35,70 @@ impl Cache {
         mut open_blob: F,
     ) -> Result<Arc<Layer>, CacheError>
     where
-        F: FnMut() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
+        F: FnMut() -> Result<Box<dyn Read + Send>, BlobError>,
     {
-        let hex = hex_of(&desc.digest)?.to_string();
+        let hex = desc.digest.hex();
         let want = desc.diff_id.as_deref();
-        let lock = self.lock_file(&hex)?;
+        let lock = self.lock_file(hex)?;
         let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
+        let loaded = |lock: &File| -> Result<Option<Arc<Layer>>, CacheError> {
+            let handle = lock.try_clone().map_err(io_err(&lock_path))?;
+            Ok(self.load(hex, want, handle)?.map(|l| {
+                self.note_image(hex, image_ref);
+                Arc::new(l)
+            }))
+        };
         // Shared first: the common case is a layer that is already here.
         lock.lock_shared().map_err(io_err(&lock_path))?;
-        if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
-            self.note_image(&hex, image_ref);
-            return Ok(Arc::new(l));
+        if let Some(l) = loaded(&lock)? {
+            return Ok(l);
         }
         lock.unlock().map_err(io_err(&lock_path))?;
-        // Exclusive while fetching. Never wait for it blindly: flock lets new
-        // shared locks past a waiting exclusive one, so a process (or a
-        // thread of this one: each handle locks on its own) that fetched
-        // the layer and now uses it would keep a waiter out forever. While
-        // the lock is taken, wait for shared instead (that waits out a fetch
-        // in progress) and look again.
+        if let Some(l) = self.lock_exclusive(&lock, &lock_path, loaded)? {
+            return Ok(l);
+        }
+        let result = self.fetch_verified(desc, hex, want, &lock, max_layer_size, &mut open_blob);
+        // Back to shared: in use from here on.
+        lock.unlock().map_err(io_err(&lock_path))?;
+        result?;
+        lock.lock_shared().map_err(io_err(&lock_path))?;
+        let layer = self.load(hex, want, lock)?.ok_or_else(|| CacheError::Io {
+            path: self.paths(hex).2.display().to_string(),
+            source: io::Error::other("evicted right after it was fetched"),
+        })?;
+        self.note_image(hex, image_ref);
+        if let Err(e) = self.evict(self.limit) {
+            tracing::warn!("cache eviction: {}", crate::report::Chain(&e));
+        }
+        Ok(Arc::new(layer))
+    }
+
+    /// Takes `lock` exclusively, or returns the layer if another holder
+    /// published it meanwhile. Never waits for the exclusive lock blindly:
+    /// flock lets new shared locks past a waiting exclusive one, so a process
+    /// (or a thread of this one: each handle locks on its own) that fetched
+    /// the layer and now uses it would keep a waiter out forever. While the
+    /// lock is taken, waits for shared instead (that waits out a fetch in
+    /// progress) and looks again.
+    fn lock_exclusive(
+        &self,
+        lock: &File,
+        lock_path: &Path,
+        loaded: impl Fn(&File) -> Result<Option<Arc<Layer>>, CacheError>,
+    ) -> Result<Option<Arc<Layer>>, CacheError> {
+        let step = std::time::Duration::from_millis(50);
         let mut waited = std::time::Duration::ZERO;
         loop {
             match lock.try_lock() {
-                Ok(()) => break,
+                Ok(()) => return Ok(None),
                 Err(std::fs::TryLockError::WouldBlock) => {}
-                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(&lock_path)(e)),
+                Err(std::fs::TryLockError::Error(e)) => return Err(io_err(lock_path)(e)),
             }
-            lock.lock_shared().map_err(io_err(&lock_path))?;
-            if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
-                self.note_image(&hex, image_ref);
-                return Ok(Arc::new(l));
+            lock.lock_shared().map_err(io_err(lock_path))?;
+            if let Some(l) = loaded(lock)? {
+                return Ok(Some(l));
             }
-            lock.unlock().map_err(io_err(&lock_path))?;
+            lock.unlock().map_err(io_err(lock_path))?;
             // In use by someone, yet not loadable: damaged under a mount.
             if waited > IN_USE_WAIT {
                 return Err(CacheError::Io {
@@ -68,50 +108,50 @@ impl Cache {
                     ),
                 });
             }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-            waited += std::time::Duration::from_millis(50);
+            std::thread::sleep(step);
+            waited += step;
         }
-        let result: Result<(), CacheError> = (|| {
-            if self
-                .load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)?
-                .is_some()
-            {
-                return Ok(());
-            }
-            let mut tries = 0;
-            loop {
-                tries += 1;
-                match self.fetch(desc, &hex, max_layer_size, &mut open_blob) {
-                    Err(CacheError::Corrupt { .. }) if tries <= REFETCHES => {
-                        tracing::warn!(
-                            "layer {}: downloaded content does not match the digest; downloading it again",
-                            desc.digest
-                        );
-                    }
-                    Err(CacheError::Corrupt { digest, actual, .. }) => {
-                        return Err(CacheError::Corrupt {
-                            digest,
-                            actual,
-                            tries,
-                        });
-                    }
-                    other => return other,
+    }
+
+    /// Under the exclusive lock: fetches the layer unless a previous holder
+    /// did, downloading again a blob whose bytes fail their digest.
+    fn fetch_verified<F>(
+        &self,
+        desc: &LayerDesc,
+        hex: &str,
+        want: Option<&str>,
+        lock: &File,
+        max: u64,
+        open_blob: &mut F,
+    ) -> Result<(), CacheError>
+    where
+        F: FnMut() -> Result<Box<dyn Read + Send>, BlobError>,
+    {
+        let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
+        let handle = lock.try_clone().map_err(io_err(&lock_path))?;
+        if self.load(hex, want, handle)?.is_some() {
+            return Ok(());
+        }
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match self.fetch(desc, max, open_blob) {
+                Err(CacheError::Corrupt { .. }) if tries <= REFETCHES => {
+                    tracing::warn!(
+                        "layer {}: downloaded content does not match the digest; downloading it again",
+                        desc.digest
+                    );
                 }
+                Err(CacheError::Corrupt { digest, actual, .. }) => {
+                    return Err(CacheError::Corrupt {
+                        digest,
+                        actual,
+                        tries,
+                    });
+                }
+                other => return other,
             }
-        })();
-        // Back to shared: in use from here on.
-        lock.unlock().map_err(io_err(&lock_path))?;
-        result?;
-        lock.lock_shared().map_err(io_err(&lock_path))?;
-        let layer = self.load(&hex, want, lock)?.ok_or_else(|| CacheError::Io {
-            path: self.paths(&hex).2.display().to_string(),
-            source: io::Error::other("evicted right after it was fetched"),
-        })?;
-        self.note_image(&hex, image_ref);
-        if let Err(e) = self.evict(self.limit) {
-            tracing::warn!("cache eviction: {e}");
         }
-        Ok(Arc::new(layer))
     }
 
     /// One streaming pass: the blob is copied aside as it arrives, inflated,
@@ -120,97 +160,51 @@ impl Cache {
     pub(super) fn fetch<F>(
         &self,
         desc: &LayerDesc,
-        hex: &str,
         max: u64,
         open_blob: &mut F,
     ) -> Result<(), CacheError>
     where
-        F: FnMut() -> Result<Box<dyn Read + Send>, Box<dyn std::error::Error + Send + Sync>>,
+        F: FnMut() -> Result<Box<dyn Read + Send>, BlobError>,
     {
         let digest = &desc.digest;
-        let tmp_dir = self.root.join("tmp");
-        let tmp = |suffix: &str| {
-            tempfile::Builder::new()
-                .prefix(&format!("{}-", &hex[..12]))
-                .suffix(suffix)
-                .tempfile_in(&tmp_dir)
-                .map_err(io_err(&tmp_dir))
-        };
-        let blob_tmp = tmp(".blob")?;
-        let tar_tmp = tmp(".tar")?;
-        let idx_tmp = tmp(".idx")?;
-        let reader = open_blob().map_err(|e| CacheError::Fetch {
+        let staged = Staged::new(self, digest)?;
+        let reader = open_blob().map_err(|source| CacheError::Fetch {
             digest: digest.clone(),
-            detail: e.to_string(),
+            source,
         })?;
-        let fetch_err = |e: io::Error| CacheError::Fetch {
-            digest: digest.clone(),
-            detail: e.to_string(),
-        };
-        let mut compressed = Tee {
-            inner: reader,
-            out: BufWriter::with_capacity(IO_BUFFER, blob_tmp.as_file()),
-            hasher: None,
-            count: 0,
-            limit: u64::MAX,
-        };
-        let mut head = Vec::with_capacity(512);
-        (&mut compressed)
-            .take(512)
-            .read_to_end(&mut head)
-            .map_err(|e| classify(e, digest, max))?;
-        let compression = layer::detect(digest, &desc.media_type, &head)?;
+        let mut compressed = Tee::new(
+            reader,
+            BufWriter::with_capacity(IO_BUFFER, staged.blob.as_file()),
+            u64::MAX,
+        );
+        let (compression, head) = sniff(&mut compressed, desc)?;
         let mut source =
             io::BufReader::with_capacity(IO_BUFFER, io::Cursor::new(head).chain(&mut compressed));
-        let decoder: Box<dyn Read + '_> = match compression {
-            Compression::Gzip => Box::new(MultiGzDecoder::new(&mut source)),
-            Compression::Zstd => {
-                Box::new(zstd::Decoder::with_buffer(&mut source).map_err(fetch_err)?)
-            }
-            Compression::None => Box::new(&mut source),
-        };
-        let mut plain = Tee {
-            inner: decoder,
-            out: BufWriter::with_capacity(IO_BUFFER, tar_tmp.as_file()),
-            hasher: Some(Sha256::new()),
-            count: 0,
-            limit: max,
-        };
-        let indexed = layer::index_tar(&mut plain, digest);
-        let index = match indexed {
-            Ok(i) => i,
-            Err(e) => {
-                let err = match e {
-                    LayerError::Io { source, .. } => classify(source, digest, max),
-                    other => other.into(),
-                };
+        let inflated = inflate_and_index(&mut source, compression, digest, max, &staged.tar);
+        let (index, tar_size, diff_id) = match inflated {
+            Ok(done) => done,
+            Err(err)
                 if matches!(
                     err,
                     CacheError::TooLarge { .. } | CacheError::Corrupt { .. }
-                ) {
-                    return Err(err);
-                }
+                ) =>
+            {
+                return Err(err);
+            }
+            Err(err) => {
                 // Bytes damaged on the way show as a bad gzip or tar stream
                 // before the digest fails at the end: reading the rest (at
                 // most the size the manifest states) tells the two apart.
-                drop(plain);
                 if let Err(e) = io::copy(&mut source, &mut io::sink())
-                    && let c @ CacheError::Corrupt { .. } = classify(e, digest, max)
+                    && let c @ CacheError::Corrupt { .. } = classify(e, digest)
                 {
                     return Err(c);
                 }
                 return Err(err);
             }
         };
-        let tar_size = plain.count;
-        let diff_id = format!(
-            "sha256:{}",
-            hex::encode(plain.hasher.take().expect("hasher").finalize())
-        );
-        plain.out.flush().map_err(io_err(tar_tmp.path()))?;
-        drop(plain);
         // Whatever trails the compressed stream still belongs to the blob.
-        io::copy(&mut source, &mut io::sink()).map_err(|e| classify(e, digest, max))?;
+        io::copy(&mut source, &mut io::sink()).map_err(|e| classify(e, digest))?;
         drop(source);
         // Only now is the blob known to be what its digest says, so a
         // diff_id mismatch is the config's, not the network's.
@@ -223,10 +217,9 @@ impl Cache {
                 actual: diff_id,
             });
         }
-        compressed.out.flush().map_err(io_err(blob_tmp.path()))?;
+        compressed.out.flush().map_err(io_err(staged.blob.path()))?;
         let blob_size = compressed.count;
         drop(compressed);
-
         let header = IndexHeader {
             version: INDEX_VERSION,
             digest: digest.clone(),
@@ -234,28 +227,7 @@ impl Cache {
             blob_size,
             tar_size,
         };
-        let encode = |e: postcard::Error| io_err(idx_tmp.path())(io::Error::other(e));
-        let mut bytes = postcard::to_stdvec(&header).map_err(encode)?;
-        bytes.extend(postcard::to_stdvec(&index).map_err(encode)?);
-        idx_tmp
-            .as_file()
-            .write_all(&bytes)
-            .map_err(io_err(idx_tmp.path()))?;
-        // Durable before visible: a crash never leaves an index naming missing bytes.
-        for f in [&blob_tmp, &tar_tmp, &idx_tmp] {
-            f.as_file().sync_data().map_err(io_err(f.path()))?;
-        }
-        let (blob_path, tar_path, idx_path) = self.paths(hex);
-        blob_tmp
-            .persist(&blob_path)
-            .map_err(|e| io_err(&blob_path)(e.error))?;
-        tar_tmp
-            .persist(&tar_path)
-            .map_err(|e| io_err(&tar_path)(e.error))?;
-        idx_tmp
-            .persist(&idx_path)
-            .map_err(|e| io_err(&idx_path)(e.error))?;
-        Ok(())
+        staged.publish(self, &header, &index)
     }
 
     /// The layer `desc`, an uncompressed tar of `size` bytes at `offset` in
@@ -273,13 +245,13 @@ impl Cache {
         size: u64,
     ) -> Result<Arc<Layer>, CacheError> {
         use std::os::unix::fs::MetadataExt;
-        let hex = hex_of(&desc.digest)?.to_string();
-        let lock = self.lock_file(&hex)?;
+        let hex = desc.digest.hex();
+        let lock = self.lock_file(hex)?;
         let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
         lock.lock_shared().map_err(io_err(&lock_path))?;
         let want = desc.diff_id.as_deref();
-        if let Some(l) = self.load(&hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
-            self.note_image(&hex, image_ref);
+        if let Some(l) = self.load(hex, want, lock.try_clone().map_err(io_err(&lock_path))?)? {
+            self.note_image(hex, image_ref);
             return Ok(Arc::new(l));
         }
         let dir = self.root.join("inplace");
@@ -292,9 +264,9 @@ impl Cache {
             meta.ctime(),
             meta.ctime_nsec()
         );
-        let key = hex::encode(Sha256::digest(identity.as_bytes()));
+        let key = Digest::of_bytes(identity.as_bytes());
         // Named by the layer first, so clearing the cache can find its lock.
-        let idx_path = dir.join(format!("{hex}-{}.idx", &key[..16]));
+        let idx_path = dir.join(format!("{hex}-{}.idx", &key.hex()[..16]));
         let layer = |diff_id: String, tar: File| Layer {
             digest: desc.digest.clone(),
             diff_id,
@@ -318,28 +290,21 @@ impl Cache {
             return Ok(Arc::new(layer(h.diff_id, tar)));
         }
         // Indexed from the archive while hashed; published only if the hash is the digest.
-        let mut plain = Tee {
-            inner: Section {
-                file: archive,
-                pos: offset,
-                end: offset + size,
-            },
-            out: io::sink(),
-            hasher: Some(Sha256::new()),
-            count: 0,
-            limit: u64::MAX,
+        let section = Section {
+            file: archive,
+            pos: offset,
+            end: offset + size,
         };
+        let mut plain = Tee::new(section, io::sink(), u64::MAX);
+        plain.hasher = Some(Digest::hasher());
         let index = match layer::index_tar(&mut plain, &desc.digest) {
             Ok(i) => i,
             Err(LayerError::Io { source, .. }) => {
-                return Err(classify(source, &desc.digest, u64::MAX));
+                return Err(classify(source, &desc.digest));
             }
             Err(e) => return Err(e.into()),
         };
-        let actual = format!(
-            "sha256:{}",
-            hex::encode(plain.hasher.take().expect("hasher").finalize())
-        );
+        let actual = Digest::from_hasher(plain.hasher.take().expect("hasher")).to_string();
         if actual != desc.digest || plain.count != size {
             return Err(CacheError::Digest { actual });
         }
@@ -355,9 +320,7 @@ impl Cache {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err(&dir))?;
-        let encode = |e: postcard::Error| io_err(&idx_path)(io::Error::other(e));
-        let mut bytes = postcard::to_stdvec(&header).map_err(encode)?;
-        bytes.extend(postcard::to_stdvec(&index).map_err(encode)?);
+        let bytes = encode_index(&header, &index).map_err(io_err(&idx_path))?;
         let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err(&dir))?;
         tmp.as_file()
             .write_all(&bytes)
@@ -366,4 +329,123 @@ impl Cache {
             .map_err(|e| io_err(&idx_path)(e.error))?;
         Ok(Arc::new(layer(actual, tar)))
     }
+}
+
+/// Reads the blob's first bytes and tells its compression by them (or by
+/// the media type); returns them, since they are part of the stream.
+fn sniff(
+    compressed: &mut impl Read,
+    desc: &LayerDesc,
+) -> Result<(Compression, Vec<u8>), CacheError> {
+    let mut head = Vec::with_capacity(512);
+    compressed
+        .take(512)
+        .read_to_end(&mut head)
+        .map_err(|e| classify(e, &desc.digest))?;
+    let compression = layer::detect(&desc.digest, &desc.media_type, &head)?;
+    Ok((compression, head))
+}
+
+/// Inflates `source`, writing the tar to `tar_out` while hashing and
+/// indexing it; refuses a tar larger than `max`. Returns the index, the
+/// tar's size and its digest (the diff_id).
+fn inflate_and_index(
+    source: &mut impl io::BufRead,
+    compression: Compression,
+    digest: &Digest,
+    max: u64,
+    tar_out: &NamedTempFile,
+) -> Result<(LayerIndex, u64, String), CacheError> {
+    let decoder: Box<dyn Read + '_> = match compression {
+        Compression::Gzip => Box::new(MultiGzDecoder::new(source)),
+        Compression::Zstd => {
+            Box::new(
+                zstd::Decoder::with_buffer(source).map_err(|e| CacheError::Fetch {
+                    digest: digest.clone(),
+                    source: Box::new(e),
+                })?,
+            )
+        }
+        Compression::None => Box::new(source),
+    };
+    let mut plain = Tee::new(
+        decoder,
+        BufWriter::with_capacity(IO_BUFFER, tar_out.as_file()),
+        max,
+    );
+    plain.hasher = Some(Digest::hasher());
+    let indexed = layer::index_tar(&mut plain, digest);
+    // The limit is checked here, whatever error the cut-off stream caused.
+    if plain.over_limit() {
+        return Err(CacheError::TooLarge {
+            digest: digest.clone(),
+            limit: max,
+        });
+    }
+    let index = indexed.map_err(|e| match e {
+        LayerError::Io { source, .. } => classify(source, digest),
+        other => other.into(),
+    })?;
+    plain.out.flush().map_err(io_err(tar_out.path()))?;
+    let diff_id = Digest::from_hasher(plain.hasher.take().expect("hasher")).to_string();
+    Ok((index, plain.count, diff_id))
+}
+
+/// A layer's three files, written under `tmp/` and renamed into place.
+struct Staged {
+    blob: NamedTempFile,
+    tar: NamedTempFile,
+    idx: NamedTempFile,
+}
+
+impl Staged {
+    fn new(cache: &Cache, digest: &Digest) -> Result<Staged, CacheError> {
+        let tmp_dir = cache.root.join("tmp");
+        let tmp = |suffix: &str| {
+            tempfile::Builder::new()
+                .prefix(&format!("{}-", digest.short()))
+                .suffix(suffix)
+                .tempfile_in(&tmp_dir)
+                .map_err(io_err(&tmp_dir))
+        };
+        Ok(Staged {
+            blob: tmp(".blob")?,
+            tar: tmp(".tar")?,
+            idx: tmp(".idx")?,
+        })
+    }
+
+    /// Writes the index, makes all three durable, then renames them into
+    /// place, index last: a crash never leaves an index naming missing bytes.
+    fn publish(
+        self,
+        cache: &Cache,
+        header: &IndexHeader,
+        index: &LayerIndex,
+    ) -> Result<(), CacheError> {
+        let bytes = encode_index(header, index).map_err(io_err(self.idx.path()))?;
+        self.idx
+            .as_file()
+            .write_all(&bytes)
+            .map_err(io_err(self.idx.path()))?;
+        for f in [&self.blob, &self.tar, &self.idx] {
+            f.as_file().sync_data().map_err(io_err(f.path()))?;
+        }
+        let (blob_path, tar_path, idx_path) = cache.paths(header.digest.hex());
+        for (f, to) in [
+            (self.blob, blob_path),
+            (self.tar, tar_path),
+            (self.idx, idx_path),
+        ] {
+            f.persist(&to).map_err(|e| io_err(&to)(e.error))?;
+        }
+        Ok(())
+    }
+}
+
+/// An index file's bytes: the header, then the index.
+fn encode_index(header: &IndexHeader, index: &LayerIndex) -> io::Result<Vec<u8>> {
+    let mut bytes = postcard::to_stdvec(header).map_err(io::Error::other)?;
+    bytes.extend(postcard::to_stdvec(index).map_err(io::Error::other)?);
+    Ok(bytes)
 }

@@ -2,7 +2,6 @@
 //! the clean-up of what a crash left.
 
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -12,10 +11,10 @@ use super::*;
 
 impl Cache {
     pub(super) fn tree_path(&self, image_digest: &str) -> Result<PathBuf, CacheError> {
-        Ok(self
-            .root
-            .join("trees")
-            .join(format!("{}.v{TREE_FORMAT}.tree", hex_of(image_digest)?)))
+        Ok(self.root.join("trees").join(format!(
+            "{}.v{TREE_FORMAT}.tree",
+            parse_digest(image_digest)?.hex()
+        )))
     }
 
     /// A merged tree saved for the image with manifest `image_digest`, so a
@@ -74,8 +73,12 @@ impl Cache {
             let (blob, tar, _) = self.paths(hex);
             let size = |p: &Path| fs::metadata(p).map_or(0, |m| m.len());
             let refs = fs::read_to_string(dir.join(format!("{hex}.refs"))).unwrap_or_default();
+            // Not a name the cache gives a layer: not one of its layers.
+            let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) else {
+                continue;
+            };
             out.push(CachedLayer {
-                digest: format!("sha256:{hex}"),
+                digest,
                 blob_size: size(&blob),
                 tar_size: size(&tar),
                 last_use: mtime_secs(&meta),
@@ -93,13 +96,13 @@ impl Cache {
     pub fn verify(&self) -> Result<Vec<Verified>, CacheError> {
         let mut out = Vec::new();
         for l in self.list()? {
-            let hex = hex_of(&l.digest)?.to_string();
-            let lock = self.lock_file(&hex)?;
+            let hex = l.digest.hex();
+            let lock = self.lock_file(hex)?;
             let in_use = lock.try_lock().is_err();
-            let problem = self.check_layer(&hex)?;
+            let problem = self.check_layer(hex)?;
             let removed = problem.is_some() && !in_use;
             if removed {
-                self.remove_layer(&hex);
+                self.remove_layer(hex);
             }
             out.push(Verified {
                 digest: l.digest,
@@ -124,9 +127,9 @@ impl Cache {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
                 Err(e) => return Err(io_err(p)(e)),
             };
-            let mut h = Sha256::new();
+            let mut h = Digest::hasher();
             let n = hash_into(&mut f, &mut h).map_err(io_err(p))?;
-            Ok(Some((format!("sha256:{}", hex::encode(h.finalize())), n)))
+            Ok(Some((Digest::from_hasher(h).to_string(), n)))
         };
         match hash(&blob)? {
             None => return Ok(Some("blob missing".into())),
@@ -201,19 +204,19 @@ impl Cache {
                         r.bytes
                     );
                 } else {
-                    busy.push(r.digest.clone());
+                    busy.push(r.digest.to_string());
                 }
                 continue;
             }
             let Some(l) = whole else { continue };
             let (digest, bytes) = (l.digest.clone(), l.blob_size + l.tar_size);
-            let hex = hex_of(&digest)?.to_string();
-            let lock = self.lock_file(&hex)?;
+            let hex = digest.hex();
+            let lock = self.lock_file(hex)?;
             if lock.try_lock().is_err() {
-                busy.push(digest);
+                busy.push(digest.to_string());
                 continue;
             }
-            self.remove_layer(&hex);
+            self.remove_layer(hex);
             total -= bytes;
             freed += bytes;
             tracing::info!("evicted layer {digest} ({bytes} bytes)");

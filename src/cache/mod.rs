@@ -21,8 +21,9 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
+use sha2::{Digest as _, Sha256};
 
+use crate::digest::Digest;
 use crate::layer::{LayerError, LayerIndex};
 use crate::registry::RegistryError;
 
@@ -40,31 +41,35 @@ const IO_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
-    #[error("cache {path}: {source}")]
+    #[error("cache {path}")]
     Io {
         path: String,
         #[source]
         source: io::Error,
     },
-    #[error("layer {digest}: download failed: {detail}")]
-    Fetch { digest: String, detail: String },
+    #[error("layer {digest}: download failed")]
+    Fetch {
+        digest: Digest,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(
         "layer {digest}: downloaded content does not match the digest (got {actual}; downloaded {tries} times)"
     )]
     Corrupt {
-        digest: String,
+        digest: Digest,
         actual: String,
         tries: u32,
     },
     #[error(
         "layer {digest} inflates past {limit} bytes (the cache size or --max-layer-size); refused"
     )]
-    TooLarge { digest: String, limit: u64 },
+    TooLarge { digest: Digest, limit: u64 },
     #[error(
         "layer {digest}: uncompressed content hashes to {actual}, but the image config says {expected}"
     )]
     DiffId {
-        digest: String,
+        digest: Digest,
         expected: String,
         actual: String,
     },
@@ -75,7 +80,7 @@ pub enum CacheError {
     #[error(
         "layer {digest}: the published index it was read through differs from the layer itself; dropped"
     )]
-    IndexMismatch { digest: String },
+    IndexMismatch { digest: Digest },
     #[error("invalid layer digest {0:?}")]
     BadDigest(String),
     /// A layer read in place whose bytes are not the ones its digest names
@@ -152,7 +157,7 @@ pub fn default_dir() -> PathBuf {
 #[derive(Serialize, Deserialize)]
 struct IndexHeader {
     version: u32,
-    digest: String,
+    digest: Digest,
     diff_id: String,
     blob_size: u64,
     tar_size: u64,
@@ -164,7 +169,7 @@ const HEADER_MAX: usize = 512;
 /// A cached layer, open for reading. While it lives, it holds a shared lock
 /// that keeps other processes from evicting it.
 pub struct Layer {
-    pub digest: String,
+    pub digest: Digest,
     pub diff_id: String,
     idx_path: PathBuf,
     data: Data,
@@ -220,7 +225,7 @@ impl Layer {
 
 #[derive(Debug, Clone, Serialize)]
 pub struct CachedLayer {
-    pub digest: String,
+    pub digest: Digest,
     pub blob_size: u64,
     pub tar_size: u64,
     /// Seconds since the epoch.
@@ -231,7 +236,7 @@ pub struct CachedLayer {
 /// One layer's result from [`Cache::verify`].
 #[derive(Debug, Clone, Serialize)]
 pub struct Verified {
-    pub digest: String,
+    pub digest: Digest,
     /// What is wrong, or `None` when the layer is intact.
     pub problem: Option<String>,
     /// Removed (it was corrupt and no mount was using it).
@@ -243,7 +248,9 @@ pub struct Cache {
     limit: u64,
 }
 
-/// Copies everything read through it to `out`, hashing and counting it.
+/// Copies everything read through it to `out`, counting (and, with a
+/// hasher, hashing) it. Past `limit` bytes it fails, and [`Tee::over_limit`]
+/// tells the caller that this is why.
 struct Tee<R, W> {
     inner: R,
     out: W,
@@ -252,12 +259,31 @@ struct Tee<R, W> {
     limit: u64,
 }
 
+impl<R, W> Tee<R, W> {
+    fn new(inner: R, out: W, limit: u64) -> Tee<R, W> {
+        Tee {
+            inner,
+            out,
+            hasher: None,
+            count: 0,
+            limit,
+        }
+    }
+
+    fn over_limit(&self) -> bool {
+        self.count > self.limit
+    }
+}
+
 impl<R: Read, W: Write> Read for Tee<R, W> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.over_limit() {
+            return Err(io::Error::other("size limit reached"));
+        }
         let n = self.inner.read(buf)?;
         self.count += n as u64;
-        if self.count > self.limit {
-            return Err(io::Error::other(TooLargeMarker));
+        if self.over_limit() {
+            return Err(io::Error::other("size limit reached"));
         }
         if let Some(h) = &mut self.hasher {
             h.update(&buf[..n]);
@@ -267,22 +293,10 @@ impl<R: Read, W: Write> Read for Tee<R, W> {
     }
 }
 
-#[derive(Debug)]
-struct TooLargeMarker;
-impl std::fmt::Display for TooLargeMarker {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("size limit reached")
-    }
-}
-impl std::error::Error for TooLargeMarker {}
-
-fn hex_of(digest: &str) -> Result<&str, CacheError> {
-    match digest.split_once(':') {
-        Some(("sha256", hex)) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
-            Ok(hex)
-        }
-        _ => Err(CacheError::BadDigest(digest.to_string())),
-    }
+/// A digest named by a string from outside the typed path (a saved tree's
+/// image, a file name in the cache).
+fn parse_digest(digest: &str) -> Result<Digest, CacheError> {
+    Digest::parse(digest).map_err(|_| CacheError::BadDigest(digest.to_string()))
 }
 
 fn mtime_secs(meta: &fs::Metadata) -> i64 {
@@ -332,9 +346,8 @@ impl Cache {
     }
 
     /// The original blob of a cached layer.
-    pub fn blob_path(&self, digest: &str) -> Option<PathBuf> {
-        let hex = hex_of(digest).ok()?;
-        let (blob, _, idx) = self.paths(hex);
+    pub fn blob_path(&self, digest: &Digest) -> Option<PathBuf> {
+        let (blob, _, idx) = self.paths(digest.hex());
         (idx.exists() && blob.exists()).then_some(blob)
     }
 
@@ -435,30 +448,21 @@ impl<F: std::borrow::Borrow<File>> Read for Section<F> {
     }
 }
 
-/// Turns the size-limit marker and a digest mismatch of the download back
-/// into their own errors.
-fn classify(e: io::Error, digest: &str, limit: u64) -> CacheError {
-    let inner = e.get_ref();
-    let too_large = inner.is_some_and(|inner| inner.is::<TooLargeMarker>());
+/// Turns a digest mismatch of the download (which a blob reader reports as
+/// the `RegistryError` inside an `io::Error`) back into its own error.
+fn classify(e: io::Error, digest: &Digest) -> CacheError {
     if let Some(RegistryError::Digest { actual, .. }) =
-        inner.and_then(|i| i.downcast_ref::<RegistryError>())
+        e.get_ref().and_then(|i| i.downcast_ref::<RegistryError>())
     {
         return CacheError::Corrupt {
-            digest: digest.to_string(),
+            digest: digest.clone(),
             actual: actual.clone(),
             tries: 1,
         };
     }
-    if too_large {
-        CacheError::TooLarge {
-            digest: digest.to_string(),
-            limit,
-        }
-    } else {
-        CacheError::Fetch {
-            digest: digest.to_string(),
-            detail: e.to_string(),
-        }
+    CacheError::Fetch {
+        digest: digest.clone(),
+        source: Box::new(e),
     }
 }
 
@@ -491,7 +495,7 @@ mod tests {
 
     fn desc(blob: &[u8]) -> LayerDesc {
         LayerDesc {
-            digest: format!("sha256:{}", hex::encode(Sha256::digest(blob))),
+            digest: Digest::of_bytes(blob),
             media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
             size: blob.len() as u64,
             urls: vec![],
@@ -574,7 +578,7 @@ mod tests {
         let cache = Arc::new(Cache::open(dir.path(), u64::MAX).unwrap());
         let blob = gzip(&tar_of(&[("f", b"data")]));
         let d = desc(&blob);
-        let hex = hex_of(&d.digest).unwrap().to_string();
+        let hex = d.digest.hex().to_string();
         let holder = cache.lock_file(&hex).unwrap();
         holder.lock_shared().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
@@ -620,7 +624,7 @@ mod tests {
                 }) as Box<dyn Read + Send>)
             })
             .unwrap_err();
-        assert!(err.to_string().contains(&d.digest), "{err}");
+        assert!(err.to_string().contains(d.digest.as_str()), "{err}");
         assert_eq!(files_under(dir.path()), Vec::<String>::new());
         // The next run fetches it whole.
         cache.ensure_layer(&d, "r", u64::MAX, serve(blob)).unwrap();
@@ -653,7 +657,7 @@ mod tests {
         let err = cache
             .ensure_layer(&d, "r", u64::MAX, serve(blob))
             .unwrap_err();
-        assert!(err.to_string().contains(&d.digest), "{err}");
+        assert!(err.to_string().contains(d.digest.as_str()), "{err}");
         assert_eq!(files_under(dir.path()), Vec::<String>::new());
     }
 
@@ -785,7 +789,7 @@ mod tests {
         let tar = dir
             .path()
             .join("layers/sha256")
-            .join(format!("{}.tar", hex_of(&digests[0].digest).unwrap()));
+            .join(format!("{}.tar", digests[0].digest.hex()));
         let mut bytes = fs::read(&tar).unwrap();
         bytes[600] ^= 1;
         fs::write(&tar, bytes).unwrap();
@@ -795,7 +799,7 @@ mod tests {
         assert_eq!(bad[0].digest, digests[0].digest);
         assert!(bad[0].removed);
         assert!(bad[0].problem.as_ref().unwrap().contains("diff_id"));
-        let left: Vec<String> = cache
+        let left: Vec<Digest> = cache
             .list()
             .unwrap()
             .into_iter()
@@ -863,7 +867,7 @@ mod tests {
             }
             // Distinct last-use times (the index's mtime) for a
             // deterministic order, set rather than waited for.
-            let idx = cache.paths(hex_of(&d.digest).unwrap()).2;
+            let idx = cache.paths(d.digest.hex()).2;
             File::options()
                 .write(true)
                 .open(&idx)
@@ -875,7 +879,7 @@ mod tests {
         }
         let freed = cache.prune(0).unwrap();
         assert!(freed > 0);
-        let left: Vec<String> = cache
+        let left: Vec<Digest> = cache
             .list()
             .unwrap()
             .into_iter()

@@ -27,6 +27,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use crate::digest::Digest;
+
 /// An error from verifying or decoding a span, or from fetching it.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -585,9 +587,7 @@ impl super::Layer {
 /// (with a warning) when they differ.
 impl super::Cache {
     pub fn audit_ranged(&self, layer: &super::Layer, form: Form) {
-        let Ok(hex) = super::hex_of(&layer.digest) else {
-            return;
-        };
+        let hex = layer.digest.hex();
         let idx = self.ranged_stem(hex, form).with_extension("idx");
         let Ok(bytes) = std::fs::read(&idx) else {
             return;
@@ -614,7 +614,7 @@ impl super::Cache {
 /// A layer's range cache, as `rimg cache ls` shows it and eviction weighs it.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct RangedCache {
-    pub digest: String,
+    pub digest: Digest,
     pub form: String,
     /// Disk the decoded chunks and metadata take (the data file is sparse).
     pub bytes: u64,
@@ -642,8 +642,11 @@ impl super::Cache {
                 .filter_map(|ext| std::fs::metadata(dir.join(format!("{stem}.{ext}"))).ok())
                 .map(|m| m.blocks() * 512)
                 .sum();
+            let Ok(digest) = Digest::parse(&format!("sha256:{hex}")) else {
+                continue;
+            };
             out.push(RangedCache {
-                digest: format!("sha256:{hex}"),
+                digest,
                 form: form.to_string(),
                 bytes,
                 last_use: super::mtime_secs(&meta),
@@ -654,10 +657,8 @@ impl super::Cache {
     }
 
     /// Removes a range cache no mount is using; `false` when one is.
-    pub(super) fn remove_ranged(&self, digest: &str, form: &str) -> bool {
-        let Ok(hex) = super::hex_of(digest) else {
-            return false;
-        };
+    pub(super) fn remove_ranged(&self, digest: &Digest, form: &str) -> bool {
+        let hex = digest.hex();
         let Ok(lock) = self.lock_file(hex) else {
             return false;
         };
@@ -683,9 +684,10 @@ impl super::Cache {
     }
 
     /// Whether the range cache of layer `digest` in `form` is kept.
-    pub fn has_ranged(&self, digest: &str, form: Form) -> bool {
-        super::hex_of(digest)
-            .is_ok_and(|hex| self.ranged_stem(hex, form).with_extension("idx").exists())
+    pub fn has_ranged(&self, digest: &Digest, form: Form) -> bool {
+        self.ranged_stem(digest.hex(), form)
+            .with_extension("idx")
+            .exists()
     }
 
     /// Layer `desc` read by range in `form`. Its entry index and span
@@ -703,7 +705,7 @@ impl super::Cache {
         source: Arc<dyn RangeSource>,
     ) -> Result<Arc<super::Layer>, E> {
         use super::{CacheError, INDEX_VERSION, IndexHeader};
-        let hex = super::hex_of(&desc.digest)?.to_string();
+        let hex = desc.digest.hex().to_string();
         let dir = self.root.join("lazy/sha256");
         std::fs::DirBuilder::new()
             .recursive(true)
@@ -737,7 +739,7 @@ impl super::Cache {
                     .unwrap_or(0);
                 let header = IndexHeader {
                     version: INDEX_VERSION,
-                    digest: desc.digest.to_string(),
+                    digest: desc.digest.clone(),
                     // Not verified: a layer read by range is never whole
                     // here; its spans are verified instead.
                     diff_id: desc.diff_id.clone().unwrap_or_default(),

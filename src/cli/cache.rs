@@ -4,8 +4,6 @@ use std::io::Write;
 
 use anyhow::{Result, bail};
 
-use rimg::image::short_digest;
-
 use super::*;
 
 pub fn cache_ls(common: &Common) -> Result<()> {
@@ -22,7 +20,7 @@ pub fn cache_ls(common: &Common) -> Result<()> {
         writeln!(
             out,
             "{:<19} {:>12} {:>12} {:<16} {}",
-            format!("sha256:{}", short_digest(&l.digest)),
+            format!("sha256:{}", l.digest.short()),
             l.blob_size,
             l.tar_size,
             format_time(l.last_use),
@@ -34,7 +32,7 @@ pub fn cache_ls(common: &Common) -> Result<()> {
         writeln!(
             out,
             "{:<19} {:>12} {:>12} {:<16} read by range ({})",
-            format!("sha256:{}", short_digest(&r.digest)),
+            format!("sha256:{}", r.digest.short()),
             "-",
             r.bytes,
             format_time(r.last_use),

@@ -97,7 +97,7 @@ fn digests(source: &ImageSource) -> Vec<String> {
         .image
         .layers
         .iter()
-        .map(|l| l.digest.clone())
+        .map(|l| l.digest.to_string())
         .collect()
 }
 
@@ -159,7 +159,7 @@ pub fn log(
             out,
             "{:>3} {} {:<12} ",
             r.layer,
-            rimg::image::short_digest(&digests[r.layer]),
+            source.image.layers[r.layer].digest.short(),
             r.action.as_str()
         )?;
         names.write(&mut out, &absolute(&r.path))?;

@@ -5,8 +5,6 @@ use std::io::{IsTerminal, Write};
 
 use anyhow::Result;
 
-use rimg::image::short_digest;
-
 use super::*;
 
 /// Builds (and with `push`, publishes) the image's gzip indexes, printing
@@ -30,7 +28,7 @@ pub fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
         writeln!(
             out,
             "{:<19} {:>12} {:>10} {:>7} {:>5.2}%",
-            format!("sha256:{}", short_digest(&ix.layer)),
+            format!("sha256:{}", ix.layer.short()),
             ix.blob_size,
             size,
             ix.zran.spans.len(),

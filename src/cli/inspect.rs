@@ -2,7 +2,7 @@
 
 use std::io::Write;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use serde_json::json;
 
 use rimg::local::{self, Location};
@@ -29,7 +29,13 @@ pub fn inspect(common: &Common, reference: &str, raw: bool) -> Result<()> {
     if raw {
         let m = rt
             .block_on(client.fetch_manifest(&reference))
-            .with_context(|| format!("cannot fetch the manifest of {reference}"))?;
+            .map_err(|e| {
+                about(
+                    e,
+                    &reference,
+                    format!("cannot fetch the manifest of {reference}"),
+                )
+            })?;
         std::io::stdout().write_all(&m.bytes)?;
         return Ok(());
     }
@@ -95,9 +101,13 @@ pub fn tags(common: &Common, repository: &str) -> Result<()> {
     init_logging(common.verbose);
     let reference = parse_reference(repository)?;
     let client = common.client()?;
-    let tags = runtime()?
-        .block_on(client.tags(&reference))
-        .with_context(|| format!("cannot list the tags of {}", reference.name()))?;
+    let tags = runtime()?.block_on(client.tags(&reference)).map_err(|e| {
+        about(
+            e,
+            &reference,
+            format!("cannot list the tags of {}", reference.name()),
+        )
+    })?;
     let mut out = std::io::stdout().lock();
     for t in tags {
         writeln!(out, "{t}")?;

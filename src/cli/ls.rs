@@ -4,7 +4,6 @@ use std::io::{IsTerminal, Read, Write};
 
 use anyhow::{Context, Result, bail};
 
-use rimg::image::short_digest;
 use rimg::layer::EntryKind;
 use rimg::names;
 use rimg::overlay::tree::NodeId;
@@ -124,7 +123,7 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
                 size,
                 format_time(n.mtime),
                 layer_no(n.layer),
-                short_digest(&layer.digest),
+                layer.digest.short(),
             )?;
             name_out(out, path)?;
             if let Some(l) = &n.link {

@@ -27,11 +27,13 @@ use ls::{format_time, shell_quote};
 pub use mount::{mount, mounts, serve, umount};
 
 use rimg::cache::Cache;
+use rimg::digest::Digest;
 use rimg::image::{Blobs, ImageSource};
 use rimg::local::{self, Location};
 use rimg::reference::Reference;
 use rimg::registry::{
-    Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, ResolvedImage,
+    Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, RegistryError,
+    ResolvedImage,
 };
 
 /// Options every subcommand shares.
@@ -85,24 +87,13 @@ pub struct ExportArgs {
     pub tag: Option<String>,
 }
 
-/// An error chain on one line: `what: why: underlying cause`.
+/// An error chain on one line: `what: why: underlying cause`. Each level
+/// says only its own part, so the chain joined says each thing once.
 pub fn one_line(e: &anyhow::Error) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    for cause in e.chain() {
-        let mut s = cause.to_string().replace('\n', " ");
-        // A cause that begins by naming what an outer level already named
-        // (`cannot resolve R` then `R: manifest ...`) says it once.
-        while let Some((head, rest)) = s.split_once(": ")
-            && head.len() >= 6
-            && parts.iter().any(|p| p.contains(head))
-        {
-            s = rest.to_string();
-        }
-        if !parts.iter().any(|p| p.contains(&s)) {
-            parts.push(s);
-        }
-    }
-    parts.join(": ")
+    e.chain()
+        .map(|cause| cause.to_string().replace('\n', " "))
+        .collect::<Vec<_>>()
+        .join(": ")
 }
 
 pub(crate) fn init_logging(verbose: u8) {
@@ -211,7 +202,18 @@ pub(crate) async fn resolve(
     client
         .resolve(reference, platform.as_ref())
         .await
-        .with_context(|| format!("cannot resolve {reference}"))
+        .map_err(|e| about(e, reference, format!("cannot resolve {reference}")))
+}
+
+/// A registry error, with `doing` in front unless the error already names
+/// the repository: most registry errors do (`R: manifest larger than ...`),
+/// those about the connection name only the host. Said once either way.
+pub(crate) fn about(e: RegistryError, reference: &Reference, doing: String) -> anyhow::Error {
+    if e.to_string().contains(&reference.name()) {
+        e.into()
+    } else {
+        anyhow::Error::new(e).context(doing)
+    }
 }
 
 /// Parses sizes like `10G`, `500M`, `4096` (binary multiples).
@@ -337,7 +339,7 @@ struct Bars(indicatif::MultiProgress);
 struct Bar(indicatif::ProgressBar);
 
 impl rimg::image::Progress for Bars {
-    fn layer(&self, digest: &str, size: u64) -> Arc<dyn rimg::image::LayerProgress> {
+    fn layer(&self, digest: &Digest, size: u64) -> Arc<dyn rimg::image::LayerProgress> {
         let bar = self.0.add(indicatif::ProgressBar::new(size));
         bar.set_style(
             indicatif::ProgressStyle::with_template(
@@ -346,7 +348,7 @@ impl rimg::image::Progress for Bars {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("=> "),
         );
-        bar.set_prefix(rimg::image::short_digest(digest).to_string());
+        bar.set_prefix(digest.short().to_string());
         Arc::new(Bar(bar))
     }
 }
@@ -377,14 +379,23 @@ mod tests {
     }
 
     #[test]
-    fn one_line_names_the_reference_once() {
-        let e = anyhow::Error::new(std::io::Error::other(
-            "r.io/a:b: manifest larger than 4 bytes",
-        ))
-        .context("cannot resolve r.io/a:b");
+    fn a_registry_error_naming_the_image_is_not_prefixed_with_it_again() {
+        let r = Reference::parse("r.io/a:b").unwrap();
+        let named = RegistryError::Invalid {
+            what: "r.io/a:b".into(),
+            kind: "image manifest",
+            detail: "bad".into(),
+        };
+        let line = one_line(&about(named, &r, "cannot resolve r.io/a:b".into()));
+        assert_eq!(line, "r.io/a:b: invalid image manifest: bad");
+        let unnamed = RegistryError::Unreachable {
+            registry: "r.io".into(),
+            detail: "refused".into(),
+        };
+        let line = one_line(&about(unnamed, &r, "cannot resolve r.io/a:b".into()));
         assert_eq!(
-            one_line(&e),
-            "cannot resolve r.io/a:b: manifest larger than 4 bytes"
+            line,
+            "cannot resolve r.io/a:b: cannot reach registry r.io: refused"
         );
     }
 

@@ -7,8 +7,9 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 
+use rimg::digest::Digest;
 use rimg::fuse::mounts::{self, MountRecord};
-use rimg::image::{Blobs, ImageSource, short_digest};
+use rimg::image::{Blobs, ImageSource};
 use rimg::local::{self, Location};
 use rimg::registry::Credentials;
 
@@ -98,7 +99,7 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     let canonical = std::fs::canonicalize(&args.mountpoint)?;
     let log_path = log_dir.join(format!(
         "mount-{}.log",
-        &rimg::registry::sha256_digest(canonical.as_os_str().as_encoded_bytes())[7..19]
+        Digest::of_bytes(canonical.as_os_str().as_encoded_bytes()).short()
     ));
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -286,7 +287,7 @@ pub(super) fn serve_source(
         rt.spawn(async move {
             let m = match state.mounted().await {
                 Ok(m) => m,
-                Err(e) => return tracing::error!("prefetch: {e}"),
+                Err(e) => return tracing::error!("prefetch: {}", rimg::report::Chain(&e)),
             };
             // Layers read by range fetch the rest of their chunks, the
             // files their producer marked first.
@@ -300,11 +301,11 @@ pub(super) fn serve_source(
                             layer.digest,
                             r.fetched()
                         ),
-                        Err(e) => return tracing::error!("prefetch: {e}"),
+                        Err(e) => return tracing::error!("prefetch: {}", rimg::report::Chain(&e)),
                     }
                     // Whole now: a published index it came through must match it.
                     if let Err(e) = layer.audit_index() {
-                        tracing::error!("{e}");
+                        tracing::error!("{}", rimg::report::Chain(&e));
                     }
                 });
             }
@@ -381,10 +382,9 @@ pub fn mounts() -> Result<()> {
             out,
             "{:<50} {:<19} {:<5} {:>7} {}",
             r.reference,
-            if r.digest.is_empty() {
-                "-".to_string()
-            } else {
-                format!("sha256:{}", short_digest(&r.digest))
+            match Digest::parse(&r.digest) {
+                Ok(d) => format!("sha256:{}", d.short()),
+                Err(_) => "-".to_string(),
             },
             // A dead mount answers "Transport endpoint is not connected"
             // until `rimg umount` (or a new `rimg mount` there) clears it.

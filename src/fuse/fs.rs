@@ -72,7 +72,7 @@ impl ImageFs {
             match state.mounted().await {
                 Ok(m) => f(Ok(&m)),
                 Err(e) => {
-                    tracing::error!("{e}");
+                    tracing::error!("{}", crate::report::Chain(&e));
                     f(Err(Errno::EIO))
                 }
             }
@@ -182,12 +182,12 @@ impl Filesystem for ImageFs {
                             Ok(attr_of(&m, id, m.tree.node(id)))
                         }),
                         Err(e) => {
-                            tracing::error!("{e}");
+                            tracing::error!("{}", crate::report::Chain(&e));
                             Err(Errno::EIO)
                         }
                     },
                     Err(e) => {
-                        tracing::error!("{e}");
+                        tracing::error!("{}", crate::report::Chain(&e));
                         Err(Errno::EIO)
                     }
                 };

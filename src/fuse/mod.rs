@@ -26,14 +26,14 @@ const SESSION_THREADS: usize = 4;
 pub enum FuseError {
     #[error("mount point {path}: {detail}")]
     MountPoint { path: String, detail: String },
-    #[error("cannot mount {reference} at {path}: {source}")]
+    #[error("cannot mount {reference} at {path}")]
     Mount {
         reference: String,
         path: String,
         #[source]
         source: std::io::Error,
     },
-    #[error("serving {path}: {source}")]
+    #[error("serving {path}")]
     Serve {
         path: String,
         #[source]

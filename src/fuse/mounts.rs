@@ -39,10 +39,8 @@ pub fn state_dir() -> PathBuf {
 }
 
 fn record_path(dir: &Path, mountpoint: &Path) -> PathBuf {
-    let key = hex::encode(sha2::Digest::finalize(
-        <sha2::Sha256 as sha2::Digest>::new_with_prefix(mountpoint.as_os_str().as_encoded_bytes()),
-    ));
-    dir.join(format!("{}.json", &key[..16]))
+    let key = crate::digest::Digest::of_bytes(mountpoint.as_os_str().as_encoded_bytes());
+    dir.join(format!("{}.json", &key.hex()[..16]))
 }
 
 pub fn save(record: &MountRecord) -> std::io::Result<()> {

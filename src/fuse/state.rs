@@ -7,17 +7,19 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use crate::cache::Layer;
-use crate::image::ImageSource;
+use crate::digest::Digest;
+use crate::image::{ImageError, ImageSource};
 use crate::layer::Entry;
 use crate::overlay::partial::{Decision, LayerView, decide};
 use crate::overlay::tree::{NodeId, Tree};
+use crate::report::Chain;
 
 /// The tree and the layers whose bytes it points into.
 pub struct Mounted {
     pub tree: Tree,
     pub layers: Vec<Arc<Layer>>,
     /// Digest of each tree layer index.
-    pub digests: Vec<String>,
+    pub digests: Vec<Digest>,
     /// 4 KiB blocks the files take, for statfs.
     pub(super) blocks: u64,
     /// Inode numbers handed out before the tree existed, kept for its nodes.
@@ -67,7 +69,18 @@ pub struct State {
     /// The last failure to get a layer or build the tree, and when: accesses
     /// soon after it get the same answer instead of asking a registry that
     /// just failed again (the fetch itself already retried within its bounds).
-    pub(super) failed: Mutex<Option<(std::time::Instant, String)>>,
+    pub(super) failed: Mutex<Option<(std::time::Instant, Arc<ImageError>)>>,
+}
+
+/// Why the mount cannot answer: a layer or the tree could not be had.
+/// Cloneable, since one failure answers every access that waited for it.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Unavailable {
+    #[error(transparent)]
+    Failed(Arc<ImageError>),
+    /// A failure moments ago, answered from memory.
+    #[error("not retried for {RETRY_AFTER:?} after a failure")]
+    Recent(#[source] Arc<ImageError>),
 }
 
 /// How long a failure is answered from memory before the next access tries
@@ -90,18 +103,19 @@ impl State {
     }
 
     /// The recent failure, if an access should not try again yet.
-    fn recent_failure(&self) -> Option<String> {
+    fn recent_failure(&self) -> Option<Unavailable> {
         let f = self.failed.lock().unwrap_or_else(|e| e.into_inner());
         f.as_ref()
             .filter(|(at, _)| at.elapsed() < RETRY_AFTER)
-            .map(|(_, e)| format!("{e} (not retried for {RETRY_AFTER:?} after a failure)"))
+            .map(|(_, e)| Unavailable::Recent(Arc::clone(e)))
     }
 
     /// Remembers a failure for [`Self::recent_failure`] and hands it on.
-    fn failure(&self, e: String) -> String {
+    fn failure(&self, e: ImageError) -> Unavailable {
+        let e = Arc::new(e);
         *self.failed.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some((std::time::Instant::now(), e.clone()));
-        e
+            Some((std::time::Instant::now(), Arc::clone(&e)));
+        Unavailable::Failed(e)
     }
 
     pub(super) fn partial(&self) -> std::sync::MutexGuard<'_, Partial> {
@@ -124,19 +138,17 @@ impl State {
     pub(super) async fn view(
         self: &Arc<Self>,
         i: usize,
-    ) -> Result<(Arc<Layer>, Arc<LayerView>), String> {
+    ) -> Result<(Arc<Layer>, Arc<LayerView>), Unavailable> {
         if let Some(v) = self.partial().views.get(&i) {
             return Ok(v.clone());
         }
         if let Some(e) = self.recent_failure() {
             return Err(e);
         }
-        let layer = self
-            .source
-            .layer(i)
-            .await
-            .map_err(|e| self.failure(e.to_string()))?;
-        let index = layer.index().map_err(|e| self.failure(e.to_string()))?;
+        let layer = self.source.layer(i).await.map_err(|e| self.failure(e))?;
+        let index = layer
+            .index()
+            .map_err(|e| self.failure(self.source.layer_error(i, e)))?;
         let view = Arc::new(LayerView::new(index));
         let v = (layer, view);
         if self.ready.get().is_some() {
@@ -189,7 +201,7 @@ impl State {
         let handle = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = handle.block_on(state.mounted()) {
-                tracing::warn!("building the merged tree in the background: {e}");
+                tracing::warn!("building the merged tree in the background: {}", Chain(&e));
             }
         });
     }
@@ -197,7 +209,10 @@ impl State {
     /// Decides `path` from the top layer down, fetching only the layers it
     /// takes; `None` when the path does not exist, `Deferred` when only the
     /// merged tree can tell.
-    pub(super) async fn resolve_partial(self: &Arc<Self>, path: &[u8]) -> Result<Partly, String> {
+    pub(super) async fn resolve_partial(
+        self: &Arc<Self>,
+        path: &[u8],
+    ) -> Result<Partly, Unavailable> {
         if self.ready.get().is_some() {
             // The tree was published meanwhile: it answers.
             return Ok(Partly::Deferred);
@@ -216,7 +231,7 @@ impl State {
                     let state = Arc::clone(self);
                     tokio::spawn(async move {
                         if let Err(e) = state.view(j).await {
-                            tracing::warn!("prefetching layer {j}: {e}");
+                            tracing::warn!("prefetching layer {j}: {}", Chain(&e));
                         }
                     });
                 }
@@ -268,7 +283,7 @@ impl State {
     }
 
     /// The tree, built once. A failure is not remembered, so a later access retries.
-    pub async fn mounted(&self) -> Result<Arc<Mounted>, String> {
+    pub async fn mounted(&self) -> Result<Arc<Mounted>, Unavailable> {
         if let Some(m) = self.ready.get() {
             return Ok(Arc::clone(m));
         }
@@ -287,7 +302,7 @@ impl State {
             .source
             .tree(self.only)
             .await
-            .map_err(|e| self.failure(e.to_string()))?;
+            .map_err(|e| self.failure(e))?;
         let digests = match self.only {
             Some(i) => vec![self.source.image.layers[i].digest.clone()],
             None => self

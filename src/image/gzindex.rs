@@ -30,6 +30,7 @@ use std::io::Read;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::ranged::{BoxError, SpanLoc, SpanMap, VerifiedRead};
+use crate::digest::Digest;
 use crate::layer::zran::{self, ZranIndex};
 use crate::layer::{EntryKind, LayerIndex};
 
@@ -47,7 +48,7 @@ const FORMAT: u32 = 1;
 pub struct LayerGzIndex {
     pub format: u32,
     /// The layer blob's digest and size this index is of.
-    pub layer: String,
+    pub layer: Digest,
     pub blob_size: u64,
     pub entries: LayerIndex,
     pub zran: ZranIndex,
@@ -60,7 +61,7 @@ pub enum GzIndexError {
     #[error("the published index cannot be decoded")]
     Decode(#[source] BoxError),
     #[error("the published index is of layer {found}, not this one")]
-    OtherLayer { found: String },
+    OtherLayer { found: Digest },
     #[error("the published index's checkpoints are malformed")]
     Zran(#[source] zran::ZranError),
 }
@@ -85,7 +86,7 @@ impl LayerGzIndex {
         if ix.format != FORMAT {
             return Err(GzIndexError::Format(ix.format));
         }
-        if ix.layer != digest || ix.blob_size != size || ix.zran.compressed_size != size {
+        if *ix.layer != *digest || ix.blob_size != size || ix.zran.compressed_size != size {
             return Err(GzIndexError::OtherLayer { found: ix.layer });
         }
         ix.zran.validate().map_err(GzIndexError::Zran)?;
@@ -98,7 +99,7 @@ impl LayerGzIndex {
 /// its tar header must say.
 #[derive(Serialize, Deserialize)]
 pub(super) struct GzMeta {
-    layer: String,
+    layer: Digest,
     zran: ZranIndex,
     /// Sorted by offset: (data offset, size, path) of every regular file
     /// with data.
@@ -143,7 +144,7 @@ impl GzSpans {
 #[derive(Debug, thiserror::Error)]
 #[error("layer {layer}: span at tar offset {out}")]
 struct SpanError {
-    layer: String,
+    layer: Digest,
     out: u64,
     #[source]
     source: zran::ZranError,
@@ -154,7 +155,7 @@ struct SpanError {
     "layer {layer}: the published index puts {path} at tar offset {offset}, but the tar header there says otherwise ({why}); the index is not trusted"
 )]
 pub struct ForgedOffset {
-    layer: String,
+    layer: Digest,
     path: String,
     offset: u64,
     why: String,
@@ -282,7 +283,7 @@ pub(super) fn published_from(manifest: &oci_spec::image::ImageManifest) -> Publi
 
 /// Builds a layer's published index from its blob (read locally, once).
 pub fn build(
-    layer_digest: &str,
+    layer_digest: &Digest,
     blob: impl Read,
     entries: LayerIndex,
 ) -> Result<LayerGzIndex, zran::ZranError> {
@@ -292,7 +293,7 @@ pub fn build(
     let zran = b.finish()?;
     Ok(LayerGzIndex {
         format: FORMAT,
-        layer: layer_digest.to_string(),
+        layer: layer_digest.clone(),
         blob_size: zran.compressed_size,
         entries,
         zran,
@@ -336,9 +337,9 @@ impl super::ImageSource {
                     })?))
                 })
                 .await
-                .map_err(|e| super::ImageError::Worker {
-                    digest: self.image.layers[i].digest.to_string(),
-                    detail: e.to_string(),
+                .map_err(|source| super::ImageError::Worker {
+                    digest: self.image.layers[i].digest.clone(),
+                    source,
                 })?
                 .map_err(|e| self.ranged_error(i, e))?;
             if let Some(ix) = built {
@@ -367,7 +368,7 @@ impl super::ImageSource {
             layers.push(crate::registry::ArtifactBlob {
                 media_type: BLOB_TYPE.to_string(),
                 bytes: bytes.into(),
-                annotations: [(LAYER_ANNOTATION.to_string(), ix.layer.clone())].into(),
+                annotations: [(LAYER_ANNOTATION.to_string(), ix.layer.to_string())].into(),
             });
         }
         let subject = oci_spec::image::DescriptorBuilder::default()
@@ -508,15 +509,16 @@ mod tests {
         std::io::Write::write_all(&mut gz, &tar).unwrap();
         let blob = gz.finish().unwrap();
         let entries = crate::layer::index_tar(&tar[..], "sha256:l").unwrap();
-        let ix = build("sha256:l", &blob[..], entries).unwrap();
+        let l = Digest::of_bytes(b"l");
+        let ix = build(&l, &blob[..], entries).unwrap();
         let bytes = ix.encode().unwrap();
         let n = blob.len() as u64;
-        assert_eq!(LayerGzIndex::decode(&bytes, "sha256:l", n).unwrap(), ix);
+        assert_eq!(LayerGzIndex::decode(&bytes, &l, n).unwrap(), ix);
         assert!(matches!(
-            LayerGzIndex::decode(&bytes, "sha256:other", n),
+            LayerGzIndex::decode(&bytes, &Digest::of_bytes(b"other"), n),
             Err(GzIndexError::OtherLayer { .. })
         ));
-        assert!(LayerGzIndex::decode(&bytes, "sha256:l", n + 1).is_err());
-        assert!(LayerGzIndex::decode(&bytes[..bytes.len() / 2], "sha256:l", n).is_err());
+        assert!(LayerGzIndex::decode(&bytes, &l, n + 1).is_err());
+        assert!(LayerGzIndex::decode(&bytes[..bytes.len() / 2], &l, n).is_err());
     }
 }

@@ -264,9 +264,9 @@ impl ImageSource {
             ),
         })
         .await
-        .map_err(|e| ImageError::Worker {
-            digest: desc.digest.to_string(),
-            detail: e.to_string(),
+        .map_err(|source| ImageError::Worker {
+            digest: desc.digest.clone(),
+            source,
         })?;
         match opened {
             Ok(l) => Ok(Some(l)),

@@ -45,7 +45,7 @@ pub enum LayerError {
         path: String,
         detail: String,
     },
-    #[error("layer {digest}: {source}")]
+    #[error("layer {digest}")]
     Io {
         digest: String,
         #[source]

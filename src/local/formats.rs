@@ -1,15 +1,15 @@
 //! The two layouts read into an image: docker-save (`manifest.json`) and
 //! the OCI image layout (`index.json`).
 
+use crate::digest::Digest;
 use crate::layer::{self};
 use crate::reference::Reference;
 use crate::registry::{
     DOCKER_LIST, DOCKER_MANIFEST, ImageParts, OCI_INDEX, OCI_MANIFEST, PlatformSpec, ResolvedImage,
-    describe_platform, select_platform, sha256_digest,
+    describe_platform, select_platform,
 };
 use oci_spec::image::{Descriptor, ImageIndex};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::io::Read;
 
@@ -100,7 +100,7 @@ pub(super) fn docker_archive(
         },
     };
     let config = store.read_small(file, &entry.config)?;
-    let config_digest = sha256_digest(&config);
+    let config_digest = Digest::of_bytes(&config).to_string();
     if let Some(named) = digest_from_name(&entry.config)
         && named != config_digest
     {
@@ -161,10 +161,10 @@ pub(super) fn docker_archive(
             (Some(d), _) => d,
             (None, Some(d)) if compression == layer::Compression::None => d.clone(),
             _ => {
-                let mut h = Sha256::new();
-                h.update(&head);
+                let mut h = Digest::hasher();
+                sha2::Digest::update(&mut h, &head);
                 crate::cache::hash_into(&mut r, &mut h).map_err(read_err)?;
-                format!("sha256:{}", hex::encode(h.finalize()))
+                Digest::from_hasher(h).to_string()
             }
         };
         entries.insert(digest.clone(), name.clone());
@@ -225,7 +225,7 @@ pub(super) fn blob_name(file: &str, digest: &str) -> Result<String, LocalError> 
 pub(super) fn read_blob(file: &str, store: &Store, digest: &str) -> Result<Vec<u8>, LocalError> {
     let name = blob_name(file, digest)?;
     let bytes = store.read_small(file, &name)?;
-    let actual = sha256_digest(&bytes);
+    let actual = Digest::of_bytes(&bytes).to_string();
     if actual != digest {
         return Err(invalid(
             file,

@@ -22,8 +22,6 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sha2::{Digest, Sha256};
-
 use crate::layer::{self};
 use crate::reference::Reference;
 use crate::registry::{PlatformSpec, RegistryError, ResolvedImage};
@@ -41,13 +39,13 @@ const LINK_DEPTH: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LocalError {
-    #[error("{file}: {source}")]
+    #[error("{file}")]
     Io {
         file: String,
         #[source]
         source: io::Error,
     },
-    #[error("{file}: {entry}: {source}")]
+    #[error("{file}: {entry}")]
     Entry {
         file: String,
         entry: String,
@@ -68,7 +66,7 @@ pub enum LocalError {
     },
     #[error("{file}: {detail}")]
     Choice { file: String, detail: String },
-    #[error("{file}: {entry}: {source}")]
+    #[error("{file}: {entry}")]
     Image {
         file: String,
         entry: String,
@@ -212,7 +210,7 @@ impl LocalBlobs {
         let (r, _) = self.store.open_entry(&self.file, entry)?;
         Ok(Box::new(Verified {
             inner: r,
-            hasher: Sha256::new(),
+            hasher: crate::digest::Digest::hasher(),
             expected: digest.to_string(),
         }))
     }
@@ -294,7 +292,7 @@ fn check_platform(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::registry::sha256_digest;
+    use crate::digest::Digest;
 
     #[test]
     fn prefixes_split_path_and_pick_as_skopeo_does() {
@@ -371,8 +369,8 @@ mod tests {
                 "{escaping}: {err}"
             );
         }
-        let err = read(&store, "loop/x").unwrap_err();
-        assert!(err.to_string().contains("too many levels"), "{err}");
+        let err = crate::report::Chain(&read(&store, "loop/x").unwrap_err()).to_string();
+        assert!(err.contains("too many levels"), "{err}");
         let err = read(&store, "real/other").unwrap_err();
         assert!(
             err.to_string().contains("real/other: no such entry"),
@@ -401,16 +399,16 @@ mod tests {
     fn a_blob_that_does_not_match_its_digest_fails_at_its_end() {
         let mut r = Verified {
             inner: io::Cursor::new(b"hello".to_vec()),
-            hasher: Sha256::new(),
-            expected: sha256_digest(b"other"),
+            hasher: Digest::hasher(),
+            expected: Digest::of_bytes(b"other").to_string(),
         };
         let mut out = Vec::new();
         let err = r.read_to_end(&mut out).unwrap_err();
         assert!(err.to_string().contains("expected"), "{err}");
         let mut r = Verified {
             inner: io::Cursor::new(b"hello".to_vec()),
-            hasher: Sha256::new(),
-            expected: sha256_digest(b"hello"),
+            hasher: Digest::hasher(),
+            expected: Digest::of_bytes(b"hello").to_string(),
         };
         r.read_to_end(&mut out).unwrap();
     }

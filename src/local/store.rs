@@ -45,7 +45,7 @@ impl<R: Read> Read for Verified<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.inner.read(buf)?;
         if n == 0 && !buf.is_empty() {
-            let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+            let actual = crate::digest::Digest::from_hasher(self.hasher.clone());
             if actual != self.expected {
                 return Err(io::Error::other(format!(
                     "content hashes to {actual}, expected {}",

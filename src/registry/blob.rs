@@ -9,13 +9,14 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use reqwest::Method;
 use reqwest::header::{self, HeaderMap, HeaderValue};
-use sha2::{Digest, Sha256};
+use sha2::Digest as _;
 use tokio::sync::mpsc;
 
 use super::client::{Client, Target, check_foreign_url};
 use super::error::{RegistryError, from_response, from_transport};
 use super::retry::{MIN_PROGRESS, Retry, error_body, escape_text};
 use super::types::LayerDesc;
+use crate::digest::Digest;
 use crate::reference::Reference;
 
 /// Chunks in flight between the download task and the reader.
@@ -92,7 +93,7 @@ impl Client {
         // what went wrong with the download.
         let mut retry = Retry::new(self.policy(), &format!("registry {}", reference.registry))
             .labelled(&format!("{} layer {}", reference.name(), desc.digest));
-        let mut hasher = Sha256::new();
+        let mut hasher = Digest::hasher();
         let mut received: u64 = 0;
         // Bytes received when the deadline last moved.
         let mut mark: u64 = 0;
@@ -202,12 +203,12 @@ impl Client {
                 Some(e) => retry.again(e, None).await?,
             }
         }
-        let actual = format!("sha256:{}", hex::encode(hasher.finalize()));
+        let actual = Digest::from_hasher(hasher);
         if actual != desc.digest {
             return Err(RegistryError::Digest {
                 what: "download".into(),
-                expected: desc.digest.clone(),
-                actual,
+                expected: desc.digest.to_string(),
+                actual: actual.to_string(),
             });
         }
         Ok(())

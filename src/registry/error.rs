@@ -98,11 +98,18 @@ impl RegistryError {
         match self {
             RegistryError::Unreachable { .. } => true,
             RegistryError::Http { status, .. } | RegistryError::Api { status, .. } => {
-                *status >= 500 || *status == 429
+                transient_status(*status)
             }
             _ => false,
         }
     }
+}
+
+/// Statuses worth another try: a server error, or too many requests. The
+/// one rule, for answers ([`RegistryError::is_transient`]) and for responses
+/// before they become errors.
+pub(crate) fn transient_status(status: u16) -> bool {
+    status >= 500 || status == 429
 }
 
 #[derive(Deserialize)]

@@ -4,13 +4,13 @@
 use oci_spec::image::{ImageConfiguration, ImageIndex, ImageManifest};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 
 use super::client::{Client, Endpoint, Target};
 use super::error::RegistryError;
 use super::platform::{PlatformSpec, describe, platform_string, select};
 use super::retry::{CONFIG_MAX, MANIFEST_MAX, Retry};
 use super::types::{LayerDesc, MAX_LAYERS};
+use crate::digest::Digest;
 use crate::reference::Reference;
 
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
@@ -71,7 +71,7 @@ impl ResolvedImage {
         let what = parts.reference.clone();
         let manifest = parse_manifest(&parts.manifest, &what)?;
         let config_digest = manifest.config().digest().to_string();
-        let actual = sha256_digest(&parts.config);
+        let actual = Digest::of_bytes(&parts.config).to_string();
         if actual != config_digest {
             return Err(RegistryError::Digest {
                 what: format!("{what} config"),
@@ -112,23 +112,32 @@ impl ResolvedImage {
             .layers()
             .iter()
             .zip(diff_ids.iter())
-            .map(|(d, diff_id)| LayerDesc {
-                digest: d.digest().to_string(),
-                media_type: d.media_type().to_string(),
-                size: d.size(),
-                urls: d.urls().clone().unwrap_or_default(),
-                diff_id: Some(diff_id.clone()),
-                annotations: d
-                    .annotations()
-                    .iter()
-                    .flatten()
-                    .map(|(k, v)| (k.clone(), v.clone()))
-                    .collect(),
+            .enumerate()
+            .map(|(i, (d, diff_id))| {
+                let digest =
+                    Digest::parse(d.digest().as_ref()).map_err(|e| RegistryError::Invalid {
+                        what: format!("{what} layer {}", i + 1),
+                        kind: "layer digest",
+                        detail: e.to_string(),
+                    })?;
+                Ok(LayerDesc {
+                    digest,
+                    media_type: d.media_type().to_string(),
+                    size: d.size(),
+                    urls: d.urls().clone().unwrap_or_default(),
+                    diff_id: Some(diff_id.clone()),
+                    annotations: d
+                        .annotations()
+                        .iter()
+                        .flatten()
+                        .map(|(k, v)| (k.clone(), v.clone()))
+                        .collect(),
+                })
             })
-            .collect();
+            .collect::<Result<_, RegistryError>>()?;
         Ok(ResolvedImage {
             reference,
-            digest: sha256_digest(&parts.manifest),
+            digest: Digest::of_bytes(&parts.manifest).to_string(),
             index_digest: parts.index_digest,
             media_type: parts.media_type,
             manifest_bytes: parts.manifest,
@@ -161,10 +170,6 @@ pub struct RawManifest {
     pub digest: String,
     #[serde(skip)]
     pub bytes: Vec<u8>,
-}
-
-pub fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
 fn accept_all() -> HeaderValue {
@@ -260,7 +265,7 @@ impl Client {
         // The digest is checked inside the retry loop: a body damaged on the
         // way is fetched again.
         let check = |got: &HeaderMap, body: &[u8]| {
-            let digest = sha256_digest(body);
+            let digest = Digest::of_bytes(body).to_string();
             let header_digest = got
                 .get("docker-content-digest")
                 .and_then(|v| v.to_str().ok())
@@ -282,7 +287,7 @@ impl Client {
             .get(header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .map(|v| v.split(';').next().unwrap_or(v).trim().to_string());
-        let digest = sha256_digest(&body);
+        let digest = Digest::of_bytes(&body).to_string();
         let declared = declared_media_type(&body);
         let media_type = match content_type.as_deref() {
             Some(ct) if ct != "application/json" && ct != "text/plain" => ct.to_string(),
@@ -396,7 +401,7 @@ impl Client {
                 .join(&format!("/v2/{}/blobs/{digest}", reference.repository))
                 .map_err(|e| RegistryError::Config(e.to_string()))?;
             let check = |_: &HeaderMap, body: &[u8]| {
-                let actual = sha256_digest(body);
+                let actual = Digest::of_bytes(body).to_string();
                 if actual != digest {
                     return Err(RegistryError::Digest {
                         what: what.clone(),
@@ -445,7 +450,7 @@ mod tests {
         let manifest = serde_json::json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256_digest(config), "size": config.len()},
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": Digest::of_bytes(config).to_string(), "size": config.len()},
             "layers": [{
                 "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
                 "digest": "sha256:2222222222222222222222222222222222222222222222222222222222222222",
@@ -470,7 +475,7 @@ mod tests {
     #[test]
     fn digest_of_bytes_is_sha256_prefixed() {
         assert_eq!(
-            sha256_digest(b""),
+            Digest::of_bytes(b"").to_string(),
             "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
         );
     }

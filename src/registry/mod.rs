@@ -21,7 +21,6 @@ pub use credentials::{CredentialStore, Credentials};
 pub use error::RegistryError;
 pub use image::{
     DOCKER_LIST, DOCKER_MANIFEST, ImageParts, OCI_INDEX, OCI_MANIFEST, RawManifest, ResolvedImage,
-    sha256_digest,
 };
 pub use platform::{PlatformSpec, describe as describe_platform, select as select_platform};
 pub use range::WHOLE_BLOB_FALLBACK_MAX;

@@ -9,7 +9,6 @@ use url::Url;
 
 use super::client::{Client, Endpoint, Target};
 use super::error::{RegistryError, from_response};
-use super::image::sha256_digest;
 use super::retry::{Retry, error_body, escape_text};
 use crate::reference::{Reference, validate_digest};
 
@@ -44,7 +43,7 @@ impl Client {
         reference: &Reference,
         bytes: Bytes,
     ) -> Result<String, RegistryError> {
-        let digest = sha256_digest(&bytes);
+        let digest = crate::digest::Digest::of_bytes(&bytes).to_string();
         let ep = self.origin_endpoint(reference).await?;
         let what = format!("{} blob {digest}", reference.name());
         let t = Target {
@@ -153,7 +152,7 @@ impl Client {
         media_type: &str,
         bytes: Bytes,
     ) -> Result<PushedManifest, RegistryError> {
-        let digest = sha256_digest(&bytes);
+        let digest = crate::digest::Digest::of_bytes(&bytes).to_string();
         let what = format!("{}:{tag_or_digest}", reference.name());
         let config = |detail: String| RegistryError::Config(format!("pushing {what}: {detail}"));
         if tag_or_digest.contains(':') {
@@ -230,7 +229,7 @@ mod tests {
 
     #[test]
     fn a_registry_naming_another_digest_is_an_error() {
-        let d = sha256_digest(b"x");
+        let d = crate::digest::Digest::of_bytes(b"x").to_string();
         let mut h = HeaderMap::new();
         assert!(check_digest_header(&h, &d, "w").is_ok());
         h.insert("docker-content-digest", HeaderValue::from_str(&d).unwrap());

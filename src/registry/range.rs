@@ -257,7 +257,7 @@ impl Client {
                     if actual != desc.digest {
                         return Err(RegistryError::Digest {
                             what: what.to_string(),
-                            expected: desc.digest.clone(),
+                            expected: desc.digest.to_string(),
                             actual,
                         });
                     }

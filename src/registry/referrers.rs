@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::client::{Client, Endpoint, Target, next_link};
 use super::error::RegistryError;
-use super::image::{OCI_INDEX, OCI_MANIFEST, sha256_digest};
+use super::image::{OCI_INDEX, OCI_MANIFEST};
 use super::retry::{MANIFEST_MAX, Retry, escape_text};
 use crate::reference::{Reference, validate_digest};
 
@@ -240,11 +240,11 @@ impl Client {
             .get("docker-content-digest")
             .and_then(|v| v.to_str().ok())
         {
-            Some(d) if d.starts_with("sha256:") && d != sha256_digest(body) => {
+            Some(d) if d.starts_with("sha256:") && crate::digest::Digest::of_bytes(body) != d => {
                 Err(RegistryError::Digest {
                     what: what.clone(),
                     expected: escape_text(d),
-                    actual: sha256_digest(body),
+                    actual: crate::digest::Digest::of_bytes(body).to_string(),
                 })
             }
             _ => Ok(()),
@@ -307,7 +307,7 @@ impl Client {
         };
         let mut pushed = std::collections::HashSet::new();
         for b in std::iter::once(&config).chain(&layers) {
-            if pushed.insert(sha256_digest(&b.bytes)) {
+            if pushed.insert(crate::digest::Digest::of_bytes(&b.bytes).to_string()) {
                 self.push_blob(reference, b.bytes.clone()).await?;
             }
         }
@@ -333,7 +333,7 @@ impl Client {
             serde_json::to_vec(&manifest).map_err(|e| RegistryError::Config(e.to_string()))?,
         );
         let size = bytes.len() as u64;
-        let digest = sha256_digest(&bytes);
+        let digest = crate::digest::Digest::of_bytes(&bytes).to_string();
         let put = self
             .put_manifest(reference, &digest, OCI_MANIFEST, bytes)
             .await?;
@@ -377,7 +377,7 @@ impl Client {
 fn blob_descriptor(b: &ArtifactBlob) -> serde_json::Value {
     let mut d = json!({
         "mediaType": b.media_type,
-        "digest": sha256_digest(&b.bytes),
+        "digest": crate::digest::Digest::of_bytes(&b.bytes).to_string(),
         "size": b.bytes.len(),
     });
     if !b.annotations.is_empty() {
@@ -413,7 +413,7 @@ mod tests {
         let mut d = Descriptor::new(
             media(OCI_MANIFEST),
             1,
-            digest_of(&sha256_digest(b"")).unwrap(),
+            digest_of(crate::digest::Digest::of_bytes(b"").as_ref()).unwrap(),
         );
         assert!(keep(&d, None));
         assert!(!keep(&d, Some("application/x.a")));
@@ -425,7 +425,7 @@ mod tests {
     #[test]
     fn the_empty_descriptor_content_has_its_well_known_digest() {
         assert_eq!(
-            sha256_digest(EMPTY_CONTENT),
+            crate::digest::Digest::of_bytes(EMPTY_CONTENT).to_string(),
             "sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a"
         );
     }

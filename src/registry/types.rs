@@ -4,11 +4,12 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::digest::Digest;
+
 /// One layer of a resolved image, as the manifest describes it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerDesc {
-    /// `sha256:<64 hex>`
-    pub digest: String,
+    pub digest: Digest,
     pub media_type: String,
     /// Compressed size in bytes, as the manifest states it.
     pub size: u64,

@@ -9,11 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct CountingProxy {
     pub port: u16,
     sent: Arc<AtomicU64>,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 impl CountingProxy {
     /// Forwards to `upstream` (`host:port`); `rate` bytes/s when given.
     pub fn start(upstream: &str, rate: Option<u64>) -> CountingProxy {

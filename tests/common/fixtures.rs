@@ -1,10 +1,13 @@
 //! The multi-layer "rules" image: every whiteout rule and entry type of the
 //! OCI changeset spec in three layers, for comparison with umoci.
 
-use super::*;
+use super::Registry;
+use super::image::{Blob, Compress, LayerBuilder, Pushed, layer_blob, push_image};
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub const LONG_DIR: &str = "long/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn rule_layers() -> Vec<Vec<u8>> {
     let long_file = format!("{LONG_DIR}/file-with-a-long-name.txt");
     let base = LayerBuilder::new()
@@ -87,6 +90,7 @@ pub fn rule_layers() -> Vec<Vec<u8>> {
 }
 
 /// Pushes the rules image (gzip layers) and returns what was pushed.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn push_rules(reg: &Registry, repo: &str, tag: &str, oci: bool) -> Pushed {
     let blobs: Vec<Blob> = rule_layers()
         .iter()

@@ -14,10 +14,12 @@ pub fn sha256(data: &[u8]) -> String {
 }
 
 /// Builds a layer tar entry by entry.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct LayerBuilder {
     b: tar::Builder<Vec<u8>>,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn header(kind: tar::EntryType, mode: u32) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(kind);
@@ -36,12 +38,14 @@ impl Default for LayerBuilder {
 }
 
 impl LayerBuilder {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn new() -> LayerBuilder {
         LayerBuilder {
             b: tar::Builder::new(Vec::new()),
         }
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn dir(&mut self, path: &str, mode: u32) -> &mut Self {
         let mut h = header(tar::EntryType::Directory, mode);
         self.b
@@ -50,10 +54,12 @@ impl LayerBuilder {
         self
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn file(&mut self, path: &str, data: &[u8], mode: u32) -> &mut Self {
         self.file_owned(path, data, mode, 0, 0)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn file_owned(
         &mut self,
         path: &str,
@@ -71,6 +77,7 @@ impl LayerBuilder {
     }
 
     /// A file with extended attributes, written as PAX `SCHILY.xattr.*` records.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn file_xattrs(&mut self, path: &str, data: &[u8], xattrs: &[(&str, &[u8])]) -> &mut Self {
         let records: Vec<(String, &[u8])> = xattrs
             .iter()
@@ -82,18 +89,21 @@ impl LayerBuilder {
         self.file(path, data, 0o644)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn symlink(&mut self, path: &str, target: &str) -> &mut Self {
         let mut h = header(tar::EntryType::Symlink, 0o777);
         self.b.append_link(&mut h, path, target).unwrap();
         self
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn hardlink(&mut self, path: &str, target: &str) -> &mut Self {
         let mut h = header(tar::EntryType::Link, 0o644);
         self.b.append_link(&mut h, path, target).unwrap();
         self
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn device(&mut self, path: &str, block: bool, major: u32, minor: u32) -> &mut Self {
         let kind = if block {
             tar::EntryType::Block
@@ -107,6 +117,7 @@ impl LayerBuilder {
         self
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn fifo(&mut self, path: &str) -> &mut Self {
         let mut h = header(tar::EntryType::Fifo, 0o644);
         self.b.append_data(&mut h, path, std::io::empty()).unwrap();
@@ -114,6 +125,7 @@ impl LayerBuilder {
     }
 
     /// `.wh.NAME` beside `path`: deletes `path` from lower layers.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn whiteout(&mut self, path: &str) -> &mut Self {
         let (dir, name) = path.rsplit_once('/').unwrap_or(("", path));
         let wh = if dir.is_empty() {
@@ -125,11 +137,13 @@ impl LayerBuilder {
     }
 
     /// `.wh..wh..opq` in `dir`: hides lower layers' children of `dir`.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn opaque(&mut self, dir: &str) -> &mut Self {
         self.file(&format!("{dir}/.wh..wh..opq"), b"", 0o644)
     }
 
     /// A file whose name is any bytes (Latin-1, raw): legal on Linux and in tar.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn file_bytes(&mut self, path: &[u8], data: &[u8]) -> &mut Self {
         use std::os::unix::ffi::OsStrExt;
         let mut h = header(tar::EntryType::Regular, 0o644);
@@ -140,6 +154,7 @@ impl LayerBuilder {
     }
 
     /// A symlink whose name and target are any bytes.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn symlink_bytes(&mut self, path: &[u8], target: &[u8]) -> &mut Self {
         use std::os::unix::ffi::OsStrExt;
         let mut h = header(tar::EntryType::Symlink, 0o777);
@@ -150,11 +165,13 @@ impl LayerBuilder {
     }
 
     /// An entry with a header as given (names the tar crate would refuse).
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn raw(&mut self, h: tar::Header, data: &[u8]) -> &mut Self {
         self.b.append(&h, data).unwrap();
         self
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn finish(&mut self) -> Vec<u8> {
         let b = std::mem::replace(&mut self.b, tar::Builder::new(Vec::new()));
         b.into_inner().unwrap()
@@ -162,9 +179,12 @@ impl LayerBuilder {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub enum Compress {
     Gzip,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     Zstd,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     None,
 }
 
@@ -177,6 +197,7 @@ pub struct Blob {
     pub media_type: String,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn layer_blob(tar: &[u8], c: Compress, oci: bool) -> Blob {
     let bytes = match c {
         Compress::Gzip => {
@@ -203,6 +224,7 @@ pub fn layer_blob(tar: &[u8], c: Compress, oci: bool) -> Blob {
 }
 
 /// A .tar.gz file used unchanged as a layer (the Alpine rootfs tarballs).
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn gz_file_blob(path: &Path, oci: bool) -> Blob {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut tar = Vec::new();
@@ -221,14 +243,21 @@ pub fn gz_file_blob(path: &Path, oci: bool) -> Blob {
 }
 
 #[derive(Clone, Debug)]
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct Pushed {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub manifest: Vec<u8>,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub manifest_digest: String,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub media_type: String,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub config_digest: String,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub layers: Vec<String>,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn curl(reg: &Registry, repo: &str, args: &[&str], data: Option<&[u8]>) -> String {
     let mut c = Command::new("curl");
     c.args(["-sS", "--fail-with-body", "-D", "-"]);
@@ -263,6 +292,7 @@ fn curl(reg: &Registry, repo: &str, args: &[&str], data: Option<&[u8]>) -> Strin
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn push_blob(reg: &Registry, repo: &str, bytes: &[u8]) -> String {
     let digest = sha256(bytes);
     let head = curl(
@@ -304,6 +334,7 @@ pub fn push_blob(reg: &Registry, repo: &str, bytes: &[u8]) -> String {
     digest
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn push_manifest(
     reg: &Registry,
     repo: &str,
@@ -327,6 +358,7 @@ pub fn push_manifest(
 }
 
 /// Pushes layers, a config and a manifest; returns what was pushed.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn push_image(
     reg: &Registry,
     repo: &str,
@@ -392,6 +424,7 @@ pub fn push_image(
 
 /// Pushes a manifest list (or OCI index) over `entries` ("os/arch[/variant]",
 /// image), with an attestation entry that clients must skip.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn push_index(
     reg: &Registry,
     repo: &str,
@@ -434,6 +467,7 @@ pub fn push_index(
 }
 
 /// Pushes the real Alpine rootfs as a single-layer image.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn push_alpine(
     reg: &Registry,
     repo: &str,

@@ -15,6 +15,7 @@ struct Containerd {
     child: Child,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 impl Containerd {
     fn start() -> Containerd {
         // Short path: the socket's must fit in sun_path.
@@ -79,6 +80,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt"
     }
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 impl Drop for Containerd {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -94,6 +96,7 @@ impl Drop for Containerd {
 
 /// Converts `src` (`repo:tag` in `reg`) to eStargz as `dst` with ctr-remote's
 /// default chunk size (4 MiB).
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn estargz(reg: &Registry, src: &str, dst: &str) {
     estargz_with(reg, src, dst, None, &[])
 }
@@ -102,6 +105,7 @@ pub fn estargz(reg: &Registry, src: &str, dst: &str) {
 /// `chunk_size` bytes when given, and putting the absolute paths in
 /// `prioritized` first, before a `.prefetch.landmark` (ctr-remote's record
 /// file is a stream of `{"path": ...}` objects).
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn estargz_with(
     reg: &Registry,
     src: &str,
@@ -143,6 +147,7 @@ pub fn estargz_with(
 }
 
 /// Converts `src` to zstd:chunked as `dst` with skopeo.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn zstd_chunked(reg: &Registry, src: &str, dst: &str) {
     // skopeo would otherwise reuse the gzip blobs it has seen for the same
     // diff IDs instead of compressing anew.

@@ -10,6 +10,7 @@ use std::path::Path;
 use sha2::{Digest, Sha256};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct EntryInfo {
     pub kind: char,
     pub mode: u32,
@@ -24,6 +25,7 @@ pub struct EntryInfo {
     pub links: Vec<String>,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
     let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
     let mut out = BTreeMap::new();
@@ -70,6 +72,7 @@ fn xattrs(path: &Path) -> BTreeMap<String, Vec<u8>> {
 /// A path as text without losing a byte: UTF-8 as it is, a backslash as
 /// `\\`, any other byte as `\xNN` (the escape rimg documents for its own
 /// output). [`from_lossless`] reverses it.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn lossless(bytes: &[u8]) -> String {
     let mut out = String::new();
     for chunk in bytes.utf8_chunks() {
@@ -82,6 +85,7 @@ pub fn lossless(bytes: &[u8]) -> String {
 }
 
 /// The bytes a [`lossless`] string stands for.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn from_lossless(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
@@ -107,6 +111,7 @@ pub fn from_lossless(s: &str) -> Vec<u8> {
 
 /// Every entry under `root` (not following symlinks), keyed by relative path
 /// (see [`lossless`]).
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn tree_listing(root: &Path) -> BTreeMap<String, EntryInfo> {
     let mut out = BTreeMap::new();
     let mut inodes: BTreeMap<u64, Vec<String>> = BTreeMap::new();
@@ -191,6 +196,7 @@ pub fn tree_listing(root: &Path) -> BTreeMap<String, EntryInfo> {
 }
 
 /// Readable differences between two listings (empty when equal).
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn diff_listings(
     ours: &BTreeMap<String, EntryInfo>,
     reference: &BTreeMap<String, EntryInfo>,
@@ -211,6 +217,7 @@ pub fn diff_listings(
     out
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn assert_same_tree(ours: &Path, reference: &Path) {
     let a = tree_listing(ours);
     let b = tree_listing(reference);

@@ -2,7 +2,6 @@
 //! on loopback in three auth modes, a token server whose JWTs the registry
 //! verifies for real, an image builder and pusher, and tree listings to compare
 //! rimg's view with umoci's.
-#![allow(dead_code, unused_imports)]
 
 pub mod counting;
 pub mod fixtures;
@@ -17,14 +16,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-pub use image::*;
-pub use listing::*;
-pub use proxy::RedirectProxy;
-pub use token::TokenServer;
+use token::TokenServer;
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub const USER: &str = "alice";
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub const PASS: &str = "s3cret-pass";
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -33,23 +32,29 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn shared_images() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/images")
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn alpine(version: &str, arch: &str) -> PathBuf {
     shared_images().join(format!(
         "alpine-{version}/alpine-minirootfs-{version}-{arch}.tar.gz"
     ))
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub enum Auth {
     None,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     Basic,
     /// Token auth through a token server of the tests.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     Token(TokenServer),
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct Registry {
     pub port: u16,
     pub dir: tempfile::TempDir,
@@ -61,20 +66,24 @@ pub struct Registry {
 }
 
 impl Registry {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn start(auth: Auth) -> Registry {
         Self::start_with(auth, None, false)
     }
 
     /// A registry that speaks HTTPS with a self-signed certificate for 127.0.0.1.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn start_tls() -> Registry {
         Self::start_with(Auth::None, None, true)
     }
 
     /// A pull-through cache (distribution's proxy mode) in front of `upstream`.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn proxy_of(upstream: &Registry) -> Registry {
         Self::start_with(Auth::None, Some(upstream.url()), false)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     fn start_with(auth: Auth, proxy: Option<String>, tls: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
@@ -141,10 +150,12 @@ impl Registry {
         r
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn url(&self) -> String {
         let scheme = if self.tls_cert.is_some() {
             "https"
@@ -154,6 +165,7 @@ impl Registry {
         format!("{scheme}://{}", self.addr())
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
@@ -161,6 +173,7 @@ impl Registry {
         }
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn restart(&mut self) {
         self.stop();
         let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
@@ -183,6 +196,7 @@ impl Registry {
     }
 
     /// The Authorization header that lets the harness push.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn push_auth(&self, repo: &str) -> Option<String> {
         match &self.auth {
             Auth::None => None,
@@ -195,6 +209,7 @@ impl Registry {
     }
 
     /// Path of a blob in the registry's own storage (to corrupt it in tests).
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn blob_file(&self, digest: &str) -> PathBuf {
         let hex = digest.trim_start_matches("sha256:");
         self.dir
@@ -212,6 +227,7 @@ impl Drop for Registry {
     }
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn b64(data: &[u8]) -> String {
     use base64::Engine;
     base64::engine::general_purpose::STANDARD.encode(data)
@@ -224,11 +240,13 @@ pub fn rimg_bin() -> PathBuf {
 
 /// An isolated environment for one rimg invocation: its own cache and state.
 pub struct Env {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub dir: tempfile::TempDir,
     pub vars: Vec<(String, String)>,
 }
 
 impl Env {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn new() -> Env {
         let dir = tempfile::tempdir().unwrap();
         let vars = vec![
@@ -253,12 +271,14 @@ impl Env {
         Env { dir, vars }
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn set(mut self, k: &str, v: &str) -> Env {
         self.vars.retain(|(key, _)| key != k);
         self.vars.push((k.into(), v.into()));
         self
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn cache_dir(&self) -> PathBuf {
         self.dir.path().join("cache")
     }
@@ -349,6 +369,7 @@ impl Env {
     }
 
     /// Runs and insists on failure; returns stderr, checked to be one line.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn fails(&self, args: &[&str]) -> String {
         let out = self.run(args);
         let err = String::from_utf8_lossy(&out.stderr).into_owned();
@@ -361,12 +382,14 @@ impl Env {
 }
 
 /// A mount made by `rimg mount`, unmounted on drop.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct Mounted {
     pub path: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl Mounted {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn new(env: &Env, reference: &str, extra: &[&str]) -> Mounted {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("mnt");
@@ -380,11 +403,13 @@ impl Mounted {
         Mounted { path, _dir: dir }
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn is_mounted(&self) -> bool {
         is_mountpoint(&self.path)
     }
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn is_mountpoint(path: &Path) -> bool {
     let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let p = path.display().to_string();
@@ -393,6 +418,7 @@ pub fn is_mountpoint(path: &Path) -> bool {
 }
 
 /// Waits until `cond` holds, up to `timeout`.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn wait_for(timeout: Duration, mut cond: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + timeout;
     while Instant::now() < deadline {
@@ -420,6 +446,7 @@ impl Drop for Mounted {
 
 /// `skopeo copy` the image to an OCI layout and `umoci unpack` it: the
 /// reference implementation's rootfs.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn umoci_unpack(registry: &Registry, repo: &str, tag: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let layout = dir.path().join("oci");
@@ -438,6 +465,7 @@ pub fn umoci_unpack(registry: &Registry, repo: &str, tag: &str) -> (tempfile::Te
 }
 
 /// `umoci unpack` of an OCI layout directory.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn unpack_layout(
     dir: tempfile::TempDir,
     layout: &Path,
@@ -454,6 +482,7 @@ pub fn unpack_layout(
     (dir, rootfs)
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub fn run_ok(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
     assert!(

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use super::Registry;
 
 #[derive(Default)]
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 struct Seen {
     /// Requests still to refuse with `refuse_status` before forwarding any.
     refuse_left: AtomicUsize,
@@ -22,16 +23,19 @@ struct Seen {
     registry_auth: AtomicBool,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct RedirectProxy {
     port: u16,
     seen: Arc<Seen>,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 struct Request {
     head: Vec<String>,
     body: Vec<u8>,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     let mut head = Vec::new();
     loop {
@@ -58,6 +62,7 @@ fn read_request(r: &mut BufReader<TcpStream>) -> Option<Request> {
     Some(Request { head, body })
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn has_auth(req: &Request) -> bool {
     req.head
         .iter()
@@ -65,20 +70,24 @@ fn has_auth(req: &Request) -> bool {
 }
 
 impl RedirectProxy {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn start(reg: &Registry) -> RedirectProxy {
         Self::start_with(reg, None, None)
     }
 
     /// The redirected host serves at most `rate` bytes/s.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn start_throttled(reg: &Registry, rate: Option<usize>) -> RedirectProxy {
         Self::start_with(reg, rate, None)
     }
 
     /// The first blob response is cut after `cut` bytes; later ones honour `Range`.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn start_flaky(reg: &Registry, cut: usize) -> RedirectProxy {
         Self::start_with(reg, None, Some(cut))
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     fn start_with(reg: &Registry, rate: Option<usize>, cut: Option<usize>) -> RedirectProxy {
         let cut_done = Arc::new(AtomicBool::new(cut.is_none()));
         let front = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -242,41 +251,50 @@ impl RedirectProxy {
         RedirectProxy { port, seen }
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// Answers the next `n` requests with 503 and 429 (Retry-After: 1) in turn.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn refuse_next(&self, n: usize) {
         self.seen.refuse_left.store(n, Ordering::SeqCst);
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn refused(&self) -> usize {
         self.seen.refused.load(Ordering::SeqCst)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn range_requests(&self) -> usize {
         self.seen.ranges.load(Ordering::SeqCst)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn redirected(&self) -> usize {
         self.seen.redirected.load(Ordering::SeqCst)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn cdn_requests(&self) -> usize {
         self.seen.cdn_requests.load(Ordering::SeqCst)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn cdn_saw_authorization(&self) -> bool {
         self.seen.cdn_auth.load(Ordering::SeqCst)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn registry_saw_authorization(&self) -> bool {
         self.seen.registry_auth.load(Ordering::SeqCst)
     }
 }
 
 /// Faults a [`FaultProxy`] injects, in the order of its counters.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub const FAULTS: [&str; 6] = [
     "503",
     "429",
@@ -290,6 +308,7 @@ pub const FAULTS: [&str; 6] = [
 /// `one_in`, injects one of [`FAULTS`], drawn from a seeded generator: the
 /// same seed gives the same mix of faults (their order across concurrent
 /// requests may vary).
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct FaultProxy {
     port: u16,
     pub requests: Arc<AtomicUsize>,
@@ -297,8 +316,10 @@ pub struct FaultProxy {
 }
 
 /// xorshift64*: small, seeded, good enough to pick faults.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 struct Rng(u64);
 impl Rng {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     fn next(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
@@ -308,6 +329,7 @@ impl Rng {
 }
 
 /// Closes with a TCP RST instead of a FIN.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn reset(stream: TcpStream) {
     use std::os::fd::AsRawFd;
     let linger = libc::linger {
@@ -328,6 +350,7 @@ fn reset(stream: TcpStream) {
 }
 
 impl FaultProxy {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn start(reg: &Registry, seed: u64, one_in: u64) -> FaultProxy {
         let front = TcpListener::bind("127.0.0.1:0").unwrap();
         let port = front.local_addr().unwrap().port();
@@ -425,11 +448,13 @@ impl FaultProxy {
         }
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn addr(&self) -> String {
         format!("127.0.0.1:{}", self.port)
     }
 
     /// Faults injected so far, by kind.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn summary(&self) -> String {
         FAULTS
             .iter()

@@ -14,30 +14,41 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 
 use super::{PASS, USER};
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub const SERVICE: &str = "rimg-test-registry";
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub const ISSUER: &str = "rimg-test-issuer";
 /// The identity token (OAuth2 refresh token) the server accepts.
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub const REFRESH_TOKEN: &str = "refresh-me-please";
 
 #[derive(Default)]
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct Stats {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub requests: usize,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub posts: usize,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub refused: usize,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub struct TokenServer {
     port: u16,
     dir: tempfile::TempDir,
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub stats: Arc<Mutex<Stats>>,
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 struct Signer {
     key: PathBuf,
     x5c: String,
 }
 
 impl Signer {
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     fn sign(&self, repo: &str, actions: &[&str], ttl: u64) -> String {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -79,6 +90,7 @@ impl Signer {
     }
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
@@ -93,6 +105,7 @@ fn rand_u64() -> u64 {
 
 impl TokenServer {
     /// `public` repositories allow anonymous pulls; tokens live `ttl` seconds.
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn start(public: &[&str], ttl: u64) -> TokenServer {
         let dir = tempfile::tempdir().unwrap();
         let key = dir.path().join("key.pem");
@@ -137,15 +150,18 @@ impl TokenServer {
         TokenServer { port, dir, stats }
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn url(&self) -> String {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn cert_path(&self) -> PathBuf {
         self.dir.path().join("cert.pem")
     }
 
     /// A token for the harness itself (pushing).
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn mint(&self, repo: &str, actions: &[&str], ttl: u64) -> String {
         Signer {
             key: self.dir.path().join("key.pem"),
@@ -162,21 +178,25 @@ impl TokenServer {
         .sign(repo, actions, ttl)
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn requests(&self) -> usize {
         self.stats.lock().unwrap().requests
     }
 
+    #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn posts(&self) -> usize {
         self.stats.lock().unwrap().posts
     }
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn query_pairs(s: &str) -> Vec<(String, String)> {
     url::form_urlencoded::parse(s.as_bytes())
         .into_owned()
         .collect()
 }
 
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
 fn handle(
     conn: TcpStream,
     signer: &Signer,

@@ -2,7 +2,7 @@
 //! without leaking credentials, small bodies read under their caps, and tag
 //! listing across pages.
 
-use super::super::error::{RegistryError, from_response, from_transport};
+use super::super::error::{RegistryError, from_response, from_transport, transient_status};
 use crate::reference::Reference;
 use crate::registry::retry::{BodyError, Retry, TAG_PAGE_MAX, error_body, read_capped};
 use reqwest::header::{self, HeaderMap, HeaderValue};
@@ -40,10 +40,7 @@ impl Client {
                 .map_err(|_| retry.timed_out())?;
             match sent {
                 Err(e) => retry.again(from_transport(&label, &e), None).await?,
-                Ok(r)
-                    if r.status() == StatusCode::TOO_MANY_REQUESTS
-                        || r.status().is_server_error() =>
-                {
+                Ok(r) if transient_status(r.status().as_u16()) => {
                     let hint = retry_after(r.headers());
                     let status = r.status().as_u16();
                     let body = error_body(r).await;
