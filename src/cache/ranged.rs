@@ -298,7 +298,11 @@ impl Ranged {
         };
         if let Err(e) = self.map.check_read(offset, &verified) {
             // The index lied: nothing it says is used again.
-            tracing::warn!("{e}; dropping the range cache of layer {}", self.digest);
+            tracing::warn!(
+                "{}; dropping the range cache of layer {}",
+                crate::report::Chain(&*e),
+                self.digest
+            );
             for ext in ["idx", "meta"] {
                 let _ = std::fs::remove_file(self.data_path.with_extension(ext));
             }
@@ -438,7 +442,7 @@ impl Ranged {
                 if i <= required {
                     first_err.get_or_insert(e);
                 } else {
-                    tracing::warn!("read-ahead: {e}");
+                    tracing::warn!("read-ahead: {}", crate::report::Chain(&e));
                 }
             }
         }
@@ -544,7 +548,7 @@ impl Ranged {
 impl Drop for Ranged {
     fn drop(&mut self) {
         if let Err(e) = self.flush_log(true) {
-            tracing::warn!("{e}");
+            tracing::warn!("{}", crate::report::Chain(&e));
         }
     }
 }
@@ -597,7 +601,7 @@ impl super::Cache {
             .and_then(|(_, rest)| postcard::from_bytes::<crate::layer::LayerIndex>(rest).ok());
         match (claimed, layer.index()) {
             (Some(c), Ok(real)) if c == real => {}
-            (_, Err(e)) => tracing::warn!("{e}"),
+            (_, Err(e)) => tracing::warn!("{}", crate::report::Chain(&e)),
             _ => {
                 tracing::warn!(
                     "layer {}: the published index kept for it differs from the layer itself; dropped",
@@ -780,7 +784,7 @@ impl super::Cache {
         self.note_image(&hex, image_ref);
         // Range caches grow as they are read; make room as a new one opens.
         if let Err(e) = self.evict(self.limit) {
-            tracing::warn!("cache eviction: {e}");
+            tracing::warn!("cache eviction: {}", crate::report::Chain(&e));
         }
         Ok(Arc::new(super::Layer {
             digest: header.digest,

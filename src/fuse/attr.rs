@@ -285,7 +285,11 @@ pub(super) fn read_data(
     match crate::layer::read_file(&mut read_at, at, len, sparse, offset, &mut buf) {
         Ok(_) => Ok(buf),
         Err(e) => {
-            tracing::error!("reading layer {}: {e}", layer.digest);
+            tracing::error!(
+                "reading a file of layer {}: {}",
+                layer.digest,
+                crate::report::Chain(&e)
+            );
             Err(Errno::EIO)
         }
     }

@@ -418,8 +418,9 @@ impl super::ImageSource {
                     Ok(p) => p,
                     Err(e) => {
                         tracing::warn!(
-                            "{}: looking for a published gzip index: {e}",
-                            self.image.reference
+                            "{}: looking for a published gzip index: {}",
+                            self.image.reference,
+                            crate::report::Chain(&e)
                         );
                         Published::new()
                     }

@@ -273,7 +273,7 @@ impl ImageSource {
             // A table that cannot say what the tar says (names Go's JSON
             // mangled): the whole layer can.
             Err(RangedOpenError::Toc(e @ toc::TocError::Entry { .. })) => {
-                tracing::info!("{e}; the layer is fetched whole");
+                tracing::info!("{}; the layer is fetched whole", crate::report::Chain(&e));
                 Ok(None)
             }
             Err(e) => Err(self.ranged_error(index, e)),
