@@ -149,6 +149,23 @@ impl<'de> Deserialize<'de> for Digest {
     }
 }
 
+/// Feeds everything `r` yields to `h`; returns how many bytes.
+pub(crate) fn hash_into(r: &mut impl std::io::Read, h: &mut Sha256) -> std::io::Result<u64> {
+    let mut buf = vec![0u8; 256 * 1024];
+    let mut n = 0u64;
+    loop {
+        match r.read(&mut buf) {
+            Ok(0) => return Ok(n),
+            Ok(k) => {
+                h.update(&buf[..k]);
+                n += k as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

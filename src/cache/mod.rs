@@ -112,22 +112,7 @@ fn read_index_header(idx: &Path) -> Result<Option<Result<IndexHeader, ()>>, Cach
     ))
 }
 
-/// Feeds everything `r` yields to `h`; returns how many bytes.
-pub(crate) fn hash_into(r: &mut impl Read, h: &mut Sha256) -> io::Result<u64> {
-    let mut buf = vec![0u8; 256 * 1024];
-    let mut n = 0u64;
-    loop {
-        match r.read(&mut buf) {
-            Ok(0) => return Ok(n),
-            Ok(k) => {
-                h.update(&buf[..k]);
-                n += k as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-}
+pub(crate) use crate::digest::hash_into;
 
 /// How long to wait for a layer that others hold but that cannot be read.
 const IN_USE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -420,33 +405,7 @@ impl Cache {
     }
 }
 
-/// A section of a file, read with `pread`; a file that ends before the
-/// section does is an error. Borrowed or shared, as the caller holds it.
-pub(crate) struct Section<F> {
-    pub(crate) file: F,
-    pub(crate) pos: u64,
-    pub(crate) end: u64,
-}
-
-impl<F: std::borrow::Borrow<File>> Read for Section<F> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = buf
-            .len()
-            .min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
-        if want == 0 {
-            return Ok(0);
-        }
-        let n = self.file.borrow().read_at(&mut buf[..want], self.pos)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the archive ends inside the member",
-            ));
-        }
-        self.pos += n as u64;
-        Ok(n)
-    }
-}
+pub(crate) use crate::layer::Section;
 
 /// Turns a digest mismatch of the download (which a blob reader reports as
 /// the `RegistryError` inside an `io::Error`) back into its own error.

@@ -43,7 +43,7 @@ pub enum ForensicsError {
 /// sha256 of a reader's bytes, as hex.
 pub fn sha256_hex(mut r: impl Read) -> io::Result<String> {
     let mut h = Sha256::new();
-    crate::cache::hash_into(&mut r, &mut h)?;
+    crate::digest::hash_into(&mut r, &mut h)?;
     Ok(hex::encode(h.finalize()))
 }
 

@@ -302,6 +302,35 @@ fn read_full(
     Ok(())
 }
 
+/// A section of a file, read with `pread`; a file that ends before the
+/// section does is an error. Borrowed or shared, as the caller holds it.
+pub(crate) struct Section<F> {
+    pub(crate) file: F,
+    pub(crate) pos: u64,
+    pub(crate) end: u64,
+}
+
+impl<F: std::borrow::Borrow<std::fs::File>> Read for Section<F> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let want = buf
+            .len()
+            .min(usize::try_from(self.end - self.pos).unwrap_or(usize::MAX));
+        if want == 0 {
+            return Ok(0);
+        }
+        let n =
+            std::os::unix::fs::FileExt::read_at(self.file.borrow(), &mut buf[..want], self.pos)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the archive ends inside the member",
+            ));
+        }
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -163,7 +163,7 @@ pub(super) fn docker_archive(
             _ => {
                 let mut h = Digest::hasher();
                 sha2::Digest::update(&mut h, &head);
-                crate::cache::hash_into(&mut r, &mut h).map_err(read_err)?;
+                crate::digest::hash_into(&mut r, &mut h).map_err(read_err)?;
                 Digest::from_hasher(h).to_string()
             }
         };

@@ -141,7 +141,7 @@ impl Store {
     ) -> Result<(Box<dyn Read + Send>, u64), LocalError> {
         let (f, offset, size) = self.locate(file, name)?;
         // Read as a section, so a file that grows meanwhile adds nothing.
-        let r = crate::cache::Section {
+        let r = crate::layer::Section {
             file: f,
             pos: offset,
             end: offset + size,
