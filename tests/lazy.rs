@@ -301,7 +301,13 @@ fn push_with_layer(reg: &Registry, repo: &str, tag: &str, new_tag: &str, blob: &
     let digest = push_blob(reg, repo, blob);
     m["layers"][0]["digest"] = digest.clone().into();
     m["layers"][0]["size"] = blob.len().into();
-    push_manifest(reg, repo, new_tag, OCI_MANIFEST, &serde_json::to_vec(&m).unwrap());
+    push_manifest(
+        reg,
+        repo,
+        new_tag,
+        OCI_MANIFEST,
+        &serde_json::to_vec(&m).unwrap(),
+    );
     digest
 }
 
@@ -414,9 +420,8 @@ fn a_mount_whose_toc_fails_its_pinned_digest_answers_eio_and_logs_why() {
             assert_eq!(e.raw_os_error(), Some(libc::EIO), "{repo}: {e}");
             let log = mount_logs(&env);
             assert!(
-                log.lines().any(|l| l.contains(&digest)
-                    && l.contains("TOC")
-                    && l.contains("digest")),
+                log.lines()
+                    .any(|l| l.contains(&digest) && l.contains("TOC") && l.contains("digest")),
                 "{repo}: the log does not give the reason:\n{log}"
             );
         } else {
@@ -459,7 +464,13 @@ fn push_mixed(
     m["config"]["digest"] = push_blob(reg, repo, &config_bytes).into();
     m["config"]["size"] = config_bytes.len().into();
     m["layers"] = layers.into();
-    push_manifest(reg, repo, new_tag, OCI_MANIFEST, &serde_json::to_vec(&m).unwrap());
+    push_manifest(
+        reg,
+        repo,
+        new_tag,
+        OCI_MANIFEST,
+        &serde_json::to_vec(&m).unwrap(),
+    );
 }
 
 #[test]
@@ -481,12 +492,11 @@ fn a_mixed_image_of_estargz_and_plain_gzip_layers_merges_to_umocis_tree() {
         assert_same_tree(&m.path, &rootfs);
         unmount(&env, &m);
         // The eStargz layers were read by range, the gzip ones whole.
-        let ranged = std::fs::read_dir(env.cache_dir().join("lazy/sha256"))
-            .map_or(0, |d| {
-                d.flatten()
-                    .filter(|e| e.path().extension().is_some_and(|x| x == "idx"))
-                    .count()
-            });
+        let ranged = std::fs::read_dir(env.cache_dir().join("lazy/sha256")).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "idx"))
+                .count()
+        });
         let want = plain.iter().filter(|p| !**p).count();
         assert_eq!(ranged, want, "{tag}: layers read by range");
     }
@@ -532,78 +542,73 @@ fn export_of_a_zstd_chunked_image_writes_the_registrys_original_blobs() {
 /// `rimg export`, after a read by range, in both forms: skopeo sees the
 /// registry's layers and the archive holds their exact bytes.
 fn check_export_writes_original_blobs(reg: &Registry, repo: &str) {
-    {
-        let r = format!("{}/{repo}:3.20", reg.addr());
-        let registry_manifest = manifest(&reg, repo, "3.20");
-        let want: Vec<String> = manifest_layers(&reg, repo, "3.20")
-            .into_iter()
-            .map(|l| l.0)
-            .collect();
-        // skopeo names a docker archive's layers by their diff_ids.
-        let config = blob_json(
-            &reg,
-            registry_manifest["config"]["digest"].as_str().unwrap(),
+    let r = format!("{}/{repo}:3.20", reg.addr());
+    let registry_manifest = manifest(reg, repo, "3.20");
+    let want: Vec<String> = manifest_layers(reg, repo, "3.20")
+        .into_iter()
+        .map(|l| l.0)
+        .collect();
+    // skopeo names a docker archive's layers by their diff_ids.
+    let config = blob_json(reg, registry_manifest["config"]["digest"].as_str().unwrap());
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    let env = Env::new();
+    // A read by range first: the export must not be made of the range cache.
+    env.ok(&["cat", &r, "/etc/os-release"]);
+    let dir = tempfile::tempdir().unwrap();
+    for (form, extra, skopeo_ref) in [
+        ("docker-archive", vec![], "docker-archive:{}"),
+        (
+            "oci",
+            vec!["--format", "oci", "--tag", "mine/x:t"],
+            "oci-archive:{}:t",
+        ),
+    ] {
+        let out = dir.path().join(format!("{form}.tar"));
+        let mut args = vec!["export"];
+        args.extend(&extra);
+        let o = out.display().to_string();
+        args.extend([r.as_str(), o.as_str()]);
+        env.ok(&args);
+        let inspect = run_ok(
+            Command::new("skopeo")
+                .arg("inspect")
+                .arg(skopeo_ref.replace("{}", &o)),
         );
-        let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
+        let got: Vec<String> = v["Layers"]
             .as_array()
             .unwrap()
             .iter()
-            .map(|d| d.as_str().unwrap().to_string())
+            .map(|l| l.as_str().unwrap().to_string())
             .collect();
-        let env = Env::new();
-        // A read by range first: the export must not be made of the range cache.
-        env.ok(&["cat", &r, "/etc/os-release"]);
-        let dir = tempfile::tempdir().unwrap();
-        for (form, extra, skopeo_ref) in [
-            ("docker-archive", vec![], "docker-archive:{}"),
-            (
-                "oci",
-                vec!["--format", "oci", "--tag", "mine/x:t"],
-                "oci-archive:{}:t",
-            ),
-        ] {
-            let out = dir.path().join(format!("{form}.tar"));
-            let mut args = vec!["export"];
-            args.extend(&extra);
-            let o = out.display().to_string();
-            args.extend([r.as_str(), o.as_str()]);
-            env.ok(&args);
-            let inspect = run_ok(
-                Command::new("skopeo")
-                    .arg("inspect")
-                    .arg(skopeo_ref.replace("{}", &o)),
-            );
-            let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
-            let got: Vec<String> = v["Layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|l| l.as_str().unwrap().to_string())
-                .collect();
-            let names = if form == "oci" { &want } else { &diff_ids };
-            assert_eq!(got, *names, "{repo} {form}: layer digests");
-            // The bytes under those names are the blobs themselves.
-            let x = dir.path().join(form);
-            std::fs::create_dir(&x).unwrap();
-            run_ok(Command::new("tar").arg("-xf").arg(&out).arg("-C").arg(&x));
-            for d in &want {
-                let bytes = std::fs::read(x.join("blobs/sha256").join(&d[7..])).unwrap();
-                assert_eq!(sha256(&bytes), *d, "{repo} {form}");
-                assert_eq!(bytes, std::fs::read(reg.blob_file(d)).unwrap());
-            }
-            // The OCI form keeps the descriptors' annotations (the TOC pins).
-            if form == "oci" {
-                let index = serde_json::from_slice::<serde_json::Value>(
-                    &std::fs::read(x.join("index.json")).unwrap(),
-                )
-                .unwrap();
-                let md = index["manifests"][0]["digest"].as_str().unwrap();
-                let ours: serde_json::Value = serde_json::from_slice(
-                    &std::fs::read(x.join("blobs/sha256").join(&md[7..])).unwrap(),
-                )
-                .unwrap();
-                assert_eq!(ours["layers"], registry_manifest["layers"], "{repo}");
-            }
+        let names = if form == "oci" { &want } else { &diff_ids };
+        assert_eq!(got, *names, "{repo} {form}: layer digests");
+        // The bytes under those names are the blobs themselves.
+        let x = dir.path().join(form);
+        std::fs::create_dir(&x).unwrap();
+        run_ok(Command::new("tar").arg("-xf").arg(&out).arg("-C").arg(&x));
+        for d in &want {
+            let bytes = std::fs::read(x.join("blobs/sha256").join(&d[7..])).unwrap();
+            assert_eq!(sha256(&bytes), *d, "{repo} {form}");
+            assert_eq!(bytes, std::fs::read(reg.blob_file(d)).unwrap());
+        }
+        // The OCI form keeps the descriptors' annotations (the TOC pins).
+        if form == "oci" {
+            let index = serde_json::from_slice::<serde_json::Value>(
+                &std::fs::read(x.join("index.json")).unwrap(),
+            )
+            .unwrap();
+            let md = index["manifests"][0]["digest"].as_str().unwrap();
+            let ours: serde_json::Value = serde_json::from_slice(
+                &std::fs::read(x.join("blobs/sha256").join(&md[7..])).unwrap(),
+            )
+            .unwrap();
+            assert_eq!(ours["layers"], registry_manifest["layers"], "{repo}");
         }
     }
 }
@@ -647,4 +652,3 @@ fn a_warm_mount_reads_files_read_before_without_asking_for_the_layer() {
         );
     }
 }
-
