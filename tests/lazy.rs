@@ -155,8 +155,9 @@ fn toc_of(reg: &Registry, desc: &serde_json::Value) -> Toc {
 
 /// Flips a byte inside the compressed bytes of the first chunk of `path` in
 /// the registry's storage (distribution 2.8 serves the blob as it is), and
-/// checks through rimg's library that the chunk no longer verifies.
-fn tamper_first_chunk(reg: &Registry, desc: &serde_json::Value, path: &str) {
+/// checks through rimg's library that the chunk no longer verifies. Returns
+/// where the chunk's compressed bytes start in the blob.
+fn tamper_first_chunk(reg: &Registry, desc: &serde_json::Value, path: &str) -> u64 {
     let t = toc_of(reg, desc);
     let file = t
         .layer
@@ -177,6 +178,7 @@ fn tamper_first_chunk(reg: &Registry, desc: &serde_json::Value, path: &str) {
         toc::decode_chunk(&t.layer, c, compressed).is_err(),
         "the tampered chunk of {path} still verifies"
     );
+    c.coff
 }
 
 /// Everything the mount servers of `env` logged.
@@ -236,6 +238,7 @@ fn a_cold_mount_of_toc_images_reads_files_by_range_and_shows_umocis_tree() {
 fn a_tampered_chunk_fails_only_its_file_naming_layer_and_path_and_is_never_kept() {
     let reg = converted(&["esgz", "zchunked"]);
     let files = alpine_files();
+    // The layer's first regular file: no other read's read-ahead reaches it.
     let victim = "bin/busybox";
     for repo in ["esgz", "zchunked"] {
         let m = manifest(&reg, repo, "3.20");
@@ -291,6 +294,73 @@ fn a_tampered_chunk_fails_only_its_file_naming_layer_and_path_and_is_never_kept(
         let e = std::fs::read(mnt.path.join(victim)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{repo}, again: {e}");
         unmount(&env, &mnt);
+    }
+}
+
+#[test]
+#[ignore = "three src bugs: (1) src/cache/ranged.rs ensure retries a failed read-ahead span \
+            in each of its 3 rounds (it is neither held nor in flight), fetching it 3 times; \
+            (2) fetch_spans logs each failure with tracing::warn!, so `rimg cat` of a good \
+            file prints lines about another file on stderr; (3) src/image/ranged.rs toc_spans rebuilds entries with \
+            Entry::new (offset 0), so decode_chunk's `chunk at byte N of the file` gives the \
+            chunk's layer address, not its offset in the file (809990 for the first byte of \
+            lib/ld-musl-x86_64.so.1)"]
+fn a_tampered_chunk_past_the_first_file_is_named_at_its_offset_and_spares_reads_before_it() {
+    let reg = converted(&["esgz", "zchunked"]);
+    let files = alpine_files();
+    // Right after a small file, whose read-ahead reaches the tampered chunk.
+    let victim = "lib/ld-musl-x86_64.so.1";
+    let neighbour = "lib/sysctl.d/00-alpine.conf";
+    for repo in ["esgz", "zchunked"] {
+        let m = manifest(&reg, repo, "3.20");
+        let desc = &m["layers"][0];
+        let digest = desc["digest"].as_str().unwrap();
+        let bad_at = tamper_first_chunk(&reg, desc, victim);
+        let proxy = CountingProxy::start(&reg.addr(), None);
+        let r = format!("{}/{repo}:3.20", proxy.addr());
+        let env = Env::new();
+        let out = env.run(&["cat", &r, &format!("/{neighbour}")]);
+        assert!(out.status.success(), "{repo}: {neighbour}");
+        assert_eq!(out.stdout, files[neighbour], "{repo}: {neighbour}");
+        // The bad chunk, read ahead, is fetched once, not again and again.
+        let covering = proxy
+            .blob_requests(digest)
+            .iter()
+            .filter_map(|q| {
+                let (a, b) = q
+                    .range
+                    .as_deref()?
+                    .strip_prefix("bytes=")?
+                    .split_once('-')?;
+                let (a, b): (u64, u64) = (a.parse().ok()?, b.parse().ok()?);
+                (a <= bad_at && bad_at <= b).then_some(())
+            })
+            .count();
+        assert!(
+            covering <= 1,
+            "{repo}: the tampered chunk was fetched {covering} times for one read"
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "",
+            "{repo}: cat of a good file"
+        );
+        let err = env.fails(&["cat", &r, &format!("/{victim}")]);
+        assert!(
+            err.contains(digest) && err.contains(victim) && err.contains("chunk at byte 0 "),
+            "{repo}: {err}"
+        );
+        let mnt = Mounted::new(&env, &r, &[]);
+        let e = std::fs::read(mnt.path.join(victim)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{repo}: {e}");
+        unmount(&env, &mnt);
+        let log = mount_logs(&env);
+        assert!(
+            log.lines().any(|l| l.contains(digest)
+                && l.contains(victim)
+                && l.contains("chunk at byte 0 ")),
+            "{repo}: the log does not give the reason:\n{log}"
+        );
     }
 }
 
