@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """rimg benchmarks: cold and warm mounts, grep/find overhead, memory and export,
-each against a baseline measured in the same run. Run through scripts/bench.sh,
-which installs what this needs and builds rimg.
+each against a baseline measured in the same run, and cold range-lazy reads of
+the image converted to eStargz and zstd:chunked through a 20 MB/s link. Run
+through scripts/bench.sh, which installs what this needs and builds rimg;
+`scripts/bench.sh range-lazy` runs only the range-lazy case.
 
 The benchmark image (Debian bookworm minbase, a layer of pip-installed Python
 packages, and a top layer that deletes and adds files) is built once and kept
@@ -17,6 +19,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -104,11 +107,11 @@ def free_port():
 
 
 class Registry:
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, root: Path = None):
         self.port = free_port()
         cfg = work / "registry.yml"
         cfg.write_text(
-            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {work}/registry\n"
+            f"version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: {root or work / 'registry'}\n"
             f"http:\n  addr: 127.0.0.1:{self.port}\n"
         )
         self.proc = subprocess.Popen(["docker-registry", "serve", str(cfg)],
@@ -140,6 +143,215 @@ def serving_pid(mnt: Path):
             return int(parts[-2])
     return None
 
+
+
+# Range-lazy reads (issue 12): the benchmark image converted to eStargz and
+# zstd:chunked by their real producers, read through a throttled link.
+LAZY_RATE = 20_000_000  # bytes/s
+# A small file deep in the bottom layer, which the top layer leaves alone.
+LAZY_FILE = "/usr/share/gcc/python/libstdcxx/v6/xmethods.py"
+
+
+class ThrottledProxy:
+    """A TCP forwarder in front of the registry that counts the bytes the
+    registry sends (headers included) and holds them, over all connections
+    together, to `rate` bytes/s: each read books the wire after the ones
+    before it."""
+
+    def __init__(self, upstream_port: int, rate: int):
+        self.upstream = upstream_port
+        self.rate = rate
+        self.sent = 0
+        self.lock = threading.Lock()
+        self.wire = time.monotonic()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def reset(self):
+        with self.lock:
+            self.sent = 0
+
+    def close(self):
+        self.sock.close()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(("127.0.0.1", self.upstream))
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, up, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, client, True), daemon=True).start()
+
+    def _pipe(self, src, dst, from_registry):
+        try:
+            while True:
+                data = src.recv(16384)
+                if not data:
+                    break
+                if from_registry:
+                    with self.lock:
+                        self.sent += len(data)
+                        self.wire = max(self.wire, time.monotonic()) + len(data) / self.rate
+                        until = self.wire
+                    delay = until - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+
+def estargz_convert(reg: str, src: str, dst: str):
+    """ctr-remote's eStargz conversion of reg/src as reg/dst, through a
+    containerd of our own (private root, state and sockets; the native
+    snapshotter, so no overlay mounts), as tests/common/lazy.rs does it."""
+    d = Path(tempfile.mkdtemp(prefix="ctd", dir="/tmp"))  # short: sun_path
+    (d / "config.toml").write_text(f"""version = 2
+root = "{d}/root"
+state = "{d}/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri", "io.containerd.internal.v1.opt",
+  "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+  "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs",
+  "io.containerd.tracing.processor.v1.otlp", "io.containerd.internal.v1.tracing"]
+[grpc]
+  address = "{d}/c.sock"
+[ttrpc]
+  address = "{d}/c.sock.ttrpc"
+[debug]
+  address = "{d}/debug.sock"
+""")
+    log = open(d / "containerd.log", "wb")
+    proc = subprocess.Popen(["containerd", "--config", str(d / "config.toml")],
+                            stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, TMPDIR=str(d))
+
+    def ctr(*args, **kw):
+        return subprocess.run(["ctr-remote", "-a", str(d / "c.sock"), "-n", "rimg-bench", *args],
+                              env=env, stdout=subprocess.DEVNULL, **kw)
+    try:
+        for _ in range(300):
+            if ctr("version", stderr=subprocess.DEVNULL).returncode == 0:
+                break
+            time.sleep(0.1)
+        else:
+            raise SystemExit("containerd did not start: " + (d / "containerd.log").read_text())
+        src, dst = f"{reg}/{src}", f"{reg}/{dst}"
+        ctr("image", "pull", "--plain-http", "--snapshotter", "native", src, check=True)
+        ctr("image", "convert", "--estargz", "--oci", src, dst, check=True)
+        ctr("image", "push", "--plain-http", dst, check=True)
+    finally:
+        proc.terminate()
+        proc.wait()
+        log.close()
+        subprocess.run(["umount", "-R", str(d / "root")], stderr=subprocess.DEVNULL)
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def zstd_chunked_convert(reg: str, src: str, dst: str):
+    """skopeo's zstd:chunked conversion of reg/src as reg/dst."""
+    # Else skopeo reuses the gzip blobs it knows for the same diff IDs.
+    Path("/var/lib/containers/cache/blob-info-cache-v1.boltdb").unlink(missing_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        sh(["skopeo", "copy", "-q", "--format", "oci", "--dest-compress-format", "zstd:chunked",
+            "--dest-compress", "--src-tls-verify=false", "--dest-tls-verify=false",
+            f"docker://{reg}/{src}", f"docker://{reg}/{dst}"], env=dict(os.environ, TMPDIR=tmp))
+
+
+def compressed_size(reg: str, repo: str) -> int:
+    m = json.loads(subprocess.run(
+        ["curl", "-sSf", "-H", "Accept: application/vnd.oci.image.manifest.v1+json",
+         "-H", "Accept: application/vnd.docker.distribution.manifest.v2+json",
+         f"http://{reg}/v2/{repo}/manifests/v1"], check=True, capture_output=True).stdout)
+    return sum(layer["size"] for layer in m["layers"])
+
+
+def range_lazy(layers):
+    """Cold `rimg cat` of one small file through a 20 MB/s link: the gzip
+    image (whole layers), and its eStargz and zstd:chunked conversions (the
+    TOCs and the covering chunks). The converted registry is kept under
+    BENCH/lazy-registry: converting takes a minute or two."""
+    root = BENCH / "lazy-registry"
+    marker = root / "converted.json"
+    stamp = json.dumps([[p.name, p.stat().st_size, int(p.stat().st_mtime)] for p in layers])
+    work = Path(tempfile.mkdtemp(prefix="rimg-bench-lazy-"))
+    if not (marker.exists() and marker.read_text() == stamp):
+        shutil.rmtree(root, ignore_errors=True)
+    reg = Registry(work, root)
+    addr = f"127.0.0.1:{reg.port}"
+    proxy = ThrottledProxy(reg.port, LAZY_RATE)
+    out = {}
+    try:
+        if not marker.exists():
+            print("converting the benchmark image to eStargz and zstd:chunked", file=sys.stderr)
+            sh([str(ROOT / "scripts/push-image.sh"), addr, "bench/image", "v1", "amd64"]
+               + [str(p) for p in layers], stdout=subprocess.DEVNULL)
+            estargz_convert(addr, "bench/image:v1", "bench/esgz:v1")
+            zstd_chunked_convert(addr, "bench/image:v1", "bench/zchunked:v1")
+            marker.write_text(stamp)
+        want = None
+        for form, repo, runs in (("gzip", "bench/image", 1), ("estargz", "bench/esgz", RUNS),
+                                 ("zstd:chunked", "bench/zchunked", RUNS)):
+            cache = work / "cache"
+            env = dict(os.environ, RIMG_CACHE_DIR=str(cache))
+            got = {}
+
+            def fresh():
+                shutil.rmtree(cache, ignore_errors=True)
+                proxy.reset()
+
+            def cat():
+                got["bytes"] = subprocess.run(
+                    [str(RIMG), "cat", f"127.0.0.1:{proxy.port}/{repo}:v1", LAZY_FILE],
+                    env=env, check=True, capture_output=True).stdout
+            secs = median_of(cat, setup=fresh, runs=runs)
+            # The whole-layer path verifies every layer's diff_id: its bytes are right.
+            want = want or got["bytes"]
+            if got["bytes"] != want or not want:
+                raise SystemExit(f"range-lazy: {form} cat gave other bytes than gzip")
+            out[form] = {"s": secs, "fetched_bytes": proxy.sent,
+                         "compressed_bytes": compressed_size(addr, repo)}
+    finally:
+        proxy.close()
+        reg.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    whole = out["gzip"]["s"]
+    for r in out.values():
+        r["fetched_pct"] = 100 * r["fetched_bytes"] / r["compressed_bytes"]
+        r["vs_whole_layer"] = r["s"] / whole
+    return out
+
+
+def print_range_lazy(r):
+    print(f"\nrange-lazy cold cat of {LAZY_FILE} at {LAZY_RATE / 1e6:.0f} MB/s "
+          f"(goal: <= 2% of the compressed bytes, <= 0.1x the whole-layer time)")
+    print(f"| {'form':<13} | {'s':>7} | {'fetched':>11} | {'compressed':>11} | {'%':>6} | {'vs gzip':>7} |")
+    print(f"|{'-' * 15}|{'-' * 9}|{'-' * 13}|{'-' * 13}|{'-' * 8}|{'-' * 9}|")
+    for form, x in r.items():
+        print(f"| {form:<13} | {x['s']:>7.3f} | {x['fetched_bytes']:>11} | {x['compressed_bytes']:>11} | "
+              f"{x['fetched_pct']:>6.2f} | {x['vs_whole_layer']:>7.3f} |")
+
+
+def main_range_lazy():
+    r = range_lazy(build_layers())
+    print_range_lazy(r)
+    out = Path(os.environ.get("RIMG_BENCH_JSON", ROOT / "bench-results.json"))
+    out.write_text(json.dumps({"range_lazy": r}, indent=2) + "\n")
+    print(f"\nJSON: {out}")
 
 def main():
     layers = build_layers()
@@ -293,6 +505,9 @@ def main():
                 f"docker-archive:{out}:bench/image:v1"])
         results["export_rimg_s"] = median_of(rimg_export)
         results["export_skopeo_s"] = median_of(skopeo_export)
+
+        # 6. Range-lazy reads: a cold cat of one file, gzip vs eStargz vs zstd:chunked.
+        lazy = range_lazy(layers)
     finally:
         subprocess.run([str(RIMG), "umount", str(mnt)], stderr=subprocess.DEVNULL)
         reg.stop()
@@ -314,6 +529,7 @@ def main():
         "image": {"layers": len(layers), "compressed_bytes": sum(sizes), "unpacked_bytes": unpacked,
                   "entries": r["entries"]},
         "results": r,
+        "range_lazy": lazy,
         "ratios": ratios,
         "targets": {
             "cold_vs_pull_extract": 0.3, "cold_vs_gunzip_floor": 1.0,
@@ -345,6 +561,7 @@ def main():
     print(f"| {'diff v1 v2, cold':<20} | {r['diff_cold_s']:>8.3f} | "
           f"{'kB fetched / both images':<22} | {r['diff_fetched_bytes'] / 1e3:>8.1f} | "
           f"{r['diff_both_images_bytes'] / 1e3:>6.0f} |")
+    print_range_lazy(lazy)
     out = Path(os.environ.get("RIMG_BENCH_JSON", ROOT / "bench-results.json"))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nJSON: {out}")
@@ -352,4 +569,7 @@ def main():
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    main()
+    if sys.argv[1:] == ["range-lazy"]:
+        main_range_lazy()
+    else:
+        main()

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Benchmarks: installs what they need, builds rimg in release mode, builds (once,
 # cached) a 3-layer Debian + Python image, pushes it to a local registry, and
-# prints a table of rimg against baselines measured in the same run.
+# prints a table of rimg against baselines measured in the same run, then the
+# range-lazy case: a cold `cat` of one file of the image as gzip, eStargz and
+# zstd:chunked (converted once by ctr-remote and skopeo, kept beside the image)
+# through a 20 MB/s proxy. `scripts/bench.sh range-lazy` runs only that case.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
