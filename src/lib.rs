@@ -4,22 +4,30 @@
 //! Data flows one way; each stage imports only the stages before it:
 //!
 //! ```text
-//! reference -> registry | local -> cache (+ layer: the tar reader) -> overlay -> image -> fuse | export | forensics
+//!            registry ─┐
+//! reference ─┤         ├─> cache ─> overlay ─> image ─> fuse | export | forensics
+//!            local ────┘   (store)
 //! ```
 //!
 //! - [`reference`]: docker-style image references;
-//! - [`registry`]: the distribution API client (auth, manifests, blobs);
+//! - [`registry`]: the distribution API client (auth, manifests, blobs, byte
+//!   ranges, pushes and referrers);
 //! - [`local`]: images in files (`docker-archive:`, `oci:`, `oci-archive:`),
 //!   the other place blobs come from;
-//! - [`cache`]: layers fetched, verified, inflated and indexed on disk, using
-//!   [`layer`], the tar reader (Go's `archive/tar` behaviour, sparse files);
+//! - [`cache`], the store: layers fetched, verified, inflated and indexed on
+//!   disk, and the range cache of layers read a span at a time;
 //! - [`overlay`]: the merge rules, the merged tree, and top-down answers for
 //!   single paths before every layer is present;
-//! - [`image`]: a resolved image tied to the cache;
-//! - [`fuse`], [`export`], [`forensics`]: what is done with an image;
-//! - [`names`]: names as bytes, and the one way to print them;
-//! - [`digest`]: sha256 digests, checked where they enter and typed from then on;
-//! - [`report`]: an error and its causes as one line.
+//! - [`image`]: a resolved image tied to the cache; decides which layers are
+//!   read whole and which by range (eStargz and zstd:chunked tables of
+//!   contents, published gzip checkpoint indexes), and publishes those;
+//! - [`fuse`], [`export`], [`forensics`]: what is done with an image.
+//!
+//! Leaves every stage may use: [`layer`] (the tar reader with Go's
+//! `archive/tar` behaviour, the eStargz/zstd:chunked table-of-contents
+//! parsers, gzip checkpoints), [`digest`] (sha256 digests, checked where they
+//! enter and typed from then on), [`names`] (names as bytes, and the one way
+//! to print them) and [`report`] (an error and its causes as one line).
 //!
 //! The command-line front end (clap, anyhow) lives in the binary, `src/main.rs`
 //! and `src/cli/`.

@@ -181,7 +181,7 @@ impl Cache {
         let mut source =
             io::BufReader::with_capacity(IO_BUFFER, io::Cursor::new(head).chain(&mut compressed));
         let inflated = inflate_and_index(&mut source, compression, digest, max, &staged.tar);
-        let (index, tar_size, diff_id) = match inflated {
+        let (mut index, mut tar_size, hasher) = match inflated {
             Ok(done) => done,
             Err(err)
                 if matches!(
@@ -208,14 +208,41 @@ impl Cache {
         drop(source);
         // Only now is the blob known to be what its digest says, so a
         // diff_id mismatch is the config's, not the network's.
+        let mut diff_id = Digest::from_hasher(hasher.clone()).to_string();
         if let Some(expected) = &desc.diff_id
             && *expected != diff_id
         {
-            return Err(CacheError::DiffId {
-                digest: digest.clone(),
-                expected: expected.clone(),
-                actual: diff_id,
-            });
+            // Some zstd:chunked writers (skopeo 1.9) leave out the zeros
+            // that pad a tar to its 10240-byte record, which the diff_id
+            // covers. They hold no entries: put them back, and the tar is
+            // the one the config names.
+            let pad = (RECORD - tar_size % RECORD) % RECORD;
+            let mut h = hasher;
+            sha2::Digest::update(&mut h, vec![0u8; pad as usize]);
+            let padded = Digest::from_hasher(h).to_string();
+            if pad == 0 || compression != Compression::Zstd || padded != *expected {
+                return Err(CacheError::DiffId {
+                    digest: digest.clone(),
+                    expected: expected.clone(),
+                    actual: diff_id,
+                });
+            }
+            use std::os::unix::fs::FileExt;
+            staged
+                .tar
+                .as_file()
+                .write_all_at(&vec![0u8; pad as usize], tar_size)
+                .map_err(io_err(staged.tar.path()))?;
+            tracing::info!(
+                "layer {digest}: the zstd stream leaves out the tar's last {pad} zero bytes; restored"
+            );
+            tar_size += pad;
+            diff_id = padded;
+        }
+        // eStargz's own files are format, not content: not shown, as
+        // stargz-snapshotter does not show them, however the layer is read.
+        if compression == Compression::Gzip {
+            layer::toc::hide_estargz_files(&mut index);
         }
         compressed.out.flush().map_err(io_err(staged.blob.path()))?;
         let blob_size = compressed.count;
@@ -355,7 +382,7 @@ fn inflate_and_index(
     digest: &Digest,
     max: u64,
     tar_out: &NamedTempFile,
-) -> Result<(LayerIndex, u64, String), CacheError> {
+) -> Result<(LayerIndex, u64, sha2::Sha256), CacheError> {
     let decoder: Box<dyn Read + '_> = match compression {
         Compression::Gzip => Box::new(MultiGzDecoder::new(source)),
         Compression::Zstd => {
@@ -387,9 +414,12 @@ fn inflate_and_index(
         other => other.into(),
     })?;
     plain.out.flush().map_err(io_err(tar_out.path()))?;
-    let diff_id = Digest::from_hasher(plain.hasher.take().expect("hasher")).to_string();
-    Ok((index, plain.count, diff_id))
+    let hasher = plain.hasher.take().expect("hasher");
+    Ok((index, plain.count, hasher))
 }
+
+/// A tar is written in records of this many bytes (20 blocks).
+const RECORD: u64 = 10240;
 
 /// A layer's three files, written under `tmp/` and renamed into place.
 struct Staged {

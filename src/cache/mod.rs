@@ -36,7 +36,7 @@ pub mod ranged;
 const REFETCHES: u32 = 2;
 
 /// Bumped whenever the index format changes, so old indexes are rebuilt.
-const INDEX_VERSION: u32 = 4;
+const INDEX_VERSION: u32 = 5;
 const IO_BUFFER: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]

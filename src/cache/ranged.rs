@@ -366,7 +366,12 @@ impl Ranged {
             extra_end += 1;
             extra += self.map.span(extra_end).len;
         }
-        for _round in 0..3 {
+        for round in 0..3 {
+            // Later rounds are for required spans another reader gave up
+            // on; read-ahead that failed is not asked for again.
+            if round > 0 {
+                extra_end = last;
+            }
             let (mine, theirs) = {
                 let mut s = self.lock();
                 let mut mine = Vec::new();
@@ -442,7 +447,8 @@ impl Ranged {
                 if i <= required {
                     first_err.get_or_insert(e);
                 } else {
-                    tracing::warn!("read-ahead: {}", crate::report::Chain(&e));
+                    // The read that needs it reports it; this one did not.
+                    tracing::debug!("read-ahead: {}", crate::report::Chain(&e));
                 }
             }
         }
@@ -705,7 +711,7 @@ impl super::Cache {
         image_ref: &str,
         form: Form,
         build: impl FnOnce() -> Result<(crate::layer::LayerIndex, Vec<u8>), E>,
-        map: impl FnOnce(&[u8]) -> Result<Box<dyn SpanMap>, E>,
+        map: impl Fn(&[u8]) -> Result<Box<dyn SpanMap>, E>,
         source: Arc<dyn RangeSource>,
     ) -> Result<Arc<super::Layer>, E> {
         use super::{CacheError, INDEX_VERSION, IndexHeader};
@@ -727,7 +733,8 @@ impl super::Cache {
             std::fs::read(&meta_path),
         ) {
             (Some(Ok(h)), Ok(meta)) if h.version == INDEX_VERSION && h.digest == *desc.digest => {
-                Some((h, meta))
+                // Metadata an older rimg wrote is made again, not trusted.
+                map(&meta).ok().map(|_| (h, meta))
             }
             _ => None,
         };

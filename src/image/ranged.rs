@@ -82,8 +82,9 @@ struct TocMeta {
     zstd: bool,
     layer: String,
     chunks: Vec<SavedChunk>,
-    /// Each entry's path (`TocChunk::file` indexes it), for errors.
-    paths: Vec<Vec<u8>>,
+    /// Each entry's path and address (`TocChunk::file` indexes them), for
+    /// errors that say where in which file.
+    paths: Vec<(Vec<u8>, u64)>,
     prefetch_until: Option<u64>,
 }
 
@@ -127,7 +128,12 @@ fn toc_meta(t: &toc::TocLayer) -> TocMeta {
             .iter()
             .map(|c| (c.start, c.len, c.coff, c.clen, c.skip, c.digest, c.file))
             .collect(),
-        paths: t.index.entries.iter().map(|e| e.path.clone()).collect(),
+        paths: t
+            .index
+            .entries
+            .iter()
+            .map(|e| (e.path.clone(), e.offset))
+            .collect(),
         prefetch_until: t.prefetch_until,
     }
 }
@@ -137,7 +143,10 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
     let entries = m
         .paths
         .iter()
-        .map(|p| crate::layer::Entry::new(p, crate::layer::EntryKind::File))
+        .map(|(p, offset)| crate::layer::Entry {
+            offset: *offset,
+            ..crate::layer::Entry::new(p, crate::layer::EntryKind::File)
+        })
         .collect();
     let chunks = m
         .chunks

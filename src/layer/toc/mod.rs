@@ -63,6 +63,20 @@ const ESTARGZ_HIDDEN: [&[u8]; 3] = [
     b".no.prefetch.landmark",
 ];
 
+/// Leaves eStargz's own files out of an index made from the whole tar, as
+/// the TOC path does: an eStargz layer ends with its TOC entry.
+pub fn hide_estargz_files(index: &mut LayerIndex) {
+    if index
+        .entries
+        .last()
+        .is_some_and(|e| e.path == b"stargz.index.json")
+    {
+        index
+            .entries
+            .retain(|e| !ESTARGZ_HIDDEN.contains(&e.path.as_slice()));
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TocKind {
     Estargz,
