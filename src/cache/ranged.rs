@@ -303,12 +303,10 @@ impl Ranged {
                 crate::report::Chain(&*e),
                 self.digest
             );
-            for ext in ["idx", "meta"] {
-                let _ = std::fs::remove_file(self.data_path.with_extension(ext));
-            }
+            distrust(&self.data_path);
             return Err(RangedError::Span(e));
         }
-        self.ensure(first, last, READ_AHEAD)?;
+        self.ensure(first, last, last_byte + 1 + READ_AHEAD)?;
         let mut done = 0;
         while done < want {
             match self
@@ -356,15 +354,15 @@ impl Ranged {
         self.flush_log(true)
     }
 
-    /// Makes spans `first..=last` held, plus up to `ahead` decoded bytes of
-    /// the spans after them when missing (best effort).
-    fn ensure(&self, first: usize, last: usize, ahead: u64) -> Result<(), RangedError> {
+    /// Makes spans `first..=last` held, plus the spans after them that
+    /// start before `ahead_until` when missing (best effort).
+    fn ensure(&self, first: usize, last: usize, ahead_until: u64) -> Result<(), RangedError> {
         let n = self.map.count();
+        // Read-ahead: the spans that start before `ahead_until` (the read's
+        // end plus READ_AHEAD), so a read deep inside a large span adds none.
         let mut extra_end = last;
-        let mut extra = 0;
-        while extra_end + 1 < n && extra < ahead {
+        while extra_end + 1 < n && self.map.span(extra_end + 1).start < ahead_until {
             extra_end += 1;
-            extra += self.map.span(extra_end).len;
         }
         for round in 0..3 {
             // Later rounds are for required spans another reader gave up
@@ -584,9 +582,7 @@ impl super::Layer {
         if real == self.index()? {
             return Ok(());
         }
-        for ext in ["idx", "meta"] {
-            let _ = std::fs::remove_file(r.data_path.with_extension(ext));
-        }
+        distrust(&r.data_path);
         Err(super::CacheError::IndexMismatch {
             digest: self.digest.clone(),
         })
@@ -613,11 +609,23 @@ impl super::Cache {
                     "layer {}: the published index kept for it differs from the layer itself; dropped",
                     layer.digest
                 );
-                for ext in ["idx", "meta", "data", "have"] {
-                    let _ = std::fs::remove_file(idx.with_extension(ext));
-                }
+                distrust(&idx);
+                let _ = std::fs::remove_file(idx.with_extension("data"));
+                let _ = std::fs::remove_file(idx.with_extension("have"));
             }
         }
+    }
+}
+
+/// Drops the index a range cache was opened from (the one at `stem` with
+/// any extension) and marks it distrusted: an index that lied once is not
+/// fetched and used again; the layer is read whole from then on.
+fn distrust(stem: &Path) {
+    for ext in ["idx", "meta"] {
+        let _ = std::fs::remove_file(stem.with_extension(ext));
+    }
+    if let Err(e) = std::fs::write(stem.with_extension("distrusted"), b"") {
+        tracing::warn!("{}: {e}", stem.with_extension("distrusted").display());
     }
 }
 
@@ -677,7 +685,7 @@ impl super::Cache {
         }
         let stem = self.root.join("lazy/sha256").join(format!("{hex}-{form}"));
         // Index first: without it nothing trusts the rest.
-        for ext in ["idx", "meta", "data", "have"] {
+        for ext in ["idx", "meta", "data", "have", "distrusted"] {
             let _ = std::fs::remove_file(stem.with_extension(ext));
         }
         true
@@ -691,6 +699,14 @@ pub type Form = &'static str;
 impl super::Cache {
     fn ranged_stem(&self, hex: &str, form: Form) -> PathBuf {
         self.root.join("lazy/sha256").join(format!("{hex}-{form}"))
+    }
+
+    /// Whether an index of `form` for layer `digest` was found lying: the
+    /// layer is then read whole.
+    pub fn is_distrusted(&self, digest: &Digest, form: Form) -> bool {
+        self.ranged_stem(digest.hex(), form)
+            .with_extension("distrusted")
+            .exists()
     }
 
     /// Whether the range cache of layer `digest` in `form` is kept.

@@ -62,6 +62,8 @@ pub enum GzIndexError {
     Decode(#[source] BoxError),
     #[error("the published index is of layer {found}, not this one")]
     OtherLayer { found: Digest },
+    #[error("the published index puts file data at tar offset {at}, where no file's data can be")]
+    Layout { at: u64 },
     #[error("the published index's checkpoints are malformed")]
     Zran(#[source] zran::ZranError),
 }
@@ -90,6 +92,34 @@ impl LayerGzIndex {
             return Err(GzIndexError::OtherLayer { found: ix.layer });
         }
         ix.zran.validate().map_err(GzIndexError::Zran)?;
+        // In a real tar every file's data has its own place after its
+        // header; overlapping data would let one file's check vouch for
+        // another's bytes.
+        let mut data: Vec<(u64, u64)> = ix
+            .entries
+            .entries
+            .iter()
+            .filter(|e| e.kind == EntryKind::File)
+            .map(|e| {
+                let stored = e.sparse.as_deref().map_or(e.size, |s| {
+                    s.iter().map(|g| g.stored + g.len).max().unwrap_or(0)
+                });
+                (e.offset, stored)
+            })
+            .filter(|&(_, len)| len > 0)
+            .collect();
+        data.sort_unstable();
+        let mut end = 0;
+        for (at, len) in data {
+            if at < end + 512
+                || at
+                    .checked_add(len)
+                    .is_none_or(|e| e > ix.zran.uncompressed_size)
+            {
+                return Err(GzIndexError::Layout { at });
+            }
+            end = at + len;
+        }
         Ok(ix)
     }
 }

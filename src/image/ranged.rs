@@ -196,7 +196,10 @@ impl ImageSource {
         };
         let plan = match plan {
             Some(p) => Some(p),
-            None if self.range_reads && self.use_index => {
+            None if self.range_reads
+                && self.use_index
+                && !self.cache.is_distrusted(&desc.digest, GZ_INDEX) =>
+            {
                 let kept = self.cache.has_ranged(&desc.digest, GZ_INDEX);
                 if !kept && self.cache.blob_path(&desc.digest).is_some() {
                     return Ok(None);
@@ -281,7 +284,7 @@ impl ImageSource {
             Ok(l) => Ok(Some(l)),
             // A table that cannot say what the tar says (names Go's JSON
             // mangled): the whole layer can.
-            Err(RangedOpenError::Toc(e @ toc::TocError::Entry { .. })) => {
+            Err(RangedOpenError::Toc(e @ toc::TocError::NotUtf8 { .. })) => {
                 tracing::info!("{}; the layer is fetched whole", crate::report::Chain(&e));
                 Ok(None)
             }

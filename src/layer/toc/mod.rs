@@ -195,6 +195,16 @@ pub enum TocError {
         expected: String,
         actual: String,
     },
+    /// The TOC is honest but cannot say what the tar holds (a name that is
+    /// not UTF-8): the layer must be read whole.
+    #[error(
+        "layer {layer}: {kind} TOC entry {path}: a name with U+FFFD: the TOC cannot carry names that are not UTF-8"
+    )]
+    NotUtf8 {
+        layer: String,
+        kind: TocKind,
+        path: String,
+    },
     #[error("layer {layer}: {kind} TOC entry {path}: {detail}")]
     Entry {
         layer: String,
@@ -474,10 +484,11 @@ impl Builder {
             || mangled(&raw.link_name)
             || raw.xattrs.iter().flatten().any(|(k, _)| mangled(k))
         {
-            return Err(self.bad(
-                &path,
-                "a name with U+FFFD: the TOC cannot carry names that are not UTF-8",
-            ));
+            return Err(TocError::NotUtf8 {
+                layer: self.layer.clone(),
+                kind: self.kind,
+                path: crate::names::escaped(&path).to_string(),
+            });
         }
         let num = |v: i64, what: &str| {
             u64::try_from(v).map_err(|_| self.bad(&path, format!("negative {what}")))
