@@ -2,6 +2,7 @@
 # Benchmarks: installs what they need, builds rimg in release mode, builds (once,
 # cached) a 3-layer Debian + Python image, pushes it to a local registry, and
 # prints a table of rimg against baselines measured in the same run.
+# `bench.sh gzindex` runs only the published-gzip-index case (issue 13).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
