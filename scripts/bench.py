@@ -508,6 +508,9 @@ def main():
 
         # 6. Range-lazy reads: a cold cat of one file, gzip vs eStargz vs zstd:chunked.
         lazy = range_lazy(layers)
+        # 7. Published gzip index (issue 13).
+        gz, _ = gzindex_bench(reg.port, work, sum(sizes))
+        results.update(gz)
     finally:
         subprocess.run([str(RIMG), "umount", str(mnt)], stderr=subprocess.DEVNULL)
         reg.stop()
@@ -562,14 +565,190 @@ def main():
           f"{'kB fetched / both images':<22} | {r['diff_fetched_bytes'] / 1e3:>8.1f} | "
           f"{r['diff_both_images_bytes'] / 1e3:>6.0f} |")
     print_range_lazy(lazy)
+    print_gzindex(r, sum(sizes))
     out = Path(os.environ.get("RIMG_BENCH_JSON", ROOT / "bench-results.json"))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nJSON: {out}")
+
+
+# ---- Published gzip index (issue 13): machine B reads by range what machine A indexed ----
+
+GZ_RATE = int(os.environ.get("RIMG_BENCH_GZ_RATE", str(20 * 1000 * 1000)))
+GZ_SMALL_FILE = os.environ.get("RIMG_BENCH_GZ_FILE", "/etc/debian_version")
+GZ_GREP_DIRS = os.environ.get("RIMG_BENCH_GZ_DIRS", "etc var/lib/dpkg").split()
+
+
+class RateProxy:
+    """A TCP forwarder in front of the registry: one rate limit shared by all
+    connections (each chunk books the wire after those before it) and a count
+    of the bytes the registry sends, headers included."""
+
+    def __init__(self, upstream_port, rate):
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.rate = rate
+        self.sent = 0
+        self.lock = threading.Lock()
+        self.wire = time.monotonic()
+        self.sock = socket.socket()
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            try:
+                up = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._pipe, args=(client, up, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(up, client, True), daemon=True).start()
+
+    def _pipe(self, src, dst, downstream):
+        try:
+            while True:
+                data = src.recv(64 * 1024)
+                if not data:
+                    break
+                if downstream:
+                    with self.lock:
+                        self.sent += len(data)
+                        self.wire = max(self.wire, time.monotonic()) + len(data) / self.rate
+                        until = self.wire
+                    wait = until - time.monotonic()
+                    if wait > 0:
+                        time.sleep(wait)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            try:
+                dst.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+
+    def reset(self):
+        with self.lock:
+            self.sent = 0
+
+    def close(self):
+        self.sock.close()
+
+
+def gzindex_bench(reg_port, work: Path, compressed_bytes: int):
+    """Machine A (its own cache) pushes the image's gzip indexes; machine B
+    (a fresh cache per run) behind a rate-limited counting proxy does a cold
+    `rimg cat` of a small file of the bottom layer and a cold mount +
+    `grep -r` of each of GZ_GREP_DIRS, with the index and with `--no-index`
+    (whole layers). Returns the results and the `rimg index push` report."""
+    ref = f"127.0.0.1:{reg_port}/bench/image:v1"
+    env_a = dict(os.environ, RIMG_CACHE_DIR=str(work / "gz-a"))
+    out = subprocess.run([str(RIMG), "index", "push", ref], env=env_a, check=True,
+                         capture_output=True, text=True).stdout
+    total = next(l for l in out.splitlines() if "bytes of index for" in l)
+    index_pct = float(total.rsplit("(", 1)[1].rstrip("%)"))
+    index_bytes = int(total.split(":", 1)[1].split()[0])
+    proxy = RateProxy(reg_port, GZ_RATE)
+    ref_b = f"127.0.0.1:{proxy.port}/bench/image:v1"
+    mnt = work / "gz-mnt"
+    mnt.mkdir(exist_ok=True)
+    cache_b = work / "gz-b"
+    env_b = dict(os.environ, RIMG_CACHE_DIR=str(cache_b))
+    want = subprocess.run([str(RIMG), "cat", ref, GZ_SMALL_FILE], env=env_a, check=True,
+                          capture_output=True).stdout
+
+    def fresh():
+        subprocess.run([str(RIMG), "umount", str(mnt)], env=env_b, stderr=subprocess.DEVNULL)
+        shutil.rmtree(cache_b, ignore_errors=True)
+        proxy.reset()
+
+    def cat(flags):
+        def run():
+            got = subprocess.run([str(RIMG), "cat", *flags, ref_b, GZ_SMALL_FILE], env=env_b,
+                                 check=True, capture_output=True).stdout
+            assert got == want, f"cat {GZ_SMALL_FILE} {flags}: differs from machine A's"
+        return run
+
+    def mount_grep(flags, d):
+        def run():
+            subprocess.run([str(RIMG), "mount", *flags, ref_b, str(mnt)], env=env_b, check=True,
+                           stdout=subprocess.DEVNULL)
+            subprocess.run(["grep", "-r", "-s", "rimg-no-such-pattern-xyzzy", d], cwd=mnt,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return run
+
+    res = {"gz_index_bytes": index_bytes, "gz_index_pct": index_pct}
+    try:
+        cases = [("cat_index", cat([])), ("cat_whole", cat(["--no-index"]))]
+        for d in GZ_GREP_DIRS:
+            key = "grep_" + d.replace("/", "_")
+            cases += [(key + "_index", mount_grep([], d)), (key + "_whole", mount_grep(["--no-index"], d))]
+        for name, fn in cases:
+            times, sent = [], []
+            for _ in range(RUNS):
+                fresh()
+                times.append(timed(fn))
+                sent.append(proxy.sent)
+            res[f"gz_{name}_s"] = statistics.median(times)
+            res[f"gz_{name}_bytes"] = int(statistics.median(sent))
+            res[f"gz_{name}_pct"] = 100.0 * statistics.median(sent) / compressed_bytes
+    finally:
+        fresh()
+        proxy.close()
+    return res, out
+
+
+def print_gzindex(r, compressed_bytes):
+    print(f"\npublished gzip index ({GZ_RATE / 1e6:.0f} MB/s proxy, cold caches, "
+          f"{compressed_bytes / 1e6:.0f} MB compressed): index {r['gz_index_bytes'] / 1e6:.2f} MB "
+          f"= {r['gz_index_pct']:.2f}% of the layers")
+    print(f"| {'measure':<41} | {'s':>7} | {'MB fetched':>10} | {'% image':>7} | {'vs whole':>8} |")
+    print(f"|{'-' * 43}|{'-' * 9}|{'-' * 12}|{'-' * 9}|{'-' * 10}|")
+    measures = [(f"cat {GZ_SMALL_FILE}", "cat")]
+    measures += [(f"mount + grep -r /{d}", "grep_" + d.replace("/", "_")) for d in GZ_GREP_DIRS]
+    for what, key in measures:
+        for how in ("index", "whole"):
+            s, b, pct = (r[f"gz_{key}_{how}_{k}"] for k in ("s", "bytes", "pct"))
+            ratio = s / r[f"gz_{key}_whole_s"]
+            label = f"{what}, {'index' if how == 'index' else '--no-index'}"
+            print(f"| {label:<41} | {s:>7.2f} | {b / 1e6:>10.2f} | {pct:>6.2f}% | {ratio:>8.2f} |")
+    ok = r["gz_cat_index_pct"] <= 5.0
+    print(f"goal: small-file cat <= 5% of compressed bytes: {r['gz_cat_index_pct']:.2f}% "
+          f"({'met' if ok else 'NOT met'})")
+
+
+def gzindex_only():
+    """`bench.py gzindex`: only the published-index case."""
+    layers = build_layers()
+    work = Path(tempfile.mkdtemp(prefix="rimg-bench-gz-"))
+    reg = Registry(work)
+    try:
+        sh([str(ROOT / "scripts/push-image.sh"), f"127.0.0.1:{reg.port}", "bench/image", "v1", "amd64"]
+           + [str(p) for p in layers], stdout=subprocess.DEVNULL)
+        compressed = sum(p.stat().st_size for p in layers)
+        r, report = gzindex_bench(reg.port, work, compressed)
+        print(report, end="")
+        print_gzindex(r, compressed)
+        out = Path(os.environ.get("RIMG_BENCH_JSON", ROOT / "bench-gzindex.json"))
+        out.write_text(json.dumps({"compressed_bytes": compressed, "rate": GZ_RATE, "runs": RUNS,
+                                   "results": r}, indent=2) + "\n")
+        print(f"\nJSON: {out}")
+    finally:
+        reg.stop()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.argv[1:] == ["range-lazy"]:
         main_range_lazy()
+    elif sys.argv[1:] == ["gzindex"]:
+        gzindex_only()
     else:
         main()

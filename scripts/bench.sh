@@ -5,6 +5,7 @@
 # range-lazy case: a cold `cat` of one file of the image as gzip, eStargz and
 # zstd:chunked (converted once by ctr-remote and skopeo, kept beside the image)
 # through a 20 MB/s proxy. `scripts/bench.sh range-lazy` runs only that case.
+# `scripts/bench.sh gzindex` runs only the published-gzip-index case (issue 13).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
