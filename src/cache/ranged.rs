@@ -709,6 +709,11 @@ impl super::Cache {
             .exists()
     }
 
+    /// Marks the index of `form` for layer `digest` as not to be used.
+    pub fn distrust(&self, digest: &Digest, form: Form) {
+        distrust(&self.ranged_stem(digest.hex(), form).with_extension("idx"));
+    }
+
     /// Whether the range cache of layer `digest` in `form` is kept.
     pub fn has_ranged(&self, digest: &Digest, form: Form) -> bool {
         self.ranged_stem(digest.hex(), form)

@@ -288,6 +288,19 @@ impl ImageSource {
                 tracing::info!("{}; the layer is fetched whole", crate::report::Chain(&e));
                 Ok(None)
             }
+            // A published index is a hint: one that is malformed, or of
+            // another layer, or cannot be had, costs a whole download, not
+            // the image.
+            Err(e) if form == GZ_INDEX => {
+                let e = self.ranged_error(index, e);
+                tracing::warn!("{}; the layer is fetched whole", crate::report::Chain(&e));
+                if let ImageError::Ranged { source, .. } = &e
+                    && !matches!(**source, RangedOpenError::Fetch(_))
+                {
+                    self.cache.distrust(&desc.digest, GZ_INDEX);
+                }
+                Ok(None)
+            }
             Err(e) => Err(self.ranged_error(index, e)),
         }
     }
