@@ -4,6 +4,7 @@
 //! Blobs come from a registry or from a local archive ([`Blobs`]); past the
 //! fetch, the two are the same.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -242,7 +243,7 @@ impl ImageSource {
         }
         let started = std::time::Instant::now();
         let layers = self.layers().await?;
-        if let Some(t) = self.cache.load_tree::<Tree>(&self.image.digest) {
+        if let Some(t) = self.cache.load_tree(&self.image.digest, Tree::open) {
             tracing::info!(
                 "{}: saved tree of {} entries loaded in {:?}",
                 self.image.reference,
@@ -257,7 +258,7 @@ impl ImageSource {
             indexes.push(l.index().map_err(|e| self.layer_error(i, e))?);
         }
         let refs: Vec<&LayerIndex> = indexes.iter().collect();
-        let t = tree::merge(&refs).map_err(|source| ImageError::Tree {
+        let mut t = tree::merge(&refs).map_err(|source| ImageError::Tree {
             reference: self.image.reference.to_string(),
             source,
         })?;
@@ -269,8 +270,15 @@ impl ImageSource {
             fetched,
             started.elapsed() - fetched
         );
-        if let Err(e) = self.cache.store_tree(&self.image.digest, &t) {
-            tracing::warn!("cannot save the merged tree: {e}");
+        match self.cache.store_tree(&self.image.digest, t.as_bytes()) {
+            // Served from the saved file from here on: the page cache holds
+            // it, not this process's heap.
+            Ok(()) => {
+                if let Some(saved) = self.cache.load_tree(&self.image.digest, Tree::open) {
+                    t = saved;
+                }
+            }
+            Err(e) => tracing::warn!("cannot save the merged tree: {e}"),
         }
         Ok((t, layers))
     }
@@ -328,7 +336,7 @@ pub struct FileData<'a> {
     layer: Option<&'a Layer>,
     offset: u64,
     size: u64,
-    sparse: Option<&'a [crate::layer::Segment]>,
+    sparse: Option<Cow<'a, [crate::layer::Segment]>>,
     pos: u64,
 }
 
@@ -343,13 +351,22 @@ impl<'a> FileData<'a> {
             layer,
             offset,
             size,
-            sparse,
+            sparse: sparse.map(Cow::Borrowed),
             pos: 0,
         }
     }
 
     /// The bytes of a merged node, whose layer is `layers[node.layer]`.
-    pub fn of(layers: &'a [Arc<Layer>], n: &'a crate::overlay::tree::Node) -> Self {
+    pub fn of(layers: &'a [Arc<Layer>], n: crate::overlay::tree::NodeRef<'_>) -> Self {
+        let layer = layers.get(n.layer as usize).map(|l| &**l);
+        FileData {
+            sparse: n.sparse(),
+            ..Self::new(layer, n.offset, n.size, None)
+        }
+    }
+
+    /// The bytes of a node while layers are applied ([`crate::overlay::tree::Applier`]).
+    pub fn of_node(layers: &'a [Arc<Layer>], n: &'a crate::overlay::tree::Node) -> Self {
         let layer = layers.get(n.layer as usize).map(|l| &**l);
         Self::new(layer, n.offset, n.size, n.sparse())
     }
@@ -366,7 +383,7 @@ impl Read for FileData<'_> {
             &mut read_at,
             self.offset,
             self.size,
-            self.sparse,
+            self.sparse.as_deref(),
             self.pos,
             buf,
         )?;

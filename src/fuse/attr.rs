@@ -8,7 +8,7 @@ use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyXattr};
 
 use crate::cache::Layer;
 use crate::layer::{EntryKind, Segment};
-use crate::overlay::tree::{Node, NodeId};
+use crate::overlay::tree::{NodeId, NodeRef};
 
 use super::fs::*;
 use super::state::*;
@@ -57,9 +57,7 @@ impl Target<'_> {
         match self {
             Target::Node(m, id) => {
                 let n = m.tree.node(*id);
-                (n.kind == EntryKind::Symlink)
-                    .then_some(n.link.as_deref())
-                    .flatten()
+                (n.kind == EntryKind::Symlink).then_some(n.link).flatten()
             }
             Target::Prov(_, p) => (p.entry.kind == EntryKind::Symlink)
                 .then_some(p.entry.link.as_deref())
@@ -119,8 +117,8 @@ pub(super) struct Meta<'a> {
     pub(super) nlink: u32,
 }
 
-impl<'a> From<&'a Node> for Meta<'a> {
-    fn from(n: &'a Node) -> Meta<'a> {
+impl<'a> From<NodeRef<'a>> for Meta<'a> {
+    fn from(n: NodeRef<'a>) -> Meta<'a> {
         Meta {
             kind: n.kind,
             mode: n.mode,
@@ -128,7 +126,7 @@ impl<'a> From<&'a Node> for Meta<'a> {
             gid: n.gid,
             size: n.size,
             mtime: n.mtime,
-            link: n.link.as_deref(),
+            link: n.link,
             rdev: n.rdev,
             nlink: n.nlink,
         }
@@ -152,7 +150,7 @@ impl<'a> From<&'a Prov> for Meta<'a> {
     }
 }
 
-pub(super) fn attr_of(m: &Mounted, id: NodeId, n: &Node) -> FileAttr {
+pub(super) fn attr_of(m: &Mounted, id: NodeId, n: NodeRef<'_>) -> FileAttr {
     attr_from(ino_of(m, id), Meta::from(n))
 }
 
@@ -187,7 +185,7 @@ pub(super) fn attr_from(ino: INodeNo, n: Meta<'_>) -> FileAttr {
 }
 
 /// `(name, value)` pairs of a node: its own xattrs plus `user.rimg.layer`.
-pub(super) fn xattrs_of(m: &Mounted, n: &Node) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub(super) fn xattrs_of(m: &Mounted, n: NodeRef<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = n
         .xattrs()
         .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
@@ -208,12 +206,17 @@ pub(super) fn reply_sized(reply: ReplyXattr, size: u32, data: &[u8]) {
     }
 }
 
-pub(super) fn read_node(m: &Mounted, n: &Node, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+pub(super) fn read_node(
+    m: &Mounted,
+    n: NodeRef<'_>,
+    offset: u64,
+    size: u32,
+) -> Result<Vec<u8>, Errno> {
     if n.kind != EntryKind::File {
         return Err(Errno::EINVAL);
     }
     let layer = m.layers.get(n.layer as usize).ok_or(Errno::EIO)?;
-    read_data(layer, n.offset, n.size, n.sparse(), offset, size)
+    read_data(layer, n.offset, n.size, n.sparse().as_deref(), offset, size)
 }
 
 /// Up to `size` bytes at `offset` of a file of `len` bytes whose data starts

@@ -15,7 +15,7 @@ use fuser::{
 };
 
 use crate::layer::EntryKind;
-use crate::overlay::tree::{NodeId, Tree};
+use crate::overlay::tree::{Children, NodeId, Tree};
 
 use super::attr::*;
 use super::state::*;
@@ -393,8 +393,11 @@ pub(super) fn fill_dir(
 ) -> Result<(), Errno> {
     let m = m?;
     let id = id_of(m, ino)?;
-    // Offsets count every entry, left-out ones too, so they stay stable.
-    for (i, (name, child)) in dir_entries(&m.tree, id).enumerate().skip(offset as usize) {
+    // Offsets count every entry, left-out ones too, so they stay stable;
+    // `skip` jumps straight to the offset (the children table is indexed),
+    // so listing a huge directory page by page costs each page alone.
+    let entries = dir_entries(&m.tree, id).skip(offset as usize);
+    for (i, (name, child)) in (offset as usize..).zip(entries) {
         if name.len() > NAME_MAX {
             // The kernel fails the whole listing (EIO) on such a name; leave
             // it out. `rimg ls` and `rimg cat` still reach it.
@@ -416,9 +419,38 @@ pub(super) fn fill_dir(
 pub(super) const NAME_MAX: usize = 255;
 
 /// `.` and `..` followed by the directory's children, as (name, node) pairs.
-pub(super) fn dir_entries(tree: &Tree, id: NodeId) -> impl Iterator<Item = (&[u8], NodeId)> + '_ {
-    let parent = tree.parent(id);
-    [(&b"."[..], id), (&b".."[..], parent)]
-        .into_iter()
-        .chain(tree.children(id))
+pub(super) fn dir_entries(tree: &Tree, id: NodeId) -> DirEntries<'_> {
+    DirEntries {
+        dots: [(&b"."[..], id), (&b".."[..], tree.parent(id))],
+        done: 0,
+        children: tree.children(id),
+    }
+}
+
+/// `.`, `..`, then the children; unlike a `chain`, skipping is O(1).
+pub(super) struct DirEntries<'a> {
+    dots: [(&'a [u8], NodeId); 2],
+    done: usize,
+    children: Children<'a>,
+}
+
+impl<'a> Iterator for DirEntries<'a> {
+    type Item = (&'a [u8], NodeId);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(&d) = self.dots.get(self.done) {
+            self.done += 1;
+            return Some(d);
+        }
+        self.children.next()
+    }
+
+    fn nth(&mut self, n: usize) -> Option<Self::Item> {
+        let dots = (self.dots.len() - self.done).min(n);
+        self.done += dots;
+        match n - dots {
+            0 => self.next(),
+            rest => self.children.nth(rest),
+        }
+    }
 }

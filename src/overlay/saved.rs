@@ -1,0 +1,650 @@
+//! The merged tree as it is kept: one fixed-layout byte format, read in
+//! place. A fresh merge is written into it in memory; the cache saves those
+//! bytes, and a warm mount maps the saved file and decodes nothing up front:
+//! a lookup touches only the records, children and names it passes through,
+//! so the kernel's page cache, not the server's heap, holds the metadata.
+//!
+//! # Format (version [`VERSION`]), all integers little-endian
+//!
+//! ```text
+//! header, HEADER_LEN = 64 bytes
+//!   0  magic      8 bytes  "RIMGTREE"
+//!   8  version    u32
+//!  12  nodes      u32      node records; node 0 is the root
+//!  16  children   u32      entries in the children table
+//!  20  reserved   u32      0
+//!  24  names_len  u64      bytes of the names blob
+//!  32  data_len   u64      bytes of the data blob
+//!  40  blocks     u64      sum of every node's size in 4 KiB blocks (statfs)
+//!  48  checksum   u64      xxh3-64 of bytes 0..48 and of everything from 56 on
+//!  56  reserved   u64      0
+//! node records, nodes x 64 bytes
+//!   0  kind u8 (File, Dir, Symlink, Hardlink, Char, Block, Fifo = 0..6)
+//!   1  extras u8: 1 rdev, 2 link, 4 xattrs, 8 sparse map (what the data blob holds)
+//!   2  layer u16     4 mode u32     8 uid u32     12 gid u32     16 nlink u32
+//!  20  parent u32   24 first child (index into the children table) u32
+//!  28  child count u32              32 size u64   40 mtime i64   48 offset u64
+//!  56  extras offset into the data blob u64
+//! children table, children x 8 bytes: name offset u32 (into the names blob), node u32;
+//!   each directory's children are consecutive and sorted by name bytes
+//! names blob: each name a u16 length and its bytes
+//! data blob, at a node's extras offset, in this order, each only if flagged:
+//!   rdev: major u32, minor u32
+//!   link: u32 length, bytes
+//!   xattrs: u32 count, then per attribute u32 name length, name (UTF-8), u32 value length, value
+//!   sparse: u32 count, then per segment logical u64, stored u64, len u64
+//! ```
+//!
+//! The sections follow each other with no gaps and end at the end of the
+//! file. The checksum covers every byte but itself: a damaged file is
+//! rejected before anything in it is believed. It is checked by reading the
+//! file (normally from the page cache) through a small buffer, not through
+//! the map, so checking does not make the whole tree resident. Past the
+//! check, every read is still bounds-checked: bad bytes give wrong answers at
+//! worst, never a panic.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::{self, Read, Seek, SeekFrom};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::MAX_SYMLINKS;
+use super::tree::{NodeId, TreeError};
+use crate::layer::{EntryKind, Segment};
+
+pub const MAGIC: &[u8; 8] = b"RIMGTREE";
+/// Bumped whenever the layout changes; an older file is rebuilt.
+pub const VERSION: u32 = 1;
+pub const HEADER_LEN: usize = 64;
+pub const RECORD_LEN: usize = 64;
+pub const CHILD_LEN: usize = 8;
+
+const CHECKSUM_AT: usize = 48;
+
+pub(super) const HAS_RDEV: u8 = 1;
+pub(super) const HAS_LINK: u8 = 2;
+pub(super) const HAS_XATTRS: u8 = 4;
+pub(super) const HAS_SPARSE: u8 = 8;
+
+/// Why saved tree bytes were not used.
+#[derive(Debug, thiserror::Error)]
+pub enum SavedTreeError {
+    #[error("not a saved rimg tree (no magic number)")]
+    Magic,
+    #[error("saved by another version of the format ({found}, this rimg reads {VERSION})")]
+    Version { found: u32 },
+    #[error("{0}")]
+    Layout(&'static str),
+    #[error("checksum mismatch: the file is damaged")]
+    Checksum,
+    #[error("reading it")]
+    Io(#[from] io::Error),
+}
+
+pub(super) fn kind_code(k: EntryKind) -> u8 {
+    match k {
+        EntryKind::File => 0,
+        EntryKind::Dir => 1,
+        EntryKind::Symlink => 2,
+        EntryKind::Hardlink => 3,
+        EntryKind::Char => 4,
+        EntryKind::Block => 5,
+        EntryKind::Fifo => 6,
+    }
+}
+
+fn kind_of(code: u8) -> EntryKind {
+    match code {
+        1 => EntryKind::Dir,
+        2 => EntryKind::Symlink,
+        3 => EntryKind::Hardlink,
+        4 => EntryKind::Char,
+        5 => EntryKind::Block,
+        6 => EntryKind::Fifo,
+        _ => EntryKind::File,
+    }
+}
+
+fn u16_at(b: &[u8], at: usize) -> u16 {
+    b.get(at..at + 2)
+        .map_or(0, |s| u16::from_le_bytes([s[0], s[1]]))
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    b.get(at..at + 4)
+        .map_or(0, |s| u32::from_le_bytes(s.try_into().unwrap_or_default()))
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    b.get(at..at + 8)
+        .map_or(0, |s| u64::from_le_bytes(s.try_into().unwrap_or_default()))
+}
+
+/// A `u32` length and that many bytes at `*at`, moving `*at` past them.
+fn sized<'a>(b: &'a [u8], at: &mut usize) -> &'a [u8] {
+    let len = u32_at(b, *at) as usize;
+    let start = (*at + 4).min(b.len());
+    let end = start.saturating_add(len).min(b.len());
+    *at = end;
+    &b[start..end]
+}
+
+/// The checksum of a whole file's bytes (header included, checksum field
+/// excluded), fed in pieces.
+struct Checksum {
+    h: Xxh3,
+    /// Bytes seen so far.
+    seen: usize,
+}
+
+impl Checksum {
+    fn new() -> Checksum {
+        Checksum {
+            h: Xxh3::new(),
+            seen: 0,
+        }
+    }
+
+    fn update(&mut self, piece: &[u8]) {
+        let (start, end) = (self.seen, self.seen + piece.len());
+        // Skip the checksum field wherever the piece boundaries fall.
+        let skip = CHECKSUM_AT..CHECKSUM_AT + 8;
+        if end <= skip.start || start >= skip.end {
+            self.h.update(piece);
+        } else {
+            if start < skip.start {
+                self.h.update(&piece[..skip.start - start]);
+            }
+            if end > skip.end {
+                self.h.update(&piece[skip.end.saturating_sub(start)..]);
+            }
+        }
+        self.seen = end;
+    }
+
+    fn digest(&self) -> u64 {
+        self.h.digest()
+    }
+}
+
+/// Seals freshly written tree bytes: fills in the checksum.
+pub(super) fn seal(bytes: &mut [u8]) {
+    let mut c = Checksum::new();
+    c.update(bytes);
+    bytes[CHECKSUM_AT..CHECKSUM_AT + 8].copy_from_slice(&c.digest().to_le_bytes());
+}
+
+/// Where the bytes of a tree live.
+enum Storage {
+    Owned(Vec<u8>),
+    Mapped(memmap2::Mmap),
+}
+
+impl Storage {
+    fn bytes(&self) -> &[u8] {
+        match self {
+            Storage::Owned(v) => v,
+            Storage::Mapped(m) => m,
+        }
+    }
+}
+
+/// The merged tree, read in place from its saved format. Node 0 is the
+/// root; inode numbers are `id + 1`.
+pub struct Tree {
+    storage: Storage,
+    nodes: u32,
+    children_at: usize,
+    children: u32,
+    names_at: usize,
+    names_len: usize,
+    data_at: usize,
+    data_len: usize,
+    blocks: u64,
+}
+
+impl std::fmt::Debug for Tree {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tree")
+            .field("nodes", &self.nodes)
+            .field("mapped", &matches!(self.storage, Storage::Mapped(_)))
+            .finish()
+    }
+}
+
+/// The sections a header describes, checked against the file's length.
+struct Layout {
+    nodes: u32,
+    children: u32,
+    names_len: usize,
+    data_len: usize,
+    blocks: u64,
+    checksum: u64,
+}
+
+fn parse_header(h: &[u8], file_len: u64) -> Result<Layout, SavedTreeError> {
+    if h.len() < HEADER_LEN || &h[..8] != MAGIC {
+        return Err(if h.len() >= 8 && &h[..8] == MAGIC {
+            SavedTreeError::Layout("shorter than its header")
+        } else {
+            SavedTreeError::Magic
+        });
+    }
+    let version = u32_at(h, 8);
+    if version != VERSION {
+        return Err(SavedTreeError::Version { found: version });
+    }
+    let l = Layout {
+        nodes: u32_at(h, 12),
+        children: u32_at(h, 16),
+        names_len: u64_at(h, 24) as usize,
+        data_len: u64_at(h, 32) as usize,
+        blocks: u64_at(h, 40),
+        checksum: u64_at(h, 48),
+    };
+    let expected = (HEADER_LEN as u64)
+        .checked_add(l.nodes as u64 * RECORD_LEN as u64)
+        .and_then(|n| n.checked_add(l.children as u64 * CHILD_LEN as u64))
+        .and_then(|n| n.checked_add(u64_at(h, 24)))
+        .and_then(|n| n.checked_add(u64_at(h, 32)));
+    if l.nodes == 0 {
+        return Err(SavedTreeError::Layout("no root node"));
+    }
+    match expected {
+        Some(n) if n == file_len => Ok(l),
+        Some(n) if n > file_len => Err(SavedTreeError::Layout("truncated")),
+        _ => Err(SavedTreeError::Layout(
+            "its sections do not add up to its length",
+        )),
+    }
+}
+
+impl Tree {
+    fn with(storage: Storage, l: Layout) -> Tree {
+        let children_at = HEADER_LEN + l.nodes as usize * RECORD_LEN;
+        let names_at = children_at + l.children as usize * CHILD_LEN;
+        Tree {
+            storage,
+            nodes: l.nodes,
+            children_at,
+            children: l.children,
+            names_at,
+            names_len: l.names_len,
+            data_at: names_at + l.names_len,
+            data_len: l.data_len,
+            blocks: l.blocks,
+        }
+    }
+
+    /// A tree from bytes in memory, checked whole.
+    pub fn from_bytes(bytes: Vec<u8>) -> Result<Tree, SavedTreeError> {
+        let l = parse_header(&bytes, bytes.len() as u64)?;
+        let mut c = Checksum::new();
+        c.update(&bytes);
+        if c.digest() != l.checksum {
+            return Err(SavedTreeError::Checksum);
+        }
+        Ok(Tree::with(Storage::Owned(bytes), l))
+    }
+
+    /// Bytes [`seal`]ed by this process a moment ago.
+    pub(super) fn from_sealed(bytes: Vec<u8>) -> Tree {
+        let l = parse_header(&bytes, bytes.len() as u64).expect("a tree this process wrote");
+        Tree::with(Storage::Owned(bytes), l)
+    }
+
+    /// Maps a saved tree file. The checksum is checked by reading the file
+    /// through a small buffer; nothing is decoded, and the map brings pages
+    /// in only as lookups touch them.
+    pub fn open(file: &File) -> Result<Tree, SavedTreeError> {
+        let mut f = file;
+        let len = f.metadata()?.len();
+        let mut header = [0u8; HEADER_LEN];
+        f.seek(SeekFrom::Start(0))?;
+        let got = read_full(&mut f, &mut header)?;
+        let l = parse_header(&header[..got], len)?;
+        let mut c = Checksum::new();
+        c.update(&header);
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = len - HEADER_LEN as u64;
+        while left > 0 {
+            let n = read_full(&mut f, &mut buf[..left.min(1 << 20) as usize])?;
+            if n == 0 {
+                return Err(SavedTreeError::Layout("truncated"));
+            }
+            c.update(&buf[..n]);
+            left -= n as u64;
+        }
+        if c.digest() != l.checksum {
+            return Err(SavedTreeError::Checksum);
+        }
+        // SAFETY: the cache replaces saved trees by renaming a new file over
+        // the old one and never writes into one in place, so the mapped
+        // bytes do not change under us; every read below is bounds-checked
+        // all the same.
+        let map = unsafe { memmap2::Mmap::map(file)? };
+        if map.len() as u64 != len {
+            return Err(SavedTreeError::Layout("changed while it was opened"));
+        }
+        #[cfg(unix)]
+        let _ = map.advise(memmap2::Advice::Random);
+        Ok(Tree::with(Storage::Mapped(map), l))
+    }
+
+    /// The saved form, to write to a file.
+    pub fn as_bytes(&self) -> &[u8] {
+        self.storage.bytes()
+    }
+
+    /// Whether the tree is read from a mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.storage, Storage::Mapped(_))
+    }
+
+    pub fn root(&self) -> NodeId {
+        0
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes == 0
+    }
+
+    /// Every node's size in 4 KiB blocks, summed when the tree was made.
+    pub fn blocks(&self) -> u64 {
+        self.blocks
+    }
+
+    fn record(&self, id: NodeId) -> &[u8] {
+        let at = HEADER_LEN + id as usize * RECORD_LEN;
+        if id >= self.nodes {
+            return &[0u8; RECORD_LEN];
+        }
+        self.storage
+            .bytes()
+            .get(at..at + RECORD_LEN)
+            .unwrap_or(&[0u8; RECORD_LEN])
+    }
+
+    fn data(&self) -> &[u8] {
+        let b = self.storage.bytes();
+        b.get(self.data_at..self.data_at + self.data_len)
+            .unwrap_or_default()
+    }
+
+    /// A node's attributes and where its data lives. An id past the end
+    /// reads as an empty file.
+    pub fn node(&self, id: NodeId) -> NodeRef<'_> {
+        let r = self.record(id);
+        let extras = r[1];
+        let mut n = NodeRef {
+            kind: kind_of(r[0]),
+            mode: u32_at(r, 4),
+            uid: u32_at(r, 8),
+            gid: u32_at(r, 12),
+            size: u64_at(r, 32),
+            mtime: u64_at(r, 40) as i64,
+            link: None,
+            rdev: (0, 0),
+            layer: u16_at(r, 2),
+            offset: u64_at(r, 48),
+            nlink: u32_at(r, 16),
+            xattrs: &[],
+            sparse: &[],
+        };
+        if extras == 0 {
+            return n;
+        }
+        let data = self.data();
+        let mut at = (u64_at(r, 56) as usize).min(data.len());
+        if extras & HAS_RDEV != 0 {
+            n.rdev = (u32_at(data, at), u32_at(data, at + 4));
+            at += 8;
+        }
+        if extras & HAS_LINK != 0 {
+            n.link = Some(sized(data, &mut at));
+        }
+        if extras & HAS_XATTRS != 0 {
+            let start = at.min(data.len());
+            let count = u32_at(data, at);
+            at += 4;
+            for _ in 0..count {
+                sized(data, &mut at);
+                sized(data, &mut at);
+            }
+            n.xattrs = &data[start..at.min(data.len())];
+        }
+        if extras & HAS_SPARSE != 0 {
+            let start = at.min(data.len());
+            let count = u32_at(data, at) as usize;
+            let end = start
+                .saturating_add(4)
+                .saturating_add(count.saturating_mul(24))
+                .min(data.len());
+            n.sparse = &data[start..end];
+        }
+        n
+    }
+
+    /// The directory holding `id` (the root is its own parent). For a file with
+    /// several names, the directory of the first.
+    pub fn parent(&self, id: NodeId) -> NodeId {
+        u32_at(self.record(id), 20)
+    }
+
+    fn name_at(&self, at: u32) -> &[u8] {
+        let b = self.storage.bytes();
+        let names = b
+            .get(self.names_at..self.names_at + self.names_len)
+            .unwrap_or_default();
+        let at = at as usize;
+        let len = u16_at(names, at) as usize;
+        names.get(at + 2..at + 2 + len).unwrap_or_default()
+    }
+
+    /// `(first, count)` of a directory's entries in the children table.
+    fn child_range(&self, id: NodeId) -> (u32, u32) {
+        let r = self.record(id);
+        let (first, count) = (u32_at(r, 24), u32_at(r, 28));
+        let first = first.min(self.children);
+        (first, count.min(self.children - first))
+    }
+
+    fn child_entry(&self, index: u32) -> (&[u8], NodeId) {
+        let at = self.children_at + index as usize * CHILD_LEN;
+        let b = self.storage.bytes();
+        (self.name_at(u32_at(b, at)), u32_at(b, at + 4))
+    }
+
+    /// Binary search in the directory's sorted children.
+    pub fn lookup(&self, parent: NodeId, name: &[u8]) -> Option<NodeId> {
+        if parent >= self.nodes {
+            return None;
+        }
+        let (first, count) = self.child_range(parent);
+        let (mut lo, mut hi) = (first, first + count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let (n, c) = self.child_entry(mid);
+            match n.cmp(name) {
+                std::cmp::Ordering::Less => lo = mid + 1,
+                std::cmp::Ordering::Greater => hi = mid,
+                std::cmp::Ordering::Equal => return Some(c),
+            }
+        }
+        None
+    }
+
+    /// Children in name order; `nth` (and so `skip`) jumps straight to a
+    /// position, which is how a listing resumes at an offset.
+    pub fn children(&self, id: NodeId) -> Children<'_> {
+        let (first, count) = self.child_range(id);
+        Children {
+            tree: self,
+            next: first,
+            end: first + count,
+        }
+    }
+
+    /// Resolves `path` from the image root. Symlinks in the middle are always
+    /// followed, the last one only when `follow_last`; targets resolve inside the
+    /// image (absolute ones against its root, `..` stops at the root).
+    pub fn resolve(&self, path: &[u8], follow_last: bool) -> Result<NodeId, TreeError> {
+        let mut pending: Vec<Vec<u8>> = path
+            .split(|&b| b == b'/')
+            .rev()
+            .map(<[u8]>::to_vec)
+            .collect();
+        let mut cur = self.root();
+        let mut walked: Vec<NodeId> = Vec::new();
+        let mut followed = 0;
+        while let Some(comp) = pending.pop() {
+            match comp.as_slice() {
+                b"" | b"." => continue,
+                b".." => {
+                    cur = walked.pop().unwrap_or(self.root());
+                    continue;
+                }
+                _ => {}
+            }
+            if self.node(cur).kind != EntryKind::Dir {
+                return Err(TreeError::NotADirectory(path.to_vec()));
+            }
+            let next = self
+                .lookup(cur, &comp)
+                .ok_or_else(|| TreeError::NotFound(path.to_vec()))?;
+            let is_last = pending.iter().all(|c| c.is_empty() || c == b".");
+            let n = self.node(next);
+            if n.kind == EntryKind::Symlink && (!is_last || follow_last) {
+                followed += 1;
+                if followed > MAX_SYMLINKS {
+                    return Err(TreeError::SymlinkLoop(path.to_vec()));
+                }
+                let target = n.link.unwrap_or_default();
+                if target.starts_with(b"/") {
+                    cur = self.root();
+                    walked.clear();
+                }
+                pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
+                continue;
+            }
+            walked.push(cur);
+            cur = next;
+        }
+        Ok(cur)
+    }
+}
+
+fn read_full(f: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read(&mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(got)
+}
+
+/// A directory's children, in name order.
+pub struct Children<'a> {
+    tree: &'a Tree,
+    next: u32,
+    end: u32,
+}
+
+impl<'a> Iterator for Children<'a> {
+    type Item = (&'a [u8], NodeId);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next >= self.end {
+            return None;
+        }
+        self.next += 1;
+        Some(self.tree.child_entry(self.next - 1))
+    }
+
+    fn nth(&mut self, n: usize) -> Option<Self::Item> {
+        self.next = (self.next as u64 + n as u64).min(self.end as u64) as u32;
+        self.next()
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = (self.end - self.next) as usize;
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for Children<'_> {}
+
+impl DoubleEndedIterator for Children<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        if self.next >= self.end {
+            return None;
+        }
+        self.end -= 1;
+        Some(self.tree.child_entry(self.end))
+    }
+}
+
+/// One node of a [`Tree`], its fixed fields copied out, its variable ones
+/// borrowed from the tree's bytes.
+#[derive(Debug, Clone, Copy)]
+pub struct NodeRef<'a> {
+    pub kind: EntryKind,
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub size: u64,
+    pub mtime: i64,
+    pub link: Option<&'a [u8]>,
+    pub rdev: (u32, u32),
+    /// Index (bottom = 0) of the layer this entry's attributes and data come from.
+    pub layer: u16,
+    /// Where the file's bytes start in that layer's uncompressed tar.
+    pub offset: u64,
+    pub nlink: u32,
+    /// Encoded xattrs: a count, then sized names and values.
+    xattrs: &'a [u8],
+    /// Encoded sparse map: a count, then segments.
+    sparse: &'a [u8],
+}
+
+impl<'a> NodeRef<'a> {
+    /// The entry's extended attributes as the image stores them (a name
+    /// that is not UTF-8 could only come from a damaged file; it is skipped).
+    pub fn xattrs(&self) -> impl Iterator<Item = (&'a str, &'a [u8])> + use<'a> {
+        let b = self.xattrs;
+        let count = u32_at(b, 0);
+        let mut at = 4;
+        (0..count).filter_map(move |_| {
+            let k = sized(b, &mut at);
+            let v = sized(b, &mut at);
+            Some((std::str::from_utf8(k).ok()?, v))
+        })
+    }
+
+    /// A sparse file's data segments; `None` for a file stored whole.
+    pub fn sparse(&self) -> Option<Cow<'static, [Segment]>> {
+        if self.sparse.is_empty() {
+            return None;
+        }
+        let count = u32_at(self.sparse, 0) as usize;
+        let segs: Vec<Segment> = self.sparse[4..]
+            .chunks_exact(24)
+            .take(count)
+            .map(|s| Segment {
+                logical: u64_at(s, 0),
+                stored: u64_at(s, 8),
+                len: u64_at(s, 16),
+            })
+            .collect();
+        Some(Cow::Owned(segs))
+    }
+}
