@@ -111,7 +111,7 @@ mod differential {
     }
 
     #[derive(Debug, Clone)]
-    enum Op {
+    pub(super) enum Op {
         Dir(String),
         File(String),
         Symlink(String, String),
@@ -120,7 +120,7 @@ mod differential {
         Opaque(String),
     }
 
-    fn op_strategy() -> impl Strategy<Value = Op> {
+    pub(super) fn op_strategy() -> impl Strategy<Value = Op> {
         // Short targets, so symlinks often lead somewhere that exists.
         let one = || proptest::sample::select(&NAMES[..]).prop_map(str::to_string);
         let target = prop_oneof![
@@ -150,7 +150,7 @@ mod differential {
         }
     }
 
-    fn layer(ops: &[Op], n: u64) -> LayerIndex {
+    pub(super) fn layer(ops: &[Op], n: u64) -> LayerIndex {
         let entries = ops
             .iter()
             .enumerate()

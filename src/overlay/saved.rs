@@ -648,3 +648,234 @@ impl<'a> NodeRef<'a> {
         Some(Cow::Owned(segs))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use proptest::prelude::*;
+
+    use super::super::differential::{Op, layer, op_strategy};
+    use super::super::tree::{Applier, Node, merge};
+    use super::*;
+    use crate::layer::{Entry, LayerIndex};
+    use crate::names;
+
+    /// Gives the generated entries every kind of attribute the format keeps:
+    /// owners, negative times, devices, xattrs, sparse maps.
+    fn decorate(mut l: LayerIndex) -> LayerIndex {
+        for e in &mut l.entries {
+            let at = e.offset;
+            e.uid = (at * 7) as u32;
+            e.gid = (at * 11) as u32;
+            e.mode = 0o600 | (at as u32 & 0o7077);
+            e.mtime = if at % 2 == 0 { at as i64 } else { -(at as i64) };
+            if e.kind == EntryKind::File {
+                e.size = at * 4099;
+                if at % 5 == 0 {
+                    e.kind = EntryKind::Char;
+                    e.rdev = (at as u32, 3);
+                }
+                if at % 4 == 1 {
+                    e.sparse = Some(Box::new([Segment {
+                        logical: at,
+                        stored: 512,
+                        len: 7,
+                    }]));
+                }
+            }
+            if at % 3 == 0 {
+                e.xattrs = vec![
+                    ("user.a".into(), at.to_le_bytes().to_vec()),
+                    ("security.capability".into(), vec![]),
+                ];
+            }
+        }
+        l
+    }
+
+    fn stack_of(ops: &[Vec<Op>]) -> Vec<LayerIndex> {
+        ops.iter()
+            .enumerate()
+            .map(|(n, ops)| decorate(layer(ops, n as u64)))
+            .collect()
+    }
+
+    fn same_node(path: &[u8], a: &Node, b: NodeRef<'_>) -> Result<(), TestCaseError> {
+        let a_x: Vec<(&str, &[u8])> = a.xattrs().collect();
+        let b_x: Vec<(&str, &[u8])> = b.xattrs().collect();
+        prop_assert_eq!(
+            (a.kind, a.mode, a.uid, a.gid, a.size, a.mtime),
+            (b.kind, b.mode, b.uid, b.gid, b.size, b.mtime),
+            "{}",
+            names::escaped(path)
+        );
+        prop_assert_eq!((a.layer, a.offset, a.rdev), (b.layer, b.offset, b.rdev));
+        prop_assert_eq!(a.link.as_deref(), b.link);
+        prop_assert_eq!(a_x, b_x);
+        let b_sparse = b.sparse();
+        prop_assert_eq!(a.sparse(), b_sparse.as_deref());
+        Ok(())
+    }
+
+    /// The tree's bytes, read back from memory and from a mapped file, say
+    /// what the layers applied in memory say, path by path.
+    fn round_trip(ops: &[Vec<Op>]) -> Result<(), TestCaseError> {
+        let stack = stack_of(ops);
+        let refs: Vec<&LayerIndex> = stack.iter().collect();
+        let mut ap = Applier::new();
+        let applied = refs.iter().try_for_each(|l| ap.apply(l).map(drop));
+        let Ok(built) = merge(&refs) else {
+            prop_assert!(applied.is_err());
+            return Ok(());
+        };
+        let from_memory = Tree::from_bytes(built.as_bytes().to_vec()).unwrap();
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(built.as_bytes()).unwrap();
+        let mapped = Tree::open(&file).unwrap();
+        prop_assert!(mapped.is_mapped());
+        let paths = ap.below(0, b"");
+        for t in [&built, &from_memory, &mapped] {
+            prop_assert_eq!(t.len(), {
+                let reachable = ap.reachable();
+                reachable.iter().filter(|r| **r).count()
+            });
+            let mut entries = 0;
+            for (path, id) in &paths {
+                let (dir, name) = names::split(path);
+                let parent = ap.get(dir).unwrap();
+                let mut cur = t.root();
+                for c in names::components(dir) {
+                    cur = t.lookup(cur, c).unwrap();
+                }
+                let got = t.lookup(cur, name).unwrap();
+                same_node(path, ap.node(*id), t.node(got))?;
+                prop_assert_eq!(ap.lookup(parent, name), Some(*id));
+                if t.node(got).kind == EntryKind::Dir {
+                    prop_assert_eq!(t.parent(got), cur);
+                }
+                entries += 1;
+            }
+            // Every name is found, and no other: children are sorted and whole.
+            let mut listed = 0;
+            let mut stack = vec![t.root()];
+            while let Some(d) = stack.pop() {
+                let names: Vec<&[u8]> = t.children(d).map(|(n, _)| n).collect();
+                prop_assert!(names.windows(2).all(|w| w[0] < w[1]));
+                for (i, (n, c)) in t.children(d).enumerate() {
+                    prop_assert_eq!(t.children(d).nth(i), Some((n, c)));
+                    if t.node(c).kind == EntryKind::Dir {
+                        stack.push(c);
+                    }
+                    listed += 1;
+                }
+            }
+            prop_assert_eq!(listed, entries);
+            prop_assert_eq!(t.blocks(), built.blocks());
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+        #[test]
+        fn saved_bytes_read_in_place_equal_the_tree_built_in_memory(
+            stack in proptest::collection::vec(proptest::collection::vec(op_strategy(), 0..10), 1..4)
+        ) {
+            round_trip(&stack)?;
+        }
+
+        #[test]
+        fn any_flipped_byte_is_rejected(at in 0usize..4096, bit in 0u8..8) {
+            let bytes = sample().as_bytes().to_vec();
+            let mut bad = bytes.clone();
+            let at = at % bad.len();
+            bad[at] ^= 1 << bit;
+            prop_assert!(Tree::from_bytes(bad.clone()).is_err());
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&bad).unwrap();
+            prop_assert!(Tree::open(&file).is_err());
+        }
+
+        #[test]
+        fn any_truncation_is_rejected(keep in 0usize..4096) {
+            let bytes = sample().as_bytes().to_vec();
+            let keep = keep % bytes.len();
+            prop_assert!(Tree::from_bytes(bytes[..keep].to_vec()).is_err());
+        }
+    }
+
+    fn sample() -> Tree {
+        let mut dev = Entry::new(b"dev/null", EntryKind::Char);
+        dev.rdev = (1, 3);
+        let mut link = Entry::new(b"bin/sh", EntryKind::Symlink);
+        link.link = Some(b"busybox".to_vec());
+        let mut f = Entry::new(b"bin/busybox", EntryKind::File);
+        f.xattrs = vec![("security.capability".into(), vec![1, 2, 3])];
+        f.size = 12345;
+        merge(&[&LayerIndex {
+            entries: vec![dev, link, f],
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_sample_tree_reads_back_its_attributes() {
+        let t = sample();
+        let n = t.node(t.resolve(b"dev/null", false).unwrap());
+        assert_eq!((n.kind, n.rdev), (EntryKind::Char, (1, 3)));
+        let sh = t.resolve(b"bin/sh", true).unwrap();
+        assert_eq!(sh, t.resolve(b"bin/busybox", false).unwrap());
+        let x: Vec<_> = t.node(sh).xattrs().collect();
+        assert_eq!(x, [("security.capability", &[1u8, 2, 3][..])]);
+        assert_eq!(
+            t.node(t.resolve(b"bin/sh", false).unwrap()).link,
+            Some(&b"busybox"[..])
+        );
+        assert_eq!(t.blocks(), 4);
+    }
+
+    #[test]
+    fn another_version_or_another_format_is_rejected() {
+        let mut bytes = sample().as_bytes().to_vec();
+        bytes[8..12].copy_from_slice(&(VERSION + 1).to_le_bytes());
+        seal(&mut bytes);
+        assert!(matches!(
+            Tree::from_bytes(bytes),
+            Err(SavedTreeError::Version { found }) if found == VERSION + 1
+        ));
+        // What rimg saved before this format: a postcard-encoded tree.
+        let old = postcard::to_stdvec(&(4u32, vec![1u8, 2, 3])).unwrap();
+        assert!(matches!(Tree::from_bytes(old), Err(SavedTreeError::Magic)));
+        assert!(matches!(
+            Tree::from_bytes(Vec::new()),
+            Err(SavedTreeError::Magic)
+        ));
+    }
+
+    #[test]
+    fn a_damaged_file_is_rejected_by_its_checksum() {
+        let mut bytes = sample().as_bytes().to_vec();
+        let last = bytes.len() - 1;
+        bytes[last] ^= 0x40;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        assert!(matches!(Tree::open(&file), Err(SavedTreeError::Checksum)));
+    }
+
+    #[test]
+    fn listing_resumes_at_an_offset_without_walking_what_came_before() {
+        let entries = (0..1000)
+            .map(|i| Entry::new(format!("d/f{i:04}").as_bytes(), EntryKind::File))
+            .collect();
+        let t = merge(&[&LayerIndex { entries }]).unwrap();
+        let d = t.resolve(b"d", false).unwrap();
+        assert_eq!(t.children(d).len(), 1000);
+        let (name, id) = t.children(d).nth(777).unwrap();
+        assert_eq!(name, b"f0777");
+        assert_eq!(t.lookup(d, b"f0777"), Some(id));
+        assert_eq!(t.children(d).skip(998).count(), 2);
+        assert_eq!(t.children(d).nth(5000), None);
+        assert_eq!(t.lookup(d, b"f1000"), None);
+    }
+}
