@@ -234,8 +234,36 @@ impl ImageSource {
     }
 
     /// The merged tree (or one layer's own tree when `only` is given), with
-    /// the layers its data lives in.
+    /// the layers its data lives in. A saved tree is checked whole first.
     pub async fn tree(&self, only: Option<usize>) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
+        self.tree_checked(only, true).await
+    }
+
+    /// As [`Self::tree`], but a saved tree is checked chunk by chunk as it
+    /// is read (see [`Tree::damaged`]): what a mount wants, whose first
+    /// lookup should not wait for the whole file.
+    pub async fn tree_in_place(
+        &self,
+        only: Option<usize>,
+    ) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
+        self.tree_checked(only, false).await
+    }
+
+    async fn tree_checked(
+        &self,
+        only: Option<usize>,
+        whole: bool,
+    ) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
+        let open = |f: &std::fs::File, p: &std::path::Path| {
+            let t = Tree::open(f, Some(p.to_path_buf()))?;
+            // A small tree is checked whole even for a mount (a few
+            // milliseconds at most): damage is then found before anything
+            // is answered, and the tree rebuilt at once.
+            if whole || t.as_bytes().len() <= EAGER_CHECK_BYTES {
+                t.verify_all()?;
+            }
+            Ok::<_, crate::overlay::tree::SavedTreeError>(t)
+        };
         if let Some(i) = only {
             let layer = self.layer(i).await?;
             let index = layer.index().map_err(|e| self.layer_error(i, e))?;
@@ -243,7 +271,7 @@ impl ImageSource {
         }
         let started = std::time::Instant::now();
         let layers = self.layers().await?;
-        if let Some(t) = self.cache.load_tree(&self.image.digest, Tree::open) {
+        if let Some(t) = self.cache.load_tree(&self.image.digest, open) {
             tracing::info!(
                 "{}: saved tree of {} entries loaded in {:?}",
                 self.image.reference,
@@ -274,7 +302,7 @@ impl ImageSource {
             // Served from the saved file from here on: the page cache holds
             // it, not this process's heap.
             Ok(()) => {
-                if let Some(saved) = self.cache.load_tree(&self.image.digest, Tree::open) {
+                if let Some(saved) = self.cache.load_tree(&self.image.digest, open) {
                     t = saved;
                 }
             }
@@ -305,6 +333,10 @@ impl ImageSource {
         }
     }
 }
+
+/// Saved trees up to this size (about 100,000 entries) are checksummed
+/// whole when opened for a mount; larger ones chunk by chunk as read.
+const EAGER_CHECK_BYTES: usize = 8 << 20;
 
 /// The layer, if its uncompressed content is what the config says it is.
 fn check_diff_id(

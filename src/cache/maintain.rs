@@ -19,17 +19,17 @@ impl Cache {
 
     /// A merged tree saved for the image with manifest `image_digest`, so a
     /// warm mount neither reads layer indexes nor merges them again. `open`
-    /// checks and maps the file (the format belongs to the overlay); a file
-    /// it rejects is removed with a warning, so the tree is rebuilt and saved
-    /// anew, never trusted.
+    /// checks and maps the file at the path it is given (the format belongs
+    /// to the overlay); a file it rejects is removed with a warning, so the
+    /// tree is rebuilt and saved anew, never trusted.
     pub fn load_tree<T, E: std::error::Error>(
         &self,
         image_digest: &str,
-        open: impl FnOnce(&File) -> Result<T, E>,
+        open: impl FnOnce(&File, &Path) -> Result<T, E>,
     ) -> Option<T> {
         let path = self.tree_path(image_digest).ok()?;
         let file = File::open(&path).ok()?;
-        match open(&file) {
+        match open(&file, &path) {
             Ok(t) => Some(t),
             Err(e) => {
                 tracing::warn!(

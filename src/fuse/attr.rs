@@ -46,6 +46,15 @@ pub(super) enum Target<'a> {
 }
 
 impl Target<'_> {
+    /// EIO in place of an answer read from a saved tree that was found
+    /// damaged meanwhile (see [`crate::overlay::tree::Tree::damaged`]).
+    pub(super) fn sound<T>(&self, r: Result<T, Errno>) -> Result<T, Errno> {
+        match self {
+            Target::Node(m, _) if m.tree.damaged() => Err(Errno::EIO),
+            _ => r,
+        }
+    }
+
     pub(super) fn attr(&self) -> FileAttr {
         match self {
             Target::Node(m, id) => attr_of(m, *id, m.tree.node(*id)),

@@ -191,6 +191,10 @@ impl Filesystem for ImageFs {
                         Err(Errno::EIO)
                     }
                 };
+                let answer = match state.ready.get() {
+                    Some(m) if m.tree.damaged() => Err(Errno::EIO),
+                    _ => answer,
+                };
                 match answer {
                     Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
                     Err(e) => reply.error(e),
@@ -200,13 +204,17 @@ impl Filesystem for ImageFs {
             return;
         }
         self.with_inode(parent, move |t| {
-            let r = t.and_then(|t| match t {
-                Target::Node(m, p) => {
-                    let id = m.tree.lookup(p, &name).ok_or(Errno::ENOENT)?;
-                    Ok(attr_of(m, id, m.tree.node(id)))
-                }
-                // A provisional parent outlived the build: its node is unknown.
-                Target::Prov(..) => Err(Errno::ENOENT),
+            let r = t.and_then(|t| {
+                let r = match &t {
+                    Target::Node(m, p) => m
+                        .tree
+                        .lookup(*p, &name)
+                        .ok_or(Errno::ENOENT)
+                        .map(|id| attr_of(m, id, m.tree.node(id))),
+                    // A provisional parent outlived the build: its node is unknown.
+                    Target::Prov(..) => Err(Errno::ENOENT),
+                };
+                t.sound(r)
             });
             match r {
                 Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -220,15 +228,15 @@ impl Filesystem for ImageFs {
             reply.attr(&Duration::ZERO, &self.placeholder_root());
             return;
         }
-        self.with_inode(ino, move |t| match t {
-            Ok(t) => reply.attr(&TTL, &t.attr()),
+        self.with_inode(ino, move |t| match t.and_then(|t| t.sound(Ok(t.attr()))) {
+            Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.with_inode(ino, move |t| {
-            match t.and_then(|t| t.link().map(<[u8]>::to_vec).ok_or(Errno::EINVAL)) {
+            match t.and_then(|t| t.sound(t.link().map(<[u8]>::to_vec).ok_or(Errno::EINVAL))) {
                 Ok(l) => reply.data(&l),
                 Err(e) => reply.error(e),
             }
@@ -256,9 +264,11 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.with_inode(ino, move |t| match t.and_then(|t| t.read(offset, size)) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(e),
+        self.with_inode(ino, move |t| {
+            match t.and_then(|t| t.sound(t.read(offset, size))) {
+                Ok(data) => reply.data(&data),
+                Err(e) => reply.error(e),
+            }
         });
     }
 
@@ -325,11 +335,13 @@ impl Filesystem for ImageFs {
         let name = name.as_bytes().to_vec();
         self.with_inode(ino, move |t| {
             let value = t.and_then(|t| {
-                t.xattrs()
+                let v = t
+                    .xattrs()
                     .into_iter()
                     .find(|(k, _)| *k == name)
                     .map(|(_, v)| v)
-                    .ok_or(Errno::NO_XATTR)
+                    .ok_or(Errno::NO_XATTR);
+                t.sound(v)
             });
             match value {
                 Ok(v) => reply_sized(reply, size, &v),
@@ -339,16 +351,18 @@ impl Filesystem for ImageFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.with_inode(ino, move |t| match t {
-            Ok(t) => {
-                let mut names = Vec::new();
-                for (k, _) in t.xattrs() {
-                    names.extend_from_slice(&k);
-                    names.push(0);
+        self.with_inode(ino, move |t| {
+            match t.and_then(|t| t.sound(Ok(t.xattrs()))) {
+                Ok(xattrs) => {
+                    let mut names = Vec::new();
+                    for (k, _) in xattrs {
+                        names.extend_from_slice(&k);
+                        names.push(0);
+                    }
+                    reply_sized(reply, size, &names)
                 }
-                reply_sized(reply, size, &names)
+                Err(e) => reply.error(e),
             }
-            Err(e) => reply.error(e),
         });
     }
 
@@ -411,6 +425,9 @@ pub(super) fn fill_dir(
         if add(m, child, i as u64 + 1, OsStr::from_bytes(name)) {
             break;
         }
+    }
+    if m.tree.damaged() {
+        return Err(Errno::EIO);
     }
     Ok(())
 }

@@ -283,7 +283,7 @@ impl State {
         }
         let (tree, layers) = self
             .source
-            .tree(self.only)
+            .tree_in_place(self.only)
             .await
             .map_err(|e| self.failure(e.to_string()))?;
         let digests = match self.only {

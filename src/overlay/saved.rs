@@ -16,7 +16,7 @@
 //!  24  names_len  u64      bytes of the names blob
 //!  32  data_len   u64      bytes of the data blob
 //!  40  blocks     u64      sum of every node's size in 4 KiB blocks (statfs)
-//!  48  checksum   u64      xxh3-64 of bytes 0..48 and of everything from 56 on
+//!  48  checksum   u64      xxh3-64 of the header (this field left out) and the chunk table
 //!  56  reserved   u64      0
 //! node records, nodes x 64 bytes
 //!   0  kind u8 (File, Dir, Symlink, Hardlink, Char, Block, Fifo = 0..6)
@@ -33,19 +33,27 @@
 //!   link: u32 length, bytes
 //!   xattrs: u32 count, then per attribute u32 name length, name (UTF-8), u32 value length, value
 //!   sparse: u32 count, then per segment logical u64, stored u64, len u64
+//! chunk table, one xxh3-64 per CHUNK (64 KiB) of everything between the
+//!   header and the table (the last chunk may be shorter)
 //! ```
 //!
 //! The sections follow each other with no gaps and end at the end of the
-//! file. The checksum covers every byte but itself: a damaged file is
-//! rejected before anything in it is believed. It is checked by reading the
-//! file (normally from the page cache) through a small buffer, not through
-//! the map, so checking does not make the whole tree resident. Past the
-//! check, every read is still bounds-checked: bad bytes give wrong answers at
-//! worst, never a panic.
+//! file. Nothing is believed before its checksum is checked: the header
+//! and the chunk table when the file is opened (a few KiB even for a
+//! million entries), each chunk the first time a read touches it. So a warm
+//! mount's first lookup reads a handful of pages, not the whole file, even
+//! when the file is not in the page cache. A chunk that fails its check is
+//! never read: the tree reports itself [`Tree::damaged`] (the mount answers
+//! EIO for what needed that chunk), removes the file so the next use
+//! rebuilds it, and reads the chunk as zeros. [`Tree::verify_all`] checks
+//! every chunk at once, for commands that read the whole tree anyway.
+//! Every read is bounds-checked as well: bad bytes never cause a panic.
 
 use std::borrow::Cow;
 use std::fs::File;
 use std::io::{self, Read, Seek, SeekFrom};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use xxhash_rust::xxh3::Xxh3;
 
@@ -61,6 +69,8 @@ pub const RECORD_LEN: usize = 64;
 pub const CHILD_LEN: usize = 8;
 
 const CHECKSUM_AT: usize = 48;
+/// Bytes covered by one entry of the chunk table.
+pub const CHUNK: usize = 64 * 1024;
 
 pub(super) const HAS_RDEV: u8 = 1;
 pub(super) const HAS_LINK: u8 = 2;
@@ -78,6 +88,8 @@ pub enum SavedTreeError {
     Layout(&'static str),
     #[error("checksum mismatch: the file is damaged")]
     Checksum,
+    #[error("checksum mismatch in bytes {start}..{end}: the file is damaged")]
+    Chunk { start: usize, end: usize },
     #[error("reading it")]
     Io(#[from] io::Error),
 }
@@ -130,49 +142,27 @@ fn sized<'a>(b: &'a [u8], at: &mut usize) -> &'a [u8] {
     &b[start..end]
 }
 
-/// The checksum of a whole file's bytes (header included, checksum field
-/// excluded), fed in pieces.
-struct Checksum {
-    h: Xxh3,
-    /// Bytes seen so far.
-    seen: usize,
+fn header_checksum(header: &[u8], table: &[u8]) -> u64 {
+    let mut h = Xxh3::new();
+    h.update(&header[..CHECKSUM_AT]);
+    h.update(&header[CHECKSUM_AT + 8..HEADER_LEN]);
+    h.update(table);
+    h.digest()
 }
 
-impl Checksum {
-    fn new() -> Checksum {
-        Checksum {
-            h: Xxh3::new(),
-            seen: 0,
-        }
+/// Seals freshly written tree bytes (header and body): appends the chunk
+/// table and fills in the header's checksum.
+pub(super) fn seal(bytes: &mut Vec<u8>) {
+    let body_end = bytes.len();
+    let table: Vec<u64> = bytes[HEADER_LEN..]
+        .chunks(CHUNK)
+        .map(xxhash_rust::xxh3::xxh3_64)
+        .collect();
+    for h in table {
+        bytes.extend_from_slice(&h.to_le_bytes());
     }
-
-    fn update(&mut self, piece: &[u8]) {
-        let (start, end) = (self.seen, self.seen + piece.len());
-        // Skip the checksum field wherever the piece boundaries fall.
-        let skip = CHECKSUM_AT..CHECKSUM_AT + 8;
-        if end <= skip.start || start >= skip.end {
-            self.h.update(piece);
-        } else {
-            if start < skip.start {
-                self.h.update(&piece[..skip.start - start]);
-            }
-            if end > skip.end {
-                self.h.update(&piece[skip.end.saturating_sub(start)..]);
-            }
-        }
-        self.seen = end;
-    }
-
-    fn digest(&self) -> u64 {
-        self.h.digest()
-    }
-}
-
-/// Seals freshly written tree bytes: fills in the checksum.
-pub(super) fn seal(bytes: &mut [u8]) {
-    let mut c = Checksum::new();
-    c.update(bytes);
-    bytes[CHECKSUM_AT..CHECKSUM_AT + 8].copy_from_slice(&c.digest().to_le_bytes());
+    let sum = header_checksum(&bytes[..HEADER_LEN], &bytes[body_end..]);
+    bytes[CHECKSUM_AT..CHECKSUM_AT + 8].copy_from_slice(&sum.to_le_bytes());
 }
 
 /// Where the bytes of a tree live.
@@ -202,6 +192,13 @@ pub struct Tree {
     data_at: usize,
     data_len: usize,
     blocks: u64,
+    /// Where the chunk table starts (the body ends).
+    table_at: usize,
+    /// One bit per chunk: checked and good.
+    checked: Box<[AtomicU64]>,
+    damaged: AtomicBool,
+    /// The saved file, removed when a chunk fails its check.
+    path: Option<PathBuf>,
 }
 
 impl std::fmt::Debug for Tree {
@@ -221,6 +218,9 @@ struct Layout {
     data_len: usize,
     blocks: u64,
     checksum: u64,
+    /// Bytes between the header and the chunk table.
+    body_len: usize,
+    chunks: usize,
 }
 
 fn parse_header(h: &[u8], file_len: u64) -> Result<Layout, SavedTreeError> {
@@ -235,33 +235,42 @@ fn parse_header(h: &[u8], file_len: u64) -> Result<Layout, SavedTreeError> {
     if version != VERSION {
         return Err(SavedTreeError::Version { found: version });
     }
-    let l = Layout {
-        nodes: u32_at(h, 12),
-        children: u32_at(h, 16),
+    let (nodes, children) = (u32_at(h, 12), u32_at(h, 16));
+    if nodes == 0 {
+        return Err(SavedTreeError::Layout("no root node"));
+    }
+    let body = (nodes as u64 * RECORD_LEN as u64)
+        .checked_add(children as u64 * CHILD_LEN as u64)
+        .and_then(|n| n.checked_add(u64_at(h, 24)))
+        .and_then(|n| n.checked_add(u64_at(h, 32)))
+        .filter(|&n| n <= file_len);
+    let Some(body) = body else {
+        return Err(SavedTreeError::Layout("truncated"));
+    };
+    let chunks = body.div_ceil(CHUNK as u64);
+    let expected = HEADER_LEN as u64 + body + chunks * 8;
+    if expected > file_len {
+        return Err(SavedTreeError::Layout("truncated"));
+    }
+    if expected < file_len {
+        return Err(SavedTreeError::Layout(
+            "its sections do not add up to its length",
+        ));
+    }
+    Ok(Layout {
+        nodes,
+        children,
         names_len: u64_at(h, 24) as usize,
         data_len: u64_at(h, 32) as usize,
         blocks: u64_at(h, 40),
         checksum: u64_at(h, 48),
-    };
-    let expected = (HEADER_LEN as u64)
-        .checked_add(l.nodes as u64 * RECORD_LEN as u64)
-        .and_then(|n| n.checked_add(l.children as u64 * CHILD_LEN as u64))
-        .and_then(|n| n.checked_add(u64_at(h, 24)))
-        .and_then(|n| n.checked_add(u64_at(h, 32)));
-    if l.nodes == 0 {
-        return Err(SavedTreeError::Layout("no root node"));
-    }
-    match expected {
-        Some(n) if n == file_len => Ok(l),
-        Some(n) if n > file_len => Err(SavedTreeError::Layout("truncated")),
-        _ => Err(SavedTreeError::Layout(
-            "its sections do not add up to its length",
-        )),
-    }
+        body_len: body as usize,
+        chunks: chunks as usize,
+    })
 }
 
 impl Tree {
-    fn with(storage: Storage, l: Layout) -> Tree {
+    fn with(storage: Storage, l: Layout, path: Option<PathBuf>) -> Tree {
         let children_at = HEADER_LEN + l.nodes as usize * RECORD_LEN;
         let names_at = children_at + l.children as usize * CHILD_LEN;
         Tree {
@@ -274,62 +283,66 @@ impl Tree {
             data_at: names_at + l.names_len,
             data_len: l.data_len,
             blocks: l.blocks,
+            table_at: HEADER_LEN + l.body_len,
+            checked: (0..l.chunks.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            damaged: AtomicBool::new(false),
+            path,
         }
     }
 
     /// A tree from bytes in memory, checked whole.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<Tree, SavedTreeError> {
         let l = parse_header(&bytes, bytes.len() as u64)?;
-        let mut c = Checksum::new();
-        c.update(&bytes);
-        if c.digest() != l.checksum {
+        let table_at = HEADER_LEN + l.body_len;
+        if header_checksum(&bytes[..HEADER_LEN], &bytes[table_at..]) != l.checksum {
             return Err(SavedTreeError::Checksum);
         }
-        Ok(Tree::with(Storage::Owned(bytes), l))
+        let t = Tree::with(Storage::Owned(bytes), l, None);
+        t.verify_all()?;
+        Ok(t)
     }
 
     /// Bytes [`seal`]ed by this process a moment ago.
     pub(super) fn from_sealed(bytes: Vec<u8>) -> Tree {
         let l = parse_header(&bytes, bytes.len() as u64).expect("a tree this process wrote");
-        Tree::with(Storage::Owned(bytes), l)
+        let t = Tree::with(Storage::Owned(bytes), l, None);
+        for w in t.checked.iter() {
+            w.store(u64::MAX, Ordering::Relaxed);
+        }
+        t
     }
 
-    /// Maps a saved tree file. The checksum is checked by reading the file
-    /// through a small buffer; nothing is decoded, and the map brings pages
-    /// in only as lookups touch them.
-    pub fn open(file: &File) -> Result<Tree, SavedTreeError> {
+    /// Maps a saved tree file, checking its header and chunk table only:
+    /// nothing is decoded, and each chunk is checked when first read. A
+    /// chunk found damaged later removes the file at `path`, if given.
+    pub fn open(file: &File, path: Option<PathBuf>) -> Result<Tree, SavedTreeError> {
         let mut f = file;
         let len = f.metadata()?.len();
         let mut header = [0u8; HEADER_LEN];
         f.seek(SeekFrom::Start(0))?;
         let got = read_full(&mut f, &mut header)?;
         let l = parse_header(&header[..got], len)?;
-        let mut c = Checksum::new();
-        c.update(&header);
-        let mut buf = vec![0u8; 1 << 20];
-        let mut left = len - HEADER_LEN as u64;
-        while left > 0 {
-            let n = read_full(&mut f, &mut buf[..left.min(1 << 20) as usize])?;
-            if n == 0 {
-                return Err(SavedTreeError::Layout("truncated"));
-            }
-            c.update(&buf[..n]);
-            left -= n as u64;
+        let mut table = vec![0u8; l.chunks * 8];
+        f.seek(SeekFrom::Start((HEADER_LEN + l.body_len) as u64))?;
+        if read_full(&mut f, &mut table)? != table.len() {
+            return Err(SavedTreeError::Layout("truncated"));
         }
-        if c.digest() != l.checksum {
+        if header_checksum(&header, &table) != l.checksum {
             return Err(SavedTreeError::Checksum);
         }
         // SAFETY: the cache replaces saved trees by renaming a new file over
         // the old one and never writes into one in place, so the mapped
         // bytes do not change under us; every read below is bounds-checked
-        // all the same.
+        // and checksummed all the same.
         let map = unsafe { memmap2::Mmap::map(file)? };
-        if map.len() as u64 != len {
+        if map.len() as u64 != len || map[..HEADER_LEN] != header {
             return Err(SavedTreeError::Layout("changed while it was opened"));
         }
         #[cfg(unix)]
         let _ = map.advise(memmap2::Advice::Random);
-        Ok(Tree::with(Storage::Mapped(map), l))
+        Ok(Tree::with(Storage::Mapped(map), l, path))
     }
 
     /// The saved form, to write to a file.
@@ -340,6 +353,78 @@ impl Tree {
     /// Whether the tree is read from a mapped file.
     pub fn is_mapped(&self) -> bool {
         matches!(self.storage, Storage::Mapped(_))
+    }
+
+    /// Checks every chunk now; for commands that read the whole tree anyway.
+    pub fn verify_all(&self) -> Result<(), SavedTreeError> {
+        let body = self.table_at - HEADER_LEN;
+        for c in 0..body.div_ceil(CHUNK) {
+            if !self.check_chunk(c, false) {
+                let start = HEADER_LEN + c * CHUNK;
+                return Err(SavedTreeError::Chunk {
+                    start,
+                    end: (start + CHUNK).min(self.table_at),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether a read met a chunk that failed its check: what was read
+    /// since may be wrong, and the file is gone so the next use rebuilds it.
+    pub fn damaged(&self) -> bool {
+        self.damaged.load(Ordering::Relaxed)
+    }
+
+    /// Checks chunk `c` if not yet done; false if it is damaged. A read
+    /// that meets damage (`report`) marks the tree damaged, says so, and
+    /// removes the file; [`Self::verify_all`]'s caller reports for itself.
+    fn check_chunk(&self, c: usize, report: bool) -> bool {
+        let (word, bit) = (c / 64, 1u64 << (c % 64));
+        let Some(w) = self.checked.get(word) else {
+            return false;
+        };
+        if w.load(Ordering::Acquire) & bit != 0 {
+            return true;
+        }
+        let b = self.storage.bytes();
+        let start = HEADER_LEN + c * CHUNK;
+        let end = (start + CHUNK).min(self.table_at);
+        let good = b.get(start..end).is_some_and(|chunk| {
+            xxhash_rust::xxh3::xxh3_64(chunk) == u64_at(b, self.table_at + c * 8)
+        });
+        if good {
+            w.fetch_or(bit, Ordering::AcqRel);
+        } else if report && !self.damaged.swap(true, Ordering::AcqRel) {
+            tracing::warn!(
+                "saved tree {}: checksum mismatch in bytes {start}..{end}; \
+                 answering EIO for what needs them, and rebuilding it on the next use",
+                self.path
+                    .as_deref()
+                    .map_or("(in memory)".into(), |p| p.display().to_string())
+            );
+            if let Some(p) = &self.path {
+                let _ = std::fs::remove_file(p);
+            }
+        }
+        good
+    }
+
+    /// The bytes at `at..at + len` of the body once their chunks are
+    /// checked; zeros (as many) where they are out of range or damaged.
+    fn checked_bytes(&self, at: usize, len: usize) -> &[u8] {
+        const ZEROS: [u8; RECORD_LEN] = [0u8; RECORD_LEN];
+        let end = at.saturating_add(len);
+        if at < HEADER_LEN || end > self.table_at {
+            return &ZEROS[..len.min(RECORD_LEN)];
+        }
+        let first = (at - HEADER_LEN) / CHUNK;
+        let last = (end.max(at + 1) - 1 - HEADER_LEN) / CHUNK;
+        if (first..=last).all(|c| self.check_chunk(c, true)) {
+            &self.storage.bytes()[at..end]
+        } else {
+            &ZEROS[..len.min(RECORD_LEN)]
+        }
     }
 
     pub fn root(&self) -> NodeId {
@@ -360,20 +445,16 @@ impl Tree {
     }
 
     fn record(&self, id: NodeId) -> &[u8] {
-        let at = HEADER_LEN + id as usize * RECORD_LEN;
         if id >= self.nodes {
             return &[0u8; RECORD_LEN];
         }
-        self.storage
-            .bytes()
-            .get(at..at + RECORD_LEN)
-            .unwrap_or(&[0u8; RECORD_LEN])
+        self.checked_bytes(HEADER_LEN + id as usize * RECORD_LEN, RECORD_LEN)
     }
 
+    /// The data blob, checked whole on first use (it holds only links,
+    /// xattrs, device numbers and sparse maps, so it is small).
     fn data(&self) -> &[u8] {
-        let b = self.storage.bytes();
-        b.get(self.data_at..self.data_at + self.data_len)
-            .unwrap_or_default()
+        self.checked_bytes(self.data_at, self.data_len)
     }
 
     /// A node's attributes and where its data lives. An id past the end
@@ -437,13 +518,13 @@ impl Tree {
     }
 
     fn name_at(&self, at: u32) -> &[u8] {
-        let b = self.storage.bytes();
-        let names = b
-            .get(self.names_at..self.names_at + self.names_len)
-            .unwrap_or_default();
         let at = at as usize;
-        let len = u16_at(names, at) as usize;
-        names.get(at + 2..at + 2 + len).unwrap_or_default()
+        if at.saturating_add(2) > self.names_len {
+            return &[];
+        }
+        let len = u16_at(self.checked_bytes(self.names_at + at, 2), 0) as usize;
+        let len = len.min(self.names_len - at - 2);
+        self.checked_bytes(self.names_at + at + 2, len)
     }
 
     /// `(first, count)` of a directory's entries in the children table.
@@ -455,9 +536,8 @@ impl Tree {
     }
 
     fn child_entry(&self, index: u32) -> (&[u8], NodeId) {
-        let at = self.children_at + index as usize * CHILD_LEN;
-        let b = self.storage.bytes();
-        (self.name_at(u32_at(b, at)), u32_at(b, at + 4))
+        let e = self.checked_bytes(self.children_at + index as usize * CHILD_LEN, CHILD_LEN);
+        (self.name_at(u32_at(e, 0)), u32_at(e, 4))
     }
 
     /// Binary search in the directory's sorted children.
@@ -732,7 +812,7 @@ mod tests {
         let from_memory = Tree::from_bytes(built.as_bytes().to_vec()).unwrap();
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(built.as_bytes()).unwrap();
-        let mapped = Tree::open(&file).unwrap();
+        let mapped = Tree::open(&file, None).unwrap();
         prop_assert!(mapped.is_mapped());
         let paths = ap.below(0, b"");
         for t in [&built, &from_memory, &mapped] {
@@ -794,7 +874,13 @@ mod tests {
             prop_assert!(Tree::from_bytes(bad.clone()).is_err());
             let mut file = tempfile::tempfile().unwrap();
             file.write_all(&bad).unwrap();
-            prop_assert!(Tree::open(&file).is_err());
+            // Mapped: refused at open (header, chunk table), or damaged at
+            // the first read of the chunk (here, the only one).
+            if let Ok(t) = Tree::open(&file, None) {
+                prop_assert!(t.verify_all().is_err());
+                let _ = t.resolve(b"bin/sh", true);
+                prop_assert!(t.damaged());
+            }
         }
 
         #[test]
@@ -860,7 +946,53 @@ mod tests {
         bytes[last] ^= 0x40;
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(&bytes).unwrap();
-        assert!(matches!(Tree::open(&file), Err(SavedTreeError::Checksum)));
+        // The last bytes are the chunk table, checked at open.
+        assert!(matches!(
+            Tree::open(&file, None),
+            Err(SavedTreeError::Checksum)
+        ));
+    }
+
+    /// A tree of several chunks with one byte flipped in the names of its
+    /// last directory; the file of it, and the tree mapped from it.
+    fn damaged_in_its_last_chunk() -> (tempfile::TempPath, Tree) {
+        let entries = (0..100)
+            .flat_map(|d| (0..150).map(move |f| format!("d{d:02}/f{f:03}")))
+            .map(|p| Entry::new(p.as_bytes(), EntryKind::File))
+            .collect();
+        let t = merge(&[&LayerIndex { entries }]).unwrap();
+        let mut bytes = t.as_bytes().to_vec();
+        assert!(bytes.len() > 16 * CHUNK);
+        // Names are the body's last section: "f149" of the last directory,
+        // a chunk away from the first directories' names.
+        let at = bytes.windows(4).rposition(|w| w == b"f149").unwrap();
+        bytes[at + 3] = b'8';
+        let mut file = tempfile::NamedTempFile::new().unwrap();
+        file.write_all(&bytes).unwrap();
+        let path = file.into_temp_path();
+        let t = Tree::open(&File::open(&path).unwrap(), Some(path.to_path_buf())).unwrap();
+        (path, t)
+    }
+
+    #[test]
+    fn a_mapped_tree_checks_only_the_chunks_it_reads() {
+        let (path, t) = damaged_in_its_last_chunk();
+        // The first directory's records, children and names are sound.
+        let f = t.resolve(b"d00/f050", false).unwrap();
+        assert_eq!(t.node(f).kind, EntryKind::File);
+        assert!(!t.damaged());
+        assert!(path.exists());
+        // Reading the damaged chunk is refused, and the file goes, so the
+        // next use rebuilds it.
+        let d = t.resolve(b"d99", false).unwrap();
+        let names: Vec<Vec<u8>> = t.children(d).map(|(n, _)| n.to_vec()).collect();
+        assert!(t.damaged());
+        assert!(
+            !names.iter().any(|n| n == b"f148" || n == b"f149"),
+            "no damaged name is read"
+        );
+        assert!(!path.exists());
+        assert!(matches!(t.verify_all(), Err(SavedTreeError::Chunk { .. })));
     }
 
     #[test]
