@@ -255,14 +255,15 @@ impl ImageSource {
         whole: bool,
     ) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
         let open = |f: &std::fs::File, p: &std::path::Path| {
-            let t = Tree::open(f, Some(p.to_path_buf()))?;
             // A small tree is checked whole even for a mount (a few
             // milliseconds at most): damage is then found before anything
             // is answered, and the tree rebuilt at once.
-            if whole || t.as_bytes().len() <= EAGER_CHECK_BYTES {
-                t.verify_all()?;
+            let small = f.metadata().is_ok_and(|m| m.len() <= EAGER_CHECK_BYTES);
+            if whole || small {
+                Tree::open_checked(f, Some(p.to_path_buf()))
+            } else {
+                Tree::open(f, Some(p.to_path_buf()))
             }
-            Ok::<_, crate::overlay::tree::SavedTreeError>(t)
         };
         if let Some(i) = only {
             let layer = self.layer(i).await?;
@@ -336,7 +337,7 @@ impl ImageSource {
 
 /// Saved trees up to this size (about 100,000 entries) are checksummed
 /// whole when opened for a mount; larger ones chunk by chunk as read.
-const EAGER_CHECK_BYTES: usize = 8 << 20;
+const EAGER_CHECK_BYTES: u64 = 8 << 20;
 
 /// The layer, if its uncompressed content is what the config says it is.
 fn check_diff_id(

@@ -318,6 +318,17 @@ impl Tree {
     /// nothing is decoded, and each chunk is checked when first read. A
     /// chunk found damaged later removes the file at `path`, if given.
     pub fn open(file: &File, path: Option<PathBuf>) -> Result<Tree, SavedTreeError> {
+        Tree::open_with(file, path, false)
+    }
+
+    /// As [`Self::open`], but every chunk is checked now, by reading the
+    /// file (normally from the page cache) through a buffer rather than
+    /// through the map, so the check does not make the tree resident.
+    pub fn open_checked(file: &File, path: Option<PathBuf>) -> Result<Tree, SavedTreeError> {
+        Tree::open_with(file, path, true)
+    }
+
+    fn open_with(file: &File, path: Option<PathBuf>, whole: bool) -> Result<Tree, SavedTreeError> {
         let mut f = file;
         let len = f.metadata()?.len();
         let mut header = [0u8; HEADER_LEN];
@@ -332,6 +343,29 @@ impl Tree {
         if header_checksum(&header, &table) != l.checksum {
             return Err(SavedTreeError::Checksum);
         }
+        if whole {
+            f.seek(SeekFrom::Start(HEADER_LEN as u64))?;
+            let mut buf = vec![0u8; 16 * CHUNK];
+            let mut c = 0;
+            let mut left = l.body_len;
+            while left > 0 {
+                let n = left.min(buf.len());
+                if read_full(&mut f, &mut buf[..n])? != n {
+                    return Err(SavedTreeError::Layout("truncated"));
+                }
+                for chunk in buf[..n].chunks(CHUNK) {
+                    if xxhash_rust::xxh3::xxh3_64(chunk) != u64_at(&table, c * 8) {
+                        let start = HEADER_LEN + c * CHUNK;
+                        return Err(SavedTreeError::Chunk {
+                            start,
+                            end: start + chunk.len(),
+                        });
+                    }
+                    c += 1;
+                }
+                left -= n;
+            }
+        }
         // SAFETY: the cache replaces saved trees by renaming a new file over
         // the old one and never writes into one in place, so the mapped
         // bytes do not change under us; every read below is bounds-checked
@@ -340,9 +374,13 @@ impl Tree {
         if map.len() as u64 != len || map[..HEADER_LEN] != header {
             return Err(SavedTreeError::Layout("changed while it was opened"));
         }
-        #[cfg(unix)]
-        let _ = map.advise(memmap2::Advice::Random);
-        Ok(Tree::with(Storage::Mapped(map), l, path))
+        let t = Tree::with(Storage::Mapped(map), l, path);
+        if whole {
+            for w in t.checked.iter() {
+                w.store(u64::MAX, Ordering::Relaxed);
+            }
+        }
+        Ok(t)
     }
 
     /// The saved form, to write to a file.
@@ -876,6 +914,7 @@ mod tests {
             file.write_all(&bad).unwrap();
             // Mapped: refused at open (header, chunk table), or damaged at
             // the first read of the chunk (here, the only one).
+            prop_assert!(Tree::open_checked(&file, None).is_err());
             if let Ok(t) = Tree::open(&file, None) {
                 prop_assert!(t.verify_all().is_err());
                 let _ = t.resolve(b"bin/sh", true);
