@@ -851,9 +851,10 @@ mod tests {
         let mut file = tempfile::tempfile().unwrap();
         file.write_all(built.as_bytes()).unwrap();
         let mapped = Tree::open(&file, None).unwrap();
+        let checked = Tree::open_checked(&file, None).unwrap();
         prop_assert!(mapped.is_mapped());
         let paths = ap.below(0, b"");
-        for t in [&built, &from_memory, &mapped] {
+        for t in [&built, &from_memory, &mapped, &checked] {
             prop_assert_eq!(t.len(), {
                 let reachable = ap.reachable();
                 reachable.iter().filter(|r| **r).count()
@@ -1032,6 +1033,9 @@ mod tests {
         );
         assert!(!path.exists());
         assert!(matches!(t.verify_all(), Err(SavedTreeError::Chunk { .. })));
+        let (path, _) = damaged_in_its_last_chunk();
+        let whole = Tree::open_checked(&File::open(&path).unwrap(), None);
+        assert!(matches!(whole, Err(SavedTreeError::Chunk { .. })));
     }
 
     #[test]
