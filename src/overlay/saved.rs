@@ -45,8 +45,9 @@
 //! when the file is not in the page cache. A chunk that fails its check is
 //! never read: the tree reports itself [`Tree::damaged`] (the mount answers
 //! EIO for what needed that chunk), removes the file so the next use
-//! rebuilds it, and reads the chunk as zeros. [`Tree::verify_all`] checks
-//! every chunk at once, for commands that read the whole tree anyway.
+//! rebuilds it, and reads the chunk as zeros. [`Tree::open_checked`] checks
+//! every chunk at once, for small trees and for commands that read the whole
+//! tree anyway.
 //! Every read is bounds-checked as well: bad bytes never cause a panic.
 
 use std::borrow::Cow;
