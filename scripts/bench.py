@@ -353,7 +353,177 @@ def main_range_lazy():
     out.write_text(json.dumps({"range_lazy": r}, indent=2) + "\n")
     print(f"\nJSON: {out}")
 
+
+# The many-entries images: DIRS directories of 1,000 empty files each.
+SCALES = [int(n) for n in os.environ.get("RIMG_BENCH_SCALES", "10,100,1000").split(",")]
+FILES_PER_DIR = 1000
+
+
+def ustar_header(name: bytes, typeflag: bytes, mode: int) -> bytes:
+    """One ustar header block, for an empty entry."""
+    h = bytearray(512)
+    h[0:len(name)] = name
+    h[100:108] = b"%07o\0" % mode
+    h[108:116] = b"0000000\0"
+    h[116:124] = b"0000000\0"
+    h[124:136] = b"00000000000\0"
+    h[136:148] = b"14500000000\0"
+    h[148:156] = b" " * 8
+    h[156:157] = typeflag
+    h[257:263] = b"ustar\0"
+    h[263:265] = b"00"
+    h[148:156] = b"%06o\0 " % sum(h)
+    return bytes(h)
+
+
+def many_entries_layer(dirs: int) -> Path:
+    """A layer of `dirs` directories of 1,000 empty files each (built once).
+    Headers are written directly, piped to gzip -1: Python's tarfile would
+    take minutes for a million entries."""
+    BENCH.mkdir(parents=True, exist_ok=True)
+    out = BENCH / f"entries-{dirs}x{FILES_PER_DIR}.tar.gz"
+    if out.exists():
+        return out
+    print(f"building a layer of {dirs} x {FILES_PER_DIR} empty files", file=sys.stderr)
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "wb") as f:
+        gz = subprocess.Popen(["gzip", "-1"], stdin=subprocess.PIPE, stdout=f)
+        buf = []
+        for d in range(dirs):
+            dname = b"d%04d" % d
+            buf.append(ustar_header(dname + b"/", b"5", 0o755))
+            # Only the name and the checksum differ between a directory's files.
+            template = bytearray(ustar_header(dname + b"/f0000", b"0", 0o644))
+            template[148:156] = b" " * 8
+            base = sum(template) - sum(b"0000")
+            for i in range(FILES_PER_DIR):
+                digits = b"%04d" % i
+                template[len(dname) + 2:len(dname) + 6] = digits
+                template[148:156] = b"%06o\0 " % (base + sum(digits))
+                buf.append(bytes(template))
+            if len(buf) > 20000:
+                gz.stdin.write(b"".join(buf))
+                buf = []
+        buf.append(b"\0" * 1024)
+        gz.stdin.write(b"".join(buf))
+        gz.stdin.close()
+        if gz.wait() != 0:
+            raise SystemExit("gzip failed")
+    tmp.rename(out)
+    return out
+
+
+def scale_bench(reg, work: Path):
+    """For each many-entries image: warm mount until the first stat, server
+    memory after a full find, warm find against find over an extracted copy,
+    cold mount + find against tar -x + find, and rimg ls -R."""
+    rows = []
+    for dirs in SCALES:
+        layer = many_entries_layer(dirs)
+        tag = f"n{dirs}"
+        sh([str(ROOT / "scripts/push-image.sh"), f"127.0.0.1:{reg.port}", "bench/entries", tag, "amd64",
+            str(layer)], stdout=subprocess.DEVNULL)
+        ref = f"127.0.0.1:{reg.port}/bench/entries:{tag}"
+        mnt = work / f"mnt-{tag}"
+        mnt.mkdir()
+        cache = work / f"cache-{tag}"
+        env = dict(os.environ, RIMG_CACHE_DIR=str(cache))
+        first = mnt / "d0000" / "f0000"
+        r = {"dirs": dirs}
+
+        def rimg(*args, **kw):
+            return subprocess.run([str(RIMG), *args], env=env, check=True, **kw)
+
+        def umount():
+            subprocess.run([str(RIMG), "umount", str(mnt)], env=env, stderr=subprocess.DEVNULL)
+
+        def count(d):
+            return int(subprocess.run(f"find {d} | wc -l", shell=True, capture_output=True,
+                                      text=True).stdout)
+
+        def cold():
+            rimg("mount", ref, str(mnt), stdout=subprocess.DEVNULL)
+            r["entries"] = count(mnt)
+
+        def clear_cache():
+            umount()
+            shutil.rmtree(cache, ignore_errors=True)
+        r["cold_mount_find_s"] = median_of(cold, setup=clear_cache)
+        extracted = work / f"x-{tag}"
+
+        def untar_find():
+            extracted.mkdir()
+            sh(["tar", "-xzf", str(layer), "-C", str(extracted)])
+            count(extracted)
+
+        def clear_extracted():
+            shutil.rmtree(extracted, ignore_errors=True)
+        r["untar_find_s"] = median_of(untar_find, setup=clear_extracted)
+        # The cold mount saved the tree once every layer was there.
+        for _ in range(600):
+            if any((cache / "trees").glob("*")):
+                break
+            time.sleep(0.1)
+        umount()
+        r["tree_file_bytes"] = sum(p.stat().st_size for p in (cache / "trees").glob("*"))
+
+        def warm():
+            rimg("mount", ref, str(mnt), stdout=subprocess.DEVNULL)
+            os.stat(first)
+        r["warm_mount_stat_s"] = median_of(warm, setup=umount)
+        pid = serving_pid(mnt)
+        rss0 = rss_kib(pid, "VmRSS") if pid else 0
+        # The first find after a warm mount: every lookup goes to the server.
+        r["first_find_mount_s"] = timed(lambda: count(mnt))
+        r["rss_after_find_kib"] = rss_kib(pid, "VmRSS") if pid else 0
+        r["rss_anon_after_find_kib"] = rss_kib(pid, "RssAnon") if pid else 0
+        r["rss_file_after_find_kib"] = rss_kib(pid, "RssFile") if pid else 0
+        r["rss_before_find_kib"] = rss0
+        r["rss_bytes_per_entry"] = r["rss_after_find_kib"] * 1024 / max(r["entries"], 1)
+        r["find_mount_s"] = median_of(lambda: count(mnt))
+        r["find_extracted_s"] = median_of(lambda: count(extracted))
+        umount()
+        ls = subprocess.run(["/usr/bin/time", "-f", "%e %M", str(RIMG), "ls", "-R", ref, "/"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        secs, kib = ls.stderr.strip().splitlines()[-1].split()
+        r["ls_R_s"], r["ls_R_peak_kib"] = float(secs), int(kib)
+        clear_extracted()
+        shutil.rmtree(cache, ignore_errors=True)
+        rows.append(r)
+    print(f"\nmany entries: directories of {FILES_PER_DIR} empty files, median of {RUNS}")
+    print("| entries | warm mount+stat | RSS after find | B/entry (anon+file) | first find after warm mount "
+          "| warm find mount / extracted | cold mount+find / tar -x+find | ls -R | saved tree |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['entries']:,} | {r['warm_mount_stat_s'] * 1e3:.0f} ms "
+              f"| {r['rss_after_find_kib'] / 1024:.1f} MiB "
+              f"| {r['rss_bytes_per_entry']:.0f} ({r['rss_anon_after_find_kib'] * 1024 / r['entries']:.0f}"
+              f"+{r['rss_file_after_find_kib'] * 1024 / r['entries']:.0f}) "
+              f"| {r['first_find_mount_s']:.2f} s "
+              f"| {r['find_mount_s']:.2f} / {r['find_extracted_s']:.2f} s = "
+              f"{r['find_mount_s'] / r['find_extracted_s']:.2f}x "
+              f"| {r['cold_mount_find_s']:.2f} / {r['untar_find_s']:.2f} s = "
+              f"{r['cold_mount_find_s'] / r['untar_find_s']:.2f}x "
+              f"| {r['ls_R_s']:.2f} s, {r['ls_R_peak_kib'] / 1024:.0f} MiB "
+              f"| {r['tree_file_bytes'] / 1e6:.1f} MB |")
+    return rows
+
+
 def main():
+    if "--entries-only" in sys.argv:
+        # Only the many-entries images: needs no debootstrap or pip.
+        work = Path(tempfile.mkdtemp(prefix="rimg-bench-run-"))
+        reg = Registry(work)
+        try:
+            rows = scale_bench(reg, work)
+        finally:
+            reg.stop()
+            shutil.rmtree(work, ignore_errors=True)
+        out = Path(os.environ.get("RIMG_BENCH_JSON", ROOT / "bench-results.json"))
+        out.write_text(json.dumps({"cores": os.cpu_count(), "runs": RUNS, "entries": rows},
+                                  indent=2) + "\n")
+        print(f"\nJSON: {out}")
+        return
     layers = build_layers()
     work = Path(tempfile.mkdtemp(prefix="rimg-bench-run-"))
     reg = Registry(work)
@@ -511,6 +681,7 @@ def main():
         # 7. Published gzip index (issue 13).
         gz, _ = gzindex_bench(reg.port, work, sum(sizes))
         results.update(gz)
+        results["entries_scale"] = scale_bench(reg, work)
     finally:
         subprocess.run([str(RIMG), "umount", str(mnt)], stderr=subprocess.DEVNULL)
         reg.stop()
@@ -527,6 +698,7 @@ def main():
         "diff_fetched_vs_both_images": r["diff_fetched_bytes"] / r["diff_both_images_bytes"],
     }
     report = {
+        "entries_scale": r.pop("entries_scale"),
         "cores": os.cpu_count(),
         "runs": RUNS,
         "image": {"layers": len(layers), "compressed_bytes": sum(sizes), "unpacked_bytes": unpacked,

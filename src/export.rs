@@ -130,14 +130,7 @@ pub fn write_rootfs<W: Write>(
                 stack.extend(children.into_iter().rev());
             }
             EntryKind::Symlink => {
-                append_entry(
-                    &mut builder,
-                    header,
-                    n,
-                    &path,
-                    n.link.as_deref(),
-                    io::empty(),
-                )?;
+                append_entry(&mut builder, header, n, &path, n.link, io::empty())?;
             }
             EntryKind::Char | EntryKind::Block => {
                 header.set_device_major(n.rdev.0)?;
@@ -176,7 +169,7 @@ const USTAR_NAME: usize = 100;
 fn append_entry<W: Write>(
     builder: &mut tar::Builder<W>,
     mut header: tar::Header,
-    node: &crate::overlay::tree::Node,
+    node: crate::overlay::tree::NodeRef<'_>,
     path: &[u8],
     link: Option<&[u8]>,
     data: impl Read,

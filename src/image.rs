@@ -4,6 +4,7 @@
 //! Blobs come from a registry or from a local archive ([`Blobs`]); past the
 //! fetch, the two are the same.
 
+use std::borrow::Cow;
 use std::io::Read;
 use std::sync::Arc;
 
@@ -288,8 +289,37 @@ impl ImageSource {
     }
 
     /// The merged tree (or one layer's own tree when `only` is given), with
-    /// the layers its data lives in.
+    /// the layers its data lives in. A saved tree is checked whole first.
     pub async fn tree(&self, only: Option<usize>) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
+        self.tree_checked(only, true).await
+    }
+
+    /// As [`Self::tree`], but a saved tree is checked chunk by chunk as it
+    /// is read (see [`Tree::damaged`]): what a mount wants, whose first
+    /// lookup should not wait for the whole file.
+    pub async fn tree_in_place(
+        &self,
+        only: Option<usize>,
+    ) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
+        self.tree_checked(only, false).await
+    }
+
+    async fn tree_checked(
+        &self,
+        only: Option<usize>,
+        whole: bool,
+    ) -> Result<(Tree, Vec<Arc<Layer>>), ImageError> {
+        let open = |f: &std::fs::File, p: &std::path::Path| {
+            // A small tree is checked whole even for a mount (a few
+            // milliseconds at most): damage is then found before anything
+            // is answered, and the tree rebuilt at once.
+            let small = f.metadata().is_ok_and(|m| m.len() <= EAGER_CHECK_BYTES);
+            if whole || small {
+                Tree::open_checked(f, Some(p.to_path_buf()))
+            } else {
+                Tree::open(f, Some(p.to_path_buf()))
+            }
+        };
         if let Some(i) = only {
             let layer = self.layer(i).await?;
             let index = layer.index().map_err(|e| self.layer_error(i, e))?;
@@ -298,7 +328,7 @@ impl ImageSource {
         let started = std::time::Instant::now();
         let layers = self.layers().await?;
         let key = self.tree_key(layers.iter().map(|l| l.ranged().is_some()));
-        if let Some(t) = self.cache.load_tree::<Tree>(&key) {
+        if let Some(t) = self.cache.load_tree(&key, open) {
             tracing::info!(
                 "{}: saved tree of {} entries loaded in {:?}",
                 self.image.reference,
@@ -313,7 +343,7 @@ impl ImageSource {
             indexes.push(l.index().map_err(|e| self.layer_error(i, e))?);
         }
         let refs: Vec<&LayerIndex> = indexes.iter().collect();
-        let t = tree::merge(&refs).map_err(|source| ImageError::Tree {
+        let mut t = tree::merge(&refs).map_err(|source| ImageError::Tree {
             reference: self.image.reference.to_string(),
             source,
         })?;
@@ -325,8 +355,15 @@ impl ImageSource {
             fetched,
             started.elapsed() - fetched
         );
-        if let Err(e) = self.cache.store_tree(&key, &t) {
-            tracing::warn!("cannot save the merged tree: {}", crate::report::Chain(&e));
+        match self.cache.store_tree(&key, t.as_bytes()) {
+            // Served from the saved file from here on: the page cache holds
+            // it, not this process's heap.
+            Ok(()) => {
+                if let Some(saved) = self.cache.load_tree(&key, open) {
+                    t = saved;
+                }
+            }
+            Err(e) => tracing::warn!("cannot save the merged tree: {}", crate::report::Chain(&e)),
         }
         Ok((t, layers))
     }
@@ -379,6 +416,10 @@ impl ImageSource {
     }
 }
 
+/// Saved trees up to this size (about 100,000 entries) are checksummed
+/// whole when opened for a mount; larger ones chunk by chunk as read.
+const EAGER_CHECK_BYTES: u64 = 8 << 20;
+
 /// The layer, if its uncompressed content is what the config says it is.
 fn check_diff_id(
     layer: Arc<Layer>,
@@ -403,7 +444,7 @@ pub struct FileData<'a> {
     layer: Option<&'a Layer>,
     offset: u64,
     size: u64,
-    sparse: Option<&'a [crate::layer::Segment]>,
+    sparse: Option<Cow<'a, [crate::layer::Segment]>>,
     pos: u64,
 }
 
@@ -418,13 +459,22 @@ impl<'a> FileData<'a> {
             layer,
             offset,
             size,
-            sparse,
+            sparse: sparse.map(Cow::Borrowed),
             pos: 0,
         }
     }
 
     /// The bytes of a merged node, whose layer is `layers[node.layer]`.
-    pub fn of(layers: &'a [Arc<Layer>], n: &'a crate::overlay::tree::Node) -> Self {
+    pub fn of(layers: &'a [Arc<Layer>], n: crate::overlay::tree::NodeRef<'_>) -> Self {
+        let layer = layers.get(n.layer as usize).map(|l| &**l);
+        FileData {
+            sparse: n.sparse(),
+            ..Self::new(layer, n.offset, n.size, None)
+        }
+    }
+
+    /// The bytes of a node while layers are applied ([`crate::overlay::tree::Applier`]).
+    pub fn of_node(layers: &'a [Arc<Layer>], n: &'a crate::overlay::tree::Node) -> Self {
         let layer = layers.get(n.layer as usize).map(|l| &**l);
         Self::new(layer, n.offset, n.size, n.sparse())
     }
@@ -441,7 +491,7 @@ impl Read for FileData<'_> {
             &mut read_at,
             self.offset,
             self.size,
-            self.sparse,
+            self.sparse.as_deref(),
             self.pos,
             buf,
         )?;

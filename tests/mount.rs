@@ -525,3 +525,61 @@ fn the_merged_tree_is_saved_once_every_layer_is_here_so_the_next_mount_loads_it(
     let (_keep, rootfs) = umoci_unpack(&reg, "rules", "v1");
     assert_same_tree(&m.path, &rootfs);
 }
+
+/// The one saved tree file in the cache.
+fn saved_tree_file(env: &Env) -> std::path::PathBuf {
+    let trees = env.cache_dir().join("trees");
+    let files: Vec<_> = std::fs::read_dir(&trees)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(files.len(), 1, "{files:?}");
+    files[0].clone()
+}
+
+#[test]
+fn a_damaged_saved_tree_is_rebuilt_and_the_mount_shows_the_right_content() {
+    let reg = Registry::start(Auth::None);
+    push_rules(&reg, "rules", "v1", true);
+    let r = format!("{}/rules:v1", reg.addr());
+    let env = Env::new();
+    let (_keep, rootfs) = umoci_unpack(&reg, "rules", "v1");
+    // `ls` fetches every layer and saves the tree.
+    let listing = env.ok(&["ls", "-R", &r]);
+    let path = saved_tree_file(&env);
+    let good = std::fs::read(&path).unwrap();
+    let damaged = [
+        {
+            // One bit flipped in the middle: only the checksum can tell.
+            let mut b = good.clone();
+            let mid = b.len() / 2;
+            b[mid] ^= 0x10;
+            b
+        },
+        good[..good.len() - 3].to_vec(),
+        // Another version of the format.
+        {
+            let mut b = good.clone();
+            b[8] = b[8].wrapping_add(1);
+            b
+        },
+    ];
+    for bad in damaged {
+        std::fs::write(&path, &bad).unwrap();
+        let m = Mounted::new(&env, &r, &[]);
+        assert_same_tree(&m.path, &rootfs);
+        drop(m);
+        // Rebuilt and saved again whole.
+        assert_eq!(std::fs::read(&path).unwrap(), good);
+    }
+    // `ls` says why it rebuilt, and lists the same.
+    std::fs::write(&path, &good[..100]).unwrap();
+    let out = env.run(&["ls", "-R", &r]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("saved tree") && stderr.contains("truncated"),
+        "{stderr}"
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), listing);
+    assert_eq!(std::fs::read(&path).unwrap(), good);
+}

@@ -1,7 +1,6 @@
 //! Keeping the cache: saved trees, the listing, verification, eviction and
 //! the clean-up of what a crash left.
 
-use serde::Serialize;
 use std::fs::{self, File};
 use std::io::{self, Write};
 use std::os::unix::fs::DirBuilderExt;
@@ -18,21 +17,29 @@ impl Cache {
     }
 
     /// A merged tree saved for the image with manifest `image_digest`, so a
-    /// warm mount neither reads layer indexes nor merges them again.
-    pub fn load_tree<T: serde::de::DeserializeOwned>(&self, image_digest: &str) -> Option<T> {
-        // Decoded from a buffered reader, not from the whole file in memory,
-        // so the file and the tree never both count against peak memory.
-        let file = File::open(self.tree_path(image_digest).ok()?).ok()?;
-        let mut scratch = vec![0u8; 64 * 1024];
-        let reader = io::BufReader::with_capacity(IO_BUFFER, file);
-        let (version, (reader, scratch)) =
-            postcard::from_io::<u32, _>((reader, &mut scratch)).ok()?;
-        if version != INDEX_VERSION {
-            return None;
+    /// warm mount neither reads layer indexes nor merges them again. `open`
+    /// checks and maps the file at the path it is given (the format belongs
+    /// to the overlay); a file it rejects is removed with a warning, so the
+    /// tree is rebuilt and saved anew, never trusted.
+    pub fn load_tree<T, E: std::error::Error>(
+        &self,
+        image_digest: &str,
+        open: impl FnOnce(&File, &Path) -> Result<T, E>,
+    ) -> Option<T> {
+        let path = self.tree_path(image_digest).ok()?;
+        let file = File::open(&path).ok()?;
+        match open(&file, &path) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                tracing::warn!(
+                    "saved tree {}: {}; rebuilding it",
+                    path.display(),
+                    error_chain(&e)
+                );
+                let _ = fs::remove_file(&path);
+                None
+            }
         }
-        postcard::from_io::<T, _>((reader, scratch))
-            .ok()
-            .map(|(t, _)| t)
     }
 
     /// Whether a merged tree is saved for the image.
@@ -40,7 +47,9 @@ impl Cache {
         self.tree_path(image_digest).is_ok_and(|p| p.exists())
     }
 
-    pub fn store_tree<T: Serialize>(&self, image_digest: &str, tree: &T) -> Result<(), CacheError> {
+    /// Saves a merged tree's bytes, whole or not at all (written aside, then
+    /// renamed into place: a mapped older copy is never written into).
+    pub fn store_tree(&self, image_digest: &str, bytes: &[u8]) -> Result<(), CacheError> {
         let path = self.tree_path(image_digest)?;
         let dir = self.root.join("trees");
         fs::DirBuilder::new()
@@ -48,13 +57,8 @@ impl Cache {
             .mode(0o700)
             .create(&dir)
             .map_err(io_err(&dir))?;
-        let encode = |e: postcard::Error| io_err(&path)(io::Error::other(e));
-        let mut bytes = postcard::to_stdvec(&INDEX_VERSION).map_err(encode)?;
-        bytes.extend(postcard::to_stdvec(tree).map_err(encode)?);
         let tmp = tempfile::NamedTempFile::new_in(self.root.join("tmp")).map_err(io_err(&dir))?;
-        tmp.as_file()
-            .write_all(&bytes)
-            .map_err(io_err(tmp.path()))?;
+        tmp.as_file().write_all(bytes).map_err(io_err(tmp.path()))?;
         tmp.persist(&path).map_err(|e| io_err(&path)(e.error))?;
         Ok(())
     }
@@ -276,4 +280,16 @@ impl Cache {
             }
         }
     }
+}
+
+/// An error and its sources, on one line.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
 }

@@ -464,7 +464,7 @@ pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
                     layer: d.layer,
                     offset: e.offset,
                     size: e.size,
-                    sparse: e.sparse.as_deref(),
+                    sparse: e.sparse.as_deref().map(std::borrow::Cow::Borrowed),
                     hidden_by: Some(d.hidden_by),
                 });
             }

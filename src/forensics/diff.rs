@@ -2,6 +2,7 @@
 //! --name-status` but with directories, and with everything under an added
 //! or deleted directory.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use std::collections::BTreeSet;
@@ -11,7 +12,7 @@ use crate::cache::Layer;
 use crate::layer::{Entry, EntryKind, LayerIndex};
 use crate::names;
 use crate::overlay::partial::{Decision, LayerView, decide};
-use crate::overlay::tree::{Node, NodeId, Tree};
+use crate::overlay::tree::{NodeId, NodeRef, Tree};
 use crate::overlay::{Change, classify};
 
 /// One side of a diff: a merged tree, the layers its bytes live in, and
@@ -141,18 +142,18 @@ struct Item<'a> {
     digest: Option<&'a str>,
     offset: u64,
     layer: Option<&'a Layer>,
-    sparse: Option<&'a [crate::layer::Segment]>,
+    sparse: Option<Cow<'a, [crate::layer::Segment]>>,
 }
 
 impl<'a> Item<'a> {
-    fn of_node(side: &Side<'a>, n: &'a Node) -> Item<'a> {
+    fn of_node(side: &Side<'a>, n: NodeRef<'a>) -> Item<'a> {
         Item {
             kind: n.kind,
             mode: n.mode,
             uid: n.uid,
             gid: n.gid,
             size: n.size,
-            link: n.link.as_deref(),
+            link: n.link,
             rdev: n.rdev,
             xattrs: n.xattrs().collect(),
             digest: side.digests.get(n.layer as usize).map(String::as_str),
@@ -179,7 +180,7 @@ impl<'a> Item<'a> {
             digest: Some(digest),
             offset: e.offset,
             layer: Some(layer),
-            sparse: e.sparse.as_deref(),
+            sparse: e.sparse.as_deref().map(Cow::Borrowed),
         }
     }
 
@@ -189,7 +190,7 @@ impl<'a> Item<'a> {
             self.layer,
             self.offset,
             self.size,
-            self.sparse,
+            self.sparse.as_deref(),
         ))
         .map_err(|source| ForensicsError::Read {
             path: path.to_vec(),

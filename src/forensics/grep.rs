@@ -50,7 +50,7 @@ pub struct Target<'a> {
     pub layer: usize,
     pub offset: u64,
     pub size: u64,
-    pub sparse: Option<&'a [Segment]>,
+    pub sparse: Option<std::borrow::Cow<'a, [Segment]>>,
     /// For a deleted entry: the layer that hid it.
     pub hidden_by: Option<usize>,
 }
@@ -139,7 +139,8 @@ pub fn search(
                             let Some(layer) = layers.get(t.layer) else {
                                 continue;
                             };
-                            let data = FileData::new(Some(layer), t.offset, t.size, t.sparse);
+                            let data =
+                                FileData::new(Some(layer), t.offset, t.size, t.sparse.as_deref());
                             let mut found = Found::default();
                             let sink = Collect {
                                 found: &mut found,

@@ -147,7 +147,7 @@ impl Hashes<'_> {
                 .cloned()
                 .unwrap_or_default()
         };
-        let data = FileData::of(self.layers, n);
+        let data = FileData::of_node(self.layers, n);
         let h = sha256_hex(data).map_err(|source| ForensicsError::Read {
             path: path.to_vec(),
             digest: digest(),

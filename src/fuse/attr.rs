@@ -8,7 +8,7 @@ use fuser::{Errno, FileAttr, FileType, INodeNo, ReplyXattr};
 
 use crate::cache::Layer;
 use crate::layer::{EntryKind, Segment};
-use crate::overlay::tree::{Node, NodeId};
+use crate::overlay::tree::{NodeId, NodeRef};
 
 use super::fs::*;
 use super::state::*;
@@ -46,6 +46,15 @@ pub(super) enum Target<'a> {
 }
 
 impl Target<'_> {
+    /// EIO in place of an answer read from a saved tree that was found
+    /// damaged meanwhile (see [`crate::overlay::tree::Tree::damaged`]).
+    pub(super) fn sound<T>(&self, r: Result<T, Errno>) -> Result<T, Errno> {
+        match self {
+            Target::Node(m, _) if m.tree.damaged() => Err(Errno::EIO),
+            _ => r,
+        }
+    }
+
     pub(super) fn attr(&self) -> FileAttr {
         match self {
             Target::Node(m, id) => attr_of(m, *id, m.tree.node(*id)),
@@ -57,9 +66,7 @@ impl Target<'_> {
         match self {
             Target::Node(m, id) => {
                 let n = m.tree.node(*id);
-                (n.kind == EntryKind::Symlink)
-                    .then_some(n.link.as_deref())
-                    .flatten()
+                (n.kind == EntryKind::Symlink).then_some(n.link).flatten()
             }
             Target::Prov(_, p) => (p.entry.kind == EntryKind::Symlink)
                 .then_some(p.entry.link.as_deref())
@@ -94,11 +101,16 @@ impl Target<'_> {
                 let n = m.tree.node(*id);
                 let layer = m.layers.get(n.layer as usize)?;
                 (n.kind == EntryKind::File).then_some(())?;
-                (layer, n.offset, n.size, n.sparse())
+                (layer, n.offset, n.size, n.sparse().map(|s| s.into_owned()))
             }
             Target::Prov(_, p) if p.entry.kind == EntryKind::File => {
                 let e = &p.entry;
-                (&p.layer, e.offset, e.size, e.sparse.as_deref())
+                (
+                    &p.layer,
+                    e.offset,
+                    e.size,
+                    e.sparse.as_deref().map(<[_]>::to_vec),
+                )
             }
             Target::Prov(..) => return None,
         };
@@ -107,7 +119,7 @@ impl Target<'_> {
             layer: Arc::clone(layer),
             at,
             len,
-            sparse: sparse.map(|s| s.to_vec()),
+            sparse,
             offset,
             size,
         })
@@ -147,8 +159,8 @@ pub(super) struct Meta<'a> {
     pub(super) nlink: u32,
 }
 
-impl<'a> From<&'a Node> for Meta<'a> {
-    fn from(n: &'a Node) -> Meta<'a> {
+impl<'a> From<NodeRef<'a>> for Meta<'a> {
+    fn from(n: NodeRef<'a>) -> Meta<'a> {
         Meta {
             kind: n.kind,
             mode: n.mode,
@@ -156,7 +168,7 @@ impl<'a> From<&'a Node> for Meta<'a> {
             gid: n.gid,
             size: n.size,
             mtime: n.mtime,
-            link: n.link.as_deref(),
+            link: n.link,
             rdev: n.rdev,
             nlink: n.nlink,
         }
@@ -180,7 +192,7 @@ impl<'a> From<&'a Prov> for Meta<'a> {
     }
 }
 
-pub(super) fn attr_of(m: &Mounted, id: NodeId, n: &Node) -> FileAttr {
+pub(super) fn attr_of(m: &Mounted, id: NodeId, n: NodeRef<'_>) -> FileAttr {
     attr_from(ino_of(m, id), Meta::from(n))
 }
 
@@ -215,7 +227,7 @@ pub(super) fn attr_from(ino: INodeNo, n: Meta<'_>) -> FileAttr {
 }
 
 /// `(name, value)` pairs of a node: its own xattrs plus `user.rimg.layer`.
-pub(super) fn xattrs_of(m: &Mounted, n: &Node) -> Vec<(Vec<u8>, Vec<u8>)> {
+pub(super) fn xattrs_of(m: &Mounted, n: NodeRef<'_>) -> Vec<(Vec<u8>, Vec<u8>)> {
     let mut out: Vec<(Vec<u8>, Vec<u8>)> = n
         .xattrs()
         .map(|(k, v)| (k.as_bytes().to_vec(), v.to_vec()))
@@ -259,12 +271,17 @@ impl RangedRead {
     }
 }
 
-pub(super) fn read_node(m: &Mounted, n: &Node, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+pub(super) fn read_node(
+    m: &Mounted,
+    n: NodeRef<'_>,
+    offset: u64,
+    size: u32,
+) -> Result<Vec<u8>, Errno> {
     if n.kind != EntryKind::File {
         return Err(Errno::EINVAL);
     }
     let layer = m.layers.get(n.layer as usize).ok_or(Errno::EIO)?;
-    read_data(layer, n.offset, n.size, n.sparse(), offset, size)
+    read_data(layer, n.offset, n.size, n.sparse().as_deref(), offset, size)
 }
 
 /// Up to `size` bytes at `offset` of a file of `len` bytes whose data starts

@@ -15,7 +15,7 @@ use fuser::{
 };
 
 use crate::layer::EntryKind;
-use crate::overlay::tree::{NodeId, Tree};
+use crate::overlay::tree::{Children, NodeId, Tree};
 
 use super::attr::*;
 use super::state::*;
@@ -191,6 +191,10 @@ impl Filesystem for ImageFs {
                         Err(Errno::EIO)
                     }
                 };
+                let answer = match state.ready.get() {
+                    Some(m) if m.tree.damaged() => Err(Errno::EIO),
+                    _ => answer,
+                };
                 match answer {
                     Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
                     Err(e) => reply.error(e),
@@ -200,13 +204,17 @@ impl Filesystem for ImageFs {
             return;
         }
         self.with_inode(parent, move |t| {
-            let r = t.and_then(|t| match t {
-                Target::Node(m, p) => {
-                    let id = m.tree.lookup(p, &name).ok_or(Errno::ENOENT)?;
-                    Ok(attr_of(m, id, m.tree.node(id)))
-                }
-                // A provisional parent outlived the build: its node is unknown.
-                Target::Prov(..) => Err(Errno::ENOENT),
+            let r = t.and_then(|t| {
+                let r = match &t {
+                    Target::Node(m, p) => m
+                        .tree
+                        .lookup(*p, &name)
+                        .ok_or(Errno::ENOENT)
+                        .map(|id| attr_of(m, id, m.tree.node(id))),
+                    // A provisional parent outlived the build: its node is unknown.
+                    Target::Prov(..) => Err(Errno::ENOENT),
+                };
+                t.sound(r)
             });
             match r {
                 Ok(attr) => reply.entry(&TTL, &attr, Generation(0)),
@@ -220,15 +228,15 @@ impl Filesystem for ImageFs {
             reply.attr(&Duration::ZERO, &self.placeholder_root());
             return;
         }
-        self.with_inode(ino, move |t| match t {
-            Ok(t) => reply.attr(&TTL, &t.attr()),
+        self.with_inode(ino, move |t| match t.and_then(|t| t.sound(Ok(t.attr()))) {
+            Ok(attr) => reply.attr(&TTL, &attr),
             Err(e) => reply.error(e),
         });
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         self.with_inode(ino, move |t| {
-            match t.and_then(|t| t.link().map(<[u8]>::to_vec).ok_or(Errno::EINVAL)) {
+            match t.and_then(|t| t.sound(t.link().map(<[u8]>::to_vec).ok_or(Errno::EINVAL))) {
                 Ok(l) => reply.data(&l),
                 Err(e) => reply.error(e),
             }
@@ -260,13 +268,19 @@ impl Filesystem for ImageFs {
         self.with_inode(ino, move |t| {
             // A layer read by range may have to fetch: never on this thread.
             if let Ok(Some(job)) = t.as_ref().map(|t| t.ranged_read(offset, size)) {
+                // The node's record came from the saved tree: still sound?
+                if let Ok(t) = &t
+                    && let Err(e) = t.sound(Ok(()))
+                {
+                    return reply.error(e);
+                }
                 rt.spawn_blocking(move || match job.run() {
                     Ok(data) => reply.data(&data),
                     Err(e) => reply.error(e),
                 });
                 return;
             }
-            match t.and_then(|t| t.read(offset, size)) {
+            match t.and_then(|t| t.sound(t.read(offset, size))) {
                 Ok(data) => reply.data(&data),
                 Err(e) => reply.error(e),
             }
@@ -336,11 +350,13 @@ impl Filesystem for ImageFs {
         let name = name.as_bytes().to_vec();
         self.with_inode(ino, move |t| {
             let value = t.and_then(|t| {
-                t.xattrs()
+                let v = t
+                    .xattrs()
                     .into_iter()
                     .find(|(k, _)| *k == name)
                     .map(|(_, v)| v)
-                    .ok_or(Errno::NO_XATTR)
+                    .ok_or(Errno::NO_XATTR);
+                t.sound(v)
             });
             match value {
                 Ok(v) => reply_sized(reply, size, &v),
@@ -350,16 +366,18 @@ impl Filesystem for ImageFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        self.with_inode(ino, move |t| match t {
-            Ok(t) => {
-                let mut names = Vec::new();
-                for (k, _) in t.xattrs() {
-                    names.extend_from_slice(&k);
-                    names.push(0);
+        self.with_inode(ino, move |t| {
+            match t.and_then(|t| t.sound(Ok(t.xattrs()))) {
+                Ok(xattrs) => {
+                    let mut names = Vec::new();
+                    for (k, _) in xattrs {
+                        names.extend_from_slice(&k);
+                        names.push(0);
+                    }
+                    reply_sized(reply, size, &names)
                 }
-                reply_sized(reply, size, &names)
+                Err(e) => reply.error(e),
             }
-            Err(e) => reply.error(e),
         });
     }
 
@@ -404,8 +422,11 @@ pub(super) fn fill_dir(
 ) -> Result<(), Errno> {
     let m = m?;
     let id = id_of(m, ino)?;
-    // Offsets count every entry, left-out ones too, so they stay stable.
-    for (i, (name, child)) in dir_entries(&m.tree, id).enumerate().skip(offset as usize) {
+    // Offsets count every entry, left-out ones too, so they stay stable;
+    // `skip` jumps straight to the offset (the children table is indexed),
+    // so listing a huge directory page by page costs each page alone.
+    let entries = dir_entries(&m.tree, id).skip(offset as usize);
+    for (i, (name, child)) in (offset as usize..).zip(entries) {
         if name.len() > NAME_MAX {
             // The kernel fails the whole listing (EIO) on such a name; leave
             // it out. `rimg ls` and `rimg cat` still reach it.
@@ -420,6 +441,9 @@ pub(super) fn fill_dir(
             break;
         }
     }
+    if m.tree.damaged() {
+        return Err(Errno::EIO);
+    }
     Ok(())
 }
 
@@ -427,9 +451,38 @@ pub(super) fn fill_dir(
 pub(super) const NAME_MAX: usize = 255;
 
 /// `.` and `..` followed by the directory's children, as (name, node) pairs.
-pub(super) fn dir_entries(tree: &Tree, id: NodeId) -> impl Iterator<Item = (&[u8], NodeId)> + '_ {
-    let parent = tree.parent(id);
-    [(&b"."[..], id), (&b".."[..], parent)]
-        .into_iter()
-        .chain(tree.children(id))
+pub(super) fn dir_entries(tree: &Tree, id: NodeId) -> DirEntries<'_> {
+    DirEntries {
+        dots: [(&b"."[..], id), (&b".."[..], tree.parent(id))],
+        done: 0,
+        children: tree.children(id),
+    }
+}
+
+/// `.`, `..`, then the children; unlike a `chain`, skipping is O(1).
+pub(super) struct DirEntries<'a> {
+    dots: [(&'a [u8], NodeId); 2],
+    done: usize,
+    children: Children<'a>,
+}
+
+impl<'a> Iterator for DirEntries<'a> {
+    type Item = (&'a [u8], NodeId);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(&d) = self.dots.get(self.done) {
+            self.done += 1;
+            return Some(d);
+        }
+        self.children.next()
+    }
+
+    fn nth(&mut self, n: usize) -> Option<Self::Item> {
+        let dots = (self.dots.len() - self.done).min(n);
+        self.done += dots;
+        match n - dots {
+            0 => self.next(),
+            rest => self.children.nth(rest),
+        }
+    }
 }

@@ -300,7 +300,7 @@ impl State {
         }
         let (tree, layers) = self
             .source
-            .tree(self.only)
+            .tree_in_place(self.only)
             .await
             .map_err(|e| self.failure(e))?;
         let digests = match self.only {
@@ -313,9 +313,8 @@ impl State {
                 .map(|l| l.digest.clone())
                 .collect(),
         };
-        let blocks = (0..tree.len())
-            .map(|i| tree.node(i as NodeId).size.div_ceil(4096))
-            .sum();
+        // Summed when the tree was made: adding it up here would read every node.
+        let blocks = tree.blocks();
         let mut alias_of_node = HashMap::new();
         let mut node_of_alias = HashMap::new();
         // Held until the tree is published, so a provisional inode is either

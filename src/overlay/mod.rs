@@ -30,6 +30,7 @@
 //!    - a later entry for the same name wins (a consequence of order).
 
 pub mod partial;
+pub mod saved;
 pub mod tree;
 
 use crate::names;
@@ -110,7 +111,7 @@ mod differential {
     }
 
     #[derive(Debug, Clone)]
-    enum Op {
+    pub(super) enum Op {
         Dir(String),
         File(String),
         Symlink(String, String),
@@ -119,7 +120,7 @@ mod differential {
         Opaque(String),
     }
 
-    fn op_strategy() -> impl Strategy<Value = Op> {
+    pub(super) fn op_strategy() -> impl Strategy<Value = Op> {
         // Short targets, so symlinks often lead somewhere that exists.
         let one = || proptest::sample::select(&NAMES[..]).prop_map(str::to_string);
         let target = prop_oneof![
@@ -149,7 +150,7 @@ mod differential {
         }
     }
 
-    fn layer(ops: &[Op], n: u64) -> LayerIndex {
+    pub(super) fn layer(ops: &[Op], n: u64) -> LayerIndex {
         let entries = ops
             .iter()
             .enumerate()
@@ -209,8 +210,8 @@ mod differential {
                 let path = crate::names::join(&p, name);
                 let n = t.node(c);
                 let group = first.entry(c).or_insert_with(|| path.clone()).clone();
-                let link = (n.kind == EntryKind::Symlink)
-                    .then(|| n.link.as_deref().unwrap_or_default().to_vec());
+                let link =
+                    (n.kind == EntryKind::Symlink).then(|| n.link.unwrap_or_default().to_vec());
                 out.insert(path.clone(), (n.kind, link, group));
                 stack.push((path, c));
             }
@@ -289,7 +290,7 @@ mod differential {
                         n.nlink
                     );
                     prop_assert_eq!(
-                        (n.kind, n.offset, n.layer as usize, n.link.as_deref()),
+                        (n.kind, n.offset, n.layer as usize, n.link),
                         (e.kind, e.offset, i, e.link.as_deref()),
                         "{}",
                         crate::names::escaped(path)

@@ -1,9 +1,16 @@
 //! The merged tree of an image: every layer applied bottom to top by the
-//! rules in [`crate::overlay`], in a compact arena: one node per inode
-//! (hardlinked names share a node), children sorted by name bytes.
+//! rules in [`crate::overlay`]. While layers are applied, nodes and
+//! directory maps live in memory ([`Applier`]); the finished tree is written
+//! in the saved format of [`super::saved`] (one node per inode, hardlinked
+//! names sharing a node, children sorted by name bytes) and read in place.
 
 use std::collections::BTreeMap;
 
+use super::saved::{
+    CHILD_LEN, HAS_LINK, HAS_RDEV, HAS_SPARSE, HAS_XATTRS, HEADER_LEN, MAGIC, RECORD_LEN, VERSION,
+    kind_code, seal,
+};
+pub use super::saved::{Children, NodeRef, SavedTreeError, Tree};
 use super::{Change, MAX_SYMLINKS, classify};
 use crate::layer::{Entry, EntryKind, LayerIndex, Segment};
 use crate::names::{self, Escaped};
@@ -34,7 +41,7 @@ pub enum TreeError {
     },
 }
 
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone)]
 pub struct Node {
     pub kind: EntryKind,
     pub mode: u32,
@@ -54,8 +61,6 @@ pub struct Node {
     sparse: Option<Box<Box<[Segment]>>>,
     pub nlink: u32,
     parent: NodeId,
-    /// `(name, child)` in name order; names live in the tree's arena.
-    children: Box<[(NameRef, NodeId)]>,
 }
 
 impl Node {
@@ -75,141 +80,6 @@ impl Node {
 
 /// An extended attribute: name and value.
 type Xattr = (Box<str>, Box<[u8]>);
-
-/// Offset of a name in [`Tree`]'s arena: one allocation for all names keeps
-/// a large tree's memory near its entry count.
-type NameRef = u32;
-
-/// The merged tree. Node 0 is the root; inode numbers are `id + 1`.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct Tree {
-    #[serde(deserialize_with = "nodes_in_one_allocation")]
-    nodes: Vec<Node>,
-    /// Every name, each as a little-endian u16 length and its bytes.
-    names: Vec<u8>,
-}
-
-/// serde's `Vec` grows by doubling past a cautious first guess, which briefly
-/// holds two copies of a large tree; the exact length postcard records lets
-/// the nodes land in one allocation. The bound keeps a corrupt length from
-/// asking for absurd memory.
-fn nodes_in_one_allocation<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Node>, D::Error> {
-    struct Nodes;
-    impl<'de> serde::de::Visitor<'de> for Nodes {
-        type Value = Vec<Node>;
-        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str("a sequence of tree nodes")
-        }
-        fn visit_seq<A: serde::de::SeqAccess<'de>>(
-            self,
-            mut seq: A,
-        ) -> Result<Vec<Node>, A::Error> {
-            let mut nodes = Vec::with_capacity(seq.size_hint().unwrap_or(0).min(1 << 22));
-            while let Some(n) = seq.next_element()? {
-                nodes.push(n);
-            }
-            Ok(nodes)
-        }
-    }
-    d.deserialize_seq(Nodes)
-}
-
-impl Tree {
-    pub fn root(&self) -> NodeId {
-        0
-    }
-
-    pub fn len(&self) -> usize {
-        self.nodes.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.nodes.is_empty()
-    }
-
-    pub fn node(&self, id: NodeId) -> &Node {
-        &self.nodes[id as usize]
-    }
-
-    /// The directory holding `id` (the root is its own parent). For a file with
-    /// several names, the directory of the first.
-    pub fn parent(&self, id: NodeId) -> NodeId {
-        self.nodes[id as usize].parent
-    }
-
-    fn name_bytes(&self, at: NameRef) -> &[u8] {
-        let at = at as usize;
-        let len = self
-            .names
-            .get(at..at + 2)
-            .map_or(0, |b| u16::from_le_bytes([b[0], b[1]]) as usize);
-        self.names.get(at + 2..at + 2 + len).unwrap_or_default()
-    }
-
-    pub fn lookup(&self, parent: NodeId, name: &[u8]) -> Option<NodeId> {
-        let children = &self.nodes.get(parent as usize)?.children;
-        children
-            .binary_search_by(|(n, _)| self.name_bytes(*n).cmp(name))
-            .ok()
-            .map(|i| children[i].1)
-    }
-
-    /// Children in name order.
-    pub fn children(&self, id: NodeId) -> impl Iterator<Item = (&[u8], NodeId)> + '_ {
-        self.nodes[id as usize]
-            .children
-            .iter()
-            .map(|(n, c)| (self.name_bytes(*n), *c))
-    }
-
-    /// Resolves `path` from the image root. Symlinks in the middle are always
-    /// followed, the last one only when `follow_last`; targets resolve inside the
-    /// image (absolute ones against its root, `..` stops at the root).
-    pub fn resolve(&self, path: &[u8], follow_last: bool) -> Result<NodeId, TreeError> {
-        let mut pending: Vec<Vec<u8>> = path
-            .split(|&b| b == b'/')
-            .rev()
-            .map(<[u8]>::to_vec)
-            .collect();
-        let mut cur = self.root();
-        let mut walked: Vec<NodeId> = Vec::new();
-        let mut followed = 0;
-        while let Some(comp) = pending.pop() {
-            match comp.as_slice() {
-                b"" | b"." => continue,
-                b".." => {
-                    cur = walked.pop().unwrap_or(self.root());
-                    continue;
-                }
-                _ => {}
-            }
-            if self.node(cur).kind != EntryKind::Dir {
-                return Err(TreeError::NotADirectory(path.to_vec()));
-            }
-            let next = self
-                .lookup(cur, &comp)
-                .ok_or_else(|| TreeError::NotFound(path.to_vec()))?;
-            let is_last = pending.iter().all(|c| c.is_empty() || c == b".");
-            let n = self.node(next);
-            if n.kind == EntryKind::Symlink && (!is_last || follow_last) {
-                followed += 1;
-                if followed > MAX_SYMLINKS {
-                    return Err(TreeError::SymlinkLoop(path.to_vec()));
-                }
-                let target = n.link.as_deref().unwrap_or_default();
-                if target.starts_with(b"/") {
-                    cur = self.root();
-                    walked.clear();
-                }
-                pending.extend(target.split(|&b| b == b'/').rev().map(<[u8]>::to_vec));
-                continue;
-            }
-            walked.push(cur);
-            cur = next;
-        }
-        Ok(cur)
-    }
-}
 
 /// Nodes and directory maps while layers are applied.
 struct Builder {
@@ -246,7 +116,6 @@ fn node_from(e: &Entry, layer: u16, parent: NodeId) -> Node {
         sparse: e.sparse.clone().map(Box::new),
         nlink: 1,
         parent,
-        children: Box::new([]),
     }
 }
 
@@ -496,71 +365,135 @@ impl Builder {
         }
     }
 
-    /// Renumbers reachable nodes densely, depth first, and freezes the maps.
+    /// Renumbers reachable nodes densely, breadth first, and writes them in
+    /// the saved format, freeing each directory map as it goes.
     fn finish(mut self) -> Result<Tree, TreeError> {
         let mut new_id: Vec<Option<NodeId>> = vec![None; self.nodes.len()];
         let mut order: Vec<NodeId> = vec![0];
         new_id[0] = Some(0);
         let mut i = 0;
+        // A file's link count is its names that are still reachable: a name
+        // under a directory that was whited out, or hidden, no longer counts.
+        let mut names_of: Vec<u32> = vec![0];
+        let mut children = 0usize;
         while i < order.len() {
             let old = order[i];
             for &child in self.dirs[old as usize].values() {
-                if new_id[child as usize].is_none() {
-                    new_id[child as usize] = Some(order.len() as NodeId);
-                    order.push(child);
+                children += 1;
+                match new_id[child as usize] {
+                    Some(id) => names_of[id as usize] += 1,
+                    None => {
+                        new_id[child as usize] = Some(order.len() as NodeId);
+                        order.push(child);
+                        names_of.push(1);
+                    }
                 }
             }
             i += 1;
         }
-        if order.len() > u32::MAX as usize - 1 {
+        if order.len() > u32::MAX as usize - 1 || children > u32::MAX as usize {
             return Err(TreeError::TooLarge(order.len()));
         }
-        let mut dirs = std::mem::take(&mut self.dirs);
-        let mut nodes: Vec<Node> = Vec::with_capacity(order.len());
+        let too_large = || TreeError::TooLarge(order.len());
+        let nodes_len = order.len() * RECORD_LEN;
+        let mut out = vec![0u8; HEADER_LEN + nodes_len];
+        out.reserve(children * CHILD_LEN);
         let mut names: Vec<u8> = Vec::new();
-        for &old in &order {
-            let mut n = std::mem::replace(&mut self.nodes[old as usize], implicit_dir(0, 0));
-            n.parent = new_id[n.parent as usize].unwrap_or(0);
-            let map = std::mem::take(&mut dirs[old as usize]);
-            n.children = map
-                .into_iter()
-                .map(|(name, c)| {
-                    let at = names.len() as NameRef;
-                    // Tar names may be longer than any filesystem allows; cut, never wrap.
-                    let bytes = &name[..name.len().min(u16::MAX as usize)];
-                    names.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
-                    names.extend_from_slice(bytes);
-                    (at, new_id[c as usize].expect("reachable child"))
-                })
-                .collect();
-            nodes.push(n);
-        }
-        if names.len() > NameRef::MAX as usize {
-            return Err(TreeError::TooLarge(order.len()));
-        }
-        names.shrink_to_fit();
-        // A file's link count is its names that are still reachable: a name
-        // under a directory that was whited out, or hidden, no longer counts.
-        let mut names_of = vec![0u32; nodes.len()];
-        for n in &nodes {
-            for (_, c) in n.children.iter() {
-                names_of[*c as usize] += 1;
-            }
-        }
-        // Directory link counts: 2 plus one per subdirectory.
-        for id in 0..nodes.len() {
-            if nodes[id].kind != EntryKind::Dir {
-                nodes[id].nlink = names_of[id].max(1);
+        // The data blob starts with a byte no node points at, so that an
+        // extras offset of 0 never means anything.
+        let mut data: Vec<u8> = vec![0];
+        let mut blocks = 0u64;
+        let mut next_child = 0u32;
+        for (id, &old) in order.iter().enumerate() {
+            let map = std::mem::take(&mut self.dirs[old as usize]);
+            let n = &self.nodes[old as usize];
+            let subdirs = map.values().filter(|&&c| self.is_dir(c)).count() as u32;
+            let nlink = if n.kind == EntryKind::Dir {
+                2 + subdirs
             } else {
-                let subdirs = nodes[id]
-                    .children
-                    .iter()
-                    .filter(|(_, c)| nodes[*c as usize].kind == EntryKind::Dir)
-                    .count() as u32;
-                nodes[id].nlink = 2 + subdirs;
+                names_of[id].max(1)
+            };
+            let first = next_child;
+            for (name, c) in &map {
+                let at = u32::try_from(names.len()).map_err(|_| too_large())?;
+                // Tar names may be longer than any filesystem allows; cut, never wrap.
+                let bytes = &name[..name.len().min(u16::MAX as usize)];
+                names.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+                names.extend_from_slice(bytes);
+                out.extend_from_slice(&at.to_le_bytes());
+                let c = new_id[*c as usize].expect("reachable child");
+                out.extend_from_slice(&c.to_le_bytes());
             }
+            next_child += map.len() as u32;
+            drop(map);
+            blocks += n.size.div_ceil(4096);
+            let mut extras = 0u8;
+            let extras_at = data.len() as u64;
+            if matches!(n.kind, EntryKind::Char | EntryKind::Block) || n.rdev != (0, 0) {
+                extras |= HAS_RDEV;
+                data.extend_from_slice(&n.rdev.0.to_le_bytes());
+                data.extend_from_slice(&n.rdev.1.to_le_bytes());
+            }
+            let sized = |data: &mut Vec<u8>, b: &[u8]| -> Result<(), TreeError> {
+                let len = u32::try_from(b.len()).map_err(|_| TreeError::TooLarge(b.len()))?;
+                data.extend_from_slice(&len.to_le_bytes());
+                data.extend_from_slice(b);
+                Ok(())
+            };
+            if let Some(l) = &n.link {
+                extras |= HAS_LINK;
+                sized(&mut data, l)?;
+            }
+            if let Some(x) = &n.xattrs {
+                extras |= HAS_XATTRS;
+                data.extend_from_slice(&(x.len() as u32).to_le_bytes());
+                for (k, v) in x.iter() {
+                    sized(&mut data, k.as_bytes())?;
+                    sized(&mut data, v)?;
+                }
+            }
+            if let Some(s) = n.sparse() {
+                extras |= HAS_SPARSE;
+                data.extend_from_slice(&(s.len() as u32).to_le_bytes());
+                for seg in s {
+                    for v in [seg.logical, seg.stored, seg.len] {
+                        data.extend_from_slice(&v.to_le_bytes());
+                    }
+                }
+            }
+            let parent = new_id[n.parent as usize].unwrap_or(0);
+            let r = &mut out[HEADER_LEN + id * RECORD_LEN..][..RECORD_LEN];
+            r[0] = kind_code(n.kind);
+            r[1] = extras;
+            r[2..4].copy_from_slice(&n.layer.to_le_bytes());
+            r[4..8].copy_from_slice(&n.mode.to_le_bytes());
+            r[8..12].copy_from_slice(&n.uid.to_le_bytes());
+            r[12..16].copy_from_slice(&n.gid.to_le_bytes());
+            r[16..20].copy_from_slice(&nlink.to_le_bytes());
+            r[20..24].copy_from_slice(&parent.to_le_bytes());
+            r[24..28].copy_from_slice(&first.to_le_bytes());
+            r[28..32].copy_from_slice(&(next_child - first).to_le_bytes());
+            r[32..40].copy_from_slice(&n.size.to_le_bytes());
+            r[40..48].copy_from_slice(&n.mtime.to_le_bytes());
+            r[48..56].copy_from_slice(&n.offset.to_le_bytes());
+            let extras_at = if extras == 0 { 0 } else { extras_at };
+            r[56..64].copy_from_slice(&extras_at.to_le_bytes());
         }
-        Ok(Tree { nodes, names })
+        drop(self);
+        let h = &mut out[..HEADER_LEN];
+        h[..8].copy_from_slice(MAGIC);
+        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        h[12..16].copy_from_slice(&(order.len() as u32).to_le_bytes());
+        h[16..20].copy_from_slice(&(children as u32).to_le_bytes());
+        h[24..32].copy_from_slice(&(names.len() as u64).to_le_bytes());
+        h[32..40].copy_from_slice(&(data.len() as u64).to_le_bytes());
+        h[40..48].copy_from_slice(&blocks.to_le_bytes());
+        out.extend_from_slice(&names);
+        drop(names);
+        out.extend_from_slice(&data);
+        drop(data);
+        seal(&mut out);
+        Ok(Tree::from_sealed(out))
     }
 }
 
@@ -987,10 +920,10 @@ mod tests {
             s,
             link("alias", EntryKind::Hardlink, "disk.img"),
         ])]);
-        let saved: Tree = postcard::from_bytes(&postcard::to_stdvec(&t).unwrap()).unwrap();
+        let saved = Tree::from_bytes(t.as_bytes().to_vec()).unwrap();
         for t in [&t, &saved] {
             let n = t.node(t.resolve(b"alias", false).unwrap());
-            assert_eq!((n.size, n.sparse()), (1 << 33, Some(&[seg][..])));
+            assert_eq!((n.size, n.sparse().as_deref()), (1 << 33, Some(&[seg][..])));
         }
         assert_eq!(t.node(t.root()).sparse(), None);
     }
