@@ -7,6 +7,7 @@ use std::io::Write;
 use proptest::prelude::*;
 use serde_json::{Value, json};
 
+use super::builder::rfc3339_seconds;
 use super::*;
 
 const LAYER: &str = "sha256:feedface";
