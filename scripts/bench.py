@@ -750,69 +750,6 @@ GZ_SMALL_FILE = os.environ.get("RIMG_BENCH_GZ_FILE", "/etc/debian_version")
 GZ_GREP_DIRS = os.environ.get("RIMG_BENCH_GZ_DIRS", "etc var/lib/dpkg").split()
 
 
-class RateProxy:
-    """A TCP forwarder in front of the registry: one rate limit shared by all
-    connections (each chunk books the wire after those before it) and a count
-    of the bytes the registry sends, headers included."""
-
-    def __init__(self, upstream_port, rate):
-        self.upstream = ("127.0.0.1", upstream_port)
-        self.rate = rate
-        self.sent = 0
-        self.lock = threading.Lock()
-        self.wire = time.monotonic()
-        self.sock = socket.socket()
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port = self.sock.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self):
-        while True:
-            try:
-                client, _ = self.sock.accept()
-            except OSError:
-                return
-            try:
-                up = socket.create_connection(self.upstream)
-            except OSError:
-                client.close()
-                continue
-            threading.Thread(target=self._pipe, args=(client, up, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(up, client, True), daemon=True).start()
-
-    def _pipe(self, src, dst, downstream):
-        try:
-            while True:
-                data = src.recv(64 * 1024)
-                if not data:
-                    break
-                if downstream:
-                    with self.lock:
-                        self.sent += len(data)
-                        self.wire = max(self.wire, time.monotonic()) + len(data) / self.rate
-                        until = self.wire
-                    wait = until - time.monotonic()
-                    if wait > 0:
-                        time.sleep(wait)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            try:
-                dst.shutdown(socket.SHUT_WR)
-            except OSError:
-                pass
-
-    def reset(self):
-        with self.lock:
-            self.sent = 0
-
-    def close(self):
-        self.sock.close()
-
-
 def gzindex_bench(reg_port, work: Path, compressed_bytes: int):
     """Machine A (its own cache) pushes the image's gzip indexes; machine B
     (a fresh cache per run) behind a rate-limited counting proxy does a cold
@@ -826,7 +763,7 @@ def gzindex_bench(reg_port, work: Path, compressed_bytes: int):
     total = next(l for l in out.splitlines() if "bytes of index for" in l)
     index_pct = float(total.rsplit("(", 1)[1].rstrip("%)"))
     index_bytes = int(total.split(":", 1)[1].split()[0])
-    proxy = RateProxy(reg_port, GZ_RATE)
+    proxy = ThrottledProxy(reg_port, GZ_RATE)
     ref_b = f"127.0.0.1:{proxy.port}/bench/image:v1"
     mnt = work / "gz-mnt"
     mnt.mkdir(exist_ok=True)
