@@ -628,18 +628,23 @@ mod tests {
         )
     }
 
-    #[test]
-    fn a_read_fetches_its_covering_spans_in_one_request_and_later_reads_come_from_disk() {
-        let dir = tempfile::tempdir().unwrap();
-        let (map, blob) = layer(64, 4096);
-        let content = map.content.clone();
-        let r = Ranged::open(
+    /// A range reader of `map` over `blob`, kept in `dir`.
+    fn reader(dir: &tempfile::TempDir, map: Xor, blob: &Arc<Blob>) -> Ranged {
+        Ranged::open(
             "sha256:x",
             &dir.path().join("l"),
             Box::new(map),
             blob.clone(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn a_read_fetches_its_covering_spans_in_one_request_and_later_reads_come_from_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let (map, blob) = layer(64, 4096);
+        let content = map.content.clone();
+        let r = reader(&dir, map, &blob);
         let mut buf = vec![0; 10_000];
         assert_eq!(r.read_at(5000, &mut buf).unwrap(), 10_000);
         assert_eq!(buf, content[5000..15_000]);
@@ -655,13 +660,7 @@ mod tests {
         drop(r);
         // A second opening knows what the first fetched.
         let (map, _) = layer(64, 4096);
-        let r = Ranged::open(
-            "sha256:x",
-            &dir.path().join("l"),
-            Box::new(map),
-            blob.clone(),
-        )
-        .unwrap();
+        let r = reader(&dir, map, &blob);
         r.read_at(5000, &mut buf).unwrap();
         assert_eq!(buf, content[5000..15_000]);
         assert_eq!(blob.requests.load(Ordering::Relaxed), 1);
@@ -672,13 +671,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (map, blob) = layer(4, 1000);
         blob.bytes.lock().unwrap()[10 + 1010 + 5] ^= 1; // in span 1
-        let r = Ranged::open(
-            "sha256:x",
-            &dir.path().join("l"),
-            Box::new(map),
-            blob.clone(),
-        )
-        .unwrap();
+        let r = reader(&dir, map, &blob);
         let mut buf = vec![0; 100];
         let e = r.read_at(1000, &mut buf).unwrap_err();
         let chain = e.to_string();
@@ -697,7 +690,7 @@ mod tests {
         let (map, blob) = layer(4, 1000);
         blob.bytes.lock().unwrap()[3 * 1010 + 12] ^= 1; // in span 3
         let content = map.content.clone();
-        let r = Ranged::open("sha256:x", &dir.path().join("l"), Box::new(map), blob).unwrap();
+        let r = reader(&dir, map, &blob);
         let mut buf = vec![0; 1000];
         r.read_at(0, &mut buf).unwrap();
         assert_eq!(buf, content[..1000]);
@@ -709,15 +702,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (map, blob) = layer(256, 1000);
         let content = map.content.clone();
-        let r = Arc::new(
-            Ranged::open(
-                "sha256:x",
-                &dir.path().join("l"),
-                Box::new(map),
-                blob.clone(),
-            )
-            .unwrap(),
-        );
+        let r = Arc::new(reader(&dir, map, &blob));
         let threads: Vec<_> = (0..8)
             .map(|t| {
                 let (r, content) = (Arc::clone(&r), content.clone());
@@ -744,13 +729,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (map, blob) = layer(100, 3000);
         let content = map.content.clone();
-        let r = Ranged::open(
-            "sha256:x",
-            &dir.path().join("l"),
-            Box::new(map),
-            blob.clone(),
-        )
-        .unwrap();
+        let r = reader(&dir, map, &blob);
         r.prefetch().unwrap();
         assert_eq!(r.held(), (100, 100));
         let before = blob.requests.load(Ordering::Relaxed);
