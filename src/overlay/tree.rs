@@ -7,8 +7,8 @@
 use std::collections::BTreeMap;
 
 use super::saved::{
-    CHILD_LEN, HAS_LINK, HAS_RDEV, HAS_SPARSE, HAS_XATTRS, HEADER_LEN, MAGIC, RECORD_LEN, VERSION,
-    kind_code, seal,
+    CHILD_LEN, ChildRecord, HAS_LINK, HAS_RDEV, HAS_SPARSE, HAS_XATTRS, HEADER_LEN, Header,
+    NodeRecord, RECORD_LEN, kind_code, seal,
 };
 pub use super::saved::{Children, NodeRef, SavedTreeError, Tree};
 use super::{Change, MAX_SYMLINKS, classify};
@@ -420,9 +420,8 @@ impl Builder {
                 let bytes = &name[..name.len().min(u16::MAX as usize)];
                 names.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
                 names.extend_from_slice(bytes);
-                out.extend_from_slice(&at.to_le_bytes());
-                let c = new_id[*c as usize].expect("reachable child");
-                out.extend_from_slice(&c.to_le_bytes());
+                let node = new_id[*c as usize].expect("reachable child");
+                ChildRecord { name_at: at, node }.store(&mut out);
             }
             next_child += map.len() as u32;
             drop(map);
@@ -462,32 +461,35 @@ impl Builder {
                 }
             }
             let parent = new_id[n.parent as usize].unwrap_or(0);
+            let record = NodeRecord {
+                kind: kind_code(n.kind),
+                extras,
+                layer: n.layer,
+                mode: n.mode,
+                uid: n.uid,
+                gid: n.gid,
+                nlink,
+                parent,
+                first_child: first,
+                child_count: next_child - first,
+                size: n.size,
+                mtime: n.mtime,
+                offset: n.offset,
+                extras_at: if extras == 0 { 0 } else { extras_at },
+            };
             let r = &mut out[HEADER_LEN + id * RECORD_LEN..][..RECORD_LEN];
-            r[0] = kind_code(n.kind);
-            r[1] = extras;
-            r[2..4].copy_from_slice(&n.layer.to_le_bytes());
-            r[4..8].copy_from_slice(&n.mode.to_le_bytes());
-            r[8..12].copy_from_slice(&n.uid.to_le_bytes());
-            r[12..16].copy_from_slice(&n.gid.to_le_bytes());
-            r[16..20].copy_from_slice(&nlink.to_le_bytes());
-            r[20..24].copy_from_slice(&parent.to_le_bytes());
-            r[24..28].copy_from_slice(&first.to_le_bytes());
-            r[28..32].copy_from_slice(&(next_child - first).to_le_bytes());
-            r[32..40].copy_from_slice(&n.size.to_le_bytes());
-            r[40..48].copy_from_slice(&n.mtime.to_le_bytes());
-            r[48..56].copy_from_slice(&n.offset.to_le_bytes());
-            let extras_at = if extras == 0 { 0 } else { extras_at };
-            r[56..64].copy_from_slice(&extras_at.to_le_bytes());
+            record.store(r.try_into().expect("a record is RECORD_LEN bytes"));
         }
         drop(self);
-        let h = &mut out[..HEADER_LEN];
-        h[..8].copy_from_slice(MAGIC);
-        h[8..12].copy_from_slice(&VERSION.to_le_bytes());
-        h[12..16].copy_from_slice(&(order.len() as u32).to_le_bytes());
-        h[16..20].copy_from_slice(&(children as u32).to_le_bytes());
-        h[24..32].copy_from_slice(&(names.len() as u64).to_le_bytes());
-        h[32..40].copy_from_slice(&(data.len() as u64).to_le_bytes());
-        h[40..48].copy_from_slice(&blocks.to_le_bytes());
+        Header {
+            nodes: order.len() as u32,
+            children: children as u32,
+            names_len: names.len() as u64,
+            data_len: data.len() as u64,
+            blocks,
+            checksum: 0,
+        }
+        .store(&mut out[..HEADER_LEN]);
         out.extend_from_slice(&names);
         drop(names);
         out.extend_from_slice(&data);

@@ -337,20 +337,20 @@ impl Tree {
     /// A node's attributes and where its data lives. An id past the end
     /// reads as an empty file.
     pub fn node(&self, id: NodeId) -> NodeRef<'_> {
-        let r = self.record(id);
-        let extras = r[1];
+        let r = NodeRecord::load(self.record(id));
+        let extras = r.extras;
         let mut n = NodeRef {
-            kind: kind_of(r[0]),
-            mode: u32_at(r, 4),
-            uid: u32_at(r, 8),
-            gid: u32_at(r, 12),
-            size: u64_at(r, 32),
-            mtime: u64_at(r, 40) as i64,
+            kind: kind_of(r.kind),
+            mode: r.mode,
+            uid: r.uid,
+            gid: r.gid,
+            size: r.size,
+            mtime: r.mtime,
             link: None,
             rdev: (0, 0),
-            layer: u16_at(r, 2),
-            offset: u64_at(r, 48),
-            nlink: u32_at(r, 16),
+            layer: r.layer,
+            offset: r.offset,
+            nlink: r.nlink,
             xattrs: &[],
             sparse: &[],
         };
@@ -358,7 +358,7 @@ impl Tree {
             return n;
         }
         let data = self.data();
-        let mut at = (u64_at(r, 56) as usize).min(data.len());
+        let mut at = (r.extras_at as usize).min(data.len());
         if extras & HAS_RDEV != 0 {
             n.rdev = (u32_at(data, at), u32_at(data, at + 4));
             at += 8;
@@ -391,7 +391,7 @@ impl Tree {
     /// The directory holding `id` (the root is its own parent). For a file with
     /// several names, the directory of the first.
     pub fn parent(&self, id: NodeId) -> NodeId {
-        u32_at(self.record(id), 20)
+        NodeRecord::load(self.record(id)).parent
     }
 
     fn name_at(&self, at: u32) -> &[u8] {
@@ -406,15 +406,16 @@ impl Tree {
 
     /// `(first, count)` of a directory's entries in the children table.
     fn child_range(&self, id: NodeId) -> (u32, u32) {
-        let r = self.record(id);
-        let (first, count) = (u32_at(r, 24), u32_at(r, 28));
+        let r = NodeRecord::load(self.record(id));
+        let (first, count) = (r.first_child, r.child_count);
         let first = first.min(self.children);
         (first, count.min(self.children - first))
     }
 
     fn child_entry(&self, index: u32) -> (&[u8], NodeId) {
         let e = self.checked_bytes(self.children_at + index as usize * CHILD_LEN, CHILD_LEN);
-        (self.name_at(u32_at(e, 0)), u32_at(e, 4))
+        let c = ChildRecord::load(e);
+        (self.name_at(c.name_at), c.node)
     }
 
     /// Binary search in the directory's sorted children.
