@@ -11,6 +11,10 @@
 //! - `locks/<hex>.lock`: exclusive while fetching or evicting, shared while in use;
 //! - `inplace/<key>.idx`: the index of an uncompressed layer read in place from
 //!   an image archive on disk, keyed by the digest and the archive's identity;
+//! - `lazy/sha256/<hex>-<form>.{data,have}`: the range cache of a layer read
+//!   a span at a time (see [`ranged`]; `<form>` says how it is addressed);
+//! - `trees/`: merged trees saved for warm mounts (`overlay::saved`);
+//! - `logs/`: the logs of background mount servers;
 //! - `tmp/`: files being written, renamed into place when done.
 
 use std::fs::{self, File, OpenOptions};

@@ -14,8 +14,8 @@
 //! fetching is waited for, not fetched twice.
 //!
 //! On disk, under `lazy/sha256/` (shared between processes like the layer
-//! cache, under the same per-layer lock): `<hex>.data`, the sparse file of
-//! decoded spans, and `<hex>.have`, a log of the span numbers it holds,
+//! cache, under the same per-layer lock): `<hex>-<form>.data`, the sparse file of
+//! decoded spans, and `<hex>-<form>.have`, a log of the span numbers it holds,
 //! appended only after the data they name is durable.
 
 use std::collections::HashSet;
