@@ -6,13 +6,14 @@
 //! `line_bytes`), base64-encoded, so no byte is ever lost.
 
 use std::io::{IsTerminal, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::{Common, runtime, shell_quote};
+use super::{Common, Names, Verbosity, runtime};
 use rimg::cache::Layer;
 use rimg::forensics::{self, diff, grep};
 use rimg::image::ImageSource;
@@ -41,27 +42,6 @@ fn absolute(path: &[u8]) -> Vec<u8> {
     let mut p = b"/".to_vec();
     p.extend_from_slice(path);
     p
-}
-
-/// Writes a name: raw bytes to a pipe, quoted as GNU ls quotes on a terminal.
-struct Names {
-    terminal: bool,
-}
-
-impl Names {
-    fn new() -> Names {
-        Names {
-            terminal: std::io::stdout().is_terminal(),
-        }
-    }
-
-    fn write(&self, out: &mut dyn Write, name: &[u8]) -> std::io::Result<()> {
-        if self.terminal {
-            out.write_all(shell_quote(name).as_bytes())
-        } else {
-            out.write_all(name)
-        }
-    }
 }
 
 fn kind_name(k: EntryKind) -> &'static str {
@@ -115,14 +95,29 @@ fn created_by(source: &ImageSource) -> Vec<Option<String>> {
     out
 }
 
-pub fn log(
-    common: &Common,
-    reference: &str,
-    path: &[u8],
-    recursive: bool,
-    as_json: bool,
-) -> Result<()> {
-    super::init_logging(common.verbose);
+#[derive(clap::Args)]
+pub struct LogArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// The path whose history to show; any bytes.
+    pub path: std::ffi::OsString,
+    /// Everything below PATH too.
+    #[arg(short = 'R')]
+    pub recursive: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn log(args: &LogArgs) -> Result<()> {
+    super::init_logging(args.log.verbose);
+    let (common, reference, path) = (&args.common, &args.reference, args.path.as_bytes());
+    let (recursive, as_json) = (args.recursive, args.json);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let (layers, indexes) = all_layers(&rt, &source)?;
@@ -190,8 +185,23 @@ pub fn log(
     Ok(out.flush()?)
 }
 
-pub fn deleted(common: &Common, reference: &str, as_json: bool) -> Result<()> {
-    super::init_logging(common.verbose);
+#[derive(clap::Args)]
+pub struct DeletedArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn deleted(args: &DeletedArgs) -> Result<()> {
+    super::init_logging(args.log.verbose);
+    let (common, reference, as_json) = (&args.common, &args.reference, args.json);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let (_layers, indexes) = all_layers(&rt, &source)?;
@@ -225,8 +235,30 @@ pub fn deleted(common: &Common, reference: &str, as_json: bool) -> Result<()> {
     Ok(out.flush()?)
 }
 
-pub fn diff(common: &Common, a: &str, b: &str, long: bool, as_json: bool) -> Result<()> {
-    super::init_logging(common.verbose);
+#[derive(clap::Args)]
+pub struct DiffArgs {
+    /// The old image.
+    #[arg(value_name = "REF_A")]
+    pub reference_a: String,
+    /// The new image.
+    #[arg(value_name = "REF_B")]
+    pub reference_b: String,
+    /// Say what changed in each modified path.
+    #[arg(long)]
+    pub long: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn diff(args: &DiffArgs) -> Result<()> {
+    super::init_logging(args.log.verbose);
+    let (common, a, b) = (&args.common, &args.reference_a, &args.reference_b);
+    let (long, as_json) = (args.long, args.json);
     let rt = runtime()?;
     let progress = std::io::stderr().is_terminal();
     let sa = common.open_image(&rt, a, progress)?;
@@ -307,18 +339,48 @@ fn diff_trees(
     )?)
 }
 
+#[derive(clap::Args)]
 pub struct GrepArgs {
+    /// The regular expression (or with -F, the string) to look for.
     pub pattern: String,
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
     pub reference: String,
-    pub paths: Vec<Vec<u8>>,
+    /// Search only below these paths.
+    pub paths: Vec<std::ffi::OsString>,
+    /// Ignore case.
+    #[arg(short = 'i')]
     pub ignore_case: bool,
+    /// PATTERN is a (Rust syntax) extended regular expression; the default.
+    #[arg(short = 'E', conflicts_with = "fixed")]
+    pub extended: bool,
+    /// PATTERN is a fixed string.
+    #[arg(short = 'F')]
     pub fixed: bool,
+    /// Only the names of files that match.
+    #[arg(short = 'l')]
     pub files_with_matches: bool,
+    /// Only a count of matching lines per file.
+    #[arg(short = 'c')]
     pub count: bool,
+    /// Line numbers.
+    #[arg(short = 'n')]
     pub line_number: bool,
+    /// Say which layer each match came from.
+    #[arg(long)]
     pub layers: bool,
+    /// Also search what later layers deleted (where leaked secrets hide).
+    #[arg(long)]
     pub deleted: bool,
+    /// One JSON object per line.
+    #[arg(long)]
     pub json: bool,
+    /// More logging (--verbose info, twice debug); -v is grep's
+    /// --invert-match here.
+    #[arg(long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(flatten)]
+    pub common: Common,
 }
 
 /// Every regular file at or below `start`, with its path.
@@ -407,8 +469,9 @@ impl grep::Report for Printer<'_> {
 }
 
 /// Searches the image; `Ok(true)` when something matched.
-pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
-    super::init_logging(common.verbose);
+pub fn grep(args: &GrepArgs) -> Result<bool> {
+    super::init_logging(args.verbose);
+    let common = &args.common;
     let rt = runtime()?;
     let source = common.open_image(&rt, &args.reference, std::io::stderr().is_terminal())?;
     let (tree, layers) = rt.block_on(source.tree(None))?;
@@ -419,7 +482,7 @@ pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
     } else {
         args.paths
             .iter()
-            .map(|p| rimg::layer::normalize(p))
+            .map(|p| rimg::layer::normalize(p.as_bytes()))
             .collect()
     };
     for p in &roots {

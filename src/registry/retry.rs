@@ -201,34 +201,16 @@ const ERROR_BODY_TIME: Duration = Duration::from_secs(5);
 /// A message made safe for a terminal: control characters (ESC, CR, BEL...)
 /// are shown escaped instead of acting.
 pub fn escape_controls(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let esc: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            esc
-        })
-        .collect()
+    crate::names::escaped_text(s)
 }
 
 /// Text from a server made safe for a terminal, and bounded in length.
 pub fn escape_text(s: &str) -> String {
     const MAX: usize = 512;
-    let mut out = String::with_capacity(s.len().min(MAX));
-    for (i, c) in s.chars().enumerate() {
-        if i >= MAX {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", crate::names::escaped_text(&s[..cut])),
+        None => crate::names::escaped_text(s),
     }
-    out
 }
 
 #[cfg(test)]
