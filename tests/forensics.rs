@@ -166,7 +166,11 @@ fn grep_searches_without_a_mount_and_deleted_finds_the_leak() {
         "/etc/app.conf (layer 3):1:version=3\n"
     );
     let out = env.run(&["grep", "-c", "-i", "VERSION", &r, "/etc"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "/etc/app.conf:1\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/etc/app.conf:1\n/etc/tool:0\n",
+        "as grep -c: files without a match count 0"
+    );
     // A bad pattern is an error: exit 2, one line.
     let out = env.run(&["grep", "(", &r]);
     assert_eq!(out.status.code(), Some(2));
@@ -464,4 +468,81 @@ fn diff_on_one_base_sees_a_directory_whited_out_and_made_again() {
         format!("{}/wh:b", reg.addr()),
     );
     assert_eq!(env.ok(&["diff", &a, &b]), "D /etc/base-only\n");
+}
+
+/// GNU grep's output for `grep -r FLAGS etc` in `root`, and its exit code,
+/// with `etc/...` made `/etc/...` and the lines sorted (grep -r walks in
+/// readdir order).
+fn gnu_grep(root: &Path, flags: &[&str]) -> (Vec<String>, Option<i32>) {
+    let out = Command::new("grep")
+        .arg("-r")
+        .args(flags)
+        .arg("etc")
+        .current_dir(root)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            if l.starts_with("etc/") {
+                format!("/{l}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    lines.sort();
+    (lines, out.status.code())
+}
+
+#[test]
+fn grep_flags_mean_what_gnu_grep_means_over_umocis_unpack() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "alpine", "3.20", "3.20.3", "amd64", true);
+    let (_keep, rootfs) = umoci_unpack(&reg, "alpine", "3.20");
+    let env = Env::new();
+    let r = format!("{}/alpine:3.20", reg.addr());
+    let cases: &[&[&str]] = &[
+        &["-v", "root"],
+        &["-w", "root"],
+        &["-x", "root:x:0:0:root:/root:/bin/sh"],
+        &["-o", "-n", "-E", "ro+t"],
+        &["-c", "-v", "#"],
+        &["-L", "root"],
+        &["-l", "-e", "root", "-e", "alpine"],
+        &["-n", "-C", "1", "nobody"],
+        &["-A", "2", "-B", "1", "daemon"],
+        &["-h", "-i", "ALPINE"],
+        &["--include=*.conf", "-l", "a"],
+        &["--exclude=*.conf", "-l", "a"],
+        &["-F", "-c", "a.b"],
+        &["-m", "1", "-n", "e"],
+        &["-q", "root"],
+        &["-q", "no-such-text-anywhere"],
+        &["-v", "-x", ".*"],
+    ];
+    for flags in cases {
+        let (want, want_code) = gnu_grep(&rootfs, flags);
+        let mut args = vec!["grep"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[&r, "/etc"]);
+        let out = env.run(&args);
+        let mut ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        ours.sort();
+        assert_eq!(ours, want, "rimg grep {flags:?}");
+        assert_eq!(out.status.code(), want_code, "exit code of grep {flags:?}");
+    }
+    // -h is grep's, not help; the output is the same five times running.
+    let first = env.ok(&["grep", "-l", "root", &r]);
+    assert!(first.starts_with('/'), "{first}");
+    for _ in 0..4 {
+        assert_eq!(env.ok(&["grep", "-l", "root", &r]), first);
+    }
+    let mut sorted: Vec<&str> = first.lines().collect();
+    sorted.sort();
+    assert_eq!(first.lines().collect::<Vec<_>>(), sorted, "sorted by path");
 }

@@ -7,7 +7,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use base64::Engine;
@@ -15,13 +15,12 @@ use serde_json::{Map, Value};
 
 use super::{Common, Names, Verbosity, runtime};
 use rimg::cache::Layer;
-use rimg::forensics::{self, diff, grep};
+use rimg::forensics::{self, diff};
 use rimg::image::ImageSource;
 use rimg::layer::{EntryKind, LayerIndex};
-use rimg::overlay::tree::{NodeId, Tree};
 
 /// Puts `bytes` in `obj` under `key` if UTF-8, else base64 under `key_bytes`.
-fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
+pub(super) fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(s) => {
             obj.insert(key.into(), s.into());
@@ -38,7 +37,7 @@ fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
 }
 
 /// An absolute path as bytes.
-fn absolute(path: &[u8]) -> Vec<u8> {
+pub(super) fn absolute(path: &[u8]) -> Vec<u8> {
     let mut p = b"/".to_vec();
     p.extend_from_slice(path);
     p
@@ -72,7 +71,7 @@ fn all_layers(
     Ok((layers, indexes))
 }
 
-fn digests(source: &ImageSource) -> Vec<String> {
+pub(super) fn digests(source: &ImageSource) -> Vec<String> {
     source
         .image
         .layers
@@ -337,215 +336,4 @@ fn diff_trees(
             digests: db,
         },
     )?)
-}
-
-#[derive(clap::Args)]
-pub struct GrepArgs {
-    /// The regular expression (or with -F, the string) to look for.
-    pub pattern: String,
-    /// The image (see `rimg --help` for the forms of REF).
-    #[arg(value_name = "REF")]
-    pub reference: String,
-    /// Search only below these paths.
-    pub paths: Vec<std::ffi::OsString>,
-    /// Ignore case.
-    #[arg(short = 'i')]
-    pub ignore_case: bool,
-    /// PATTERN is a (Rust syntax) extended regular expression; the default.
-    #[arg(short = 'E', conflicts_with = "fixed")]
-    pub extended: bool,
-    /// PATTERN is a fixed string.
-    #[arg(short = 'F')]
-    pub fixed: bool,
-    /// Only the names of files that match.
-    #[arg(short = 'l')]
-    pub files_with_matches: bool,
-    /// Only a count of matching lines per file.
-    #[arg(short = 'c')]
-    pub count: bool,
-    /// Line numbers.
-    #[arg(short = 'n')]
-    pub line_number: bool,
-    /// Say which layer each match came from.
-    #[arg(long)]
-    pub layers: bool,
-    /// Also search what later layers deleted (where leaked secrets hide).
-    #[arg(long)]
-    pub deleted: bool,
-    /// One JSON object per line.
-    #[arg(long)]
-    pub json: bool,
-    /// More logging (--verbose info, twice debug); -v is grep's
-    /// --invert-match here.
-    #[arg(long, action = clap::ArgAction::Count)]
-    pub verbose: u8,
-    #[command(flatten)]
-    pub common: Common,
-}
-
-/// Every regular file at or below `start`, with its path.
-fn files_below(tree: &Tree, start: NodeId, path: &[u8], out: &mut Vec<(Vec<u8>, NodeId)>) {
-    let n = tree.node(start);
-    match n.kind {
-        EntryKind::File => out.push((path.to_vec(), start)),
-        EntryKind::Dir => {
-            for (name, c) in tree.children(start) {
-                files_below(tree, c, &rimg::names::join(path, name), out);
-            }
-        }
-        _ => {}
-    }
-}
-
-struct Printer<'a> {
-    args: &'a GrepArgs,
-    names: Names,
-    out: Mutex<std::io::Stdout>,
-}
-
-impl grep::Report for Printer<'_> {
-    fn found(&self, t: &grep::Target<'_>, f: &grep::Found) {
-        let a = self.args;
-        let path = absolute(&t.path);
-        let mut buf: Vec<u8> = Vec::new();
-        if a.json {
-            let base = || {
-                let mut o = Map::new();
-                put_bytes(&mut o, "path", &path);
-                o.insert("layer".into(), t.layer.into());
-                if let Some(h) = t.hidden_by {
-                    o.insert("deleted".into(), true.into());
-                    o.insert("hidden_by".into(), h.into());
-                }
-                o
-            };
-            if a.files_with_matches || a.count || f.binary {
-                let mut o = base();
-                o.insert("count".into(), f.count.into());
-                o.insert("binary".into(), f.binary.into());
-                let _ = writeln!(buf, "{}", Value::Object(o));
-            } else {
-                for (n, line) in &f.lines {
-                    let mut o = base();
-                    o.insert("line_number".into(), (*n).into());
-                    put_bytes(&mut o, "line", line);
-                    let _ = writeln!(buf, "{}", Value::Object(o));
-                }
-            }
-        } else {
-            let prefix = |buf: &mut Vec<u8>| {
-                let _ = self.names.write(buf, &path);
-                if let Some(h) = t.hidden_by {
-                    let _ = write!(buf, " (deleted: layer {}, hidden by {})", t.layer, h);
-                } else if a.layers {
-                    let _ = write!(buf, " (layer {})", t.layer);
-                }
-            };
-            if a.files_with_matches {
-                prefix(&mut buf);
-                buf.push(b'\n');
-            } else if a.count {
-                prefix(&mut buf);
-                let _ = writeln!(buf, ":{}", f.count);
-            } else if f.binary {
-                let _ = write!(buf, "rimg: ");
-                prefix(&mut buf);
-                let _ = writeln!(buf, ": binary file matches");
-            } else {
-                for (n, line) in &f.lines {
-                    prefix(&mut buf);
-                    buf.push(b':');
-                    if a.line_number {
-                        let _ = write!(buf, "{n}:");
-                    }
-                    buf.extend_from_slice(line);
-                    buf.push(b'\n');
-                }
-            }
-        }
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = out.write_all(&buf);
-    }
-}
-
-/// Searches the image; `Ok(true)` when something matched.
-pub fn grep(args: &GrepArgs) -> Result<bool> {
-    super::init_logging(args.verbose);
-    let common = &args.common;
-    let rt = runtime()?;
-    let source = common.open_image(&rt, &args.reference, std::io::stderr().is_terminal())?;
-    let (tree, layers) = rt.block_on(source.tree(None))?;
-    let digests = digests(&source);
-    let mut files = Vec::new();
-    let roots: Vec<Vec<u8>> = if args.paths.is_empty() {
-        vec![Vec::new()]
-    } else {
-        args.paths
-            .iter()
-            .map(|p| rimg::layer::normalize(p.as_bytes()))
-            .collect()
-    };
-    for p in &roots {
-        let id = tree.resolve(p, true).with_context(|| {
-            format!(
-                "{}: {}",
-                source.image.reference,
-                rimg::names::escaped(&absolute(p))
-            )
-        })?;
-        files_below(&tree, id, p, &mut files);
-    }
-    let mut targets: Vec<grep::Target<'_>> = files
-        .iter()
-        .map(|(p, id)| {
-            let n = tree.node(*id);
-            grep::Target {
-                path: p.clone(),
-                layer: n.layer as usize,
-                offset: n.offset,
-                size: n.size,
-                sparse: n.sparse(),
-                hidden_by: None,
-            }
-        })
-        .collect();
-    let indexes: Vec<LayerIndex>;
-    if args.deleted {
-        indexes = layers
-            .iter()
-            .map(|l| l.index())
-            .collect::<Result<_, _>>()
-            .with_context(|| source.image.reference.to_string())?;
-        for d in forensics::deleted(&indexes)? {
-            let e = &indexes[d.layer].entries[d.entry];
-            let under = roots.iter().any(|r| {
-                r.is_empty() || d.path == *r || d.path.starts_with(&[&r[..], b"/"].concat())
-            });
-            if e.kind == EntryKind::File && under {
-                targets.push(grep::Target {
-                    path: d.path.clone(),
-                    layer: d.layer,
-                    offset: e.offset,
-                    size: e.size,
-                    sparse: e.sparse.as_deref().map(std::borrow::Cow::Borrowed),
-                    hidden_by: Some(d.hidden_by),
-                });
-            }
-        }
-    }
-    let opts = grep::Options {
-        pattern: args.pattern.clone(),
-        ignore_case: args.ignore_case,
-        fixed: args.fixed,
-        first_only: args.files_with_matches,
-        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-    };
-    let printer = Printer {
-        args,
-        names: Names::new(),
-        out: Mutex::new(std::io::stdout()),
-    };
-    let found = grep::search(&targets, &layers, &digests, &opts, &printer)
-        .with_context(|| source.image.reference.to_string())?;
-    Ok(found)
 }

@@ -15,6 +15,7 @@ use clap::{Parser, Subcommand};
 mod cache;
 mod export;
 mod forensics;
+mod grep;
 mod index;
 mod inspect;
 mod ls;
@@ -66,7 +67,11 @@ pub enum Command {
     Diff(forensics::DiffArgs),
     /// Search file contents of the merged tree, without a mount; exit 0 if
     /// found, 1 if not, 2 on error, as grep.
-    Grep(forensics::GrepArgs),
+    #[command(
+        disable_help_flag = true,
+        override_usage = "rimg grep [OPTIONS] PATTERN REF [PATH]...\n       rimg grep [OPTIONS] -e PATTERN... REF [PATH]..."
+    )]
+    Grep(grep::GrepArgs),
     /// Mount the image read-only at MOUNTPOINT.
     Mount(mount::MountArgs),
     /// Unmount a rimg mount.
@@ -103,7 +108,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Diff(a) => forensics::diff(&a),
         Command::Grep(a) => {
             // grep's exit status: 0 found, 1 not found, 2 trouble.
-            return match forensics::grep(&a) {
+            return match grep::grep(&a) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::from(1),
                 Err(e) => {
