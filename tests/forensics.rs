@@ -209,6 +209,19 @@ fn grep_l_lists_what_grep_rl_lists_over_umocis_unpack() {
     }
 }
 
+/// The output of a `rimg diff` of images that differ, which exits 1 as
+/// diff and `git diff --exit-code` do.
+fn differing(env: &Env, args: &[&str]) -> String {
+    let out = env.run(args);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// `diff -rq --no-dereference` of two unpacked trees: top-level only-ins per
 /// side, and the paths whose content, target or type differ.
 fn diff_rq(a: &Path, b: &Path) -> (BTreeSet<String>, BTreeSet<String>, BTreeSet<String>) {
@@ -254,7 +267,7 @@ fn diff_of_two_alpines_agrees_with_diff_rq_of_their_unpacks() {
     let env = Env::new();
     let a = format!("{}/alpine:3.10", reg.addr());
     let b = format!("{}/alpine:3.20", reg.addr());
-    let rows = json_lines(&env.ok(&["diff", "--json", &a, &b]));
+    let rows = json_lines(&differing(&env, &["diff", "--json", &a, &b]));
     let by = |c: &str| -> BTreeSet<String> {
         rows.iter()
             .filter(|v| v["change"] == c)
@@ -288,7 +301,7 @@ fn diff_of_two_alpines_agrees_with_diff_rq_of_their_unpacks() {
     assert_eq!(top(&added), only_b);
     assert_eq!(content, differ);
     // The text form: sorted, one "X /path" per line.
-    let text = env.ok(&["diff", &a, &b]);
+    let text = differing(&env, &["diff", &a, &b]);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), rows.len());
     let mut sorted = lines.clone();
@@ -302,7 +315,7 @@ fn diff_of_an_image_with_itself_is_empty() {
     push_history(&reg, "hist");
     let env = Env::new();
     let r = format!("{}/hist:v1", reg.addr());
-    assert_eq!(env.ok(&["diff", &r, &r]), "");
+    assert_eq!(env.ok(&["diff", &r, &r]), "", "exit 0: the same");
 }
 
 fn cached_layers(env: &Env) -> usize {
@@ -356,7 +369,7 @@ fn diff_of_two_tags_on_one_base_fetches_only_the_layers_that_differ() {
         format!("{}/two:b", reg.addr()),
     );
     assert_eq!(
-        env.ok(&["diff", "--long", &a, &b]),
+        differing(&env, &["diff", "--long", &a, &b]),
         "M /etc/version (mode, content)\n"
     );
     assert_eq!(cached_layers(&env), 2, "the shared base was not fetched");
@@ -372,7 +385,10 @@ fn diff_fetches_the_base_when_one_side_adds_what_the_base_may_hold() {
         format!("{}/two:a", reg.addr()),
         format!("{}/two:b", reg.addr()),
     );
-    assert_eq!(env.ok(&["diff", &a, &b]), "A /etc/extra\nM /etc/version\n");
+    assert_eq!(
+        differing(&env, &["diff", &a, &b]),
+        "A /etc/extra\nM /etc/version\n"
+    );
     assert_eq!(cached_layers(&env), 4);
 }
 
@@ -420,7 +436,7 @@ fn diff_of_two_tags_on_one_base_agrees_with_diff_rq() {
         format!("{}/two:a", reg.addr()),
         format!("{}/two:b", reg.addr()),
     );
-    let rows = json_lines(&env.ok(&["diff", "--json", &a, &b]));
+    let rows = json_lines(&differing(&env, &["diff", "--json", &a, &b]));
     let of = |c: &str| -> BTreeSet<String> {
         rows.iter()
             .filter(|v| v["change"] == c)
@@ -467,7 +483,7 @@ fn diff_on_one_base_sees_a_directory_whited_out_and_made_again() {
         format!("{}/wh:a", reg.addr()),
         format!("{}/wh:b", reg.addr()),
     );
-    assert_eq!(env.ok(&["diff", &a, &b]), "D /etc/base-only\n");
+    assert_eq!(differing(&env, &["diff", &a, &b]), "D /etc/base-only\n");
 }
 
 /// GNU grep's output for `grep -r FLAGS etc` in `root`, and its exit code,
@@ -545,4 +561,48 @@ fn grep_flags_mean_what_gnu_grep_means_over_umocis_unpack() {
     let mut sorted: Vec<&str> = first.lines().collect();
     sorted.sort();
     assert_eq!(first.lines().collect::<Vec<_>>(), sorted, "sorted by path");
+}
+
+#[test]
+fn log_of_a_path_no_layer_held_fails_and_pipes_closed_early_are_quiet() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let err = env.fails(&["log", &r, "/never-existed"]);
+    assert!(
+        err.contains("/never-existed") && err.contains("no layer"),
+        "{err}"
+    );
+    // `| head -c1`: the reader goes away; no "Broken pipe" line, and the
+    // status is SIGPIPE's, as for coreutils.
+    for args in [
+        vec!["cat", &r, "/etc/app.conf"],
+        vec!["export", &r, "-"],
+        vec!["ls", "-R", &r],
+    ] {
+        let mut cmd = env.command(&args);
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "",
+            "{args:?} is quiet on a closed pipe"
+        );
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc_sigpipe()),
+            "{args:?}: {:?}",
+            out.status
+        );
+    }
+}
+
+fn libc_sigpipe() -> i32 {
+    13
 }

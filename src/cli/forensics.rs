@@ -123,6 +123,13 @@ pub fn log(args: &LogArgs) -> Result<()> {
     let digests = digests(&source);
     let records = forensics::history(&indexes, &layers, &digests, path, recursive)
         .with_context(|| source.image.reference.to_string())?;
+    if records.is_empty() {
+        anyhow::bail!(
+            "{}: {}: no layer of the image ever held this path (see `rimg ls`)",
+            source.image.reference,
+            rimg::names::escaped(&absolute(&rimg::layer::normalize(path)))
+        );
+    }
     let created = created_by(&source);
     let names = Names::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -254,7 +261,9 @@ pub struct DiffArgs {
     pub common: Common,
 }
 
-pub fn diff(args: &DiffArgs) -> Result<()> {
+/// Says whether the images differ (exit 1, as diff and `git diff
+/// --exit-code`).
+pub fn diff(args: &DiffArgs) -> Result<bool> {
     super::init_logging(args.log.verbose);
     let (common, a, b) = (&args.common, &args.reference_a, &args.reference_b);
     let (long, as_json) = (args.long, args.json);
@@ -311,7 +320,8 @@ pub fn diff(args: &DiffArgs) -> Result<()> {
         }
         writeln!(out)?;
     }
-    Ok(out.flush()?)
+    out.flush()?;
+    Ok(!changes.is_empty())
 }
 
 /// The diff of the two merged trees, every layer fetched.

@@ -105,7 +105,16 @@ pub fn run(command: Command) -> ExitCode {
         Command::Cat(a) => ls::cat(&a),
         Command::Log(a) => forensics::log(&a),
         Command::Deleted(a) => forensics::deleted(&a),
-        Command::Diff(a) => forensics::diff(&a),
+        Command::Diff(a) => {
+            // diff's exit status: 0 same, 1 different, 2 trouble.
+            return match forensics::diff(&a) {
+                Ok(differ) => ExitCode::from(u8::from(differ)),
+                Err(e) => {
+                    print_error(&e);
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Grep(a) => {
             // grep's exit status: 0 found, 1 not found, 2 trouble.
             return match grep::grep(&a) {
@@ -134,8 +143,22 @@ pub fn run(command: Command) -> ExitCode {
     }
 }
 
-/// The one line a failed command prints.
+/// The one line a failed command prints. A closed pipe on stdout (`rimg
+/// cat ... | head`) is no error to report: once the command has cleaned
+/// up, the process dies of SIGPIPE, silently, as coreutils do.
 pub fn print_error(e: &anyhow::Error) {
+    let broken_pipe = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        // SAFETY: restoring the default action and raising a signal have
+        // no memory effects; the default action ends the process.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
     eprintln!("rimg: {}", one_line(e));
 }
 
