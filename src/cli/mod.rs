@@ -317,9 +317,38 @@ impl RegistryOpts {
     }
 }
 
-/// A registry reference, bare or after `docker://`.
+/// A registry reference, bare or after `docker://`, with the mistakes a
+/// user makes told apart from a bad reference: a URL, a registry without a
+/// repository, a file on disk without its `docker-archive:` prefix.
 pub(crate) fn parse_reference(s: &str) -> Result<Reference> {
-    Ok(Reference::parse(s.strip_prefix("docker://").unwrap_or(s))?)
+    if let Some(rest) = s.strip_prefix("http://").or(s.strip_prefix("https://")) {
+        bail!(
+            "{s:?} is a URL; name the image as HOST/REPOSITORY[:TAG], e.g. {} (add --plain-http for a plain-HTTP registry)",
+            rest.trim_end_matches('/')
+        );
+    }
+    let r = s.strip_prefix("docker://").unwrap_or(s);
+    if !r.contains('/')
+        && let Some((host, port)) = r.split_once(':')
+        && (host.contains('.') || host == "localhost")
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        bail!("{r} is a registry; name a repository in it: {r}/REPOSITORY[:TAG]");
+    }
+    let path = std::path::Path::new(r);
+    if (r.contains('/') || r.ends_with(".tar")) && path.exists() {
+        let form = if path.is_dir() {
+            "oci"
+        } else {
+            "docker-archive"
+        };
+        bail!(
+            "{r} is a {} on this machine, not an image in a registry; did you mean {form}:{r}?",
+            if path.is_dir() { "directory" } else { "file" }
+        );
+    }
+    Ok(Reference::parse(r)?)
 }
 
 pub(crate) async fn resolve(
@@ -480,6 +509,27 @@ impl rimg::image::LayerProgress for Bar {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn references_that_are_urls_registries_or_files_say_what_to_type() {
+        let e = parse_reference("http://host:5000/a/b")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("host:5000/a/b") && e.contains("--plain-http"),
+            "{e}"
+        );
+        let e = parse_reference("127.0.0.1:5000").unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1:5000/REPOSITORY"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.tar");
+        std::fs::write(&file, b"").unwrap();
+        let f = file.display().to_string();
+        let e = parse_reference(&f).unwrap_err().to_string();
+        assert!(e.contains(&format!("docker-archive:{f}")), "{e}");
+        assert!(parse_reference("alpine:3.10").is_ok());
+        assert!(parse_reference("localhost:5000/a:b").is_ok());
+    }
 
     #[test]
     fn options_before_the_command_move_after_it() {

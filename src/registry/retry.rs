@@ -118,6 +118,8 @@ impl Retry {
                 self.digest_refetches += 1;
                 self.digest_refetches <= DIGEST_REFETCHES
             }
+            // One more try, at once, for a restarting registry; no more.
+            RegistryError::Refused { .. } => self.attempt < 2,
             e => e.is_transient(),
         };
         if !worth {
@@ -140,12 +142,15 @@ impl Retry {
         } else {
             format!("{}: ", self.label)
         };
-        tracing::warn!(
-            "{prefix}{msg}; retrying in {:.1} s (attempt {} of {})",
-            wait.as_secs_f64(),
-            self.attempt + 1,
-            self.policy.max_tries
-        );
+        let level_warn = !matches!(err, RegistryError::Refused { .. });
+        if level_warn {
+            tracing::warn!(
+                "{prefix}{msg}; retrying in {:.1} s (attempt {} of {})",
+                wait.as_secs_f64(),
+                self.attempt + 1,
+                self.policy.max_tries
+            );
+        }
         self.attempt += 1;
         tokio::time::sleep(wait).await;
         Ok(())
