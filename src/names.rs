@@ -53,6 +53,69 @@ pub fn unsafe_on_a_terminal(c: char) -> bool {
         || c == '\u{feff}'
 }
 
+/// Text (an error line, a server's words) made safe for a terminal: every
+/// character [`unsafe_on_a_terminal`] is written as Rust escapes it
+/// (`\n`, `\u{1b}`), the rest as it is. Unlike [`Escaped`], backslashes
+/// stay: the text may already hold names escaped once.
+pub fn escaped_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if unsafe_on_a_terminal(c) {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A name quoted as GNU ls's default `shell-escape` style does on a
+/// terminal: as it is when nothing in it needs quoting, else in single
+/// quotes, with every unprintable byte as `$'\ooo'` outside them.
+pub fn shell_quoted(name: &[u8]) -> String {
+    let plain = |b: u8| b.is_ascii_alphanumeric() || b"%+,-./:=@_^".contains(&b);
+    if !name.is_empty() && name.iter().all(|&b| plain(b)) {
+        return String::from_utf8_lossy(name).into_owned();
+    }
+    let mut out = String::new();
+    let mut quoted = false;
+    for chunk in name.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if unsafe_on_a_terminal(c) {
+                if quoted {
+                    out.push('\'');
+                    quoted = false;
+                }
+                let mut b = [0u8; 4];
+                for byte in c.encode_utf8(&mut b).bytes() {
+                    out.push_str(&format!("$'\\{byte:03o}'"));
+                }
+                continue;
+            }
+            if !quoted {
+                out.push('\'');
+                quoted = true;
+            }
+            if c == '\'' {
+                out.push_str("'\\''");
+            } else {
+                out.push(c);
+            }
+        }
+        for byte in chunk.invalid() {
+            if quoted {
+                out.push('\'');
+                quoted = false;
+            }
+            out.push_str(&format!("$'\\{byte:03o}'"));
+        }
+    }
+    if quoted {
+        out.push('\'');
+    }
+    out
+}
+
 /// Shorthand for `Escaped(bytes)`.
 pub fn escaped(bytes: &[u8]) -> Escaped<'_> {
     Escaped(bytes)
@@ -94,6 +157,19 @@ pub fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_are_quoted_as_gnu_ls_quotes_them_on_a_terminal() {
+        assert_eq!(shell_quoted(b"plain.txt"), "plain.txt");
+        assert_eq!(shell_quoted(b"a b"), "'a b'");
+        assert_eq!(shell_quoted(b"latin1-\xe9.txt"), "'latin1-'$'\\351''.txt'");
+        assert_eq!(shell_quoted(b"\x1b[2J"), "$'\\033''[2J'");
+        // A bidi override would reorder what follows it on the screen.
+        assert_eq!(
+            shell_quoted("a\u{202e}b".as_bytes()),
+            "'a'$'\\342'$'\\200'$'\\256''b'"
+        );
+    }
     use proptest::prelude::*;
 
     /// Reverses [`Escaped`], to prove the escape loses nothing.

@@ -166,7 +166,11 @@ fn grep_searches_without_a_mount_and_deleted_finds_the_leak() {
         "/etc/app.conf (layer 3):1:version=3\n"
     );
     let out = env.run(&["grep", "-c", "-i", "VERSION", &r, "/etc"]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "/etc/app.conf:1\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "/etc/app.conf:1\n/etc/tool:0\n",
+        "as grep -c: files without a match count 0"
+    );
     // A bad pattern is an error: exit 2, one line.
     let out = env.run(&["grep", "(", &r]);
     assert_eq!(out.status.code(), Some(2));
@@ -203,6 +207,19 @@ fn grep_l_lists_what_grep_rl_lists_over_umocis_unpack() {
         assert!(!want.is_empty(), "{pattern} matches something");
         assert_eq!(ours, want, "grep -l {pattern}");
     }
+}
+
+/// The output of a `rimg diff` of images that differ, which exits 1 as
+/// diff and `git diff --exit-code` do.
+fn differing(env: &Env, args: &[&str]) -> String {
+    let out = env.run(args);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
 }
 
 /// `diff -rq --no-dereference` of two unpacked trees: top-level only-ins per
@@ -250,7 +267,7 @@ fn diff_of_two_alpines_agrees_with_diff_rq_of_their_unpacks() {
     let env = Env::new();
     let a = format!("{}/alpine:3.10", reg.addr());
     let b = format!("{}/alpine:3.20", reg.addr());
-    let rows = json_lines(&env.ok(&["diff", "--json", &a, &b]));
+    let rows = json_lines(&differing(&env, &["diff", "--json", &a, &b]));
     let by = |c: &str| -> BTreeSet<String> {
         rows.iter()
             .filter(|v| v["change"] == c)
@@ -284,7 +301,7 @@ fn diff_of_two_alpines_agrees_with_diff_rq_of_their_unpacks() {
     assert_eq!(top(&added), only_b);
     assert_eq!(content, differ);
     // The text form: sorted, one "X /path" per line.
-    let text = env.ok(&["diff", &a, &b]);
+    let text = differing(&env, &["diff", &a, &b]);
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), rows.len());
     let mut sorted = lines.clone();
@@ -298,7 +315,7 @@ fn diff_of_an_image_with_itself_is_empty() {
     push_history(&reg, "hist");
     let env = Env::new();
     let r = format!("{}/hist:v1", reg.addr());
-    assert_eq!(env.ok(&["diff", &r, &r]), "");
+    assert_eq!(env.ok(&["diff", &r, &r]), "", "exit 0: the same");
 }
 
 fn cached_layers(env: &Env) -> usize {
@@ -352,7 +369,7 @@ fn diff_of_two_tags_on_one_base_fetches_only_the_layers_that_differ() {
         format!("{}/two:b", reg.addr()),
     );
     assert_eq!(
-        env.ok(&["diff", "--long", &a, &b]),
+        differing(&env, &["diff", "--long", &a, &b]),
         "M /etc/version (mode, content)\n"
     );
     assert_eq!(cached_layers(&env), 2, "the shared base was not fetched");
@@ -368,7 +385,10 @@ fn diff_fetches_the_base_when_one_side_adds_what_the_base_may_hold() {
         format!("{}/two:a", reg.addr()),
         format!("{}/two:b", reg.addr()),
     );
-    assert_eq!(env.ok(&["diff", &a, &b]), "A /etc/extra\nM /etc/version\n");
+    assert_eq!(
+        differing(&env, &["diff", &a, &b]),
+        "A /etc/extra\nM /etc/version\n"
+    );
     assert_eq!(cached_layers(&env), 4);
 }
 
@@ -416,7 +436,7 @@ fn diff_of_two_tags_on_one_base_agrees_with_diff_rq() {
         format!("{}/two:a", reg.addr()),
         format!("{}/two:b", reg.addr()),
     );
-    let rows = json_lines(&env.ok(&["diff", "--json", &a, &b]));
+    let rows = json_lines(&differing(&env, &["diff", "--json", &a, &b]));
     let of = |c: &str| -> BTreeSet<String> {
         rows.iter()
             .filter(|v| v["change"] == c)
@@ -463,5 +483,126 @@ fn diff_on_one_base_sees_a_directory_whited_out_and_made_again() {
         format!("{}/wh:a", reg.addr()),
         format!("{}/wh:b", reg.addr()),
     );
-    assert_eq!(env.ok(&["diff", &a, &b]), "D /etc/base-only\n");
+    assert_eq!(differing(&env, &["diff", &a, &b]), "D /etc/base-only\n");
+}
+
+/// GNU grep's output for `grep -r FLAGS etc` in `root`, and its exit code,
+/// with `etc/...` made `/etc/...` and the lines sorted (grep -r walks in
+/// readdir order).
+fn gnu_grep(root: &Path, flags: &[&str]) -> (Vec<String>, Option<i32>) {
+    let out = Command::new("grep")
+        .arg("-r")
+        .args(flags)
+        .arg("etc")
+        .current_dir(root)
+        .env("LC_ALL", "C")
+        .output()
+        .unwrap();
+    let mut lines: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            if l.starts_with("etc/") {
+                format!("/{l}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect();
+    lines.sort();
+    (lines, out.status.code())
+}
+
+#[test]
+fn grep_flags_mean_what_gnu_grep_means_over_umocis_unpack() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "alpine", "3.20", "3.20.3", "amd64", true);
+    let (_keep, rootfs) = umoci_unpack(&reg, "alpine", "3.20");
+    let env = Env::new();
+    let r = format!("{}/alpine:3.20", reg.addr());
+    let cases: &[&[&str]] = &[
+        &["-v", "root"],
+        &["-w", "root"],
+        &["-x", "root:x:0:0:root:/root:/bin/sh"],
+        &["-o", "-n", "-E", "ro+t"],
+        &["-c", "-v", "#"],
+        &["-L", "root"],
+        &["-l", "-e", "root", "-e", "alpine"],
+        &["-n", "-C", "1", "nobody"],
+        &["-A", "2", "-B", "1", "daemon"],
+        &["-h", "-i", "ALPINE"],
+        &["--include=*.conf", "-l", "a"],
+        &["--exclude=*.conf", "-l", "a"],
+        &["-F", "-c", "a.b"],
+        &["-m", "1", "-n", "e"],
+        &["-q", "root"],
+        &["-q", "no-such-text-anywhere"],
+        &["-v", "-x", ".*"],
+    ];
+    for flags in cases {
+        let (want, want_code) = gnu_grep(&rootfs, flags);
+        let mut args = vec!["grep"];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[&r, "/etc"]);
+        let out = env.run(&args);
+        let mut ours: Vec<String> = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(str::to_string)
+            .collect();
+        ours.sort();
+        assert_eq!(ours, want, "rimg grep {flags:?}");
+        assert_eq!(out.status.code(), want_code, "exit code of grep {flags:?}");
+    }
+    // -h is grep's, not help; the output is the same five times running.
+    let first = env.ok(&["grep", "-l", "root", &r]);
+    assert!(first.starts_with('/'), "{first}");
+    for _ in 0..4 {
+        assert_eq!(env.ok(&["grep", "-l", "root", &r]), first);
+    }
+    let mut sorted: Vec<&str> = first.lines().collect();
+    sorted.sort();
+    assert_eq!(first.lines().collect::<Vec<_>>(), sorted, "sorted by path");
+}
+
+#[test]
+fn log_of_a_path_no_layer_held_fails_and_pipes_closed_early_are_quiet() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let err = env.fails(&["log", &r, "/never-existed"]);
+    assert!(
+        err.contains("/never-existed") && err.contains("no layer"),
+        "{err}"
+    );
+    // `| head -c1`: the reader goes away; no "Broken pipe" line, and the
+    // status is SIGPIPE's, as for coreutils.
+    for args in [
+        vec!["cat", &r, "/etc/app.conf"],
+        vec!["export", &r, "-"],
+        vec!["ls", "-R", &r],
+    ] {
+        let mut cmd = env.command(&args);
+        let mut child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        drop(child.stdout.take());
+        let out = child.wait_with_output().unwrap();
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(
+            String::from_utf8_lossy(&out.stderr),
+            "",
+            "{args:?} is quiet on a closed pipe"
+        );
+        assert!(
+            out.status.success() || out.status.signal() == Some(libc_sigpipe()),
+            "{args:?}: {:?}",
+            out.status
+        );
+    }
+}
+
+fn libc_sigpipe() -> i32 {
+    13
 }

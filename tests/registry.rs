@@ -628,3 +628,33 @@ mod reference_grammar {
         }
     }
 }
+
+#[test]
+fn a_refused_connection_fails_in_one_line_within_three_seconds() {
+    let env = Env::new();
+    let r = format!("127.0.0.1:{}/x:y", free_port());
+    let started = std::time::Instant::now();
+    let out = env.run(&["ls", &r]);
+    let took = started.elapsed();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(took < Duration::from_secs(3), "took {took:?}: {err}");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.contains("connection refused"), "{err}");
+}
+
+#[test]
+fn a_registry_without_a_repository_or_a_file_without_its_prefix_says_what_to_type() {
+    let env = Env::new();
+    let err = env.fails(&["tags", "127.0.0.1:5000"]);
+    assert!(err.contains("127.0.0.1:5000/REPOSITORY"), "{err}");
+    let tar = env.dir.path().join("a.tar");
+    std::fs::write(&tar, b"").unwrap();
+    let err = env.fails(&["ls", &tar.display().to_string()]);
+    assert!(
+        err.contains(&format!("docker-archive:{}", tar.display())),
+        "{err}"
+    );
+    let err = env.fails(&["ls", "http://127.0.0.1:5000/a/b"]);
+    assert!(err.contains("--plain-http"), "{err}");
+}

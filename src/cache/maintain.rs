@@ -21,7 +21,7 @@ impl Cache {
     /// checks and maps the file at the path it is given (the format belongs
     /// to the overlay); a file it rejects is removed with a warning, so the
     /// tree is rebuilt and saved anew, never trusted.
-    pub fn load_tree<T, E: std::error::Error>(
+    pub fn load_tree<T, E: std::error::Error + 'static>(
         &self,
         image_digest: &str,
         open: impl FnOnce(&File, &Path) -> Result<T, E>,
@@ -34,7 +34,7 @@ impl Cache {
                 tracing::warn!(
                     "saved tree {}: {}; rebuilding it",
                     path.display(),
-                    error_chain(&e)
+                    crate::report::Chain(&e)
                 );
                 let _ = fs::remove_file(&path);
                 None
@@ -280,16 +280,4 @@ impl Cache {
             }
         }
     }
-}
-
-/// An error and its sources, on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
 }

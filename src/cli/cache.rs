@@ -6,8 +6,52 @@ use anyhow::{Result, bail};
 
 use super::*;
 
-pub fn cache_ls(common: &Common) -> Result<()> {
-    let cache = common.cache()?;
+#[derive(clap::Subcommand)]
+pub enum CacheAction {
+    /// Cached layers with sizes, last use and the images they belong to.
+    Ls(CacheArgs),
+    /// Evict least-recently-used layers until the cache fits SIZE.
+    Prune(PruneArgs),
+    /// Remove everything not in use by a running mount.
+    Clear(CacheArgs),
+    /// Re-hash every cached layer against its digest and diff_id; remove corrupt ones.
+    Verify(CacheArgs),
+}
+
+#[derive(clap::Args)]
+pub struct CacheArgs {
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub cache: CacheOpts,
+}
+
+#[derive(clap::Args)]
+pub struct PruneArgs {
+    /// The size to shrink the cache to, e.g. 500M [default: --cache-size].
+    pub size: Option<options::Size>,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub cache: CacheOpts,
+}
+
+pub fn cache(action: &CacheAction) -> Result<()> {
+    let (CacheAction::Ls(CacheArgs { log, .. })
+    | CacheAction::Clear(CacheArgs { log, .. })
+    | CacheAction::Verify(CacheArgs { log, .. })
+    | CacheAction::Prune(PruneArgs { log, .. })) = action;
+    init_logging(log.verbose);
+    match action {
+        CacheAction::Ls(a) => cache_ls(&a.cache),
+        CacheAction::Prune(a) => cache_prune(a),
+        CacheAction::Clear(a) => cache_clear(&a.cache),
+        CacheAction::Verify(a) => cache_verify(&a.cache),
+    }
+}
+
+fn cache_ls(opts: &CacheOpts) -> Result<()> {
+    let cache = opts.open()?;
     let mut out = std::io::stdout().lock();
     writeln!(
         out,
@@ -45,8 +89,8 @@ pub fn cache_ls(common: &Common) -> Result<()> {
 
 /// Re-hashes every cached layer; corrupt ones are removed and reported.
 /// Fails when any was corrupt, so scripts notice.
-pub fn cache_verify(common: &Common) -> Result<()> {
-    let cache = common.cache()?;
+fn cache_verify(opts: &CacheOpts) -> Result<()> {
+    let cache = opts.open()?;
     let report = cache.verify()?;
     let mut out = std::io::stdout().lock();
     let mut bad = 0;
@@ -68,19 +112,16 @@ pub fn cache_verify(common: &Common) -> Result<()> {
     Ok(())
 }
 
-pub fn cache_prune(common: &Common, size: Option<&str>) -> Result<()> {
-    let cache = common.cache()?;
-    let limit = size
-        .map(parse_size)
-        .transpose()?
-        .unwrap_or(common.cache_limit()?);
+fn cache_prune(args: &PruneArgs) -> Result<()> {
+    let cache = args.cache.open()?;
+    let limit = args.size.unwrap_or(args.cache.cache_size).0;
     let freed = cache.prune(limit)?;
     println!("freed {freed} bytes");
     Ok(())
 }
 
-pub fn cache_clear(common: &Common) -> Result<()> {
-    let cache = common.cache()?;
+fn cache_clear(opts: &CacheOpts) -> Result<()> {
+    let cache = opts.open()?;
     let freed = cache.prune(0)?;
     println!("freed {freed} bytes");
     Ok(())

@@ -24,13 +24,47 @@ impl<W: Write> Write for ProgressWriter<W> {
     }
 }
 
-pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
-    init_logging(common.verbose);
-    let format = match args.format.as_str() {
-        "docker" => rimg::export::Format::Docker,
-        "oci" => rimg::export::Format::Oci,
-        "rootfs" => rimg::export::Format::Rootfs,
-        other => bail!("unknown export format {other:?} (docker, oci or rootfs)"),
+/// What `--format` writes.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// A `docker load` archive.
+    Docker,
+    /// An OCI image layout in a tar.
+    Oci,
+    /// The merged filesystem as one tar.
+    Rootfs,
+}
+
+#[derive(clap::Args)]
+pub struct ExportArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Output file, or - for stdout.
+    #[arg(value_name = "OUTPUT")]
+    pub output: String,
+    /// Archive format.
+    #[arg(long, value_enum, default_value = "docker")]
+    pub format: ExportFormat,
+    /// One layer holding the merged filesystem.
+    #[arg(long)]
+    pub flatten: bool,
+    /// Image name in the archive [default: the reference].
+    #[arg(long, value_name = "NAME:TAG")]
+    pub tag: Option<String>,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn export(args: &ExportArgs) -> Result<()> {
+    init_logging(args.log.verbose);
+    let common = &args.common;
+    let format = match args.format {
+        ExportFormat::Docker => rimg::export::Format::Docker,
+        ExportFormat::Oci => rimg::export::Format::Oci,
+        ExportFormat::Rootfs => rimg::export::Format::Rootfs,
     };
     let to_stdout = args.output == "-";
     if to_stdout && std::io::stdout().is_terminal() {

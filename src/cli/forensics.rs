@@ -6,21 +6,21 @@
 //! `line_bytes`), base64-encoded, so no byte is ever lost.
 
 use std::io::{IsTerminal, Write};
-use std::sync::{Arc, Mutex};
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use base64::Engine;
 use serde_json::{Map, Value};
 
-use super::{Common, runtime, shell_quote};
+use super::{Common, Names, Verbosity, runtime};
 use rimg::cache::Layer;
-use rimg::forensics::{self, diff, grep};
+use rimg::forensics::{self, diff};
 use rimg::image::ImageSource;
 use rimg::layer::{EntryKind, LayerIndex};
-use rimg::overlay::tree::{NodeId, Tree};
 
 /// Puts `bytes` in `obj` under `key` if UTF-8, else base64 under `key_bytes`.
-fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
+pub(super) fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(s) => {
             obj.insert(key.into(), s.into());
@@ -37,31 +37,10 @@ fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
 }
 
 /// An absolute path as bytes.
-fn absolute(path: &[u8]) -> Vec<u8> {
+pub(super) fn absolute(path: &[u8]) -> Vec<u8> {
     let mut p = b"/".to_vec();
     p.extend_from_slice(path);
     p
-}
-
-/// Writes a name: raw bytes to a pipe, quoted as GNU ls quotes on a terminal.
-struct Names {
-    terminal: bool,
-}
-
-impl Names {
-    fn new() -> Names {
-        Names {
-            terminal: std::io::stdout().is_terminal(),
-        }
-    }
-
-    fn write(&self, out: &mut dyn Write, name: &[u8]) -> std::io::Result<()> {
-        if self.terminal {
-            out.write_all(shell_quote(name).as_bytes())
-        } else {
-            out.write_all(name)
-        }
-    }
 }
 
 fn kind_name(k: EntryKind) -> &'static str {
@@ -92,7 +71,7 @@ fn all_layers(
     Ok((layers, indexes))
 }
 
-fn digests(source: &ImageSource) -> Vec<String> {
+pub(super) fn digests(source: &ImageSource) -> Vec<String> {
     source
         .image
         .layers
@@ -115,20 +94,42 @@ fn created_by(source: &ImageSource) -> Vec<Option<String>> {
     out
 }
 
-pub fn log(
-    common: &Common,
-    reference: &str,
-    path: &[u8],
-    recursive: bool,
-    as_json: bool,
-) -> Result<()> {
-    super::init_logging(common.verbose);
+#[derive(clap::Args)]
+pub struct LogArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// The path whose history to show; any bytes.
+    pub path: std::ffi::OsString,
+    /// Everything below PATH too.
+    #[arg(short = 'R')]
+    pub recursive: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn log(args: &LogArgs) -> Result<()> {
+    super::init_logging(args.log.verbose);
+    let (common, reference, path) = (&args.common, &args.reference, args.path.as_bytes());
+    let (recursive, as_json) = (args.recursive, args.json);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let (layers, indexes) = all_layers(&rt, &source)?;
     let digests = digests(&source);
     let records = forensics::history(&indexes, &layers, &digests, path, recursive)
         .with_context(|| source.image.reference.to_string())?;
+    if records.is_empty() {
+        anyhow::bail!(
+            "{}: {}: no layer of the image ever held this path (see `rimg ls`)",
+            source.image.reference,
+            rimg::names::escaped(&absolute(&rimg::layer::normalize(path)))
+        );
+    }
     let created = created_by(&source);
     let names = Names::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
@@ -190,8 +191,23 @@ pub fn log(
     Ok(out.flush()?)
 }
 
-pub fn deleted(common: &Common, reference: &str, as_json: bool) -> Result<()> {
-    super::init_logging(common.verbose);
+#[derive(clap::Args)]
+pub struct DeletedArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn deleted(args: &DeletedArgs) -> Result<()> {
+    super::init_logging(args.log.verbose);
+    let (common, reference, as_json) = (&args.common, &args.reference, args.json);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let (_layers, indexes) = all_layers(&rt, &source)?;
@@ -225,8 +241,32 @@ pub fn deleted(common: &Common, reference: &str, as_json: bool) -> Result<()> {
     Ok(out.flush()?)
 }
 
-pub fn diff(common: &Common, a: &str, b: &str, long: bool, as_json: bool) -> Result<()> {
-    super::init_logging(common.verbose);
+#[derive(clap::Args)]
+pub struct DiffArgs {
+    /// The old image.
+    #[arg(value_name = "REF_A")]
+    pub reference_a: String,
+    /// The new image.
+    #[arg(value_name = "REF_B")]
+    pub reference_b: String,
+    /// Say what changed in each modified path.
+    #[arg(long)]
+    pub long: bool,
+    /// One JSON object per line.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// Says whether the images differ (exit 1, as diff and `git diff
+/// --exit-code`).
+pub fn diff(args: &DiffArgs) -> Result<bool> {
+    super::init_logging(args.log.verbose);
+    let (common, a, b) = (&args.common, &args.reference_a, &args.reference_b);
+    let (long, as_json) = (args.long, args.json);
     let rt = runtime()?;
     let progress = std::io::stderr().is_terminal();
     let sa = common.open_image(&rt, a, progress)?;
@@ -280,7 +320,8 @@ pub fn diff(common: &Common, a: &str, b: &str, long: bool, as_json: bool) -> Res
         }
         writeln!(out)?;
     }
-    Ok(out.flush()?)
+    out.flush()?;
+    Ok(!changes.is_empty())
 }
 
 /// The diff of the two merged trees, every layer fetched.
@@ -305,184 +346,4 @@ fn diff_trees(
             digests: db,
         },
     )?)
-}
-
-pub struct GrepArgs {
-    pub pattern: String,
-    pub reference: String,
-    pub paths: Vec<Vec<u8>>,
-    pub ignore_case: bool,
-    pub fixed: bool,
-    pub files_with_matches: bool,
-    pub count: bool,
-    pub line_number: bool,
-    pub layers: bool,
-    pub deleted: bool,
-    pub json: bool,
-}
-
-/// Every regular file at or below `start`, with its path.
-fn files_below(tree: &Tree, start: NodeId, path: &[u8], out: &mut Vec<(Vec<u8>, NodeId)>) {
-    let n = tree.node(start);
-    match n.kind {
-        EntryKind::File => out.push((path.to_vec(), start)),
-        EntryKind::Dir => {
-            for (name, c) in tree.children(start) {
-                files_below(tree, c, &rimg::names::join(path, name), out);
-            }
-        }
-        _ => {}
-    }
-}
-
-struct Printer<'a> {
-    args: &'a GrepArgs,
-    names: Names,
-    out: Mutex<std::io::Stdout>,
-}
-
-impl grep::Report for Printer<'_> {
-    fn found(&self, t: &grep::Target<'_>, f: &grep::Found) {
-        let a = self.args;
-        let path = absolute(&t.path);
-        let mut buf: Vec<u8> = Vec::new();
-        if a.json {
-            let base = || {
-                let mut o = Map::new();
-                put_bytes(&mut o, "path", &path);
-                o.insert("layer".into(), t.layer.into());
-                if let Some(h) = t.hidden_by {
-                    o.insert("deleted".into(), true.into());
-                    o.insert("hidden_by".into(), h.into());
-                }
-                o
-            };
-            if a.files_with_matches || a.count || f.binary {
-                let mut o = base();
-                o.insert("count".into(), f.count.into());
-                o.insert("binary".into(), f.binary.into());
-                let _ = writeln!(buf, "{}", Value::Object(o));
-            } else {
-                for (n, line) in &f.lines {
-                    let mut o = base();
-                    o.insert("line_number".into(), (*n).into());
-                    put_bytes(&mut o, "line", line);
-                    let _ = writeln!(buf, "{}", Value::Object(o));
-                }
-            }
-        } else {
-            let prefix = |buf: &mut Vec<u8>| {
-                let _ = self.names.write(buf, &path);
-                if let Some(h) = t.hidden_by {
-                    let _ = write!(buf, " (deleted: layer {}, hidden by {})", t.layer, h);
-                } else if a.layers {
-                    let _ = write!(buf, " (layer {})", t.layer);
-                }
-            };
-            if a.files_with_matches {
-                prefix(&mut buf);
-                buf.push(b'\n');
-            } else if a.count {
-                prefix(&mut buf);
-                let _ = writeln!(buf, ":{}", f.count);
-            } else if f.binary {
-                let _ = write!(buf, "rimg: ");
-                prefix(&mut buf);
-                let _ = writeln!(buf, ": binary file matches");
-            } else {
-                for (n, line) in &f.lines {
-                    prefix(&mut buf);
-                    buf.push(b':');
-                    if a.line_number {
-                        let _ = write!(buf, "{n}:");
-                    }
-                    buf.extend_from_slice(line);
-                    buf.push(b'\n');
-                }
-            }
-        }
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let _ = out.write_all(&buf);
-    }
-}
-
-/// Searches the image; `Ok(true)` when something matched.
-pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
-    super::init_logging(common.verbose);
-    let rt = runtime()?;
-    let source = common.open_image(&rt, &args.reference, std::io::stderr().is_terminal())?;
-    let (tree, layers) = rt.block_on(source.tree(None))?;
-    let digests = digests(&source);
-    let mut files = Vec::new();
-    let roots: Vec<Vec<u8>> = if args.paths.is_empty() {
-        vec![Vec::new()]
-    } else {
-        args.paths
-            .iter()
-            .map(|p| rimg::layer::normalize(p))
-            .collect()
-    };
-    for p in &roots {
-        let id = tree.resolve(p, true).with_context(|| {
-            format!(
-                "{}: {}",
-                source.image.reference,
-                rimg::names::escaped(&absolute(p))
-            )
-        })?;
-        files_below(&tree, id, p, &mut files);
-    }
-    let mut targets: Vec<grep::Target<'_>> = files
-        .iter()
-        .map(|(p, id)| {
-            let n = tree.node(*id);
-            grep::Target {
-                path: p.clone(),
-                layer: n.layer as usize,
-                offset: n.offset,
-                size: n.size,
-                sparse: n.sparse(),
-                hidden_by: None,
-            }
-        })
-        .collect();
-    let indexes: Vec<LayerIndex>;
-    if args.deleted {
-        indexes = layers
-            .iter()
-            .map(|l| l.index())
-            .collect::<Result<_, _>>()
-            .with_context(|| source.image.reference.to_string())?;
-        for d in forensics::deleted(&indexes)? {
-            let e = &indexes[d.layer].entries[d.entry];
-            let under = roots.iter().any(|r| {
-                r.is_empty() || d.path == *r || d.path.starts_with(&[&r[..], b"/"].concat())
-            });
-            if e.kind == EntryKind::File && under {
-                targets.push(grep::Target {
-                    path: d.path.clone(),
-                    layer: d.layer,
-                    offset: e.offset,
-                    size: e.size,
-                    sparse: e.sparse.as_deref().map(std::borrow::Cow::Borrowed),
-                    hidden_by: Some(d.hidden_by),
-                });
-            }
-        }
-    }
-    let opts = grep::Options {
-        pattern: args.pattern.clone(),
-        ignore_case: args.ignore_case,
-        fixed: args.fixed,
-        first_only: args.files_with_matches,
-        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-    };
-    let printer = Printer {
-        args,
-        names: Names::new(),
-        out: Mutex::new(std::io::stdout()),
-    };
-    let found = grep::search(&targets, &layers, &digests, &opts, &printer)
-        .with_context(|| source.image.reference.to_string())?;
-    Ok(found)
 }

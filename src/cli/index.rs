@@ -9,8 +9,34 @@ use super::*;
 
 /// Builds (and with `push`, publishes) the image's gzip indexes, printing
 /// each layer's index size against its blob.
-pub fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
-    init_logging(common.verbose);
+#[derive(clap::Subcommand)]
+pub enum IndexAction {
+    /// Build the gzip checkpoint index of every gzip layer (fetching the
+    /// layers whole if need be) and print its size against the layer's.
+    Build(IndexArgs),
+    /// Build the indexes and push them as an artifact referring to the
+    /// image, so other machines read its gzip layers by range.
+    Push(IndexArgs),
+}
+
+#[derive(clap::Args)]
+pub struct IndexArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+pub fn index(action: &IndexAction) -> Result<()> {
+    let (args, push) = match action {
+        IndexAction::Build(a) => (a, false),
+        IndexAction::Push(a) => (a, true),
+    };
+    init_logging(args.log.verbose);
+    let (common, reference) = (&args.common, &args.reference);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let built = rt.block_on(source.build_gz_indexes())?;

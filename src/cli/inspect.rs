@@ -10,12 +10,37 @@ use rimg::registry::ResolvedImage;
 
 use super::*;
 
-pub fn inspect(common: &Common, reference: &str, raw: bool) -> Result<()> {
-    init_logging(common.verbose);
-    let reference = match local::locate(reference) {
+#[derive(clap::Args)]
+pub struct InspectArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Print the manifest bytes exactly as served.
+    #[arg(long)]
+    pub raw: bool,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct TagsArgs {
+    /// The repository: HOST[:PORT]/NAME, or NAME on Docker Hub.
+    pub repository: String,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub registry: RegistryOpts,
+}
+
+pub fn inspect(args: &InspectArgs) -> Result<()> {
+    init_logging(args.log.verbose);
+    let (common, raw) = (&args.common, args.raw);
+    let reference = match local::locate(&args.reference) {
         Location::Registry(r) => parse_reference(r)?,
         Location::Local(spec) => {
-            let (image, _) = local::open(&spec, common.platform()?.as_ref())?;
+            let (image, _) = local::open(&spec, common.platform())?;
             if raw {
                 std::io::stdout().write_all(&image.manifest_bytes)?;
             } else {
@@ -24,7 +49,7 @@ pub fn inspect(common: &Common, reference: &str, raw: bool) -> Result<()> {
             return Ok(());
         }
     };
-    let client = common.client()?;
+    let client = common.registry.client()?;
     let rt = runtime()?;
     if raw {
         let m = rt
@@ -97,10 +122,10 @@ pub(super) fn inspect_json(image: &ResolvedImage) -> serde_json::Value {
     })
 }
 
-pub fn tags(common: &Common, repository: &str) -> Result<()> {
-    init_logging(common.verbose);
-    let reference = parse_reference(repository)?;
-    let client = common.client()?;
+pub fn tags(args: &TagsArgs) -> Result<()> {
+    init_logging(args.log.verbose);
+    let reference = parse_reference(&args.repository)?;
+    let client = args.registry.client()?;
     let tags = runtime()?.block_on(client.tags(&reference)).map_err(|e| {
         about(
             e,

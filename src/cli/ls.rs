@@ -10,6 +10,46 @@ use rimg::overlay::tree::NodeId;
 
 use super::*;
 
+#[derive(clap::Args)]
+pub struct LsArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// Where to list, in the image; any bytes, names need not be UTF-8.
+    #[arg(default_value = "/")]
+    pub path: std::ffi::OsString,
+    /// Long form: type, mode, owner, size, mtime, link target, layer.
+    #[arg(short = 'l')]
+    pub long: bool,
+    /// Recurse into directories.
+    #[arg(short = 'R')]
+    pub recursive: bool,
+    /// List one layer as stored, whiteouts included (negative counts from the top).
+    #[arg(long, allow_hyphen_values = true, value_name = "N")]
+    pub layer: Option<i64>,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+#[derive(clap::Args)]
+pub struct CatArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// The file, in the image; any bytes, names need not be UTF-8.
+    pub path: std::ffi::OsString,
+    /// Read from one layer as stored, e.g. a file a later layer deleted
+    /// (negative counts from the top).
+    #[arg(long, allow_hyphen_values = true, value_name = "N")]
+    pub layer: Option<i64>,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
 pub(super) fn mode_string(kind: EntryKind, mode: u32) -> String {
     let t = match kind {
         EntryKind::Dir => 'd',
@@ -83,8 +123,9 @@ pub(super) fn format_time(secs: i64) -> String {
     )
 }
 
-pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
-    init_logging(common.verbose);
+pub fn ls(args: &LsArgs) -> Result<()> {
+    init_logging(args.log.verbose);
+    let common = &args.common;
     let rt = runtime()?;
     let source = common.open_image(&rt, &args.reference, std::io::stderr().is_terminal())?;
     let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
@@ -92,20 +133,20 @@ pub fn ls(common: &Common, args: &LsArgs) -> Result<()> {
     // Layer numbers in the listing are the image's, even for one layer.
     let layer_no = |n: u16| only.unwrap_or(n as usize);
     let start = tree
-        .resolve(&args.path, !args.long)
-        .with_context(|| format!("{}: {}", source.image.reference, names::escaped(&args.path)))?;
+        .resolve(args.path.as_bytes(), !args.long)
+        .with_context(|| {
+            format!(
+                "{}: {}",
+                source.image.reference,
+                names::escaped(args.path.as_bytes())
+            )
+        })?;
     // Names go to a pipe as the bytes they are; a terminal gets them quoted
     // as GNU ls quotes them, so no name can move the cursor or hide a byte.
-    let terminal = std::io::stdout().is_terminal();
+    let names = Names::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
-    let name_out = |out: &mut dyn Write, name: &[u8]| -> std::io::Result<()> {
-        if terminal {
-            out.write_all(shell_quote(name).as_bytes())
-        } else {
-            out.write_all(name)
-        }
-    };
-    let base = normalize_display(&args.path);
+    let name_out = |out: &mut dyn Write, name: &[u8]| names.write(out, name);
+    let base = normalize_display(args.path.as_bytes());
     let print = |out: &mut dyn Write, path: &[u8], id: NodeId| -> std::io::Result<()> {
         let n = tree.node(id);
         if args.long {
@@ -170,57 +211,16 @@ pub(super) fn normalize_display(path: &[u8]) -> Vec<u8> {
     out
 }
 
-/// A name quoted as GNU ls's default `shell-escape` style does on a
-/// terminal: as it is when nothing in it needs quoting, else in single
-/// quotes, with every unprintable byte as `$'\ooo'` outside them.
-pub(crate) fn shell_quote(name: &[u8]) -> String {
-    let plain = |b: u8| b.is_ascii_alphanumeric() || b"%+,-./:=@_^".contains(&b);
-    if !name.is_empty() && name.iter().all(|&b| plain(b)) {
-        return String::from_utf8_lossy(name).into_owned();
-    }
-    let mut out = String::new();
-    let mut quoted = false;
-    for chunk in name.utf8_chunks() {
-        for c in chunk.valid().chars() {
-            if names::unsafe_on_a_terminal(c) {
-                if quoted {
-                    out.push('\'');
-                    quoted = false;
-                }
-                let mut b = [0u8; 4];
-                for byte in c.encode_utf8(&mut b).bytes() {
-                    out.push_str(&format!("$'\\{byte:03o}'"));
-                }
-                continue;
-            }
-            if !quoted {
-                out.push('\'');
-                quoted = true;
-            }
-            if c == '\'' {
-                out.push_str("'\\''");
-            } else {
-                out.push(c);
-            }
-        }
-        for byte in chunk.invalid() {
-            if quoted {
-                out.push('\'');
-                quoted = false;
-            }
-            out.push_str(&format!("$'\\{byte:03o}'"));
-        }
-    }
-    if quoted {
-        out.push('\'');
-    }
-    out
-}
-
 /// `layer`: read from that one layer as stored (negative counts from the
 /// top), which is how bytes a later layer hid are recovered.
-pub fn cat(common: &Common, reference: &str, path: &[u8], layer: Option<i64>) -> Result<()> {
-    init_logging(common.verbose);
+pub fn cat(args: &CatArgs) -> Result<()> {
+    init_logging(args.log.verbose);
+    let (common, reference, path, layer) = (
+        &args.common,
+        &args.reference,
+        args.path.as_bytes(),
+        args.layer,
+    );
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let only = layer.map(|l| source.layer_index(l)).transpose()?;
@@ -266,18 +266,5 @@ mod tests {
     fn times_format_as_utc_dates() {
         assert_eq!(format_time(0), "1970-01-01 00:00");
         assert_eq!(format_time(1_700_000_000), "2023-11-14 22:13");
-    }
-
-    #[test]
-    fn names_are_quoted_as_gnu_ls_quotes_them_on_a_terminal() {
-        assert_eq!(shell_quote(b"plain.txt"), "plain.txt");
-        assert_eq!(shell_quote(b"a b"), "'a b'");
-        assert_eq!(shell_quote(b"latin1-\xe9.txt"), "'latin1-'$'\\351''.txt'");
-        assert_eq!(shell_quote(b"\x1b[2J"), "$'\\033''[2J'");
-        // A bidi override would reorder what follows it on the screen.
-        assert_eq!(
-            shell_quote("a\u{202e}b".as_bytes()),
-            "'a'$'\\342'$'\\200'$'\\256''b'"
-        );
     }
 }

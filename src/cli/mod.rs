@@ -1,30 +1,30 @@
-//! The CLI edge: each subcommand as a function over parsed arguments, one
-//! file each, and what they share (options, logging, resolving an image).
+//! The CLI edge: each subcommand a function taking its own clap struct (one
+//! file each), the shared option groups ([`options`]), and what commands
+//! share (logging, resolving an image, progress bars, the one-line error).
 //! This is the only place that uses anyhow; it adds the context a user needs.
 
-use std::io::{IsTerminal, Read};
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::io::{IsTerminal, Read, Write};
+use std::os::unix::ffi::OsStrExt;
+use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
+use clap::{Parser, Subcommand};
 
 mod cache;
 mod export;
 mod forensics;
+mod grep;
 mod index;
 mod inspect;
 mod ls;
 mod mount;
+pub mod options;
 
-pub use cache::{cache_clear, cache_ls, cache_prune, cache_verify};
-pub use export::export;
-pub use forensics::{GrepArgs, deleted, diff, grep, log};
-pub use index::index;
-pub use inspect::{inspect, tags};
-pub use ls::{cat, ls};
 // Shared by several subcommands (and the tests below).
-use ls::{format_time, shell_quote};
-pub use mount::{mount, mounts, serve, umount};
+use ls::format_time;
+pub use options::{CacheOpts, Common, RegistryOpts, Verbosity};
 
 use rimg::cache::Cache;
 use rimg::digest::Digest;
@@ -36,64 +36,207 @@ use rimg::registry::{
     ResolvedImage,
 };
 
-/// Options every subcommand shares.
-#[derive(Debug, Clone, Default)]
-pub struct Common {
-    pub platform: Option<String>,
-    pub username: Option<String>,
-    pub password_stdin: bool,
-    pub plain_http: bool,
-    pub insecure: bool,
-    pub ca_certs: Vec<PathBuf>,
-    pub mirrors: Vec<String>,
-    pub cache_dir: Option<PathBuf>,
-    pub cache_size: Option<String>,
-    pub max_layer_size: Option<String>,
-    pub verbose: u8,
-    /// Seconds one operation keeps trying (RIMG_TIMEOUT).
-    pub timeout: Option<u64>,
-    /// Seconds without a byte before a connection counts as stalled (RIMG_STALL_TIMEOUT).
-    pub stall_timeout: Option<u64>,
-    /// Attempts per request (RIMG_RETRIES).
-    pub retries: Option<u32>,
-    pub allow_foreign_layers: bool,
-    pub whole_layers: bool,
-    pub no_index: bool,
+/// Mount, inspect and export container images straight from a registry.
+#[derive(Parser)]
+#[command(
+    name = "rimg",
+    version,
+    about,
+    after_help = "REF is a registry reference (alpine:3.10, docker://host:5000/repo:tag) or an image in a file: docker-archive:PATH[:REPO:TAG], oci:DIR[:TAG], oci-archive:PATH[:TAG].\nOptions may also come before the command: rimg --platform linux/arm64 ls REF."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
 }
 
-pub struct LsArgs {
-    pub reference: String,
-    pub path: Vec<u8>,
-    /// One layer as stored (negative counts from the top).
-    pub layer: Option<i64>,
-    pub long: bool,
-    pub recursive: bool,
+#[derive(Subcommand)]
+pub enum Command {
+    /// Print an image's resolved reference, platform, manifest, config and layers as JSON.
+    Inspect(inspect::InspectArgs),
+    /// List a repository's tags.
+    Tags(inspect::TagsArgs),
+    /// List the image's merged filesystem.
+    Ls(ls::LsArgs),
+    /// Write a file of the image to stdout (symlinks followed inside the image).
+    Cat(ls::CatArgs),
+    /// Every layer that changed PATH, oldest first, and how.
+    Log(forensics::LogArgs),
+    /// Entries some layer holds that the merged tree does not show, and what hid them.
+    Deleted(forensics::DeletedArgs),
+    /// Paths that differ between two images: A(dded), D(eleted), M(odified).
+    Diff(forensics::DiffArgs),
+    /// Search file contents of the merged tree, without a mount; exit 0 if
+    /// found, 1 if not, 2 on error, as grep.
+    #[command(
+        disable_help_flag = true,
+        override_usage = "rimg grep [OPTIONS] PATTERN REF [PATH]...\n       rimg grep [OPTIONS] -e PATTERN... REF [PATH]..."
+    )]
+    Grep(grep::GrepArgs),
+    /// Mount the image read-only at MOUNTPOINT.
+    Mount(mount::MountArgs),
+    /// Unmount a rimg mount.
+    Umount(mount::UmountArgs),
+    /// List rimg mounts.
+    Mounts(mount::MountsArgs),
+    /// Write the image as a docker/OCI archive or a rootfs tar.
+    Export(export::ExportArgs),
+    /// Gzip checkpoint indexes: read plain gzip layers by range elsewhere.
+    Index {
+        #[command(subcommand)]
+        action: index::IndexAction,
+    },
+    /// Show or free the layer cache.
+    Cache {
+        #[command(subcommand)]
+        action: cache::CacheAction,
+    },
+    /// Internal: serve a mount in the background (started by `rimg mount`).
+    #[command(hide = true)]
+    Serve(mount::ServeArgs),
 }
 
-pub struct MountArgs {
-    pub reference: String,
-    pub mountpoint: PathBuf,
-    pub foreground: bool,
-    pub allow_other: bool,
-    pub prefetch: bool,
-    pub layer: Option<i64>,
+/// Runs one command; the exit status is the command's (grep's 0/1/2), else
+/// 0, or 1 after the one-line error.
+pub fn run(command: Command) -> ExitCode {
+    let result = match command {
+        Command::Inspect(a) => inspect::inspect(&a),
+        Command::Tags(a) => inspect::tags(&a),
+        Command::Ls(a) => ls::ls(&a),
+        Command::Cat(a) => ls::cat(&a),
+        Command::Log(a) => forensics::log(&a),
+        Command::Deleted(a) => forensics::deleted(&a),
+        Command::Diff(a) => {
+            // diff's exit status: 0 same, 1 different, 2 trouble.
+            return match forensics::diff(&a) {
+                Ok(differ) => ExitCode::from(u8::from(differ)),
+                Err(e) => {
+                    print_error(&e);
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Grep(a) => {
+            // grep's exit status: 0 found, 1 not found, 2 trouble.
+            return match grep::grep(&a) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::from(1),
+                Err(e) => {
+                    print_error(&e);
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Mount(a) => mount::mount(&a),
+        Command::Serve(a) => mount::serve(&a),
+        Command::Umount(a) => mount::umount(&a),
+        Command::Mounts(a) => mount::mounts(&a),
+        Command::Export(a) => export::export(&a),
+        Command::Index { action } => index::index(&action),
+        Command::Cache { action } => cache::cache(&action),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            print_error(&e);
+            ExitCode::FAILURE
+        }
+    }
 }
 
-pub struct ExportArgs {
-    pub reference: String,
-    pub output: String,
-    pub format: String,
-    pub flatten: bool,
-    pub tag: Option<String>,
+/// The one line a failed command prints. A closed pipe on stdout (`rimg
+/// cat ... | head`) is no error to report: once the command has cleaned
+/// up, the process dies of SIGPIPE, silently, as coreutils do.
+pub fn print_error(e: &anyhow::Error) {
+    let broken_pipe = e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        // SAFETY: restoring the default action and raising a signal have
+        // no memory effects; the default action ends the process.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            libc::raise(libc::SIGPIPE);
+        }
+    }
+    eprintln!("rimg: {}", one_line(e));
 }
 
-/// An error chain on one line: `what: why: underlying cause`. Each level
+/// The process arguments, with options given before the command moved after
+/// it (`rimg --platform X ls REF` is `rimg ls --platform X REF`), so each
+/// option is defined once, on the commands it applies to, and still works
+/// in front as it always has. A leading `-v` becomes `--verbose`, so it
+/// never turns into grep's `-v`.
+pub fn argv() -> Vec<OsString> {
+    use clap::CommandFactory;
+    hoist_leading_options(std::env::args_os().collect(), &Cli::command())
+}
+
+fn hoist_leading_options(args: Vec<OsString>, cmd: &clap::Command) -> Vec<OsString> {
+    let mut lead: Vec<OsString> = Vec::new();
+    let mut i = 1;
+    while let Some(s) = args.get(i).and_then(|a| a.to_str()) {
+        if !s.starts_with('-') || s == "-" || s == "--" {
+            break;
+        }
+        if matches!(s, "-h" | "--help" | "-V" | "--version") {
+            return args;
+        }
+        if s.len() > 1 && s[1..].bytes().all(|b| b == b'v') {
+            lead.extend(std::iter::repeat_n("--verbose".into(), s.len() - 1));
+            i += 1;
+            continue;
+        }
+        lead.push(s.into());
+        let long = s.trim_start_matches('-');
+        if !long.contains('=')
+            && takes_value(cmd, long)
+            && let Some(v) = args.get(i + 1)
+        {
+            lead.push(v.clone());
+            i += 1;
+        }
+        i += 1;
+    }
+    if lead.is_empty() {
+        return args;
+    }
+    let mut out = vec![args[0].clone()];
+    let mut cur = cmd;
+    while let Some(sub) = args
+        .get(i)
+        .and_then(|a| a.to_str())
+        .and_then(|s| cur.find_subcommand(s))
+    {
+        out.push(args[i].clone());
+        cur = sub;
+        i += 1;
+    }
+    out.extend(lead);
+    out.extend(args.into_iter().skip(i));
+    out
+}
+
+/// Whether `--long` takes a value in whichever command defines it.
+fn takes_value(cmd: &clap::Command, long: &str) -> bool {
+    cmd.get_arguments()
+        .find(|a| a.get_long() == Some(long))
+        .map(|a| a.get_action().takes_values())
+        .or_else(|| {
+            cmd.get_subcommands()
+                .any(|s| takes_value(s, long))
+                .then_some(true)
+        })
+        .unwrap_or(false)
+}
+
+/// An error chain on one line: `what: why: underlying cause`, escaped for a
+/// terminal (registry text and names may hold control sequences). Each level
 /// says only its own part, so the chain joined says each thing once.
 pub fn one_line(e: &anyhow::Error) -> String {
-    e.chain()
-        .map(|cause| cause.to_string().replace('\n', " "))
-        .collect::<Vec<_>>()
-        .join(": ")
+    let chain: &(dyn std::error::Error + 'static) = e.as_ref();
+    let line = rimg::report::Chain(chain).to_string();
+    rimg::names::escaped_text(&line)
 }
 
 pub(crate) fn init_logging(verbose: u8) {
@@ -119,14 +262,7 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-impl Common {
-    pub(crate) fn platform(&self) -> Result<Option<PlatformSpec>> {
-        self.platform
-            .as_deref()
-            .map(|p| p.parse::<PlatformSpec>().map_err(|e| anyhow!(e)))
-            .transpose()
-    }
-
+impl RegistryOpts {
     fn explicit_credentials(&self) -> Result<Option<Credentials>> {
         if self.password_stdin {
             let username = self
@@ -172,25 +308,47 @@ impl Common {
             mirrors,
             credentials: CredentialStore::from_env(explicit),
             foreign_urls: self.allow_foreign_layers,
+            deadline: std::time::Duration::from_secs(self.timeout),
+            read_timeout: std::time::Duration::from_secs(self.stall_timeout),
+            max_tries: self.retries.max(1),
             ..ClientOptions::default()
-        };
-        let opts = ClientOptions {
-            deadline: self
-                .timeout
-                .map_or(opts.deadline, std::time::Duration::from_secs),
-            read_timeout: self
-                .stall_timeout
-                .map_or(opts.read_timeout, std::time::Duration::from_secs),
-            max_tries: self.retries.map_or(opts.max_tries, |r| r.max(1)),
-            ..opts
         };
         Ok(Arc::new(Client::new(opts)?))
     }
 }
 
-/// A registry reference, bare or after `docker://`.
+/// A registry reference, bare or after `docker://`, with the mistakes a
+/// user makes told apart from a bad reference: a URL, a registry without a
+/// repository, a file on disk without its `docker-archive:` prefix.
 pub(crate) fn parse_reference(s: &str) -> Result<Reference> {
-    Ok(Reference::parse(s.strip_prefix("docker://").unwrap_or(s))?)
+    if let Some(rest) = s.strip_prefix("http://").or(s.strip_prefix("https://")) {
+        bail!(
+            "{s:?} is a URL; name the image as HOST/REPOSITORY[:TAG], e.g. {} (add --plain-http for a plain-HTTP registry)",
+            rest.trim_end_matches('/')
+        );
+    }
+    let r = s.strip_prefix("docker://").unwrap_or(s);
+    if !r.contains('/')
+        && let Some((host, port)) = r.split_once(':')
+        && (host.contains('.') || host == "localhost")
+        && !port.is_empty()
+        && port.bytes().all(|b| b.is_ascii_digit())
+    {
+        bail!("{r} is a registry; name a repository in it: {r}/REPOSITORY[:TAG]");
+    }
+    let path = std::path::Path::new(r);
+    if (r.contains('/') || r.ends_with(".tar")) && path.exists() {
+        let form = if path.is_dir() {
+            "oci"
+        } else {
+            "docker-archive"
+        };
+        bail!(
+            "{r} is a {} on this machine, not an image in a registry; did you mean {form}:{r}?",
+            if path.is_dir() { "directory" } else { "file" }
+        );
+    }
+    Ok(Reference::parse(r)?)
 }
 
 pub(crate) async fn resolve(
@@ -198,9 +356,8 @@ pub(crate) async fn resolve(
     common: &Common,
     reference: &Reference,
 ) -> Result<ResolvedImage> {
-    let platform = common.platform()?;
     client
-        .resolve(reference, platform.as_ref())
+        .resolve(reference, common.platform())
         .await
         .map_err(|e| about(e, reference, format!("cannot resolve {reference}")))
 }
@@ -216,63 +373,26 @@ pub(crate) fn about(e: RegistryError, reference: &Reference, doing: String) -> a
     }
 }
 
-/// Parses sizes like `10G`, `500M`, `4096` (binary multiples).
-pub fn parse_size(s: &str) -> Result<u64> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
-        Some((i, _)) => {
-            let unit = t[i..].to_ascii_uppercase();
-            let m: u64 = match unit.trim_end_matches("IB").trim_end_matches('B') {
-                "" => 1,
-                "K" => 1 << 10,
-                "M" => 1 << 20,
-                "G" => 1 << 30,
-                "T" => 1 << 40,
-                _ => bail!("size {s:?}: unknown unit (use K, M, G or T)"),
-            };
-            (&t[..i], m)
-        }
-        None => (t, 1),
-    };
-    let n: f64 = num
-        .trim()
-        .parse()
-        .map_err(|_| anyhow!("size {s:?} is not a number with an optional K/M/G/T unit"))?;
-    if !n.is_finite() || n < 0.0 {
-        bail!("size {s:?} must be positive");
-    }
-    Ok((n * mult as f64) as u64)
-}
-
-const DEFAULT_CACHE_SIZE: u64 = 10 << 30;
-
-impl Common {
-    pub(crate) fn cache_dir(&self) -> PathBuf {
-        self.cache_dir
-            .clone()
-            .unwrap_or_else(rimg::cache::default_dir)
-    }
-
-    pub(crate) fn cache_limit(&self) -> Result<u64> {
-        self.cache_size
-            .as_deref()
-            .map(parse_size)
-            .transpose()
-            .map(|s| s.unwrap_or(DEFAULT_CACHE_SIZE))
-    }
-
-    pub(crate) fn cache(&self) -> Result<Arc<Cache>> {
-        let dir = self.cache_dir();
-        let cache = Cache::open(&dir, self.cache_limit()?)
+impl CacheOpts {
+    pub(crate) fn open(&self) -> Result<Arc<Cache>> {
+        let dir = self.dir();
+        let cache = Cache::open(&dir, self.cache_size.0)
             .with_context(|| format!("cannot open the cache at {}", dir.display()))?;
         Ok(Arc::new(cache))
     }
+}
 
-    fn max_layer_size(&self) -> Result<u64> {
-        match &self.max_layer_size {
-            Some(s) => parse_size(s),
-            None => self.cache_limit(),
-        }
+impl Common {
+    pub(crate) fn platform(&self) -> Option<&PlatformSpec> {
+        self.platform.as_ref().map(|p| &p.0)
+    }
+
+    pub(crate) fn cache(&self) -> Result<Arc<Cache>> {
+        self.cache.open()
+    }
+
+    fn max_layer_size(&self) -> u64 {
+        self.max_layer_size.unwrap_or(self.cache.cache_size).0
     }
 
     /// The image `arg` names, from a registry or a local archive, with where
@@ -286,12 +406,12 @@ impl Common {
     ) -> Result<(ResolvedImage, Blobs, String)> {
         match local::locate(arg) {
             Location::Local(spec) => {
-                let (image, blobs) = local::open(&spec, self.platform()?.as_ref())?;
+                let (image, blobs) = local::open(&spec, self.platform())?;
                 Ok((image, blobs.into(), spec.absolute()?.to_string()))
             }
             Location::Registry(r) => {
                 let reference = parse_reference(r)?;
-                let client = self.client_with(creds)?;
+                let client = self.registry.client_with(creds)?;
                 let image = rt.block_on(resolve(&client, self, &reference))?;
                 let pinned = image.reference.with_digest(&image.digest).to_string();
                 Ok((image, client.into(), pinned))
@@ -306,20 +426,43 @@ impl Common {
         reference: &str,
         progress: bool,
     ) -> Result<Arc<ImageSource>> {
-        let (image, blobs, _) = self.locate_image(rt, reference, self.explicit_credentials()?)?;
-        Ok(Arc::new(self.lazy(ImageSource::new(
-            image,
-            blobs,
-            self.cache()?,
-            self.max_layer_size()?,
-            bars(progress),
-        ))))
+        let creds = self.registry.explicit_credentials()?;
+        let (image, blobs, _) = self.locate_image(rt, reference, creds)?;
+        Ok(Arc::new(self.source(image, blobs, bars(progress))?))
     }
 
-    /// Which layers may be read by range, as the flags say.
-    pub(crate) fn lazy(&self, s: ImageSource) -> ImageSource {
-        s.with_range_reads(!self.whole_layers)
-            .with_published_indexes(!self.no_index)
+    /// An image source reading layers as the flags say.
+    pub(crate) fn source(
+        &self,
+        image: ResolvedImage,
+        blobs: Blobs,
+        progress: Arc<dyn rimg::image::Progress>,
+    ) -> Result<ImageSource> {
+        Ok(
+            ImageSource::new(image, blobs, self.cache()?, self.max_layer_size(), progress)
+                .with_range_reads(!self.whole_layers)
+                .with_published_indexes(!self.no_index),
+        )
+    }
+}
+/// Writes a name: raw bytes to a pipe, quoted as GNU ls quotes on a terminal.
+pub(crate) struct Names {
+    terminal: bool,
+}
+
+impl Names {
+    pub(crate) fn new() -> Names {
+        Names {
+            terminal: std::io::stdout().is_terminal(),
+        }
+    }
+
+    pub(crate) fn write(&self, out: &mut dyn Write, name: &[u8]) -> std::io::Result<()> {
+        if self.terminal {
+            out.write_all(rimg::names::shell_quoted(name).as_bytes())
+        } else {
+            out.write_all(name)
+        }
     }
 }
 
@@ -368,14 +511,55 @@ mod tests {
     use super::*;
 
     #[test]
-    fn sizes_parse_with_binary_units() {
-        assert_eq!(parse_size("10G").unwrap(), 10 << 30);
-        assert_eq!(parse_size("500M").unwrap(), 500 << 20);
-        assert_eq!(parse_size("1.5k").unwrap(), 1536);
-        assert_eq!(parse_size("4096").unwrap(), 4096);
-        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
-        assert!(parse_size("ten").is_err());
-        assert!(parse_size("5X").is_err());
+    fn references_that_are_urls_registries_or_files_say_what_to_type() {
+        let e = parse_reference("http://host:5000/a/b")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("host:5000/a/b") && e.contains("--plain-http"),
+            "{e}"
+        );
+        let e = parse_reference("127.0.0.1:5000").unwrap_err().to_string();
+        assert!(e.contains("127.0.0.1:5000/REPOSITORY"), "{e}");
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("a.tar");
+        std::fs::write(&file, b"").unwrap();
+        let f = file.display().to_string();
+        let e = parse_reference(&f).unwrap_err().to_string();
+        assert!(e.contains(&format!("docker-archive:{f}")), "{e}");
+        assert!(parse_reference("alpine:3.10").is_ok());
+        assert!(parse_reference("localhost:5000/a:b").is_ok());
+    }
+
+    #[test]
+    fn options_before_the_command_move_after_it() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let hoist = |a: &[&str]| -> Vec<String> {
+            hoist_leading_options(a.iter().map(OsString::from).collect(), &cmd)
+                .into_iter()
+                .map(|s| s.into_string().unwrap())
+                .collect()
+        };
+        assert_eq!(
+            hoist(&["rimg", "--cache-dir", "cache", "cache", "ls"]),
+            ["rimg", "cache", "ls", "--cache-dir", "cache"]
+        );
+        assert_eq!(
+            hoist(&["rimg", "-vv", "--plain-http", "grep", "-v", "x", "r"]),
+            [
+                "rimg",
+                "grep",
+                "--verbose",
+                "--verbose",
+                "--plain-http",
+                "-v",
+                "x",
+                "r"
+            ]
+        );
+        assert_eq!(hoist(&["rimg", "ls", "r"]), ["rimg", "ls", "r"]);
+        assert_eq!(hoist(&["rimg", "--help"]), ["rimg", "--help"]);
     }
 
     #[test]

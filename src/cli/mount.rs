@@ -15,62 +15,52 @@ use rimg::registry::Credentials;
 
 use super::*;
 
-/// Arguments the background server needs to behave like this process.
-pub(super) fn child_args(common: &Common) -> Vec<String> {
-    let mut a = Vec::new();
-    if common.plain_http {
-        a.push("--plain-http".into());
-    }
-    if common.insecure {
-        a.push("--insecure".into());
-    }
-    for c in &common.ca_certs {
-        a.push("--ca-cert".into());
-        a.push(c.display().to_string());
-    }
-    for m in &common.mirrors {
-        a.push("--mirror".into());
-        a.push(m.clone());
-    }
-    a.push("--cache-dir".into());
-    a.push(common.cache_dir().display().to_string());
-    for (flag, v) in [
-        ("--cache-size", &common.cache_size),
-        ("--max-layer-size", &common.max_layer_size),
-        ("--platform", &common.platform),
-    ] {
-        if let Some(v) = v {
-            a.push(flag.into());
-            a.push(v.clone());
-        }
-    }
-    if common.whole_layers {
-        a.push("--whole-layers".into());
-    }
-    if common.no_index {
-        a.push("--no-index".into());
-    }
-    if common.verbose > 0 {
-        a.push(format!("-{}", "v".repeat(common.verbose as usize)));
-    }
-    for (flag, v) in [
-        ("--timeout", common.timeout),
-        ("--stall-timeout", common.stall_timeout),
-        ("--retries", common.retries.map(u64::from)),
-    ] {
-        if let Some(v) = v {
-            a.push(flag.into());
-            a.push(v.to_string());
-        }
-    }
-    if common.allow_foreign_layers {
-        a.push("--allow-foreign-layers".into());
-    }
-    a
+#[derive(clap::Args, serde::Serialize, serde::Deserialize)]
+pub struct MountArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    /// An existing directory to mount the image on.
+    pub mountpoint: PathBuf,
+    /// Serve in the foreground instead of returning once mounted.
+    #[arg(long)]
+    pub foreground: bool,
+    /// Let other users see the mount (needs user_allow_other for non-root).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Fetch every layer before mounting; layers read by range are then
+    /// fetched whole in the background.
+    #[arg(long)]
+    pub prefetch: bool,
+    /// Mount one layer's own tree (0 = bottom, negative counts from the top).
+    #[arg(long, allow_hyphen_values = true, value_name = "N")]
+    pub layer: Option<i64>,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
 }
 
-pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
-    init_logging(common.verbose);
+/// The background server's command line: what it serves, for `ps`; the
+/// settings come in the [`Handoff`].
+#[derive(clap::Args)]
+pub struct ServeArgs {
+    pub reference: String,
+    pub mountpoint: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct UmountArgs {
+    /// Where the image is mounted.
+    pub mountpoint: PathBuf,
+}
+
+#[derive(clap::Args)]
+pub struct MountsArgs {}
+
+pub fn mount(args: &MountArgs) -> Result<()> {
+    init_logging(args.log.verbose);
+    let common = &args.common;
     if rimg::fuse::check_mountpoint(&args.mountpoint)? {
         eprintln!(
             "rimg: unmounted the dead rimg mount at {} first",
@@ -80,20 +70,18 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     let rt = runtime()?;
     // Resolve here so a bad reference, refused auth or missing platform is
     // reported on this terminal and nothing is mounted.
-    let creds = common.explicit_credentials()?;
+    let creds = common.registry.explicit_credentials()?;
     let (image, blobs, pinned) = common.locate_image(&rt, &args.reference, creds.clone())?;
-    let source = Arc::new(common.lazy(ImageSource::new(
+    let source = Arc::new(common.source(
         image,
         blobs,
-        common.cache()?,
-        common.max_layer_size()?,
         bars(args.foreground && std::io::stderr().is_terminal()),
-    )));
+    )?);
     let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
     if args.foreground {
         return serve_source(&rt, source, args, only, None);
     }
-    let log_dir = common.cache_dir().join("logs");
+    let log_dir = common.cache.dir().join("logs");
     std::fs::create_dir_all(&log_dir)
         .with_context(|| format!("cannot create {}", log_dir.display()))?;
     let canonical = std::fs::canonicalize(&args.mountpoint)?;
@@ -109,19 +97,7 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     let mut cmd = std::process::Command::new(
         std::env::current_exe().context("cannot find the rimg executable")?,
     );
-    cmd.args(child_args(common))
-        .arg("serve")
-        .arg(&pinned)
-        .arg(&canonical);
-    if args.allow_other {
-        cmd.arg("--allow-other");
-    }
-    if args.prefetch {
-        cmd.arg("--prefetch");
-    }
-    if let Some(l) = args.layer {
-        cmd.arg(format!("--layer={l}"));
-    }
+    cmd.arg("serve").arg(&pinned).arg(&canonical);
 
     use std::os::unix::process::CommandExt;
     cmd.stdin(std::process::Stdio::piped())
@@ -133,10 +109,24 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     let mut child = cmd.spawn().context("cannot start the mount server")?;
     // The server gets the resolved image (and any credentials) on stdin, so it
     // neither asks the registry again nor sees a password in its arguments.
+    let mut settings = MountArgs {
+        reference: pinned,
+        mountpoint: canonical.clone(),
+        foreground: true,
+        allow_other: args.allow_other,
+        prefetch: args.prefetch,
+        layer: args.layer,
+        log: args.log,
+        common: common.clone(),
+    };
+    // Made absolute here: the server runs elsewhere, and must use the
+    // cache this process chose.
+    settings.common.cache.cache_dir = Some(common.cache.dir());
     let handoff = Handoff {
         image: source.image.parts(),
         username: creds.as_ref().map(|c| c.username.clone()),
         password: creds.as_ref().map(|c| c.password.clone()),
+        settings,
     };
     if let Some(mut stdin) = child.stdin.take() {
         stdin.write_all(&serde_json::to_vec(&handoff)?)?;
@@ -172,18 +162,22 @@ pub(super) struct Handoff {
     image: rimg::registry::ImageParts,
     username: Option<String>,
     password: Option<String>,
+    /// Everything else the user asked for, as parsed here.
+    settings: MountArgs,
 }
 
-pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
-    init_logging(common.verbose);
+pub fn serve(_argv: &ServeArgs) -> Result<()> {
     let result = (|| {
-        let rt = runtime()?;
         let mut input = Vec::new();
         std::io::stdin()
             .read_to_end(&mut input)
             .context("reading the mount handoff")?;
         let handoff: Handoff =
             serde_json::from_slice(&input).context("the mount handoff on stdin is not valid")?;
+        let args = &handoff.settings;
+        let common = &args.common;
+        init_logging(args.log.verbose);
+        let rt = runtime()?;
         let creds = match (handoff.username, handoff.password) {
             (Some(username), Some(password)) => Some(Credentials {
                 username,
@@ -195,7 +189,7 @@ pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
         let image = rimg::registry::ResolvedImage::from_parts(handoff.image)?;
         let blobs: Blobs = match local::locate(&args.reference) {
             Location::Local(spec) => {
-                let (opened, blobs) = local::open(&spec, common.platform()?.as_ref())?;
+                let (opened, blobs) = local::open(&spec, common.platform())?;
                 if opened.digest != image.digest {
                     bail!(
                         "{spec} changed since it was opened (image {} is now {})",
@@ -205,15 +199,9 @@ pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
                 }
                 blobs.into()
             }
-            Location::Registry(_) => common.client_with(creds)?.into(),
+            Location::Registry(_) => common.registry.client_with(creds)?.into(),
         };
-        let source = Arc::new(common.lazy(ImageSource::new(
-            image,
-            blobs,
-            common.cache()?,
-            common.max_layer_size()?,
-            bars(false),
-        )));
+        let source = Arc::new(common.source(image, blobs, bars(false))?);
         let only = args.layer.map(|l| source.layer_index(l)).transpose()?;
         serve_source(&rt, source, args, only, Some(()))
     })();
@@ -317,7 +305,8 @@ pub(super) fn serve_source(
     Ok(served?)
 }
 
-pub fn umount(mountpoint: &std::path::Path) -> Result<()> {
+pub fn umount(args: &UmountArgs) -> Result<()> {
+    let mountpoint = args.mountpoint.as_path();
     if std::env::var_os(rimg::fuse::WATCH_ENV).is_some() {
         return unmount_when_dead(mountpoint);
     }
@@ -369,7 +358,7 @@ pub(super) fn unmount_when_dead(mountpoint: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-pub fn mounts() -> Result<()> {
+pub fn mounts(_: &MountsArgs) -> Result<()> {
     let list = mounts::list();
     let mut out = std::io::stdout().lock();
     writeln!(

@@ -3,15 +3,20 @@
 //! Files are searched in the order their bytes lie in each layer's tar, by
 //! several threads taking runs of neighbouring files, so a cold page cache is
 //! read sequentially rather than file by file through the tree. Results are
-//! reported per file through [`Report`], in no fixed order; a binary file
-//! (one holding a NUL byte) reports that it matched, not its lines, as GNU
-//! grep does.
+//! reported per file through [`Report`], in no fixed order (the caller sorts);
+//! a binary file (one holding a NUL byte) reports that it matched, not its
+//! lines, as GNU grep does. The options mean what GNU grep's do: several
+//! patterns (`-e`), inverted (`-v`), words (`-w`), whole lines (`-x`),
+//! context lines (`-A`/`-B`) and a match limit (`-m`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use grep_regex::RegexMatcherBuilder;
-use grep_searcher::{BinaryDetection, Searcher, SearcherBuilder, Sink, SinkMatch};
+use grep_matcher::Matcher;
+use grep_regex::{RegexMatcher, RegexMatcherBuilder};
+use grep_searcher::{
+    BinaryDetection, Searcher, SearcherBuilder, Sink, SinkContext, SinkContextKind, SinkMatch,
+};
 
 use super::FileData;
 use crate::cache::Layer;
@@ -34,12 +39,22 @@ pub enum GrepError {
 
 #[derive(Debug, Clone, Default)]
 pub struct Options {
-    pub pattern: String,
+    /// A line matches if any of these does.
+    pub patterns: Vec<String>,
     pub ignore_case: bool,
-    /// The pattern is a literal string, not a regular expression.
+    /// The patterns are literal strings, not regular expressions.
     pub fixed: bool,
-    /// Stop at a file's first match (for `-l`).
-    pub first_only: bool,
+    /// Select the lines that do not match.
+    pub invert: bool,
+    /// A match must be a whole word.
+    pub word: bool,
+    /// A match must be a whole line.
+    pub whole_line: bool,
+    /// Lines of context before and after each match.
+    pub before: usize,
+    pub after: usize,
+    /// Stop reading a file after this many selected lines (`-l` uses 1).
+    pub max_count: Option<u64>,
     pub threads: usize,
 }
 
@@ -58,10 +73,29 @@ pub struct Target<'a> {
 /// What one file held.
 #[derive(Debug, Default)]
 pub struct Found {
-    /// `(line number, line without its terminator)`, unless the file is binary.
-    pub lines: Vec<(u64, Vec<u8>)>,
+    /// Selected lines and their context, in file order, unless the file is binary.
+    pub lines: Vec<Line>,
+    /// Selected lines.
     pub count: u64,
     pub binary: bool,
+}
+
+/// A line of a file that matched, without its terminator.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    pub number: u64,
+    pub bytes: Vec<u8>,
+    pub kind: LineKind,
+    /// Byte ranges of the matches in a selected line (none when inverted).
+    pub spans: Vec<(usize, usize)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LineKind {
+    Selected,
+    Context,
+    /// A gap between two groups of context (grep's `--`); no bytes.
+    Break,
 }
 
 /// Receives each file that matched, from any search thread.
@@ -71,7 +105,17 @@ pub trait Report: Sync {
 
 struct Collect<'a> {
     found: &'a mut Found,
-    first_only: bool,
+    matcher: &'a RegexMatcher,
+    invert: bool,
+    max_count: Option<u64>,
+}
+
+fn without_terminator(bytes: &[u8]) -> Vec<u8> {
+    let mut line = bytes.to_vec();
+    while matches!(line.last(), Some(b'\n' | b'\r')) {
+        line.pop();
+    }
+    line
 }
 
 impl Sink for Collect<'_> {
@@ -80,15 +124,48 @@ impl Sink for Collect<'_> {
     fn matched(&mut self, _: &Searcher, mat: &SinkMatch<'_>) -> Result<bool, std::io::Error> {
         self.found.count += 1;
         if !self.found.binary {
-            let mut line = mat.bytes().to_vec();
-            while matches!(line.last(), Some(b'\n' | b'\r')) {
-                line.pop();
+            let bytes = without_terminator(mat.bytes());
+            let mut spans = Vec::new();
+            if !self.invert {
+                let _ = self.matcher.find_iter(&bytes, |m| {
+                    if m.end() > m.start() {
+                        spans.push((m.start(), m.end()));
+                    }
+                    true
+                });
             }
-            self.found
-                .lines
-                .push((mat.line_number().unwrap_or(0), line));
+            self.found.lines.push(Line {
+                number: mat.line_number().unwrap_or(0),
+                bytes,
+                kind: LineKind::Selected,
+                spans,
+            });
         }
-        Ok(!self.first_only)
+        Ok(self.max_count.is_none_or(|m| self.found.count < m))
+    }
+
+    fn context(&mut self, _: &Searcher, ctx: &SinkContext<'_>) -> Result<bool, std::io::Error> {
+        if !self.found.binary && !matches!(ctx.kind(), SinkContextKind::Other) {
+            self.found.lines.push(Line {
+                number: ctx.line_number().unwrap_or(0),
+                bytes: without_terminator(ctx.bytes()),
+                kind: LineKind::Context,
+                spans: Vec::new(),
+            });
+        }
+        Ok(true)
+    }
+
+    fn context_break(&mut self, _: &Searcher) -> Result<bool, std::io::Error> {
+        if !self.found.binary {
+            self.found.lines.push(Line {
+                number: 0,
+                bytes: Vec::new(),
+                kind: LineKind::Break,
+                spans: Vec::new(),
+            });
+        }
+        Ok(true)
     }
 
     fn binary_data(&mut self, _: &Searcher, _: u64) -> Result<bool, std::io::Error> {
@@ -96,6 +173,30 @@ impl Sink for Collect<'_> {
         self.found.lines.clear();
         Ok(true)
     }
+}
+
+/// The error of the pattern that is wrong, in the user's own words: the
+/// patterns together are one regex with wrappers the user never wrote.
+fn pattern_error(opts: &Options, all: grep_regex::Error) -> GrepError {
+    let one_line = |e: &grep_regex::Error| {
+        let text = e.to_string();
+        let last = text
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("");
+        last.trim().trim_start_matches("error: ").to_string()
+    };
+    for p in &opts.patterns {
+        if let Err(e) = RegexMatcherBuilder::new()
+            .fixed_strings(opts.fixed)
+            .line_terminator(Some(b'\n'))
+            .build(p)
+        {
+            return GrepError::Pattern(format!("{p:?}: {}", one_line(&e)));
+        }
+    }
+    GrepError::Pattern(one_line(&all))
 }
 
 /// Searches `targets`; says whether anything matched.
@@ -109,9 +210,11 @@ pub fn search(
     let matcher = RegexMatcherBuilder::new()
         .case_insensitive(opts.ignore_case)
         .fixed_strings(opts.fixed)
+        .word(opts.word)
+        .whole_line(opts.whole_line)
         .line_terminator(Some(b'\n'))
-        .build(&opts.pattern)
-        .map_err(|e| GrepError::Pattern(e.to_string()))?;
+        .build_many(&opts.patterns)
+        .map_err(|e| pattern_error(opts, e))?;
     // Each layer's files in the order their bytes lie in its tar.
     let mut order: Vec<usize> = (0..targets.len())
         .filter(|&i| targets[i].size > 0)
@@ -127,6 +230,9 @@ pub fn search(
                 s.spawn(|| -> Result<(), GrepError> {
                     let mut searcher = SearcherBuilder::new()
                         .line_number(true)
+                        .invert_match(opts.invert)
+                        .before_context(opts.before)
+                        .after_context(opts.after)
                         .binary_detection(BinaryDetection::convert(b'\0'))
                         .build();
                     loop {
@@ -144,7 +250,9 @@ pub fn search(
                             let mut found = Found::default();
                             let sink = Collect {
                                 found: &mut found,
-                                first_only: opts.first_only,
+                                matcher: &matcher,
+                                invert: opts.invert,
+                                max_count: opts.max_count,
                             };
                             searcher
                                 .search_reader(&matcher, data, sink)

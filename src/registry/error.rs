@@ -25,6 +25,10 @@ pub enum RegistryError {
     },
     #[error("cannot reach registry {registry}: {detail}")]
     Unreachable { registry: String, detail: String },
+    /// Nothing listens there, or the name does not resolve: retrying soon
+    /// seldom helps, so it is tried once more only.
+    #[error("cannot reach registry {registry}: {detail}")]
+    Refused { registry: String, detail: String },
     #[error("TLS failure talking to {registry}: {detail}")]
     Tls { registry: String, detail: String },
     #[error("HTTP {status} from {registry} for {what}")]
@@ -179,6 +183,29 @@ pub(crate) fn from_transport(registry: &str, err: &reqwest::Error) -> RegistryEr
         source = s.source();
     }
     let lower = detail.to_ascii_lowercase();
+    let refused = {
+        let mut s: Option<&(dyn std::error::Error + 'static)> = Some(err);
+        let mut found = false;
+        while let Some(e) = s {
+            found |= e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|io| io.kind() == std::io::ErrorKind::ConnectionRefused);
+            s = e.source();
+        }
+        found
+    };
+    let dns = lower.contains("dns error") || lower.contains("failed to lookup address");
+    if refused || dns {
+        let what = if refused {
+            "connection refused (is the registry running, and is the port right?)"
+        } else {
+            "its name does not resolve (check the host name)"
+        };
+        return RegistryError::Refused {
+            registry: registry.to_string(),
+            detail: what.to_string(),
+        };
+    }
     if lower.contains("certificate") || lower.contains("tls") || lower.contains("handshake") {
         RegistryError::Tls {
             registry: registry.to_string(),

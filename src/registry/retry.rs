@@ -118,6 +118,8 @@ impl Retry {
                 self.digest_refetches += 1;
                 self.digest_refetches <= DIGEST_REFETCHES
             }
+            // One more try, at once, for a restarting registry; no more.
+            RegistryError::Refused { .. } => self.attempt < 2,
             e => e.is_transient(),
         };
         if !worth {
@@ -140,12 +142,15 @@ impl Retry {
         } else {
             format!("{}: ", self.label)
         };
-        tracing::warn!(
-            "{prefix}{msg}; retrying in {:.1} s (attempt {} of {})",
-            wait.as_secs_f64(),
-            self.attempt + 1,
-            self.policy.max_tries
-        );
+        let level_warn = !matches!(err, RegistryError::Refused { .. });
+        if level_warn {
+            tracing::warn!(
+                "{prefix}{msg}; retrying in {:.1} s (attempt {} of {})",
+                wait.as_secs_f64(),
+                self.attempt + 1,
+                self.policy.max_tries
+            );
+        }
         self.attempt += 1;
         tokio::time::sleep(wait).await;
         Ok(())
@@ -201,34 +206,16 @@ const ERROR_BODY_TIME: Duration = Duration::from_secs(5);
 /// A message made safe for a terminal: control characters (ESC, CR, BEL...)
 /// are shown escaped instead of acting.
 pub fn escape_controls(s: &str) -> String {
-    s.chars()
-        .flat_map(|c| {
-            let esc: Vec<char> = if c.is_control() {
-                c.escape_default().collect()
-            } else {
-                vec![c]
-            };
-            esc
-        })
-        .collect()
+    crate::names::escaped_text(s)
 }
 
 /// Text from a server made safe for a terminal, and bounded in length.
 pub fn escape_text(s: &str) -> String {
     const MAX: usize = 512;
-    let mut out = String::with_capacity(s.len().min(MAX));
-    for (i, c) in s.chars().enumerate() {
-        if i >= MAX {
-            out.push('…');
-            break;
-        }
-        if c.is_control() {
-            out.extend(c.escape_default());
-        } else {
-            out.push(c);
-        }
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{}…", crate::names::escaped_text(&s[..cut])),
+        None => crate::names::escaped_text(s),
     }
-    out
 }
 
 #[cfg(test)]
