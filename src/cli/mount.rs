@@ -71,6 +71,8 @@ pub(super) fn child_args(common: &Common) -> Vec<String> {
 
 pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     init_logging(common.verbose);
+    // A state directory another user planted refuses the mount up front.
+    mounts::checked_state_dir().context("mount records")?;
     if rimg::fuse::check_mountpoint(&args.mountpoint)? {
         eprintln!(
             "rimg: unmounted the dead rimg mount at {} first",
@@ -93,15 +95,16 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     if args.foreground {
         return serve_source(&rt, source, args, only, None);
     }
-    let log_dir = common.cache_dir().join("logs");
-    std::fs::create_dir_all(&log_dir)
-        .with_context(|| format!("cannot create {}", log_dir.display()))?;
+    let log_dir = rimg::private::dir(
+        &common.cache_dir().join("logs"),
+        rimg::private::Mode::NotWritable,
+    )?;
     let canonical = std::fs::canonicalize(&args.mountpoint)?;
     let log_path = log_dir.join(format!(
         "mount-{}.log",
         Digest::of_bytes(canonical.as_os_str().as_encoded_bytes()).short()
     ));
-    let log = std::fs::OpenOptions::new()
+    let log = rimg::private::options()
         .create(true)
         .append(true)
         .open(&log_path)
