@@ -161,7 +161,7 @@ pub fn mount(common: &Common, args: &MountArgs) -> Result<()> {
     }
     println!(
         "mounted {} at {} (pid {}, log {})",
-        source.image.reference,
+        source.source_name().0,
         canonical.display(),
         child.id(),
         log_path.display()
@@ -249,8 +249,10 @@ pub(super) fn serve_source(
         only_layer: only,
     };
     let mount = rimg::fuse::mount(rt.handle().clone(), Arc::clone(&source), &mountpoint, &opts)?;
+    let (shown, tag) = source.source_name();
     let record = MountRecord {
-        reference: source.image.reference.to_string(),
+        reference: shown,
+        tag,
         digest: source.image.digest.clone(),
         mountpoint: mountpoint.clone(),
         pid: std::process::id(),
@@ -275,7 +277,7 @@ pub(super) fn serve_source(
     } else {
         eprintln!(
             "mounted {} at {}; Ctrl-C unmounts",
-            source.image.reference,
+            record.reference,
             mountpoint.display()
         );
     }
@@ -381,10 +383,15 @@ pub fn mounts() -> Result<()> {
         "REFERENCE", "DIGEST", "STATE", "PID"
     )?;
     for r in list {
+        // A local image's tag is shown beside its file, never in its place.
+        let shown = match &r.tag {
+            Some(tag) => format!("{} ({tag})", r.reference),
+            None => r.reference.clone(),
+        };
         writeln!(
             out,
             "{:<50} {:<19} {:<5} {:>7} {}",
-            r.reference,
+            shown,
             match Digest::parse(&r.digest) {
                 Ok(d) => format!("sha256:{}", d.short()),
                 Err(_) => "-".to_string(),

@@ -13,7 +13,11 @@ pub const FS_TYPE: &str = "fuse.rimg";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MountRecord {
+    /// The registry reference, or a local image's `KIND:/abs/path`.
     pub reference: String,
+    /// For a local image, the tag it carries (a detail, not its source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
     pub digest: String,
     pub mountpoint: PathBuf,
     pub pid: u32,
@@ -135,6 +139,7 @@ pub fn list() -> Vec<MountRecord> {
             let dead = is_dead(&mountpoint, record.as_ref());
             let mut r = record.unwrap_or(MountRecord {
                 reference: source,
+                tag: None,
                 digest: String::new(),
                 mountpoint,
                 pid: 0,
