@@ -393,6 +393,19 @@ impl ImageSource {
         self.tree_key(ranged)
     }
 
+    /// Where the image comes from, as mounts show it, and a detail: the
+    /// registry reference; or for a local image its file
+    /// (`docker-archive:/abs/path`) and, as the detail, the tag it carries.
+    pub fn source_name(&self) -> (String, Option<String>) {
+        match &self.blobs {
+            Blobs::Registry(_) => (self.image.reference.to_string(), None),
+            Blobs::Local(local) => (
+                local.source().to_string(),
+                Some(self.image.reference.to_string()),
+            ),
+        }
+    }
+
     /// The image, and for a local one the file and entry layer `index` is
     /// read from, as errors name them.
     fn origin(&self, index: usize) -> String {

@@ -27,7 +27,9 @@
 //! `archive/tar` behaviour, the eStargz/zstd:chunked table-of-contents
 //! parsers, gzip checkpoints), [`digest`] (sha256 digests, checked where they
 //! enter and typed from then on), [`names`] (names as bytes, and the one way
-//! to print them) and [`report`] (an error and its causes as one line).
+//! to print them), [`report`] (an error and its causes as one line) and
+//! [`private`] (the checks that every directory and file rimg writes is the
+//! caller's alone).
 //!
 //! The command-line front end (clap, anyhow) lives in the binary, `src/main.rs`
 //! and `src/cli/`.
@@ -42,6 +44,7 @@ pub mod layer;
 pub mod local;
 pub mod names;
 pub mod overlay;
+pub mod private;
 pub mod reference;
 pub mod registry;
 pub mod report;

@@ -467,3 +467,301 @@ fn a_mount_made_without_allow_other_stays_private_whatever_the_caches_hold() {
     let out = b.sh(&format!("cat {}/etc/os-release", m.path.display()));
     assert!(out.status.success(), "{}", stderr(&out));
 }
+
+/// Another local user (issue 25): two users, one planting, one running
+/// rimg; the tests that plant in their shared places take turns.
+fn victim_and_mallory() -> (User, User, std::sync::MutexGuard<'static, ()>) {
+    static PLANTING: Mutex<()> = Mutex::new(());
+    let turn = PLANTING.lock().unwrap_or_else(|e| e.into_inner());
+    (User::get("rimg-victim"), User::get("rimg-mallory"), turn)
+}
+
+/// `rimg args` as `env`'s user with only the variables a cron job or `su`
+/// session has: no `XDG_RUNTIME_DIR`, no `RIMG_STATE_DIR`.
+fn rimg_bare(env: &UserEnv, cache: &Path, args: &[&str]) -> Output {
+    env.user
+        .command(&env.bin, args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin:/usr/sbin:/sbin")
+        .env("HOME", env.env.dir.path().join("home"))
+        .env("RIMG_CACHE_DIR", cache)
+        .output()
+        .unwrap()
+}
+
+/// Every file under `dir` with its bytes, symlinks as their targets.
+fn snapshot(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let p = e.path();
+            let meta = std::fs::symlink_metadata(&p).unwrap();
+            if meta.file_type().is_symlink() {
+                let t = std::fs::read_link(&p).unwrap();
+                out.push((p, t.into_os_string().into_encoded_bytes()));
+            } else if meta.is_dir() {
+                out.push((p.clone(), Vec::new()));
+                stack.push(p);
+            } else {
+                out.push((p.clone(), std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// `/tmp/rimg-<uid>`, removed now and when dropped.
+struct TmpStateDir(PathBuf);
+
+impl TmpStateDir {
+    fn of(user: &User) -> TmpStateDir {
+        let d = PathBuf::from(format!("/tmp/rimg-{}", user.uid));
+        let _ = Command::new("rm").arg("-rf").arg(&d).status();
+        TmpStateDir(d)
+    }
+}
+
+impl Drop for TmpStateDir {
+    fn drop(&mut self) {
+        let _ = Command::new("rm").arg("-rf").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_state_directory_another_user_planted_in_tmp_is_refused_and_nothing_is_written_through_it() {
+    let (victim, mallory, _turn) = victim_and_mallory();
+    let env = UserEnv::new(&victim);
+    let cache = env.env.dir.path().join("cache");
+    let state = TmpStateDir::of(&victim);
+    // The victim's own file, which a record written through a link would overwrite.
+    let secret = env.env.dir.path().join("home/secret");
+    assert!(
+        victim
+            .sh(&format!("umask 077; echo keep > {}", secret.display()))
+            .status
+            .success()
+    );
+    let hash = &common::image::sha256(env.mnt().as_bytes())[7..23];
+    let planted = mallory.sh(&format!(
+        "mkdir -m 777 {d} {d}/mounts && ln -s {s} {d}/mounts/{hash}.json && ln -s {s} {d}/mounts/{hash}.tmp",
+        d = state.0.display(),
+        s = secret.display()
+    ));
+    assert!(planted.status.success(), "{}", stderr(&planted));
+    let before = snapshot(&state.0);
+    let out = rimg_bare(
+        &env,
+        &cache,
+        &["mount", "docker-archive:/nonexistent.tar", env.mnt()],
+    );
+    let err = stderr(&out);
+    assert!(!out.status.success());
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    assert!(
+        err.contains(&state.0.display().to_string()) && err.contains("refused"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read(&secret).unwrap(), b"keep\n");
+    assert_eq!(
+        snapshot(&state.0),
+        before,
+        "nothing written in the planted directory"
+    );
+
+    // A symlink in its place, to a directory of the victim's own: refused too.
+    let _ = Command::new("rm").arg("-rf").arg(&state.0).status();
+    let home = env.env.dir.path().join("home");
+    assert!(
+        mallory
+            .sh(&format!("ln -s {} {}", home.display(), state.0.display()))
+            .status
+            .success()
+    );
+    let home_before = snapshot(&home);
+    let out = rimg_bare(&env, &cache, &["mounts"]);
+    let out2 = rimg_bare(
+        &env,
+        &cache,
+        &["mount", "docker-archive:/nonexistent.tar", env.mnt()],
+    );
+    assert!(!out2.status.success());
+    assert!(stderr(&out2).contains("symlink"), "{}", stderr(&out2));
+    assert!(
+        out.status.success(),
+        "listing still works: {}",
+        stderr(&out)
+    );
+    assert_eq!(snapshot(&home), home_before);
+
+    // Nobody's first: rimg makes it, the victim's and 0700 (the mount then
+    // fails for want of the archive).
+    let _ = std::fs::remove_file(&state.0);
+    let out = rimg_bare(
+        &env,
+        &cache,
+        &["mount", "docker-archive:/nonexistent.tar", env.mnt()],
+    );
+    assert!(stderr(&out).contains("nonexistent.tar"), "{}", stderr(&out));
+    for d in [state.0.clone(), state.0.join("mounts")] {
+        let m = std::fs::symlink_metadata(&d).unwrap();
+        assert_eq!(
+            (m.uid(), m.mode() & 0o7777),
+            (victim.uid, 0o700),
+            "{}",
+            d.display()
+        );
+    }
+}
+
+#[test]
+fn a_cache_another_user_can_write_or_links_to_is_refused_naming_it() {
+    let (victim, mallory, _turn) = victim_and_mallory();
+    let env = UserEnv::new(&victim);
+    // A shared sticky directory, as /tmp is.
+    let shared = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o1777)).unwrap();
+    let m = shared.path().join("m");
+    let link = shared.path().join("link");
+    let planted = mallory.sh(&format!(
+        "mkdir -m 777 {m} {m}/cache && ln -s {own} {link}",
+        m = m.display(),
+        link = link.display(),
+        own = env.env.dir.path().join("cache").display()
+    ));
+    assert!(planted.status.success(), "{}", stderr(&planted));
+    let before = snapshot(&m);
+    for (cache, why) in [
+        (m.join("cache"), "owned by uid"),
+        (m.join("new"), "owned by uid"),
+        (link.clone(), "symlink"),
+    ] {
+        let out = rimg_bare(&env, &cache, &["cache", "ls"]);
+        let err = stderr(&out);
+        assert!(!out.status.success(), "{}", cache.display());
+        assert!(err.contains("refused") && err.contains(why), "{err}");
+        assert_eq!(err.trim().lines().count(), 1, "{err}");
+    }
+    assert_eq!(
+        snapshot(&m),
+        before,
+        "nothing made in another user's directory"
+    );
+    assert!(
+        std::fs::read_dir(env.env.dir.path().join("cache"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "nothing made through the link"
+    );
+}
+
+/// A docker archive (uncompressed layer, so it qualifies for reading in
+/// place) holding `bin/app` with `content`, tagged `docker.io/gzi/app:latest`.
+fn app_archive(content: &[u8]) -> Vec<u8> {
+    let layer = common::image::LayerBuilder::new()
+        .dir("bin", 0o755)
+        .file("bin/app", content, 0o755)
+        .finish();
+    let diff_id = common::image::sha256(&layer);
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+    }))
+    .unwrap();
+    let config_name = format!("{}.json", &common::image::sha256(&config)[7..]);
+    let manifest = serde_json::to_vec(&serde_json::json!([{
+        "Config": config_name,
+        "RepoTags": ["docker.io/gzi/app:latest"],
+        "Layers": ["l/layer.tar"],
+    }]))
+    .unwrap();
+    let mut b = tar::Builder::new(Vec::new());
+    for (name, data) in [
+        ("manifest.json", &manifest),
+        (config_name.as_str(), &config),
+        ("l/layer.tar", &layer),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(data.len() as u64);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, &data[..]).unwrap();
+    }
+    b.into_inner().unwrap()
+}
+
+#[test]
+fn an_archive_another_user_rewrites_under_a_mount_never_changes_the_served_bytes() {
+    let (_, mallory, _turn) = victim_and_mallory();
+    let original = b"#!/bin/sh\necho hello from the image\n".repeat(200);
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let tar = dir.path().join("app.tar");
+    let bytes = app_archive(&original);
+    std::fs::write(&tar, &bytes).unwrap();
+    let chown = Command::new("chown")
+        .arg(format!("{}:{}", mallory.uid, mallory.gid))
+        .arg(&tar)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let env = Env::new().set("RIMG_LOG", "rimg=info");
+    let src = format!("docker-archive:{}", tar.display());
+    let m = Mounted::new(&env, &src, &[]);
+    let app = m.path.join("bin/app");
+    assert_eq!(std::fs::read(&app).unwrap(), original);
+    // The source is the file, the tag only a detail, in rimg mounts and the kernel's table.
+    let listed = env.ok(&["mounts"]);
+    let line = listed
+        .lines()
+        .find(|l| l.ends_with(m.path.to_str().unwrap()))
+        .unwrap_or_else(|| panic!("{listed}"));
+    assert!(
+        line.starts_with(&format!("{src} (docker.io/gzi/app:latest)")),
+        "{line}"
+    );
+    let proc_mounts = std::fs::read_to_string("/proc/mounts").unwrap();
+    let kernel = proc_mounts
+        .lines()
+        .find(|l| l.split(' ').nth(1) == m.path.to_str())
+        .unwrap();
+    assert!(kernel.starts_with(&format!("{src} ")), "{kernel}");
+
+    // The owner rewrites the file's bytes in the archive, in place.
+    let at = bytes
+        .windows(original.len())
+        .position(|w| w == original)
+        .unwrap();
+    let rewrite = mallory.sh(&format!(
+        "printf '#!/bin/sh\\nrm -rf /  ' | dd of={} bs=1 seek={at} conv=notrunc status=none",
+        tar.display()
+    ));
+    assert!(rewrite.status.success(), "{}", stderr(&rewrite));
+    assert_ne!(std::fs::read(&tar).unwrap(), bytes);
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    match std::fs::read(&app) {
+        Ok(got) => assert_eq!(got, original, "changed bytes served"),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}"),
+    }
+    // It was copied into the cache, not indexed in place, and the log says why.
+    let copied = std::fs::read_dir(env.cache_dir().join("layers/sha256")).unwrap();
+    assert!(
+        copied
+            .flatten()
+            .any(|e| e.path().extension() == Some("tar".as_ref()))
+    );
+    assert!(!env.cache_dir().join("inplace").exists());
+    let log_dir = env.cache_dir().join("logs");
+    let logs: String = std::fs::read_dir(&log_dir)
+        .unwrap()
+        .map(|e| std::fs::read_to_string(e.unwrap().path()).unwrap_or_default())
+        .collect();
+    assert!(logs.contains("instead of reading it in place"), "{logs}");
+}

@@ -27,7 +27,7 @@ impl Cache {
         open: impl FnOnce(&File, &Path) -> Result<T, E>,
     ) -> Option<T> {
         let path = self.tree_path(image_digest).ok()?;
-        let file = File::open(&path).ok()?;
+        let file = crate::private::options().read(true).open(&path).ok()?;
         match open(&file, &path) {
             Ok(t) => Some(t),
             Err(e) => {
@@ -257,6 +257,10 @@ impl Cache {
     }
 
     /// Removes temporary files that no process is writing (left by a crash).
+    /// A layer's staged files (`<12 hex>-XXXXXX.blob|tar|idx`) are busy while
+    /// their layer's lock is held; other temporary files (`.tmpXXXXXX`, from
+    /// saved trees, indexes and the range cache) carry no owner, so they are
+    /// left alone until they are older than any write takes.
     pub(super) fn clean_tmp(&self) {
         let dir = self.root.join("tmp");
         let Ok(entries) = fs::read_dir(&dir) else {
@@ -264,20 +268,39 @@ impl Cache {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(prefix) = name.get(..12) else {
-                continue;
+            let busy = match staged_prefix(&name) {
+                // A fetch in progress holds the exclusive lock of its layer.
+                Some(prefix) => fs::read_dir(self.root.join("locks"))
+                    .ok()
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                    .filter(|l| l.file_name().to_string_lossy().starts_with(prefix))
+                    .any(|l| {
+                        crate::private::options()
+                            .read(true)
+                            .open(l.path())
+                            .is_ok_and(|f| f.try_lock().is_err())
+                    }),
+                None => e
+                    .metadata()
+                    .ok()
+                    .and_then(|m| m.modified().ok())
+                    .and_then(|t| t.elapsed().ok())
+                    .is_none_or(|age| age < TMP_GRACE),
             };
-            // A fetch in progress holds the exclusive lock of its layer.
-            let busy = fs::read_dir(self.root.join("locks"))
-                .ok()
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|l| l.file_name().to_string_lossy().starts_with(prefix))
-                .any(|l| File::open(l.path()).is_ok_and(|f| f.try_lock().is_err()));
             if !busy {
                 let _ = fs::remove_file(e.path());
             }
         }
     }
+}
+
+/// How old an ownerless temporary file must be to count as a crash's leftover.
+const TMP_GRACE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// The short digest a staged layer file is named by, if `name` is one.
+fn staged_prefix(name: &str) -> Option<&str> {
+    let prefix = name.get(..12)?;
+    (prefix.bytes().all(|b| b.is_ascii_hexdigit()) && name[12..].starts_with('-')).then_some(prefix)
 }

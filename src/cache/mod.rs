@@ -17,9 +17,9 @@
 //! - `logs/`: the logs of background mount servers;
 //! - `tmp/`: files being written, renamed into place when done.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, FileExt};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -85,6 +85,8 @@ pub enum CacheError {
         "layer {digest}: the published index it was read through differs from the layer itself; dropped"
     )]
     IndexMismatch { digest: Digest },
+    #[error(transparent)]
+    Unsafe(#[from] crate::private::Unsafe),
     #[error("invalid layer digest {0:?}")]
     BadDigest(String),
     /// A layer read in place whose bytes are not the ones its digest names
@@ -296,14 +298,15 @@ fn mtime_secs(meta: &fs::Metadata) -> i64 {
 }
 
 impl Cache {
+    /// Opens (making it if missing) the cache at `root`, which must be this
+    /// user's alone: owned by the caller, not writable by others, reached
+    /// through directories only the caller or root can change (see
+    /// [`crate::private`]). A cache another user could write is refused, so
+    /// no planted file or symlink is ever read or written through.
     pub fn open(root: &Path, limit: u64) -> Result<Cache, CacheError> {
+        crate::private::dir(root, crate::private::Mode::NotWritable)?;
         for sub in ["blobs/sha256", "layers/sha256", "locks", "tmp"] {
-            let dir = root.join(sub);
-            fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(&dir)
-                .map_err(io_err(&dir))?;
+            crate::private::dir(&root.join(sub), crate::private::Mode::NotWritable)?;
         }
         Ok(Cache {
             root: root.to_path_buf(),
@@ -326,7 +329,7 @@ impl Cache {
 
     fn lock_file(&self, hex: &str) -> Result<File, CacheError> {
         let path = self.root.join("locks").join(format!("{hex}.lock"));
-        OpenOptions::new()
+        crate::private::options()
             .create(true)
             .truncate(false)
             .write(true)
@@ -386,7 +389,7 @@ impl Cache {
             return Ok(None);
         }
         // Last use is the index file's mtime.
-        if let Ok(f) = File::options().write(true).open(&idx_path) {
+        if let Ok(f) = crate::private::options().write(true).open(&idx_path) {
             let _ = f.set_modified(SystemTime::now());
         }
         Ok(Some(Layer {
@@ -402,7 +405,10 @@ impl Cache {
         let path = self.root.join("layers/sha256").join(format!("{hex}.refs"));
         let known = fs::read_to_string(&path).unwrap_or_default();
         if !known.lines().any(|l| l == image_ref)
-            && let Ok(mut f) = OpenOptions::new().create(true).append(true).open(&path)
+            && let Ok(mut f) = crate::private::options()
+                .create(true)
+                .append(true)
+                .open(&path)
         {
             let _ = writeln!(f, "{image_ref}");
         }
@@ -852,5 +858,51 @@ mod tests {
         drop(held);
         cache.prune(0).unwrap();
         assert!(cache.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn crash_leftovers_in_tmp_are_cleaned_and_fresh_writes_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let tmp = dir.path().join("tmp");
+        let old = SystemTime::now() - std::time::Duration::from_secs(2 * 3600);
+        for name in [".tmpAbC123", "0123456789ab-Xy12Zq.tar"] {
+            let f = File::create(tmp.join(name)).unwrap();
+            f.set_modified(old).unwrap();
+        }
+        // A tree being saved right now by another process.
+        File::create(tmp.join(".tmpNow123")).unwrap();
+        // A layer being fetched: its lock is held.
+        let busy = "fedcba987654";
+        File::create(tmp.join(format!("{busy}-Qw12Er.blob"))).unwrap();
+        let lock = cache
+            .lock_file(&format!("{busy}{}", "0".repeat(52)))
+            .unwrap();
+        lock.lock().unwrap();
+        cache.clean_tmp();
+        let mut left: Vec<_> = fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, [".tmpNow123", "fedcba987654-Qw12Er.blob"]);
+    }
+
+    #[test]
+    fn a_cache_directory_others_can_write_is_refused_naming_it() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("c");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o777)).unwrap();
+        let Err(e) = Cache::open(&root, u64::MAX) else {
+            panic!("opened");
+        };
+        let e = e.to_string();
+        assert!(
+            e.contains(&root.display().to_string()) && e.contains("refused"),
+            "{e}"
+        );
+        assert!(!root.join("tmp").exists(), "nothing made in it");
     }
 }

@@ -61,6 +61,8 @@ pub struct MountsArgs {}
 pub fn mount(args: &MountArgs) -> Result<()> {
     init_logging(args.log.verbose);
     let common = &args.common;
+    // A state directory another user planted refuses the mount up front.
+    mounts::checked_state_dir().context("mount records")?;
     if rimg::fuse::check_mountpoint(&args.mountpoint)? {
         eprintln!(
             "rimg: unmounted the dead rimg mount at {} first",
@@ -81,15 +83,16 @@ pub fn mount(args: &MountArgs) -> Result<()> {
     if args.foreground {
         return serve_source(&rt, source, args, only, None);
     }
-    let log_dir = common.cache.dir().join("logs");
-    std::fs::create_dir_all(&log_dir)
-        .with_context(|| format!("cannot create {}", log_dir.display()))?;
+    let log_dir = rimg::private::dir(
+        &common.cache.dir().join("logs"),
+        rimg::private::Mode::NotWritable,
+    )?;
     let canonical = std::fs::canonicalize(&args.mountpoint)?;
     let log_path = log_dir.join(format!(
         "mount-{}.log",
         Digest::of_bytes(canonical.as_os_str().as_encoded_bytes()).short()
     ));
-    let log = std::fs::OpenOptions::new()
+    let log = rimg::private::options()
         .create(true)
         .append(true)
         .open(&log_path)
@@ -148,7 +151,7 @@ pub fn mount(args: &MountArgs) -> Result<()> {
     }
     println!(
         "mounted {} at {} (pid {}, log {})",
-        source.image.reference,
+        source.source_name().0,
         canonical.display(),
         child.id(),
         log_path.display()
@@ -234,8 +237,10 @@ pub(super) fn serve_source(
         only_layer: only,
     };
     let mount = rimg::fuse::mount(rt.handle().clone(), Arc::clone(&source), &mountpoint, &opts)?;
+    let (shown, tag) = source.source_name();
     let record = MountRecord {
-        reference: source.image.reference.to_string(),
+        reference: shown,
+        tag,
         digest: source.image.digest.clone(),
         mountpoint: mountpoint.clone(),
         pid: std::process::id(),
@@ -260,7 +265,7 @@ pub(super) fn serve_source(
     } else {
         eprintln!(
             "mounted {} at {}; Ctrl-C unmounts",
-            source.image.reference,
+            record.reference,
             mountpoint.display()
         );
     }
@@ -367,10 +372,15 @@ pub fn mounts(_: &MountsArgs) -> Result<()> {
         "REFERENCE", "DIGEST", "STATE", "PID"
     )?;
     for r in list {
+        // A local image's tag is shown beside its file, never in its place.
+        let shown = match &r.tag {
+            Some(tag) => format!("{} ({tag})", r.reference),
+            None => r.reference.clone(),
+        };
         writeln!(
             out,
             "{:<50} {:<19} {:<5} {:>7} {}",
-            r.reference,
+            shown,
             match Digest::parse(&r.digest) {
                 Ok(d) => format!("sha256:{}", d.short()),
                 Err(_) => "-".to_string(),

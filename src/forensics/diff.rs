@@ -48,24 +48,46 @@ pub struct Difference {
     pub what: Vec<&'static str>,
 }
 
-/// Every path that differs, sorted by path bytes.
+/// Every path that differs, sorted by path bytes. Iterative, not
+/// recursive: a hostile image's depth is bounded by nothing but its entry
+/// count, and must not overflow the stack.
 pub fn diff(a: &Side<'_>, b: &Side<'_>) -> Result<Vec<Difference>, ForensicsError> {
     let mut out = Vec::new();
-    walk(a, b, a.tree.root(), b.tree.root(), &[], &mut out)?;
+    let mut dirs = vec![(a.tree.root(), b.tree.root(), Vec::new())];
+    // Each directory pair is taken once in a sound tree; the bound keeps a
+    // damaged one whose children loop back from running forever.
+    let mut budget = a.tree.len().min(b.tree.len()) + 1;
+    while let Some((da, db, dir)) = dirs.pop() {
+        if budget == 0 {
+            break;
+        }
+        budget -= 1;
+        walk(a, b, da, db, &dir, &mut out, &mut dirs)?;
+    }
     out.sort_by(|x, y| x.path.cmp(&y.path));
     Ok(out)
 }
 
+/// `path` and everything under it, as `status`; with an explicit stack (see
+/// [`diff`]), each node taken at most once per node of the tree.
 fn subtree(side: &Side<'_>, id: NodeId, path: &[u8], status: Status, out: &mut Vec<Difference>) {
-    out.push(Difference {
-        status,
-        path: path.to_vec(),
-        what: Vec::new(),
-    });
-    if side.tree.node(id).kind == EntryKind::Dir {
-        for (name, c) in side.tree.children(id) {
-            subtree(side, c, &names::join(path, name), status, out);
+    let mut stack = vec![(id, path.to_vec())];
+    let mut budget = side.tree.len();
+    while let Some((id, path)) = stack.pop() {
+        if budget == 0 {
+            break;
         }
+        budget -= 1;
+        if side.tree.node(id).kind == EntryKind::Dir {
+            for (name, c) in side.tree.children(id) {
+                stack.push((c, names::join(&path, name)));
+            }
+        }
+        out.push(Difference {
+            status,
+            path,
+            what: Vec::new(),
+        });
     }
 }
 
@@ -76,6 +98,7 @@ fn walk(
     db: NodeId,
     dir: &[u8],
     out: &mut Vec<Difference>,
+    dirs: &mut Vec<(NodeId, NodeId, Vec<u8>)>,
 ) -> Result<(), ForensicsError> {
     let mut ia = a.tree.children(da).peekable();
     let mut ib = b.tree.children(db).peekable();
@@ -109,7 +132,7 @@ fn walk(
                     });
                 }
                 match (na.kind == EntryKind::Dir, nb.kind == EntryKind::Dir) {
-                    (true, true) => walk(a, b, ca, cb, &path, out)?,
+                    (true, true) => dirs.push((ca, cb, path)),
                     (true, false) => {
                         for (n, c) in a.tree.children(ca) {
                             subtree(a, c, &names::join(&path, n), Status::Deleted, out);
@@ -354,4 +377,39 @@ pub fn diff_above_base(
     }
     out.sort_by(|x, y| x.path.cmp(&y.path));
     Ok(Some(out))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::overlay::tree::merge;
+
+    fn deep(depth: usize, leaf: &str) -> Tree {
+        let path: String = (0..depth).map(|_| "d/").collect::<String>() + leaf;
+        merge(&[&LayerIndex {
+            entries: vec![Entry::new(path.as_bytes(), EntryKind::File)],
+        }])
+        .unwrap()
+    }
+
+    #[test]
+    fn a_deep_tree_is_diffed_within_a_small_stack() {
+        // Recursion would take a frame per level; 64 KiB holds a few dozen.
+        let (a, b) = (deep(2000, "x"), deep(2000, "y"));
+        let got = std::thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(move || {
+                let side = |t| Side {
+                    tree: t,
+                    layers: &[],
+                    digests: &[],
+                };
+                diff(&side(&a), &side(&b)).unwrap()
+            })
+            .unwrap()
+            .join()
+            .unwrap();
+        let got: Vec<_> = got.iter().map(|d| (d.status, d.path.len())).collect();
+        assert_eq!(got, [(Status::Deleted, 4001), (Status::Added, 4001)]);
+    }
 }

@@ -287,7 +287,8 @@ pub fn mount(
     mountpoint: &Path,
     opts: &MountOptions,
 ) -> Result<Mount, FuseError> {
-    let reference = source.image.reference.to_string();
+    // A local image is named by its file, not by the tags inside it.
+    let reference = source.source_name().0;
     let signals = {
         use tokio::signal::unix::{SignalKind, signal};
         let _enter = rt.enter();

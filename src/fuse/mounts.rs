@@ -6,12 +6,18 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::private;
+
 /// The filesystem type the kernel shows for rimg mounts (`fuse.rimg`).
 pub const FS_TYPE: &str = "fuse.rimg";
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct MountRecord {
+    /// The registry reference, or a local image's `KIND:/abs/path`.
     pub reference: String,
+    /// For a local image, the tag it carries (a detail, not its source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tag: Option<String>,
     pub digest: String,
     pub mountpoint: PathBuf,
     pub pid: u32,
@@ -21,7 +27,8 @@ pub struct MountRecord {
     pub dead: bool,
 }
 
-/// `$XDG_RUNTIME_DIR/rimg/mounts`, or `/run/rimg/mounts` for root, else under /tmp.
+/// `$RIMG_STATE_DIR`, `$XDG_RUNTIME_DIR/rimg/mounts`, `/run/rimg/mounts` for
+/// root, else `/tmp/rimg-<uid>/mounts`.
 pub fn state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("RIMG_STATE_DIR") {
         return PathBuf::from(d);
@@ -29,8 +36,7 @@ pub fn state_dir() -> PathBuf {
     if let Some(d) = std::env::var_os("XDG_RUNTIME_DIR") {
         return Path::new(&d).join("rimg/mounts");
     }
-    // SAFETY: geteuid has no preconditions.
-    let uid = unsafe { libc::geteuid() };
+    let uid = private::euid();
     if uid == 0 {
         PathBuf::from("/run/rimg/mounts")
     } else {
@@ -38,29 +44,49 @@ pub fn state_dir() -> PathBuf {
     }
 }
 
+/// The state directory, made if missing and checked to be this user's alone
+/// (see [`crate::private`]). Under `/tmp`, where anyone may have made
+/// `rimg-<uid>` first, it and `mounts` must be exactly 0700 and ours; a
+/// directory planted there is refused, never used (set `XDG_RUNTIME_DIR` or
+/// `RIMG_STATE_DIR` to a directory of your own instead).
+pub fn checked_state_dir() -> Result<PathBuf, private::Unsafe> {
+    let dir = state_dir();
+    let shared_tmp = std::env::var_os("RIMG_STATE_DIR").is_none()
+        && std::env::var_os("XDG_RUNTIME_DIR").is_none()
+        && private::euid() != 0;
+    if shared_tmp && let Some(parent) = dir.parent() {
+        private::dir(parent, private::Mode::Only)?;
+        return private::dir(&dir, private::Mode::Only);
+    }
+    private::dir(&dir, private::Mode::NotWritable)
+}
+
 fn record_path(dir: &Path, mountpoint: &Path) -> PathBuf {
     let key = crate::digest::Digest::of_bytes(mountpoint.as_os_str().as_encoded_bytes());
     dir.join(format!("{}.json", &key.hex()[..16]))
 }
 
+/// Writes the record: a new 0600 file renamed into place, so a symlink or
+/// file planted under its name is replaced, never written through.
 pub fn save(record: &MountRecord) -> std::io::Result<()> {
-    let dir = state_dir();
-    std::fs::create_dir_all(&dir)?;
-    let path = record_path(&dir, &record.mountpoint);
-    let tmp = path.with_extension("tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?,
-    )?;
-    std::fs::rename(tmp, path)
+    let dir = checked_state_dir()?;
+    let bytes = serde_json::to_vec_pretty(record).map_err(std::io::Error::other)?;
+    private::write_atomic(&record_path(&dir, &record.mountpoint), &bytes)
 }
 
 pub fn remove(mountpoint: &Path) {
-    let _ = std::fs::remove_file(record_path(&state_dir(), mountpoint));
+    if let Ok(dir) = checked_state_dir() {
+        let _ = std::fs::remove_file(record_path(&dir, mountpoint));
+    }
 }
 
+/// The record of the mount at `mountpoint`, if there is one this user wrote:
+/// a record in a directory or file others could write is not believed.
 pub fn find(mountpoint: &Path) -> Option<MountRecord> {
-    let bytes = std::fs::read(record_path(&state_dir(), mountpoint)).ok()?;
+    let dir = checked_state_dir().ok()?;
+    let mut f = private::open_own(&record_path(&dir, mountpoint)).ok()?;
+    let mut bytes = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::Read::take(&mut f, 1 << 20), &mut bytes).ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
@@ -113,6 +139,7 @@ pub fn list() -> Vec<MountRecord> {
             let dead = is_dead(&mountpoint, record.as_ref());
             let mut r = record.unwrap_or(MountRecord {
                 reference: source,
+                tag: None,
                 digest: String::new(),
                 mountpoint,
                 pid: 0,

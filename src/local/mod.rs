@@ -172,12 +172,21 @@ pub fn locate(arg: &str) -> Location<'_> {
 /// Where each blob of an opened local image lives, for the cache to read.
 pub struct LocalBlobs {
     file: String,
+    /// `KIND:/absolute/path`: what the image is, wherever its tags say it
+    /// came from.
+    source: String,
     store: Store,
     /// Digest to entry name.
     entries: HashMap<String, String>,
 }
 
 impl LocalBlobs {
+    /// The source as mounts show it, `docker-archive:/abs/path`: a file's
+    /// RepoTags or ref names are only a detail, never its identity.
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
     /// `FILE: ENTRY` of the blob `digest`, for messages.
     pub fn describe(&self, digest: &str) -> String {
         match self.entries.get(digest) {
@@ -187,10 +196,19 @@ impl LocalBlobs {
     }
 
     /// Where the blob `digest` lies in a file when it is an uncompressed tar,
-    /// which can be read in place instead of copied into the cache.
+    /// which can be read in place instead of copied into the cache. Only a
+    /// file no one else can change qualifies (see [`unchangeable`]): its
+    /// bytes are verified once, when indexed, and then read live.
     pub fn in_place(&self, digest: &str, media_type: &str) -> Option<(Arc<File>, u64, u64)> {
         let entry = self.entries.get(digest)?;
         let (f, offset, size) = self.store.locate(&self.file, entry).ok()?;
+        if let Err(why) = unchangeable(&f) {
+            tracing::info!(
+                "layer {digest}: {}: {why}; copying it into the cache instead of reading it in place",
+                self.describe(digest)
+            );
+            return None;
+        }
         let mut head = vec![0u8; size.min(512) as usize];
         f.read_exact_at(&mut head, offset).ok()?;
         let plain = layer::detect(digest, media_type, &head).ok()? == layer::Compression::None;
@@ -216,6 +234,29 @@ impl LocalBlobs {
     }
 }
 
+/// Whether no one but the caller and root can change the bytes of the open
+/// file `f`: owned by one of them, and writable by neither group nor others
+/// (an ACL granting write shows in the group bits). Renaming or replacing
+/// the path does not matter: reads go through this open file.
+fn unchangeable(f: &File) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = f.metadata().map_err(|e| e.to_string())?;
+    let me = crate::private::euid();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(format!(
+            "owned by uid {}, not by this user or root",
+            meta.uid()
+        ));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(format!(
+            "writable by others (mode {:o})",
+            meta.mode() & 0o7777
+        ));
+    }
+    Ok(())
+}
+
 /// Opens the image `spec` names, choosing a platform from an index as a
 /// registry image would be chosen.
 pub fn open(
@@ -228,10 +269,12 @@ pub fn open(
         Kind::DockerArchive => docker_archive(&file, &store, spec, platform)?,
         Kind::Oci | Kind::OciArchive => oci_layout(&file, &store, spec, platform)?,
     };
+    let path = std::fs::canonicalize(&spec.path).unwrap_or_else(|_| spec.path.clone());
     Ok((
         image,
         LocalBlobs {
             file,
+            source: format!("{}:{}", spec.kind.prefix(), path.display()),
             store,
             entries,
         },

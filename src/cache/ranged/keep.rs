@@ -76,7 +76,7 @@ pub(super) fn distrust(stem: &Path) {
     for ext in ["idx", "meta"] {
         let _ = std::fs::remove_file(stem.with_extension(ext));
     }
-    if let Err(e) = std::fs::write(stem.with_extension("distrusted"), b"") {
+    if let Err(e) = crate::private::write_atomic(&stem.with_extension("distrusted"), b"") {
         tracing::warn!("{}: {e}", stem.with_extension("distrusted").display());
     }
 }
@@ -190,10 +190,12 @@ impl crate::cache::Cache {
         use crate::cache::{CacheError, INDEX_VERSION, IndexHeader};
         let hex = desc.digest.hex().to_string();
         let dir = self.root.join("lazy/sha256");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .create(&dir)
-            .map_err(|e| CacheError::from(io_err(&dir)(e)))?;
+        // Like the rest of the cache, 0700: the decoded chunks are a private
+        // image's file contents. A range cache made looser by an older rimg
+        // is tightened.
+        for d in [self.root.join("lazy"), dir.clone()] {
+            crate::private::tighten_dir(&d).map_err(|e| CacheError::from(io_err(&d)(e)))?;
+        }
         let lock = self.lock_file(&hex)?;
         let lock_path = self.root.join("locks").join(format!("{hex}.lock"));
         lock.lock_shared()

@@ -19,7 +19,7 @@
 //! appended only after the data they name is durable.
 
 use std::collections::HashSet;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -190,8 +190,9 @@ impl Ranged {
     ) -> Result<Ranged, RangedError> {
         let data_path = stem.with_extension("data");
         let log_path = stem.with_extension("have");
+        // 0600 and never through a symlink, like every file in the cache.
         let open = |p: &Path| {
-            OpenOptions::new()
+            crate::private::options()
                 .create(true)
                 .truncate(false)
                 .read(true)
@@ -202,6 +203,9 @@ impl Ranged {
         };
         let data = open(&data_path)?;
         let log = open(&log_path)?;
+        for (f, p) in [(&data, &data_path), (&log, &log_path)] {
+            crate::private::tighten_file(f).map_err(io_err(p))?;
+        }
         let count = map.count();
         let mut state = State {
             have: vec![0; count.div_ceil(64)],

@@ -594,7 +594,11 @@ impl<'a> NodeRef<'a> {
             return None;
         }
         let count = u32_at(self.sparse, 0) as usize;
-        let segs: Vec<Segment> = self.sparse[4..]
+        // A damaged data blob (read as zeros) can leave fewer than 4 bytes.
+        let segs: Vec<Segment> = self
+            .sparse
+            .get(4..)
+            .unwrap_or_default()
             .chunks_exact(24)
             .take(count)
             .map(|s| Segment {
