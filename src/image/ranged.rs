@@ -166,6 +166,7 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
             index: crate::layer::LayerIndex { entries },
             chunks,
             prefetch_until: m.prefetch_until,
+            tar_split_digest: None,
             kind: if m.zstd {
                 TocKind::ZstdChunked
             } else {

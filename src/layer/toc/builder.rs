@@ -87,6 +87,11 @@ pub(super) struct Builder {
     pub(super) seen: usize,
     pub(super) version: Option<i64>,
     pub(super) failed: Option<TocError>,
+    /// zstd:chunked's `tarSplitDigest`, as written.
+    pub(super) tar_split_digest: Option<String>,
+    /// Where the TOC starts: a zstd:chunked file without `endOffset` ends
+    /// at the latest there.
+    pub(super) toc_offset: u64,
 }
 
 impl Builder {
@@ -104,6 +109,8 @@ impl Builder {
             seen: 0,
             version: None,
             failed: None,
+            tar_split_digest: None,
+            toc_offset: u64::MAX,
         }
     }
 
@@ -372,7 +379,14 @@ impl Builder {
                     }
                     TocKind::ZstdChunked => match pieces.get(k + 1) {
                         Some(q) => q.coff,
-                        None => f.end_offset,
+                        None if f.end_offset != 0 => f.end_offset,
+                        // No `endOffset`: up to the next file's content, or
+                        // the TOC (containers/storage's derivation).
+                        None => self
+                            .files
+                            .get(n + 1)
+                            .and_then(|g| self.pieces.get(g.first_piece))
+                            .map_or(self.toc_offset.min(end), |q| q.coff),
                     },
                 };
                 if p.coff == 0 || next <= p.coff || next > end {
@@ -404,6 +418,14 @@ impl Builder {
                 )));
             }
         }
+        let tar_split_digest = match &self.tar_split_digest {
+            None => None,
+            Some(d) => Some(
+                d.strip_prefix("sha256:")
+                    .and_then(sha256_of)
+                    .ok_or_else(|| self.corrupt(format!("tarSplitDigest {d:?} is not sha256")))?,
+            ),
+        };
         Ok(TocLayer {
             index: LayerIndex {
                 entries: self.entries,
@@ -412,6 +434,7 @@ impl Builder {
             prefetch_until,
             kind: self.kind,
             layer: self.layer,
+            tar_split_digest,
         })
     }
 }
@@ -439,6 +462,7 @@ impl<'de> Visitor<'de> for TocSeed<'_> {
             match key.as_str() {
                 "version" => self.b.version = Some(map.next_value()?),
                 "entries" => map.next_value_seed(EntriesSeed { b: &mut *self.b })?,
+                "tarSplitDigest" => self.b.tar_split_digest = map.next_value()?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
