@@ -80,6 +80,11 @@ struct Global {
     /// still read by range.
     #[arg(long, global = true)]
     no_index: bool,
+    /// Read eStargz layers, and zstd:chunked layers without a tar-split, by
+    /// range from their table of contents, trusting it to describe the
+    /// layer's tar stream (by default they are read whole).
+    #[arg(long, global = true)]
+    trust_toc: bool,
     /// More logging (-v info, -vv debug); RIMG_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -304,6 +309,7 @@ fn main() -> ExitCode {
         allow_foreign_layers: g.allow_foreign_layers,
         whole_layers: g.whole_layers,
         no_index: g.no_index,
+        trust_toc: g.trust_toc,
     };
     let result = match cli.command {
         Command::Inspect { reference, raw } => cli::inspect(&common, &reference, raw),

@@ -59,6 +59,8 @@ pub struct Common {
     pub allow_foreign_layers: bool,
     pub whole_layers: bool,
     pub no_index: bool,
+    /// Read unprovable TOC layers by range (`--trust-toc`).
+    pub trust_toc: bool,
 }
 
 pub struct LsArgs {
@@ -320,6 +322,7 @@ impl Common {
     pub(crate) fn lazy(&self, s: ImageSource) -> ImageSource {
         s.with_range_reads(!self.whole_layers)
             .with_published_indexes(!self.no_index)
+            .with_trusted_tocs(self.trust_toc)
     }
 }
 

@@ -412,7 +412,9 @@ mod tests {
             let mut c = Crc64::default();
             c.update(&tar[at..at + size]);
             let crc = (size > 0).then(|| b64(&c.value().to_be_bytes()));
-            line(serde_json::json!({"type": 1, "name": "x", "size": size, "payload": crc, "position": n + 1}));
+            line(
+                serde_json::json!({"type": 1, "name": "x", "size": size, "payload": crc, "position": n + 1}),
+            );
             n += 2;
             pos = at + size;
         }
@@ -454,7 +456,10 @@ mod tests {
         let t = tar(10240);
         let split = write(&t);
         let s = index_tar_split(&mut items(&split), "sha256:l").unwrap();
-        assert_eq!(s.index, crate::layer::index_tar(&t[..], "sha256:l").unwrap());
+        assert_eq!(
+            s.index,
+            crate::layer::index_tar(&t[..], "sha256:l").unwrap()
+        );
         assert_eq!(s.tar_size, 10240);
         assert_eq!(s.files.len(), 1);
     }
@@ -474,11 +479,19 @@ mod tests {
         let mut lying = t.clone();
         lying[9000] = 1;
         let e = check_against_stream(&mut items(&write(&lying)), 2048, &mut read, "sha256:l");
-        assert!(e.unwrap_err().to_string().contains("other than zero padding"));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("other than zero padding")
+        );
         // So is one whose header differs from the stream's.
         let other = tar_mode(10240, 0o4755);
         let e = check_against_stream(&mut items(&write(&other)), 2048, &mut read, "sha256:l");
-        assert!(e.unwrap_err().to_string().contains("byte 103 of the stream differs"));
+        assert!(
+            e.unwrap_err()
+                .to_string()
+                .contains("byte 103 of the stream differs")
+        );
         // And one that ends before the stream does.
         let e = check_against_stream(&mut items(&write(&t[..1536])), 2048, &mut read, "sha256:l");
         assert!(e.is_err());
