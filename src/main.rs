@@ -83,7 +83,7 @@ struct Global {
     /// Read eStargz layers, and zstd:chunked layers without a tar-split, by
     /// range from their table of contents, trusting it to describe the
     /// layer's tar stream (by default they are read whole).
-    #[arg(long, global = true)]
+    #[arg(long, global = true, env = "RIMG_TRUST_TOC")]
     trust_toc: bool,
     /// More logging (-v info, -vv debug); RIMG_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]

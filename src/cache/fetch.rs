@@ -218,15 +218,21 @@ impl Cache {
             // tar-split says how many, byte for byte; without one the
             // stream alone must match.
             let pad = match compression {
-                Compression::Zstd => self.tar_split_padding(desc, &staged, tar_size),
+                Compression::Zstd => self.tar_split_padding(desc, &staged, tar_size)?,
                 _ => None,
             };
-            let padded = pad.filter(|&p| p > 0).map(|p| {
-                let mut h = hasher.clone();
-                sha2::Digest::update(&mut h, vec![0u8; p as usize]);
-                (p, Digest::from_hasher(h).to_string())
-            });
-            let Some((pad, padded)) = padded.filter(|(_, d)| d == expected) else {
+            let padded = match pad {
+                Some(p) => with_zeros(&hasher, p).filter(|(_, d)| d == expected),
+                // No tar-split: only zeros after the end-of-archive marker,
+                // to a record of some blocking factor, and only when the
+                // result hashes to the diff_id (which then proves them).
+                None if compression == Compression::Zstd => (1..=64u64)
+                    .map(|b| (b * 512 - tar_size % (b * 512)) % (b * 512))
+                    .filter_map(|p| with_zeros(&hasher, p))
+                    .find(|(_, d)| d == expected),
+                None => None,
+            };
+            let Some((pad, padded)) = padded else {
                 return Err(CacheError::DiffId {
                     digest: digest.clone(),
                     expected: expected.clone(),
@@ -240,7 +246,7 @@ impl Cache {
                 .write_all_at(&vec![0u8; pad as usize], tar_size)
                 .map_err(io_err(staged.tar.path()))?;
             tracing::info!(
-                "layer {digest}: the zstd stream leaves out the tar's last {pad} zero bytes; restored as its tar-split records them"
+                "layer {digest}: the zstd stream leaves out the tar's last {pad} zero bytes; restored, and the diff_id verified"
             );
             tar_size += pad;
             diff_id = padded;
@@ -367,9 +373,14 @@ impl Cache {
     /// For a zstd:chunked layer whose tar-split the TOC pins: checks the
     /// tar-split against the stream just written (`tar_size` bytes) and
     /// returns how many zero bytes of padding it records past the stream's
-    /// end. `None` without a usable tar-split; one that disagrees with the
-    /// stream is refused here (logged) and distrusted for range reads.
-    fn tar_split_padding(&self, desc: &LayerDesc, staged: &Staged, tar_size: u64) -> Option<u64> {
+    /// end. `None` without a tar-split the TOC pins; one that disagrees
+    /// with the stream is an error (and distrusted for range reads).
+    fn tar_split_padding(
+        &self,
+        desc: &LayerDesc,
+        staged: &Staged,
+        tar_size: u64,
+    ) -> Result<Option<u64>, CacheError> {
         use crate::layer::toc::{self, TocLocation, tarsplit};
         use std::os::unix::fs::FileExt;
         let Some(TocLocation::Range {
@@ -381,7 +392,7 @@ impl Cache {
             ..
         }) = toc::locate(&desc.media_type, &desc.annotations)
         else {
-            return None;
+            return Ok(None);
         };
         let blob = staged.blob.as_file();
         let read = |at: u64, n: u64| -> Option<Vec<u8>> {
@@ -395,29 +406,42 @@ impl Cache {
             tracing::warn!("{}; the tar-split is not used", crate::report::Chain(e));
             self.distrust(&desc.digest, crate::cache::ranged::TARSPLIT);
         };
-        let bytes = read(offset, len)?;
+        let Some(bytes) = read(offset, len) else {
+            return Ok(None);
+        };
         let t = match toc::parse_at(kind, &bytes, Some(&digest), desc.size, offset, &desc.digest) {
             Ok(t) => t,
             Err(e) => {
                 refuse(&e);
-                return None;
+                return Ok(None);
             }
         };
-        let pin = t.tar_split_digest?;
-        let split = read(ts_off, ts_len)?;
+        let (Some(pin), Some(split)) = (t.tar_split_digest, read(ts_off, ts_len)) else {
+            return Ok(None);
+        };
         let tar = staged.tar.as_file();
         let mut stream = |at: u64, b: &mut [u8]| tar.read_exact_at(b, at);
         let checked = tarsplit::open(&split, &pin, &desc.digest).and_then(|mut items| {
             tarsplit::check_against_stream(&mut items, tar_size, &mut stream, &desc.digest)
         });
         match checked {
-            Ok(pad) => Some(pad),
+            Ok(pad) => Ok(Some(pad)),
             Err(e) => {
-                refuse(&e);
-                None
+                self.distrust(&desc.digest, crate::cache::ranged::TARSPLIT);
+                Err(e.into())
             }
         }
     }
+}
+
+/// The diff_id of the tar hashed so far with `pad` zero bytes appended
+/// (at most a MiB: tar padding is a record, not a payload).
+fn with_zeros(hasher: &sha2::Sha256, pad: u64) -> Option<(u64, String)> {
+    (pad > 0 && pad <= 1 << 20).then(|| {
+        let mut h = hasher.clone();
+        sha2::Digest::update(&mut h, vec![0u8; pad as usize]);
+        (pad, Digest::from_hasher(h).to_string())
+    })
 }
 
 /// Reads the blob's first bytes and tells its compression by them (or by

@@ -339,6 +339,8 @@ impl Builder {
         }
         self.member_starts.sort_unstable();
         self.member_starts.dedup();
+        let mut starts: Vec<u64> = self.pieces.iter().map(|p| p.coff).collect();
+        starts.sort_unstable();
         let mut chunks = Vec::with_capacity(self.pieces.len());
         for (n, f) in self.files.iter().enumerate() {
             let pieces_end = self
@@ -380,13 +382,13 @@ impl Builder {
                     TocKind::ZstdChunked => match pieces.get(k + 1) {
                         Some(q) => q.coff,
                         None if f.end_offset != 0 => f.end_offset,
-                        // No `endOffset`: up to the next file's content, or
-                        // the TOC (containers/storage's derivation).
-                        None => self
-                            .files
-                            .get(n + 1)
-                            .and_then(|g| self.pieces.get(g.first_piece))
-                            .map_or(self.toc_offset.min(end), |q| q.coff),
+                        // No `endOffset`: up to the next content frame, or
+                        // the TOC (as containers/storage derives it, but
+                        // by blob order, so files sharing a frame work).
+                        None => {
+                            let i = starts.partition_point(|&s| s <= p.coff);
+                            starts.get(i).copied().unwrap_or(self.toc_offset.min(end))
+                        }
                     },
                 };
                 if p.coff == 0 || next <= p.coff || next > end {
