@@ -19,6 +19,7 @@ use crate::registry::{Client, LayerDesc, ResolvedImage};
 
 mod gzindex;
 mod ranged;
+mod tarsplit;
 pub use gzindex::{ARTIFACT_TYPE, LayerGzIndex};
 pub use ranged::RangedOpenError;
 
@@ -128,6 +129,9 @@ pub struct ImageSource {
     range_reads: bool,
     /// Gzip layers with a published index are read by range.
     use_index: bool,
+    /// Whether eStargz and zstd:chunked TOCs without a tar-split are read
+    /// by range on trust (`--trust-toc`).
+    trust_toc: bool,
     published: tokio::sync::OnceCell<gzindex::Published>,
 }
 
@@ -161,6 +165,7 @@ impl ImageSource {
             progress,
             range_reads: true,
             use_index: true,
+            trust_toc: false,
             published: tokio::sync::OnceCell::new(),
         }
     }
@@ -168,6 +173,14 @@ impl ImageSource {
     /// Whether published gzip indexes are used (the default).
     pub fn with_published_indexes(mut self, on: bool) -> Self {
         self.use_index = on;
+        self
+    }
+
+    /// Whether a table of contents that cannot be proved against its tar
+    /// stream (eStargz, zstd:chunked without a tar-split) is trusted to
+    /// read its layer by range; by default such a layer is read whole.
+    pub fn with_trusted_tocs(mut self, on: bool) -> Self {
+        self.trust_toc = on;
         self
     }
 
@@ -263,7 +276,11 @@ impl ImageSource {
                     .ensure_layer(&desc, &image_ref, max, open)
                     .inspect(|l| {
                         // A published index kept for this layer must match it.
-                        cache.audit_ranged(l, ranged::GZ_INDEX)
+                        cache.audit_ranged(l, ranged::GZ_INDEX);
+                        // So must a table of contents it was read by.
+                        for form in [ranged::TARSPLIT, ranged::TOC] {
+                            cache.audit_toc(l, form, index);
+                        }
                     }),
             }
             .and_then(|layer| check_diff_id(layer, diff_id));
@@ -387,7 +404,9 @@ impl ImageSource {
         let ranged = self.image.layers.iter().map(|l| {
             self.range_reads
                 && matches!(self.blobs, Blobs::Registry(_))
-                && (self.cache.has_ranged(&l.digest, ranged::TOC)
+                && (self.cache.blob_path(&l.digest).is_none()
+                    && (self.cache.has_ranged(&l.digest, ranged::TARSPLIT)
+                        || self.trust_toc && self.cache.has_ranged(&l.digest, ranged::TOC))
                     || self.use_index && self.cache.has_ranged(&l.digest, ranged::GZ_INDEX))
         });
         self.tree_key(ranged)

@@ -3,7 +3,9 @@
 //! contents and the chunks a read covers, not the layer; the tree equals
 //! umoci's unpack, mixed with plain gzip layers too; a tampered chunk or
 //! table is refused without serving or keeping a wrong byte; prefetch, export
-//! and a warm cache need no more of the registry than they should.
+//! and a warm cache need no more of the registry than they should. These
+//! producers write no tar-split, so each test trusts the TOC (`--trust-toc`);
+//! without it such layers are read whole (tests/splitview.rs).
 
 mod common;
 
@@ -23,6 +25,12 @@ const HIDDEN: [&str; 3] = [
     ".prefetch.landmark",
     ".no.prefetch.landmark",
 ];
+
+/// An environment that reads eStargz and zstd:chunked layers without a
+/// tar-split by range (`--trust-toc`), as every test here is about that.
+fn trusting() -> Env {
+    Env::new().set("RIMG_TRUST_TOC", "true")
+}
 
 const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 
@@ -207,7 +215,7 @@ fn a_cold_mount_of_toc_images_reads_files_by_range_and_shows_umocis_tree() {
         let layers = manifest_layers(&reg, repo, "3.20");
         let blob_bytes: u64 = layers.iter().map(|l| l.1).sum();
         let proxy = CountingProxy::start(&reg.addr(), None);
-        let env = Env::new();
+        let env = trusting();
         let r = format!("{}/{repo}:3.20", proxy.addr());
         let m = Mounted::new(&env, &r, &[]);
         let got = std::fs::read_to_string(m.path.join("etc/os-release")).unwrap();
@@ -224,7 +232,7 @@ fn a_cold_mount_of_toc_images_reads_files_by_range_and_shows_umocis_tree() {
         };
         assert_same_tree(&m.path, &rootfs);
         // The same bytes through the CLI, on a fresh cache.
-        let env2 = Env::new();
+        let env2 = trusting();
         proxy.reset();
         let out = env2.ok(&["cat", &r, "/etc/os-release"]);
         assert_eq!(out, got);
@@ -251,7 +259,7 @@ fn a_tampered_chunk_fails_only_its_file_naming_layer_and_path_and_is_never_kept(
 
         // `rimg cat`: one line naming the layer and the file, no wrong byte,
         // and the same again on the same cache (nothing wrong was kept).
-        let env = Env::new();
+        let env = trusting();
         for attempt in 0..2 {
             let out = env.run(&["cat", &r, &format!("/{victim}")]);
             let err = String::from_utf8_lossy(&out.stderr);
@@ -276,7 +284,7 @@ fn a_tampered_chunk_fails_only_its_file_naming_layer_and_path_and_is_never_kept(
 
         // A mount: EIO for the tampered file, the reason in the server's
         // log, every other file right, and EIO again on a second read.
-        let env = Env::new();
+        let env = trusting();
         let mnt = Mounted::new(&env, &r, &[]);
         let e = std::fs::read(mnt.path.join(victim)).unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO), "{repo}: {e}");
@@ -313,7 +321,7 @@ fn a_tampered_chunk_past_the_first_file_is_named_at_its_offset_and_spares_reads_
         let bad_at = tamper_first_chunk(&reg, desc, victim);
         let proxy = CountingProxy::start(&reg.addr(), None);
         let r = format!("{}/{repo}:3.20", proxy.addr());
-        let env = Env::new();
+        let env = trusting();
         let out = env.run(&["cat", &r, &format!("/{neighbour}")]);
         assert!(out.status.success(), "{repo}: {neighbour}");
         assert_eq!(out.stdout, files[neighbour], "{repo}: {neighbour}");
@@ -485,7 +493,7 @@ fn a_toc_that_fails_its_pin_or_points_outside_the_blob_is_refused_by_ls_and_cat_
     let reg = converted(&["esgz", "zchunked"]);
     for (repo, tag, digest, word) in push_bad_tocs(&reg) {
         let r = format!("{}/{repo}:{tag}", reg.addr());
-        let env = Env::new();
+        let env = trusting();
         let checks = [
             vec!["ls", "-R", r.as_str(), "/"],
             vec!["cat", r.as_str(), "/etc/os-release"],
@@ -517,7 +525,7 @@ fn a_mount_whose_toc_is_refused_answers_eio_and_logs_why() {
     let reg = converted(&["esgz", "zchunked"]);
     for (repo, tag, digest, word) in push_bad_tocs(&reg) {
         let r = format!("{}/{repo}:{tag}", reg.addr());
-        let env = Env::new();
+        let env = trusting();
         // Refused at once with the reason, or mounted, answering EIO with
         // the reason in the server's log.
         let dir = tempfile::tempdir().unwrap();
@@ -600,7 +608,7 @@ fn a_mixed_image_of_estargz_and_plain_gzip_layers_merges_to_umocis_tree() {
         ("mixed-geg", [true, false, true]),
     ] {
         push_mixed(&reg, "rules", "gz", "esgz", tag, &plain);
-        let env = Env::new();
+        let env = trusting();
         let r = format!("{}/rules:{tag}", reg.addr());
         let m = Mounted::new(&env, &r, &[]);
         let (_d, rootfs) = reference_rootfs(&reg, "rules", tag);
@@ -621,7 +629,7 @@ fn a_mixed_image_of_estargz_and_plain_gzip_layers_merges_to_umocis_tree() {
 fn a_prefetched_estargz_mount_reads_every_file_after_the_registry_stops() {
     let mut reg = converted(&["esgz"]);
     let (_d, rootfs) = reference_rootfs(&reg, "esgz", "3.20");
-    let env = Env::new().set("RIMG_LOG", "rimg=info");
+    let env = trusting().set("RIMG_LOG", "rimg=info");
     let r = format!("{}/esgz:3.20", reg.addr());
     let m = Mounted::new(&env, &r, &["--prefetch"]);
     let done = wait_for(Duration::from_secs(60), || {
@@ -649,7 +657,7 @@ fn an_estargz_image_read_whole_hides_the_format_files_in_flatten_and_mount() {
     let reg = converted(&["esgz"]);
     let (_d, rootfs) = reference_rootfs(&reg, "esgz", "3.20");
     let r = format!("{}/esgz:3.20", reg.addr());
-    let env = Env::new();
+    let env = trusting();
     // --flatten: one layer of the merged tree, without the format's files.
     let dir = tempfile::tempdir().unwrap();
     let o = dir.path().join("flat.tar").display().to_string();
@@ -667,7 +675,7 @@ fn an_estargz_image_read_whole_hides_the_format_files_in_flatten_and_mount() {
         problems.push(format!("--flatten: {d:?}"));
     }
     // A mount after the export downloaded the layer whole.
-    let env = Env::new();
+    let env = trusting();
     env.ok(&["export", &r, &o]);
     let m = Mounted::new(&env, &r, &[]);
     let d = diff_listings(&tree_listing(&m.path), &tree_listing(&rootfs));
@@ -701,7 +709,7 @@ fn check_export_writes_original_blobs(reg: &Registry, repo: &str) {
         .iter()
         .map(|d| d.as_str().unwrap().to_string())
         .collect();
-    let env = Env::new();
+    let env = trusting();
     // A read by range first: the export must not be made of the range cache.
     env.ok(&["cat", &r, "/etc/os-release"]);
     let dir = tempfile::tempdir().unwrap();
@@ -767,7 +775,7 @@ fn a_warm_mount_reads_files_read_before_without_asking_for_the_layer() {
         let (digest, _) = manifest_layers(&reg, repo, "3.20").remove(0);
         let proxy = CountingProxy::start(&reg.addr(), None);
         let r = format!("{}/{repo}:3.20", proxy.addr());
-        let env = Env::new();
+        let env = trusting();
         let m = Mounted::new(&env, &r, &[]);
         for p in read {
             assert!(std::fs::read(m.path.join(p)).unwrap() == files[p], "{p}");

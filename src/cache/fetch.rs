@@ -208,25 +208,37 @@ impl Cache {
         drop(source);
         // Only now is the blob known to be what its digest says, so a
         // diff_id mismatch is the config's, not the network's.
+        compressed.out.flush().map_err(io_err(staged.blob.path()))?;
         let mut diff_id = Digest::from_hasher(hasher.clone()).to_string();
         if let Some(expected) = &desc.diff_id
             && *expected != diff_id
         {
-            // Some zstd:chunked writers (skopeo 1.9) leave out the zeros
-            // that pad a tar to its 10240-byte record, which the diff_id
-            // covers. They hold no entries: put them back, and the tar is
-            // the one the config names.
-            let pad = (RECORD - tar_size % RECORD) % RECORD;
-            let mut h = hasher;
-            sha2::Digest::update(&mut h, vec![0u8; pad as usize]);
-            let padded = Digest::from_hasher(h).to_string();
-            if pad == 0 || compression != Compression::Zstd || padded != *expected {
+            // Some zstd:chunked writers leave out the zeros that pad the
+            // tar to its record size, which the diff_id covers. The
+            // tar-split says how many, byte for byte; without one the
+            // stream alone must match.
+            let pad = match compression {
+                Compression::Zstd => self.tar_split_padding(desc, &staged, tar_size)?,
+                _ => None,
+            };
+            let padded = match pad {
+                Some(p) => with_zeros(&hasher, p).filter(|(_, d)| d == expected),
+                // No tar-split: only zeros after the end-of-archive marker,
+                // to a record of some blocking factor, and only when the
+                // result hashes to the diff_id (which then proves them).
+                None if compression == Compression::Zstd => (1..=64u64)
+                    .map(|b| (b * 512 - tar_size % (b * 512)) % (b * 512))
+                    .filter_map(|p| with_zeros(&hasher, p))
+                    .find(|(_, d)| d == expected),
+                None => None,
+            };
+            let Some((pad, padded)) = padded else {
                 return Err(CacheError::DiffId {
                     digest: digest.clone(),
                     expected: expected.clone(),
                     actual: diff_id,
                 });
-            }
+            };
             use std::os::unix::fs::FileExt;
             staged
                 .tar
@@ -234,7 +246,7 @@ impl Cache {
                 .write_all_at(&vec![0u8; pad as usize], tar_size)
                 .map_err(io_err(staged.tar.path()))?;
             tracing::info!(
-                "layer {digest}: the zstd stream leaves out the tar's last {pad} zero bytes; restored"
+                "layer {digest}: the zstd stream leaves out the tar's last {pad} zero bytes; restored, and the diff_id verified"
             );
             tar_size += pad;
             diff_id = padded;
@@ -244,7 +256,6 @@ impl Cache {
         if compression == Compression::Gzip {
             layer::toc::hide_estargz_files(&mut index);
         }
-        compressed.out.flush().map_err(io_err(staged.blob.path()))?;
         let blob_size = compressed.count;
         drop(compressed);
         let header = IndexHeader {
@@ -358,6 +369,81 @@ impl Cache {
     }
 }
 
+impl Cache {
+    /// For a zstd:chunked layer whose tar-split the TOC pins: checks the
+    /// tar-split against the stream just written (`tar_size` bytes) and
+    /// returns how many zero bytes of padding it records past the stream's
+    /// end. `None` without a tar-split the TOC pins; one that disagrees
+    /// with the stream is an error (and distrusted for range reads).
+    fn tar_split_padding(
+        &self,
+        desc: &LayerDesc,
+        staged: &Staged,
+        tar_size: u64,
+    ) -> Result<Option<u64>, CacheError> {
+        use crate::layer::toc::{self, TocLocation, tarsplit};
+        use std::os::unix::fs::FileExt;
+        let Some(TocLocation::Range {
+            kind,
+            offset,
+            len,
+            digest,
+            tar_split: Some((ts_off, ts_len)),
+            ..
+        }) = toc::locate(&desc.media_type, &desc.annotations)
+        else {
+            return Ok(None);
+        };
+        let blob = staged.blob.as_file();
+        let read = |at: u64, n: u64| -> Option<Vec<u8>> {
+            if n > toc::TOC_MAX {
+                return None;
+            }
+            let mut b = vec![0u8; n as usize];
+            blob.read_exact_at(&mut b, at).ok().map(|()| b)
+        };
+        let refuse = |e: &(dyn std::error::Error + 'static)| {
+            tracing::warn!("{}; the tar-split is not used", crate::report::Chain(e));
+            self.distrust(&desc.digest, crate::cache::ranged::TARSPLIT);
+        };
+        let Some(bytes) = read(offset, len) else {
+            return Ok(None);
+        };
+        let t = match toc::parse_at(kind, &bytes, Some(&digest), desc.size, offset, &desc.digest) {
+            Ok(t) => t,
+            Err(e) => {
+                refuse(&e);
+                return Ok(None);
+            }
+        };
+        let (Some(pin), Some(split)) = (t.tar_split_digest, read(ts_off, ts_len)) else {
+            return Ok(None);
+        };
+        let tar = staged.tar.as_file();
+        let mut stream = |at: u64, b: &mut [u8]| tar.read_exact_at(b, at);
+        let checked = tarsplit::open(&split, &pin, &desc.digest).and_then(|mut items| {
+            tarsplit::check_against_stream(&mut items, tar_size, &mut stream, &desc.digest)
+        });
+        match checked {
+            Ok(pad) => Ok(Some(pad)),
+            Err(e) => {
+                self.distrust(&desc.digest, crate::cache::ranged::TARSPLIT);
+                Err(e.into())
+            }
+        }
+    }
+}
+
+/// The diff_id of the tar hashed so far with `pad` zero bytes appended
+/// (at most a MiB: tar padding is a record, not a payload).
+fn with_zeros(hasher: &sha2::Sha256, pad: u64) -> Option<(u64, String)> {
+    (pad > 0 && pad <= 1 << 20).then(|| {
+        let mut h = hasher.clone();
+        sha2::Digest::update(&mut h, vec![0u8; pad as usize]);
+        (pad, Digest::from_hasher(h).to_string())
+    })
+}
+
 /// Reads the blob's first bytes and tells its compression by them (or by
 /// the media type); returns them, since they are part of the stream.
 fn sniff(
@@ -417,9 +503,6 @@ fn inflate_and_index(
     let hasher = plain.hasher.take().expect("hasher");
     Ok((index, plain.count, hasher))
 }
-
-/// A tar is written in records of this many bytes (20 blocks).
-const RECORD: u64 = 10240;
 
 /// A layer's three files, written under `tmp/` and renamed into place.
 struct Staged {

@@ -79,6 +79,10 @@ pub enum CacheError {
     },
     #[error(transparent)]
     Layer(#[from] LayerError),
+    /// A zstd:chunked layer's tar-split that disagrees with its stream:
+    /// never used to make the stream match its diff_id.
+    #[error("{0}; it is not used to restore the tar the diff_id names")]
+    TarSplit(#[from] crate::layer::toc::tarsplit::TarSplitError),
     #[error(transparent)]
     Ranged(#[from] ranged::RangedError),
     #[error(

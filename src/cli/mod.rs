@@ -441,7 +441,8 @@ impl Common {
         Ok(
             ImageSource::new(image, blobs, self.cache()?, self.max_layer_size(), progress)
                 .with_range_reads(!self.whole_layers)
-                .with_published_indexes(!self.no_index),
+                .with_published_indexes(!self.no_index)
+                .with_trusted_tocs(self.trust_toc),
         )
     }
 }

@@ -92,6 +92,11 @@ pub struct Common {
     /// still read by range.
     #[arg(long)]
     pub no_index: bool,
+    /// Read eStargz layers, and zstd:chunked layers without a tar-split, by
+    /// range from their table of contents, trusting it to describe the
+    /// layer's tar stream (by default they are read whole).
+    #[arg(long, env = "RIMG_TRUST_TOC")]
+    pub trust_toc: bool,
     #[command(flatten)]
     pub registry: RegistryOpts,
     #[command(flatten)]

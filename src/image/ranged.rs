@@ -14,15 +14,13 @@ use serde::{Deserialize, Serialize};
 
 use super::gzindex::{GzMeta, GzSpans, LayerGzIndex};
 use super::{Blobs, ImageError, ImageSource};
-use crate::cache::ranged::{BoxError, RangeSource, SpanLoc, SpanMap};
+use crate::cache::ranged::{BoxError, RangeSource, SpanLoc, SpanMap, VerifiedRead};
 use crate::cache::{CacheError, Layer};
 use crate::layer::toc::{self, TocChunk, TocKind, TocLocation};
 use crate::reference::Reference;
 use crate::registry::{Client, LayerDesc, RegistryError};
 
-/// The forms a layer is read by range in, as the cache names them.
-pub(super) const TOC: &str = "toc";
-pub(super) const GZ_INDEX: &str = "gzidx";
+pub(super) use crate::cache::ranged::{GZ_INDEX, TARSPLIT, TOC};
 
 /// Tables of contents larger than this are refused before they are fetched.
 const TOC_MAX: u64 = 64 << 20;
@@ -50,15 +48,21 @@ pub enum RangedOpenError {
     IndexDigest { digest: String, actual: String },
     #[error("its saved span map is unreadable")]
     Meta(#[source] postcard::Error),
+    #[error("its table of contents pins no tar-split")]
+    NoTarSplit,
+    #[error(transparent)]
+    TarSplit(#[from] toc::tarsplit::TarSplitError),
+    #[error("split view: its table of contents and its tar-split differ: {difference} (TOC first)")]
+    SplitView { difference: String },
 }
 
 /// Fetches ranges of one blob from its registry, blocking the calling
 /// thread (never a runtime thread) on the runtime that owns the client.
-struct RegistryRange {
-    client: Arc<Client>,
-    reference: Reference,
+pub(super) struct RegistryRange {
+    pub(super) client: Arc<Client>,
+    pub(super) reference: Reference,
     desc: LayerDesc,
-    handle: tokio::runtime::Handle,
+    pub(super) handle: tokio::runtime::Handle,
 }
 
 impl RangeSource for RegistryRange {
@@ -86,12 +90,25 @@ struct TocMeta {
     /// errors that say where in which file.
     paths: Vec<(Vec<u8>, u64)>,
     prefetch_until: Option<u64>,
+    /// `(address, len, crc, entry)`: the CRC-64 the tar-split gives each
+    /// file's content, checked before any byte of the file is served.
+    crcs: Vec<(u64, u64, u64, usize)>,
 }
 
 /// The chunks, and their layer as far as errors name it (entries' paths
 /// only: the index itself is the cache's).
 struct TocSpans {
     layer: toc::TocLayer,
+    /// Sorted by address (see [`TocMeta::crcs`]).
+    crcs: Vec<(u64, u64, u64, usize)>,
+    /// Files whose content matched their CRC-64.
+    proved: std::sync::Mutex<std::collections::HashSet<usize>>,
+}
+
+thread_local! {
+    /// Set while this thread reads a file to check its CRC-64: those reads
+    /// are the check's own.
+    static CHECKING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl SpanMap for TocSpans {
@@ -117,9 +134,56 @@ impl SpanMap for TocSpans {
     fn prefetch_first(&self) -> Option<u64> {
         self.layer.prefetch_until
     }
+    fn check_read(&self, offset: u64, read: VerifiedRead<'_>) -> Result<(), BoxError> {
+        let Some(i) = self.crcs.partition_point(|c| c.0 <= offset).checked_sub(1) else {
+            return Ok(());
+        };
+        let (start, len, want, entry) = self.crcs[i];
+        if offset >= start + len || CHECKING.get() {
+            return Ok(());
+        }
+        let proved = || self.proved.lock().unwrap_or_else(|e| e.into_inner());
+        if proved().contains(&i) {
+            return Ok(());
+        }
+        CHECKING.set(true);
+        let mut crc = toc::tarsplit::Crc64::default();
+        let mut buf = vec![0u8; (1 << 20).min(len as usize)];
+        let mut at = start;
+        let result = loop {
+            if at >= start + len {
+                break Ok(());
+            }
+            let n = (start + len - at).min(buf.len() as u64) as usize;
+            if let Err(e) = read(at, &mut buf[..n]) {
+                break Err(e);
+            }
+            crc.update(&buf[..n]);
+            at += n as u64;
+        };
+        CHECKING.set(false);
+        result?;
+        if crc.value() != want {
+            let path = self
+                .layer
+                .index
+                .entries
+                .get(entry)
+                .map(|e| e.path.as_slice());
+            return Err(format!(
+                "split view: layer {}: {}: the content its TOC points at has CRC-64 {:016x}, its tar-split says {want:016x}",
+                self.layer.layer,
+                crate::names::escaped(path.unwrap_or_default()),
+                crc.value()
+            )
+            .into());
+        }
+        proved().insert(i);
+        Ok(())
+    }
 }
 
-fn toc_meta(t: &toc::TocLayer) -> TocMeta {
+fn toc_meta(t: &toc::TocLayer, crcs: super::tarsplit::Crcs) -> TocMeta {
     TocMeta {
         zstd: matches!(t.kind, TocKind::ZstdChunked),
         layer: t.layer.clone(),
@@ -135,6 +199,7 @@ fn toc_meta(t: &toc::TocLayer) -> TocMeta {
             .map(|e| (e.path.clone(), e.offset))
             .collect(),
         prefetch_until: t.prefetch_until,
+        crcs,
     }
 }
 
@@ -166,6 +231,7 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
             index: crate::layer::LayerIndex { entries },
             chunks,
             prefetch_until: m.prefetch_until,
+            tar_split_digest: None,
             kind: if m.zstd {
                 TocKind::ZstdChunked
             } else {
@@ -173,6 +239,8 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
             },
             layer: m.layer,
         },
+        crcs: m.crcs,
+        proved: Default::default(),
     }))
 }
 
@@ -192,7 +260,12 @@ impl ImageSource {
             .then(|| toc::locate(&desc.media_type, &desc.annotations));
         let plan = match toc.flatten() {
             Some(TocLocation::EstargzFooter { digest: None }) | None => None,
-            Some(location) => Some(Plan::Toc(location)),
+            // A TOC is never preferred to the stream it should describe.
+            Some(_) if self.cache.blob_path(&desc.digest).is_some() => return Ok(None),
+            Some(location) => match self.toc_plan(index, location) {
+                Some(p) => Some(p),
+                None => return Ok(None),
+            },
         };
         let plan = match plan {
             Some(p) => Some(p),
@@ -217,6 +290,7 @@ impl ImageSource {
         };
         let form = match plan {
             Plan::Toc(_) => TOC,
+            Plan::TarSplit(_) => TARSPLIT,
             Plan::Published(_) => GZ_INDEX,
         };
         if !self.cache.has_ranged(&desc.digest, form)
@@ -242,12 +316,32 @@ impl ImageSource {
                 || {
                     let t = fetch_toc(&fetcher, &d, location)?;
                     tracing::info!(
-                        "layer {}: read by range from its table of contents ({} entries, {} chunks)",
+                        "layer {}: read by range from its table of contents, trusted as --trust-toc says ({} entries, {} chunks)",
                         d.digest,
                         t.index.entries.len(),
                         t.chunks.len()
                     );
-                    let meta = postcard::to_stdvec(&toc_meta(&t)).map_err(RangedOpenError::Meta)?;
+                    let meta = postcard::to_stdvec(&toc_meta(&t, Vec::new()))
+                        .map_err(RangedOpenError::Meta)?;
+                    Ok((t.index, meta))
+                },
+                toc_spans,
+                source,
+            ),
+            Plan::TarSplit(location) => cache.open_ranged::<RangedOpenError>(
+                &d,
+                &image_ref,
+                TARSPLIT,
+                || {
+                    let (t, crcs) = super::tarsplit::proved_toc(&fetcher, &d, location)?;
+                    tracing::info!(
+                        "layer {}: read by range from its table of contents, proved against its tar-split ({} entries, {} chunks)",
+                        d.digest,
+                        t.index.entries.len(),
+                        t.chunks.len()
+                    );
+                    let meta =
+                        postcard::to_stdvec(&toc_meta(&t, crcs)).map_err(RangedOpenError::Meta)?;
                     Ok((t.index, meta))
                 },
                 toc_spans,
@@ -282,6 +376,14 @@ impl ImageSource {
         })?;
         match opened {
             Ok(l) => Ok(Some(l)),
+            // A TOC that disagrees with its tar-split, or a tar-split that
+            // cannot be had or read: the layer's stream is read whole.
+            Err(e) if form == TARSPLIT && !matches!(e, RangedOpenError::Fetch(_)) => {
+                let e = self.ranged_error(index, e);
+                tracing::error!("{}; the layer is fetched whole", crate::report::Chain(&e));
+                self.cache.distrust(&desc.digest, TARSPLIT);
+                Ok(None)
+            }
             // A table that cannot say what the tar says (names Go's JSON
             // mangled): the whole layer can.
             Err(RangedOpenError::Toc(e @ toc::TocError::NotUtf8 { .. })) => {
@@ -316,8 +418,34 @@ impl ImageSource {
 }
 
 enum Plan {
+    /// A table of contents taken on trust.
     Toc(TocLocation),
+    /// A zstd:chunked TOC to prove against its tar-split.
+    TarSplit(TocLocation),
     Published(Box<oci_spec::image::Descriptor>),
+}
+
+impl ImageSource {
+    /// How layer `index`, whose TOC is at `location`, is read by range, if
+    /// it is: proved against its tar-split when it has one, else only on
+    /// trust (`--trust-toc`). `None`: read it whole (`-v` says why).
+    fn toc_plan(&self, index: usize, location: TocLocation) -> Option<Plan> {
+        let digest = &self.image.layers[index].digest;
+        if let TocLocation::Range {
+            tar_split: Some(_), ..
+        } = location
+            && !self.cache.is_distrusted(digest, TARSPLIT)
+        {
+            return Some(Plan::TarSplit(location));
+        }
+        if self.trust_toc && !self.cache.is_distrusted(digest, TOC) {
+            return Some(Plan::Toc(location));
+        }
+        tracing::info!(
+            "layer {index} ({digest}): its table of contents cannot be proved to describe its tar stream without reading the stream, so the layer is read whole (--trust-toc reads it by range)"
+        );
+        None
+    }
 }
 
 /// Fetches a published gzip index blob, checks its digest, and decodes it
@@ -366,7 +494,7 @@ fn fetch_gz_index(
 
 /// Fetches and parses a layer's table of contents, verified against the
 /// digest the manifest pins.
-fn fetch_toc(
+pub(super) fn fetch_toc(
     source: &RegistryRange,
     desc: &LayerDesc,
     location: TocLocation,
@@ -394,11 +522,12 @@ fn fetch_toc(
             ..
         } => {
             let bytes = get(offset, len)?;
-            Ok(toc::parse(
+            Ok(toc::parse_at(
                 kind,
                 &bytes,
                 Some(&digest),
                 desc.size,
+                offset,
                 &desc.digest,
             )?)
         }

@@ -13,11 +13,13 @@ use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
 
+mod compare;
 mod header;
 mod index;
 pub mod toc;
 pub mod zran;
 
+pub use compare::{IndexDifference, first_difference};
 use header::*;
 pub use index::*;
 

@@ -69,6 +69,47 @@ impl crate::cache::Cache {
     }
 }
 
+impl crate::cache::Cache {
+    /// Compares the index a table of contents gave layer number `n` (kept
+    /// in `form`) with the layer's own tar stream, now fetched whole. On any
+    /// difference: one error naming the layer and the first difference, and
+    /// the range cache dropped and distrusted, so the stream is what is
+    /// shown from then on.
+    pub fn audit_toc(&self, layer: &crate::cache::Layer, form: Form, n: usize) {
+        let idx = self
+            .ranged_stem(layer.digest.hex(), form)
+            .with_extension("idx");
+        let Ok(bytes) = std::fs::read(&idx) else {
+            return;
+        };
+        let claimed = postcard::take_from_bytes::<crate::cache::IndexHeader>(&bytes)
+            .ok()
+            .and_then(|(_, rest)| postcard::from_bytes::<crate::layer::LayerIndex>(rest).ok());
+        let real = match layer.index() {
+            Ok(r) => r,
+            Err(e) => return tracing::warn!("{}", crate::report::Chain(&e)),
+        };
+        let difference = match &claimed {
+            Some(c) => crate::layer::first_difference(c, &real).map(|d| d.to_string()),
+            None => Some("its kept index is unreadable".into()),
+        };
+        if let Some(d) = difference {
+            tracing::error!(
+                "split view: layer {n} ({}): its table of contents and its tar stream differ: {d} (TOC first); its range cache is dropped and the tar stream is shown",
+                layer.digest
+            );
+            drop_ranged(&idx);
+        }
+    }
+}
+
+/// Distrusts the index at `idx` and deletes every byte read through it.
+pub(super) fn drop_ranged(idx: &Path) {
+    distrust(idx);
+    let _ = std::fs::remove_file(idx.with_extension("data"));
+    let _ = std::fs::remove_file(idx.with_extension("have"));
+}
+
 /// Drops the index a range cache was opened from (the one at `stem` with
 /// any extension) and marks it distrusted: an index that lied once is not
 /// fetched and used again; the layer is read whole from then on.
@@ -147,6 +188,13 @@ impl crate::cache::Cache {
 /// Names the form a layer is read by range in (a table of contents, a
 /// checkpoint index): the files of each form are kept apart.
 pub type Form = &'static str;
+
+/// The forms a layer is read by range in, as the cache names them: a
+/// table of contents taken on trust (`--trust-toc`), a zstd:chunked TOC
+/// proved against its tar-split, a published gzip index.
+pub const TOC: Form = "toc";
+pub const TARSPLIT: Form = "tarsplit";
+pub const GZ_INDEX: Form = "gzidx";
 
 impl crate::cache::Cache {
     fn ranged_stem(&self, hex: &str, form: Form) -> PathBuf {

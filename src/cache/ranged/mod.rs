@@ -561,7 +561,7 @@ impl Drop for Ranged {
 
 mod keep;
 use keep::distrust;
-pub use keep::{Form, RangedCache};
+pub use keep::{Form, GZ_INDEX, RangedCache, TARSPLIT, TOC};
 
 #[cfg(test)]
 mod tests {

@@ -87,6 +87,11 @@ pub(super) struct Builder {
     pub(super) seen: usize,
     pub(super) version: Option<i64>,
     pub(super) failed: Option<TocError>,
+    /// zstd:chunked's `tarSplitDigest`, as written.
+    pub(super) tar_split_digest: Option<String>,
+    /// Where the TOC starts: a zstd:chunked file without `endOffset` ends
+    /// at the latest there.
+    pub(super) toc_offset: u64,
 }
 
 impl Builder {
@@ -104,6 +109,8 @@ impl Builder {
             seen: 0,
             version: None,
             failed: None,
+            tar_split_digest: None,
+            toc_offset: u64::MAX,
         }
     }
 
@@ -332,6 +339,8 @@ impl Builder {
         }
         self.member_starts.sort_unstable();
         self.member_starts.dedup();
+        let mut starts: Vec<u64> = self.pieces.iter().map(|p| p.coff).collect();
+        starts.sort_unstable();
         let mut chunks = Vec::with_capacity(self.pieces.len());
         for (n, f) in self.files.iter().enumerate() {
             let pieces_end = self
@@ -372,7 +381,14 @@ impl Builder {
                     }
                     TocKind::ZstdChunked => match pieces.get(k + 1) {
                         Some(q) => q.coff,
-                        None => f.end_offset,
+                        None if f.end_offset != 0 => f.end_offset,
+                        // No `endOffset`: up to the next content frame, or
+                        // the TOC (as containers/storage derives it, but
+                        // by blob order, so files sharing a frame work).
+                        None => {
+                            let i = starts.partition_point(|&s| s <= p.coff);
+                            starts.get(i).copied().unwrap_or(self.toc_offset.min(end))
+                        }
                     },
                 };
                 if p.coff == 0 || next <= p.coff || next > end {
@@ -404,6 +420,14 @@ impl Builder {
                 )));
             }
         }
+        let tar_split_digest = match &self.tar_split_digest {
+            None => None,
+            Some(d) => Some(
+                d.strip_prefix("sha256:")
+                    .and_then(sha256_of)
+                    .ok_or_else(|| self.corrupt(format!("tarSplitDigest {d:?} is not sha256")))?,
+            ),
+        };
         Ok(TocLayer {
             index: LayerIndex {
                 entries: self.entries,
@@ -412,6 +436,7 @@ impl Builder {
             prefetch_until,
             kind: self.kind,
             layer: self.layer,
+            tar_split_digest,
         })
     }
 }
@@ -439,6 +464,7 @@ impl<'de> Visitor<'de> for TocSeed<'_> {
             match key.as_str() {
                 "version" => self.b.version = Some(map.next_value()?),
                 "entries" => map.next_value_seed(EntriesSeed { b: &mut *self.b })?,
+                "tarSplitDigest" => self.b.tar_split_digest = map.next_value()?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }

@@ -31,6 +31,7 @@ use super::{Entry, EntryKind, LayerIndex, normalize};
 
 mod builder;
 mod estargz;
+pub mod tarsplit;
 mod zstd_chunked;
 
 use builder::Builder;
@@ -56,6 +57,10 @@ pub const ZSTD_CHUNKED_CHECKSUM: &str = "io.github.containers.zstd-chunked.manif
 /// The names older writers use (Debian's skopeo 1.9.3 among them).
 pub const ZSTD_CHUNKED_POSITION_OLD: &str = "io.containers.zstd-chunked.manifest-position";
 pub const ZSTD_CHUNKED_CHECKSUM_OLD: &str = "io.containers.zstd-chunked.manifest-checksum";
+/// Where zstd:chunked's tar-split is (`offset:len:uncompressed_len`); its
+/// digest is the TOC's `tarSplitDigest`, as containers/storage pins it.
+pub const ZSTD_CHUNKED_TARSPLIT_POSITION: &str =
+    "io.github.containers.zstd-chunked.tarsplit-position";
 
 /// The eStargz files that are format, not content: never shown.
 const ESTARGZ_HIDDEN: [&[u8]; 3] = [
@@ -105,6 +110,9 @@ pub enum TocLocation {
         len: u64,
         uncompressed_len: u64,
         digest: String,
+        /// The tar-split's compressed range `(offset, len)`, when the
+        /// layer says where it is (its digest is in the TOC).
+        tar_split: Option<(u64, u64)>,
     },
     /// eStargz: fetch the last [`ESTARGZ_FOOTER`] bytes of the blob, then
     /// [`estargz_footer`] gives the TOC offset. `digest` is the
@@ -152,6 +160,9 @@ pub struct TocLayer {
     pub kind: TocKind,
     /// The layer's digest, for errors.
     pub layer: String,
+    /// zstd:chunked's `tarSplitDigest`: the sha256 of the compressed
+    /// tar-split, which pins it.
+    pub tar_split_digest: Option<[u8; 32]>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -242,7 +253,24 @@ pub fn parse(
     blob_size: u64,
     layer_digest: &str,
 ) -> Result<TocLayer, TocError> {
+    parse_at(kind, bytes, digest, blob_size, blob_size, layer_digest)
+}
+
+/// As [`parse`], for a zstd:chunked TOC whose compressed bytes start at
+/// `toc_offset` in the blob: a file whose entry has no `endOffset` (as
+/// stargz-snapshotter's zstd:chunked writer leaves it) ends where the next
+/// file's content starts, and the last one where the TOC starts, as
+/// containers/storage derives it.
+pub fn parse_at(
+    kind: TocKind,
+    bytes: &[u8],
+    digest: Option<&str>,
+    blob_size: u64,
+    toc_offset: u64,
+    layer_digest: &str,
+) -> Result<TocLayer, TocError> {
     let mut b = Builder::new(kind, layer_digest);
+    b.toc_offset = toc_offset.min(blob_size);
     match kind {
         TocKind::Estargz => {
             let toc_offset = blob_size

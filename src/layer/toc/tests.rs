@@ -497,6 +497,7 @@ fn locate_reads_both_generations_of_zstd_chunked_annotations() {
         len: 20,
         uncompressed_len: 30,
         digest: "sha256:ab".into(),
+        tar_split: None,
     });
     let zstd = "application/vnd.oci.image.layer.v1.tar+zstd";
     for (p, c) in [

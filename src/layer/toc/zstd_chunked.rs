@@ -24,12 +24,24 @@ pub(super) fn locate(annotations: &BTreeMap<String, String>) -> Option<TocLocati
     ) else {
         return None;
     };
+    // `offset:len:uncompressed_len`; one that does not parse is ignored
+    // (the layer is then read whole, not trusted).
+    let tar_split = annotations
+        .get(ZSTD_CHUNKED_TARSPLIT_POSITION)
+        .and_then(|p| {
+            let mut parts = p.split(':').map(|p| p.parse::<u64>().ok());
+            match (parts.next(), parts.next(), parts.next(), parts.next()) {
+                (Some(Some(o)), Some(Some(l)), Some(Some(_)), None) => Some((o, l)),
+                _ => None,
+            }
+        });
     Some(TocLocation::Range {
         kind: TocKind::ZstdChunked,
         offset,
         len,
         uncompressed_len,
         digest: sum.clone(),
+        tar_split,
     })
 }
 
