@@ -128,6 +128,8 @@ pub struct ImageSource {
     range_reads: bool,
     /// Gzip layers with a published index are read by range.
     use_index: bool,
+    /// Published gzip indexes are used without being built here or signed.
+    trust_index: bool,
     published: tokio::sync::OnceCell<gzindex::Published>,
 }
 
@@ -161,6 +163,7 @@ impl ImageSource {
             progress,
             range_reads: true,
             use_index: true,
+            trust_index: false,
             published: tokio::sync::OnceCell::new(),
         }
     }
@@ -168,6 +171,13 @@ impl ImageSource {
     /// Whether published gzip indexes are used (the default).
     pub fn with_published_indexes(mut self, on: bool) -> Self {
         self.use_index = on;
+        self
+    }
+
+    /// Whether a published gzip index is used even when it was not built
+    /// in this cache and is not signed by a trusted key (`--trust-index`).
+    pub fn with_trusted_indexes(mut self, on: bool) -> Self {
+        self.trust_index = on;
         self
     }
 

@@ -80,6 +80,10 @@ struct Global {
     /// still read by range.
     #[arg(long, global = true)]
     no_index: bool,
+    /// Use a published gzip index even when it was not built in this cache
+    /// and is not signed by a trusted key (it is still checked as it is read).
+    #[arg(long, global = true, conflicts_with = "no_index")]
+    trust_index: bool,
     /// More logging (-v info, -vv debug); RIMG_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -304,6 +308,7 @@ fn main() -> ExitCode {
         allow_foreign_layers: g.allow_foreign_layers,
         whole_layers: g.whole_layers,
         no_index: g.no_index,
+        trust_index: g.trust_index,
     };
     let result = match cli.command {
         Command::Inspect { reference, raw } => cli::inspect(&common, &reference, raw),

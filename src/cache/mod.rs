@@ -78,9 +78,12 @@ pub enum CacheError {
     #[error(transparent)]
     Ranged(#[from] ranged::RangedError),
     #[error(
-        "layer {digest}: the published index it was read through differs from the layer itself; dropped"
+        "layer {digest}: the published index it was read through differs from the layer itself (it {first}); the index is distrusted and its range cache dropped"
     )]
-    IndexMismatch { digest: Digest },
+    IndexMismatch {
+        digest: Digest,
+        first: crate::layer::Difference,
+    },
     #[error("invalid layer digest {0:?}")]
     BadDigest(String),
     /// A layer read in place whose bytes are not the ones its digest names

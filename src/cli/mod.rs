@@ -59,6 +59,7 @@ pub struct Common {
     pub allow_foreign_layers: bool,
     pub whole_layers: bool,
     pub no_index: bool,
+    pub trust_index: bool,
 }
 
 pub struct LsArgs {
@@ -320,6 +321,7 @@ impl Common {
     pub(crate) fn lazy(&self, s: ImageSource) -> ImageSource {
         s.with_range_reads(!self.whole_layers)
             .with_published_indexes(!self.no_index)
+            .with_trusted_indexes(self.trust_index)
     }
 }
 

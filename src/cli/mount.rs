@@ -50,6 +50,9 @@ pub(super) fn child_args(common: &Common) -> Vec<String> {
     if common.no_index {
         a.push("--no-index".into());
     }
+    if common.trust_index {
+        a.push("--trust-index".into());
+    }
     if common.verbose > 0 {
         a.push(format!("-{}", "v".repeat(common.verbose as usize)));
     }

@@ -50,6 +50,8 @@ pub enum RangedOpenError {
     IndexDigest { digest: String, actual: String },
     #[error("its saved span map is unreadable")]
     Meta(#[source] postcard::Error),
+    #[error("its saved span map is of another index")]
+    StaleMeta,
 }
 
 /// Fetches ranges of one blob from its registry, blocking the calling
@@ -204,10 +206,26 @@ impl ImageSource {
                 if !kept && self.cache.blob_path(&desc.digest).is_some() {
                     return Ok(None);
                 }
-                match self.published().await.get(&*desc.digest) {
-                    Some(d) => Some(Plan::Published(Box::new(d.clone()))),
-                    None if kept => return Ok(None),
-                    None => None,
+                let Some(d) = self.published().await.get(&desc.digest).cloned() else {
+                    return Ok(None);
+                };
+                match self.index_trust(&desc.digest, &d).await {
+                    Some(why) => {
+                        tracing::info!(
+                            "layer {}: published gzip index {} is trusted ({why})",
+                            desc.digest,
+                            d.digest()
+                        );
+                        Some(Plan::Published(Box::new(d)))
+                    }
+                    None => {
+                        tracing::info!(
+                            "layer {}: published gzip index {} ignored: it was not built in this cache, is not signed by a trusted key, and --trust-index was not given; the layer is read whole",
+                            desc.digest,
+                            d.digest()
+                        );
+                        return Ok(None);
+                    }
                 }
             }
             None => None,
@@ -253,7 +271,9 @@ impl ImageSource {
                 toc_spans,
                 source,
             ),
-            Plan::Published(blob) => cache.open_ranged::<RangedOpenError>(
+            Plan::Published(blob) => {
+                let source_digest = blob.digest().to_string();
+                cache.open_ranged::<RangedOpenError>(
                 &d,
                 &image_ref,
                 GZ_INDEX,
@@ -265,15 +285,18 @@ impl ImageSource {
                         ix.entries.entries.len(),
                         ix.zran.spans.len()
                     );
-                    let meta = postcard::to_stdvec(&GzMeta::new(&ix)).map_err(RangedOpenError::Meta)?;
+                    let meta = postcard::to_stdvec(&GzMeta::new(&ix, &source_digest))
+                        .map_err(RangedOpenError::Meta)?;
                     Ok((ix.entries, meta))
                 },
-                |meta| {
-                    let m: GzMeta = postcard::from_bytes(meta).map_err(RangedOpenError::Meta)?;
-                    Ok(Box::new(GzSpans::new(m)) as Box<dyn SpanMap>)
+                |meta| match GzMeta::read(meta, &source_digest) {
+                    Some(m) => Ok(Box::new(GzSpans::new(m)) as Box<dyn SpanMap>),
+                    // Made by an older rimg or from another index: made again.
+                    None => Err(RangedOpenError::StaleMeta),
                 },
                 source,
-            ),
+            )
+            }
         })
         .await
         .map_err(|source| ImageError::Worker {
@@ -282,6 +305,16 @@ impl ImageSource {
         })?;
         match opened {
             Ok(l) => Ok(Some(l)),
+            // A registry that answers Range with the whole blob: the layer
+            // is read whole, as it would be without an index or TOC.
+            Err(RangedOpenError::Fetch(e)) if e.is_range_ignored() => {
+                tracing::warn!(
+                    "layer {}: {}; the layer is fetched whole",
+                    desc.digest,
+                    crate::report::Chain(&e)
+                );
+                Ok(None)
+            }
             // A table that cannot say what the tar says (names Go's JSON
             // mangled): the whole layer can.
             Err(RangedOpenError::Toc(e @ toc::TocError::NotUtf8 { .. })) => {
@@ -331,6 +364,16 @@ fn fetch_gz_index(
     if len > super::gzindex::BLOB_MAX {
         return Err(RangedOpenError::IndexTooLarge { len });
     }
+    // One small range of the layer first: a registry that ignores Range
+    // is found now, and the layer read whole, not failed read by read.
+    source
+        .handle
+        .block_on(
+            source
+                .client
+                .blob_range(&source.reference, desc, 0, desc.size.min(2)),
+        )
+        .map_err(RangedOpenError::Fetch)?;
     let blob_desc =
         LayerDesc {
             digest: blob.digest().to_string().parse().map_err(|_| {

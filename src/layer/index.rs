@@ -5,6 +5,141 @@ use std::io::{self, Read};
 
 use super::*;
 
+/// The first way an index that claims to describe a layer (a published
+/// index, a table of contents) differs from the index of the layer's own
+/// tar stream: the entry, the field and both values.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    /// Position in the entry list.
+    pub entry: usize,
+    pub path: String,
+    /// What differs: `path`, `kind`, `mode`, ..., or `entry` when one list
+    /// ends first.
+    pub field: &'static str,
+    /// As the claiming index has it (empty when it has no such entry).
+    pub claimed: String,
+    /// As the tar stream has it (empty when it has no such entry).
+    pub real: String,
+}
+
+impl std::fmt::Display for Difference {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.field {
+            "entry" if self.real.is_empty() => write!(
+                f,
+                "lists {} (entry {}), its tar stream does not",
+                self.path, self.entry
+            ),
+            "entry" => write!(
+                f,
+                "does not list {} (entry {}), its tar stream has it",
+                self.path, self.entry
+            ),
+            "path" => write!(
+                f,
+                "lists {} as entry {}, its tar stream has {} there",
+                self.claimed, self.entry, self.real
+            ),
+            field => write!(
+                f,
+                "lists {} {field} {}, its tar stream has {}",
+                self.path, self.claimed, self.real
+            ),
+        }
+    }
+}
+
+/// Compares `claimed` with `real` (the index of the tar stream itself),
+/// entry by entry in stream order (order decides which of two duplicates
+/// wins and what a whiteout removes); `None` when they agree. Offsets are
+/// compared only when `offsets` (both lists address the same tar).
+pub fn first_difference(
+    claimed: &LayerIndex,
+    real: &LayerIndex,
+    offsets: bool,
+) -> Option<Difference> {
+    let name = |p: &[u8]| crate::names::escaped(p).to_string();
+    let (a, b) = (&claimed.entries, &real.entries);
+    for k in 0..a.len().max(b.len()) {
+        let (x, y) = match (a.get(k), b.get(k)) {
+            (Some(x), Some(y)) => (x, y),
+            (Some(x), None) => {
+                return Some(Difference {
+                    entry: k,
+                    path: name(&x.path),
+                    field: "entry",
+                    claimed: name(&x.path),
+                    real: String::new(),
+                });
+            }
+            (None, Some(y)) => {
+                return Some(Difference {
+                    entry: k,
+                    path: name(&y.path),
+                    field: "entry",
+                    claimed: String::new(),
+                    real: name(&y.path),
+                });
+            }
+            (None, None) => break,
+        };
+        let diff = |field: &'static str, c: String, r: String| {
+            Some(Difference {
+                entry: k,
+                path: name(&x.path),
+                field,
+                claimed: c,
+                real: r,
+            })
+        };
+        let link = |l: &Option<Vec<u8>>| l.as_deref().map_or("none".into(), name);
+        let xattrs = |e: &Entry| {
+            e.xattrs
+                .iter()
+                .map(|(k, v)| format!("{k}={}", name(v)))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let found = if x.path != y.path {
+            diff("path", name(&x.path), name(&y.path))
+        } else if x.kind != y.kind {
+            diff("type", format!("{:?}", x.kind), format!("{:?}", y.kind))
+        } else if x.mode != y.mode {
+            diff("mode", format!("{:04o}", x.mode), format!("{:04o}", y.mode))
+        } else if (x.uid, x.gid) != (y.uid, y.gid) {
+            diff(
+                "owner",
+                format!("{}:{}", x.uid, x.gid),
+                format!("{}:{}", y.uid, y.gid),
+            )
+        } else if x.size != y.size {
+            diff("size", x.size.to_string(), y.size.to_string())
+        } else if x.link != y.link {
+            diff("link", link(&x.link), link(&y.link))
+        } else if x.xattrs != y.xattrs {
+            diff("xattrs", xattrs(x), xattrs(y))
+        } else if x.mtime != y.mtime {
+            diff("mtime", x.mtime.to_string(), y.mtime.to_string())
+        } else if x.rdev != y.rdev {
+            diff("device", format!("{:?}", x.rdev), format!("{:?}", y.rdev))
+        } else if x.sparse != y.sparse {
+            diff(
+                "sparse map",
+                format!("{:?}", x.sparse),
+                format!("{:?}", y.sparse),
+            )
+        } else if offsets && x.offset != y.offset {
+            diff("data offset", x.offset.to_string(), y.offset.to_string())
+        } else {
+            None
+        };
+        if found.is_some() {
+            return found;
+        }
+    }
+    None
+}
+
 /// Reads a whole tar stream and indexes it, accepting what Go's archive/tar
 /// (and so docker) accepts. Reads to the end of `reader` so that wrapping
 /// readers (hashes, digest checks) see every byte.
