@@ -19,8 +19,10 @@ use crate::registry::{Client, LayerDesc, ResolvedImage};
 
 mod gzindex;
 mod ranged;
+mod verify;
 pub use gzindex::{ARTIFACT_TYPE, LayerGzIndex};
 pub use ranged::RangedOpenError;
+pub use verify::{LayerCheck, LayerReport, Outcome, Report};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {

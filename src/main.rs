@@ -224,6 +224,16 @@ enum Command {
         #[arg(long, value_name = "NAME:TAG")]
         tag: Option<String>,
     },
+    /// Check an image against the digests its manifest pins: manifest,
+    /// config, every layer's digest and diff_id (each fetched whole), and
+    /// every published index against its layer. Exits non-zero naming what
+    /// failed.
+    Verify {
+        reference: String,
+        /// One JSON object per line: one per layer, then the verdict.
+        #[arg(long)]
+        json: bool,
+    },
     /// Gzip checkpoint indexes: read plain gzip layers by range elsewhere.
     Index {
         #[command(subcommand)]
@@ -437,6 +447,7 @@ fn main() -> ExitCode {
                 tag,
             },
         ),
+        Command::Verify { reference, json } => cli::verify(&common, &reference, json),
         Command::Index { action } => match action {
             IndexAction::Build { reference } => cli::index(&common, &reference, false),
             IndexAction::Push { reference } => cli::index(&common, &reference, true),

@@ -15,6 +15,7 @@ mod index;
 mod inspect;
 mod ls;
 mod mount;
+mod verify;
 
 pub use cache::{cache_clear, cache_ls, cache_prune, cache_verify};
 pub use export::export;
@@ -25,6 +26,7 @@ pub use ls::{cat, ls};
 // Shared by several subcommands (and the tests below).
 use ls::{format_time, shell_quote};
 pub use mount::{mount, mounts, serve, umount};
+pub use verify::verify;
 
 use rimg::cache::Cache;
 use rimg::digest::Digest;

@@ -354,18 +354,14 @@ enum Plan {
 }
 
 /// Fetches a published gzip index blob, checks its digest, and decodes it
-/// for this exact layer.
+/// for this exact layer (after one small range of the layer: a registry
+/// that ignores Range is found now, and the layer read whole, not failed
+/// read by read).
 fn fetch_gz_index(
     source: &RegistryRange,
     desc: &LayerDesc,
     blob: &oci_spec::image::Descriptor,
 ) -> Result<LayerGzIndex, RangedOpenError> {
-    let len = blob.size();
-    if len > super::gzindex::BLOB_MAX {
-        return Err(RangedOpenError::IndexTooLarge { len });
-    }
-    // One small range of the layer first: a registry that ignores Range
-    // is found now, and the layer read whole, not failed read by read.
     source
         .handle
         .block_on(
@@ -374,6 +370,26 @@ fn fetch_gz_index(
                 .blob_range(&source.reference, desc, 0, desc.size.min(2)),
         )
         .map_err(RangedOpenError::Fetch)?;
+    source.handle.block_on(fetch_index_blob(
+        &source.client,
+        &source.reference,
+        desc,
+        blob,
+    ))
+}
+
+/// Fetches the published gzip index blob `blob` of layer `desc`, checks
+/// its digest and bound, and decodes it for exactly that layer.
+pub(super) async fn fetch_index_blob(
+    client: &Client,
+    reference: &Reference,
+    desc: &LayerDesc,
+    blob: &oci_spec::image::Descriptor,
+) -> Result<LayerGzIndex, RangedOpenError> {
+    let len = blob.size();
+    if len > super::gzindex::BLOB_MAX {
+        return Err(RangedOpenError::IndexTooLarge { len });
+    }
     let blob_desc =
         LayerDesc {
             digest: blob.digest().to_string().parse().map_err(|_| {
@@ -388,13 +404,9 @@ fn fetch_gz_index(
             diff_id: None,
             annotations: Default::default(),
         };
-    let bytes = source
-        .handle
-        .block_on(
-            source
-                .client
-                .blob_range(&source.reference, &blob_desc, 0, len),
-        )
+    let bytes = client
+        .blob_range(reference, &blob_desc, 0, len)
+        .await
         .map_err(RangedOpenError::Fetch)?;
     use sha2::Digest as _;
     let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));
