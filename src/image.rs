@@ -20,8 +20,10 @@ use crate::registry::{Client, LayerDesc, ResolvedImage};
 mod gzindex;
 mod ranged;
 mod tarsplit;
+mod verify;
 pub use gzindex::{ARTIFACT_TYPE, LayerGzIndex};
 pub use ranged::RangedOpenError;
+pub use verify::{LayerCheck, LayerReport, Outcome, Report};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -132,6 +134,8 @@ pub struct ImageSource {
     /// Whether eStargz and zstd:chunked TOCs without a tar-split are read
     /// by range on trust (`--trust-toc`).
     trust_toc: bool,
+    /// Published gzip indexes are used without being built here or signed.
+    trust_index: bool,
     published: tokio::sync::OnceCell<gzindex::Published>,
 }
 
@@ -166,6 +170,7 @@ impl ImageSource {
             range_reads: true,
             use_index: true,
             trust_toc: false,
+            trust_index: false,
             published: tokio::sync::OnceCell::new(),
         }
     }
@@ -181,6 +186,13 @@ impl ImageSource {
     /// read its layer by range; by default such a layer is read whole.
     pub fn with_trusted_tocs(mut self, on: bool) -> Self {
         self.trust_toc = on;
+        self
+    }
+
+    /// Whether a published gzip index is used even when it was not built
+    /// in this cache and is not signed by a trusted key (`--trust-index`).
+    pub fn with_trusted_indexes(mut self, on: bool) -> Self {
+        self.trust_index = on;
         self
     }
 

@@ -86,9 +86,12 @@ pub enum CacheError {
     #[error(transparent)]
     Ranged(#[from] ranged::RangedError),
     #[error(
-        "layer {digest}: the published index it was read through differs from the layer itself; dropped"
+        "layer {digest}: the published index it was read through differs from the layer itself (it {first}); the index is distrusted and its range cache dropped"
     )]
-    IndexMismatch { digest: Digest },
+    IndexMismatch {
+        digest: Digest,
+        first: crate::layer::Difference,
+    },
     #[error(transparent)]
     Unsafe(#[from] crate::private::Unsafe),
     #[error("invalid layer digest {0:?}")]

@@ -20,6 +20,7 @@ mod index;
 mod inspect;
 mod ls;
 mod mount;
+mod verify;
 pub mod options;
 
 // Shared by several subcommands (and the tests below).
@@ -80,6 +81,9 @@ pub enum Command {
     Mounts(mount::MountsArgs),
     /// Write the image as a docker/OCI archive or a rootfs tar.
     Export(export::ExportArgs),
+    /// Check everything about an image: manifest, config and layer digests,
+    /// every diff_id, every TOC and published index against its tar stream.
+    Verify(verify::VerifyArgs),
     /// Gzip checkpoint indexes: read plain gzip layers by range elsewhere.
     Index {
         #[command(subcommand)]
@@ -131,6 +135,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Umount(a) => mount::umount(&a),
         Command::Mounts(a) => mount::mounts(&a),
         Command::Export(a) => export::export(&a),
+        Command::Verify(a) => verify::verify(&a),
         Command::Index { action } => index::index(&action),
         Command::Cache { action } => cache::cache(&action),
     };
@@ -442,7 +447,8 @@ impl Common {
             ImageSource::new(image, blobs, self.cache()?, self.max_layer_size(), progress)
                 .with_range_reads(!self.whole_layers)
                 .with_published_indexes(!self.no_index)
-                .with_trusted_tocs(self.trust_toc),
+                .with_trusted_tocs(self.trust_toc)
+                .with_trusted_indexes(self.trust_index),
         )
     }
 }

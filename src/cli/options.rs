@@ -97,6 +97,10 @@ pub struct Common {
     /// layer's tar stream (by default they are read whole).
     #[arg(long, env = "RIMG_TRUST_TOC")]
     pub trust_toc: bool,
+    /// Use a published gzip index even when it was not built in this cache
+    /// and is not signed by a trusted key (it is still checked as it is read).
+    #[arg(long, conflicts_with = "no_index")]
+    pub trust_index: bool,
     #[command(flatten)]
     pub registry: RegistryOpts,
     #[command(flatten)]

@@ -12,17 +12,30 @@
 //!   tar entries and its checkpoints (every ~4 MiB of tar, each with its
 //!   32 KiB window, deflated, and the sha256 of the compressed span).
 //!
-//! Trust: anyone who can push to the repository can push an index, so it is
-//! a hint that must never cause a wrong byte. It is used only for the exact
-//! layer digests it names (and sizes); each span's compressed bytes are
-//! checked against its hash before it is decoded; before a file's bytes are
-//! served, the tar header in front of them (from verified spans) must
-//! describe that file, so a forged offset cannot redirect a read; and when
-//! the layer is later fetched whole, the index is compared with the real one
-//! and dropped on any difference. What an index cannot be checked for
-//! without the whole layer is its list of entries: a forged index can hide
-//! or invent entries until the layer is fetched whole. `--no-index` turns
+//! Trust: anyone who can push to the repository can push an index, and
+//! what an index says cannot be fully checked until the whole layer is
+//! held: its entry list (a hidden file, an omitted whiteout) and its 32 KiB
+//! checkpoint windows (which change inflated bytes while the compressed
+//! ones hash right). So a published index is used only when trusted: built
+//! in this cache ([`Cache::note_local_index`]), signed by a key the policy
+//! trusts ([`ImageSource::published_index_signed`]), or vouched for by the
+//! user (`--trust-index`). An untrusted one is ignored and the layer read
+//! whole.
+//!
+//! Even a trusted index is checked as far as it can be: it is used only for
+//! the exact layer digest and size it names; its decoded size is bounded by
+//! the layer's, its entries and checkpoints are capped; indexes with sparse
+//! files, hardlinks or file names a tar header cannot hold alone are
+//! refused (their headers cannot be checked from one block); each span's
+//! compressed bytes are checked against its hash before it is decoded;
+//! before a file's bytes are served, the tar header in front of them must
+//! describe that file (name, size, mode); once every span is held the tar
+//! must hash to the layer's diff_id; and when the layer is fetched whole or
+//! prefetched, the index is compared with the real one. Any mismatch
+//! distrusts the index and drops every byte it decoded. `--no-index` turns
 //! all of this off.
+//!
+//! [`Cache::note_local_index`]: crate::cache::Cache::note_local_index
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -32,15 +45,23 @@ use serde::{Deserialize, Serialize};
 use crate::cache::ranged::{BoxError, SpanLoc, SpanMap, VerifiedRead};
 use crate::digest::Digest;
 use crate::layer::zran::{self, ZranIndex};
-use crate::layer::{EntryKind, LayerIndex};
+use crate::layer::{Entry, EntryKind, LayerIndex};
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.rimg.gzip-index.v1";
 pub const BLOB_TYPE: &str = "application/vnd.rimg.gzip-index.layer.v1+zstd";
 pub const LAYER_ANNOTATION: &str = "dev.rimg.layer.digest";
 /// A published layer index larger than this is not fetched.
 pub const BLOB_MAX: u64 = 256 << 20;
-/// Decoded, an index may be at most this large.
-const DECODED_MAX: u64 = 1 << 30;
+/// Decoded, an index may be at most this large, and at most
+/// [`DECODED_PER_BLOB_BYTE`] times its layer's blob plus [`DECODED_SLACK`]
+/// (an honest index is a few percent of its layer).
+const DECODED_MAX: u64 = 256 << 20;
+const DECODED_PER_BLOB_BYTE: u64 = 2;
+const DECODED_SLACK: u64 = 1 << 20;
+/// Entries an index may list: as many as a table of contents.
+pub const ENTRIES_MAX: usize = crate::layer::toc::ENTRIES_MAX;
+/// The longest file name a tar header holds without an extension header.
+const HEADER_NAME_MAX: usize = 100;
 const FORMAT: u32 = 1;
 
 /// One layer's published index.
@@ -50,8 +71,23 @@ pub struct LayerGzIndex {
     /// The layer blob's digest and size this index is of.
     pub layer: Digest,
     pub blob_size: u64,
+    #[serde(deserialize_with = "bounded_entries")]
     pub entries: LayerIndex,
     pub zran: ZranIndex,
+}
+
+/// A [`LayerIndex`] of at most [`ENTRIES_MAX`] entries, refused from its
+/// announced count before anything is allocated.
+fn bounded_entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<LayerIndex, D::Error> {
+    #[derive(Deserialize)]
+    struct Bounded {
+        #[serde(deserialize_with = "entries")]
+        entries: Vec<Entry>,
+    }
+    fn entries<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<Entry>, D::Error> {
+        d.deserialize_seq(zran::BoundedSeq::<Entry>::new(ENTRIES_MAX, "entries"))
+    }
+    Bounded::deserialize(d).map(|b| LayerIndex { entries: b.entries })
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +102,30 @@ pub enum GzIndexError {
     Layout { at: u64 },
     #[error("the published index's checkpoints are malformed")]
     Zran(#[source] zran::ZranError),
+    #[error(
+        "the published index decodes to more than {limit} bytes, over the bound for a {blob}-byte layer"
+    )]
+    TooLarge { limit: u64, blob: u64 },
+    #[error(
+        "the published index lists {path}, {why}: its tar header cannot be checked from one block, so the index is not used"
+    )]
+    Unchecked { path: String, why: &'static str },
+}
+
+/// Why an entry's tar header could not be checked before its bytes are
+/// served, if so: such an index is refused whole.
+fn unchecked(e: &Entry) -> Option<&'static str> {
+    if e.sparse.is_some() {
+        return Some("a sparse file");
+    }
+    if e.kind == EntryKind::Hardlink {
+        return Some("a hardlink");
+    }
+    let data = e.kind == EntryKind::File && e.size > 0;
+    if data && (e.path.len() > HEADER_NAME_MAX || !e.path.is_ascii()) {
+        return Some("a name that needs a long-name or PAX header");
+    }
+    None
 }
 
 impl LayerGzIndex {
@@ -77,12 +137,19 @@ impl LayerGzIndex {
     /// Decodes a published index of the layer `digest` of `size` bytes,
     /// checking it names exactly that layer and has well-formed spans.
     pub fn decode(bytes: &[u8], digest: &str, size: u64) -> Result<LayerGzIndex, GzIndexError> {
+        let limit = size
+            .saturating_mul(DECODED_PER_BLOB_BYTE)
+            .saturating_add(DECODED_SLACK)
+            .min(DECODED_MAX);
         let mut plain = Vec::new();
         zstd::stream::read::Decoder::new(bytes)
             .map_err(|e| GzIndexError::Decode(e.into()))?
-            .take(DECODED_MAX)
+            .take(limit + 1)
             .read_to_end(&mut plain)
             .map_err(|e| GzIndexError::Decode(e.into()))?;
+        if plain.len() as u64 > limit {
+            return Err(GzIndexError::TooLarge { limit, blob: size });
+        }
         let ix: LayerGzIndex =
             postcard::from_bytes(&plain).map_err(|e| GzIndexError::Decode(e.into()))?;
         if ix.format != FORMAT {
@@ -92,6 +159,17 @@ impl LayerGzIndex {
             return Err(GzIndexError::OtherLayer { found: ix.layer });
         }
         ix.zran.validate().map_err(GzIndexError::Zran)?;
+        if let Some((e, why)) = ix
+            .entries
+            .entries
+            .iter()
+            .find_map(|e| unchecked(e).map(|why| (e, why)))
+        {
+            return Err(GzIndexError::Unchecked {
+                path: crate::names::escaped(&e.path).to_string(),
+                why,
+            });
+        }
         // In a real tar every file's data has its own place after its
         // header; overlapping data would let one file's check vouch for
         // another's bytes.
@@ -129,28 +207,43 @@ impl LayerGzIndex {
 /// its tar header must say.
 #[derive(Serialize, Deserialize)]
 pub(super) struct GzMeta {
+    /// [`META_MAGIC`]: metadata an older rimg wrote is made again.
+    magic: [u8; 8],
+    /// The published index blob it was made from: a kept range cache is
+    /// used only while that index is the one published (and trusted).
+    pub(super) source: String,
     layer: Digest,
     zran: ZranIndex,
-    /// Sorted by offset: (data offset, size, path) of every regular file
-    /// with data.
-    files: Vec<(u64, u64, Vec<u8>)>,
+    /// Sorted by offset: (data offset, size, mode, path) of every regular
+    /// file with data.
+    files: Vec<(u64, u64, u32, Vec<u8>)>,
 }
 
+const META_MAGIC: [u8; 8] = *b"rimgGz02";
+
 impl GzMeta {
-    pub(super) fn new(ix: &LayerGzIndex) -> GzMeta {
-        let mut files: Vec<(u64, u64, Vec<u8>)> = ix
+    pub(super) fn new(ix: &LayerGzIndex, source: &str) -> GzMeta {
+        let mut files: Vec<(u64, u64, u32, Vec<u8>)> = ix
             .entries
             .entries
             .iter()
             .filter(|e| e.kind == EntryKind::File && e.size > 0 && e.sparse.is_none())
-            .map(|e| (e.offset, e.size, e.path.clone()))
+            .map(|e| (e.offset, e.size, e.mode, e.path.clone()))
             .collect();
         files.sort();
         GzMeta {
+            magic: META_MAGIC,
+            source: source.to_string(),
             layer: ix.layer.clone(),
             zran: ix.zran.clone(),
             files,
         }
+    }
+
+    /// Reads metadata this rimg wrote from the index blob `source`.
+    pub(super) fn read(bytes: &[u8], source: &str) -> Option<GzMeta> {
+        let m: GzMeta = postcard::from_bytes(bytes).ok()?;
+        (m.magic == META_MAGIC && m.source == source).then_some(m)
     }
 }
 
@@ -222,7 +315,7 @@ impl SpanMap for GzSpans {
         let Some(k) = files.partition_point(|f| f.0 <= offset).checked_sub(1) else {
             return Ok(());
         };
-        let (at, size, path) = &files[k];
+        let (at, size, mode, path) = &files[k];
         if offset >= at + size {
             return Ok(());
         }
@@ -243,7 +336,7 @@ impl SpanMap for GzSpans {
             .ok_or_else(|| forged("no room for a header".into()))?;
         let mut block = [0u8; 512];
         read(header_at, &mut block)?;
-        check_header(&block, *size, path).map_err(forged)?;
+        check_header(&block, *size, *mode, path).map_err(forged)?;
         let mut c = self.checked.lock().unwrap_or_else(|e| e.into_inner());
         c[k / 64] |= 1 << (k % 64);
         Ok(())
@@ -251,10 +344,10 @@ impl SpanMap for GzSpans {
 }
 
 /// Whether the tar header block in front of a file's data describes it:
-/// a valid checksum, a regular file, its size, and its name where the
-/// header holds the whole name (longer names come from extension headers
-/// further back).
-fn check_header(block: &[u8; 512], size: u64, path: &[u8]) -> Result<(), String> {
+/// a valid checksum, a regular file, its size, its mode and its whole name
+/// (an index whose file names need extension headers is refused when
+/// decoded, so the header alone must hold the name).
+fn check_header(block: &[u8; 512], size: u64, mode: u32, path: &[u8]) -> Result<(), String> {
     let h = tar::Header::from_byte_slice(block);
     let stored = h.cksum().map_err(|_| "no checksum".to_string())?;
     let sum: u32 = block
@@ -281,20 +374,36 @@ fn check_header(block: &[u8; 512], size: u64, path: &[u8]) -> Result<(), String>
     if field != size && size < 0o77777777777 {
         return Err(format!("size {field}, the index says {size}"));
     }
-    // Longer and non-ASCII names may live in extension headers further
-    // back, with a truncated or sanitised name here.
     let name = crate::layer::normalize(&h.path_bytes());
-    if name != path && path.len() < 100 && path.is_ascii() {
+    if name != path {
         return Err(format!("name {}", crate::names::escaped(&name)));
+    }
+    // No extension header can change a mode.
+    let stored = h.mode().map_err(|_| "unreadable mode".to_string())? & 0o7777;
+    if stored != mode {
+        return Err(format!("mode {stored:04o}, the index says {mode:04o}"));
     }
     Ok(())
 }
 
-/// Index of published layer indexes by layer digest: the blob descriptors
-/// of the newest rimg index artifact that refers to the image.
-pub(super) type Published = HashMap<String, oci_spec::image::Descriptor>;
+/// The newest rimg index artifact that refers to the image: its manifest's
+/// digest (what a signature would cover) and its blob descriptors by layer
+/// digest.
+#[derive(Default)]
+pub(super) struct Published {
+    pub(super) artifact: String,
+    pub(super) blobs: HashMap<String, oci_spec::image::Descriptor>,
+}
 
-pub(super) fn published_from(manifest: &oci_spec::image::ImageManifest) -> Published {
+impl Published {
+    pub(super) fn get(&self, layer: &str) -> Option<&oci_spec::image::Descriptor> {
+        self.blobs.get(layer)
+    }
+}
+
+pub(super) fn published_from(
+    manifest: &oci_spec::image::ImageManifest,
+) -> HashMap<String, oci_spec::image::Descriptor> {
     let mut out = HashMap::new();
     for l in manifest.layers() {
         if l.media_type().to_string() != BLOB_TYPE {
@@ -373,6 +482,16 @@ impl super::ImageSource {
                 })?
                 .map_err(|e| self.ranged_error(i, e))?;
             if let Some(ix) = built {
+                // Built here from the verified layer: this cache trusts it
+                // when it is published (the encoding is deterministic).
+                let bytes = ix
+                    .encode()
+                    .map_err(|e| self.ranged_error(i, super::RangedOpenError::Index(e)))?;
+                self.cache.note_local_index(
+                    &ix.layer,
+                    super::ranged::GZ_INDEX,
+                    Digest::of_bytes(&bytes).as_ref(),
+                );
                 out.push((i, ix));
             }
         }
@@ -436,13 +555,48 @@ impl super::ImageSource {
             })
     }
 
+    /// Whether the published index artifact `artifact` (a manifest digest)
+    /// is signed by a key the trust policy accepts for this image.
+    ///
+    /// Hook for signature verification (not built yet): until it is wired
+    /// to the trust policy, no published index counts as signed, so only
+    /// indexes built in this cache or vouched for with `--trust-index` are
+    /// used.
+    pub(super) async fn published_index_signed(&self, artifact: &str) -> bool {
+        let _ = artifact;
+        false
+    }
+
+    /// Why the published index blob `blob` of layer `layer` may be used, or
+    /// `None` when it is not trusted (and so must be ignored).
+    pub(super) async fn index_trust(
+        &self,
+        layer: &Digest,
+        blob: &oci_spec::image::Descriptor,
+    ) -> Option<&'static str> {
+        if self.trust_index {
+            return Some("--trust-index");
+        }
+        if self
+            .cache
+            .is_local_index(layer, super::ranged::GZ_INDEX, blob.digest().as_ref())
+        {
+            return Some("built in this cache");
+        }
+        let artifact = self.published().await.artifact.clone();
+        if self.published_index_signed(&artifact).await {
+            return Some("signed by a trusted key");
+        }
+        None
+    }
+
     /// The newest published index artifact of the image, by layer digest;
     /// empty when there is none or it cannot be had (an index is a hint).
     pub(super) async fn published(&self) -> &Published {
         self.published
             .get_or_init(|| async {
                 let super::Blobs::Registry(client) = &self.blobs else {
-                    return Published::new();
+                    return Published::default();
                 };
                 match self.find_published(client).await {
                     Ok(p) => p,
@@ -452,7 +606,7 @@ impl super::ImageSource {
                             self.image.reference,
                             crate::report::Chain(&e)
                         );
-                        Published::new()
+                        Published::default()
                     }
                 }
             })
@@ -471,7 +625,7 @@ impl super::ImageSource {
             )
             .await?;
         let Some(newest) = found.last() else {
-            return Ok(Published::new());
+            return Ok(Published::default());
         };
         let digest = newest.digest().to_string();
         let raw = client
@@ -485,13 +639,16 @@ impl super::ImageSource {
                     detail: e.to_string(),
                 }
             })?;
-        let p = published_from(&manifest);
+        let blobs = published_from(&manifest);
         tracing::info!(
             "{}: published gzip index {digest} covers {} layers",
             self.image.reference,
-            p.len()
+            blobs.len()
         );
-        Ok(p)
+        Ok(Published {
+            artifact: digest,
+            blobs,
+        })
     }
 }
 
@@ -521,16 +678,19 @@ mod tests {
         let tar = tar_of(&[("etc/a", b"aaaa"), ("etc/b", b"bbbbbbbb")]);
         let idx = crate::layer::index_tar(&tar[..], "sha256:t").unwrap();
         let (a, b) = (&idx.entries[0], &idx.entries[1]);
-        assert!(check_header(&header_before(&tar, a.offset), a.size, &a.path).is_ok());
+        assert!(check_header(&header_before(&tar, a.offset), a.size, a.mode, &a.path).is_ok());
         // A forged index pointing b's name at a's bytes: name and size differ.
-        let e = check_header(&header_before(&tar, a.offset), b.size, &b.path).unwrap_err();
+        let e = check_header(&header_before(&tar, a.offset), b.size, b.mode, &b.path).unwrap_err();
         assert!(e.contains("size"), "{e}");
-        let e = check_header(&header_before(&tar, a.offset), a.size, b"etc/b").unwrap_err();
+        let e = check_header(&header_before(&tar, a.offset), a.size, a.mode, b"etc/b").unwrap_err();
         assert!(e.contains("name"), "{e}");
         // An offset into the middle of data: no valid header there.
         let mut junk = [b'x'; 512];
         junk[0] = b'e';
-        assert!(check_header(&junk, a.size, &a.path).is_err());
+        assert!(check_header(&junk, a.size, a.mode, &a.path).is_err());
+        // A forged mode (a setuid bit the tar does not have).
+        let e = check_header(&header_before(&tar, a.offset), a.size, 0o4755, &a.path).unwrap_err();
+        assert!(e.contains("mode"), "{e}");
     }
 
     #[test]

@@ -52,8 +52,10 @@ pub enum RangedOpenError {
     NoTarSplit,
     #[error(transparent)]
     TarSplit(#[from] toc::tarsplit::TarSplitError),
-    #[error("split view: its table of contents and its tar-split differ: {difference} (TOC first)")]
+    #[error("split view: its table of contents {difference} (as its tar-split records it)")]
     SplitView { difference: String },
+    #[error("its saved span map is of another index")]
+    StaleMeta,
 }
 
 /// Fetches ranges of one blob from its registry, blocking the calling
@@ -277,10 +279,26 @@ impl ImageSource {
                 if !kept && self.cache.blob_path(&desc.digest).is_some() {
                     return Ok(None);
                 }
-                match self.published().await.get(&*desc.digest) {
-                    Some(d) => Some(Plan::Published(Box::new(d.clone()))),
-                    None if kept => return Ok(None),
-                    None => None,
+                let Some(d) = self.published().await.get(&desc.digest).cloned() else {
+                    return Ok(None);
+                };
+                match self.index_trust(&desc.digest, &d).await {
+                    Some(why) => {
+                        tracing::info!(
+                            "layer {}: published gzip index {} is trusted ({why})",
+                            desc.digest,
+                            d.digest()
+                        );
+                        Some(Plan::Published(Box::new(d)))
+                    }
+                    None => {
+                        tracing::info!(
+                            "layer {}: published gzip index {} ignored: it was not built in this cache, is not signed by a trusted key, and --trust-index was not given; the layer is read whole",
+                            desc.digest,
+                            d.digest()
+                        );
+                        return Ok(None);
+                    }
                 }
             }
             None => None,
@@ -347,7 +365,9 @@ impl ImageSource {
                 toc_spans,
                 source,
             ),
-            Plan::Published(blob) => cache.open_ranged::<RangedOpenError>(
+            Plan::Published(blob) => {
+                let source_digest = blob.digest().to_string();
+                cache.open_ranged::<RangedOpenError>(
                 &d,
                 &image_ref,
                 GZ_INDEX,
@@ -359,15 +379,18 @@ impl ImageSource {
                         ix.entries.entries.len(),
                         ix.zran.spans.len()
                     );
-                    let meta = postcard::to_stdvec(&GzMeta::new(&ix)).map_err(RangedOpenError::Meta)?;
+                    let meta = postcard::to_stdvec(&GzMeta::new(&ix, &source_digest))
+                        .map_err(RangedOpenError::Meta)?;
                     Ok((ix.entries, meta))
                 },
-                |meta| {
-                    let m: GzMeta = postcard::from_bytes(meta).map_err(RangedOpenError::Meta)?;
-                    Ok(Box::new(GzSpans::new(m)) as Box<dyn SpanMap>)
+                |meta| match GzMeta::read(meta, &source_digest) {
+                    Some(m) => Ok(Box::new(GzSpans::new(m)) as Box<dyn SpanMap>),
+                    // Made by an older rimg or from another index: made again.
+                    None => Err(RangedOpenError::StaleMeta),
                 },
                 source,
-            ),
+            )
+            }
         })
         .await
         .map_err(|source| ImageError::Worker {
@@ -382,6 +405,16 @@ impl ImageSource {
                 let e = self.ranged_error(index, e);
                 tracing::error!("{}; the layer is fetched whole", crate::report::Chain(&e));
                 self.cache.distrust(&desc.digest, TARSPLIT);
+                Ok(None)
+            }
+            // A registry that answers Range with the whole blob: the layer
+            // is read whole, as it would be without an index or TOC.
+            Err(RangedOpenError::Fetch(e)) if e.is_range_ignored() => {
+                tracing::warn!(
+                    "layer {}: {}; the layer is fetched whole",
+                    desc.digest,
+                    crate::report::Chain(&e)
+                );
                 Ok(None)
             }
             // A table that cannot say what the tar says (names Go's JSON
@@ -449,9 +482,35 @@ impl ImageSource {
 }
 
 /// Fetches a published gzip index blob, checks its digest, and decodes it
-/// for this exact layer.
+/// for this exact layer (after one small range of the layer: a registry
+/// that ignores Range is found now, and the layer read whole, not failed
+/// read by read).
 fn fetch_gz_index(
     source: &RegistryRange,
+    desc: &LayerDesc,
+    blob: &oci_spec::image::Descriptor,
+) -> Result<LayerGzIndex, RangedOpenError> {
+    source
+        .handle
+        .block_on(
+            source
+                .client
+                .blob_range(&source.reference, desc, 0, desc.size.min(2)),
+        )
+        .map_err(RangedOpenError::Fetch)?;
+    source.handle.block_on(fetch_index_blob(
+        &source.client,
+        &source.reference,
+        desc,
+        blob,
+    ))
+}
+
+/// Fetches the published gzip index blob `blob` of layer `desc`, checks
+/// its digest and bound, and decodes it for exactly that layer.
+pub(super) async fn fetch_index_blob(
+    client: &Client,
+    reference: &Reference,
     desc: &LayerDesc,
     blob: &oci_spec::image::Descriptor,
 ) -> Result<LayerGzIndex, RangedOpenError> {
@@ -473,13 +532,9 @@ fn fetch_gz_index(
             diff_id: None,
             annotations: Default::default(),
         };
-    let bytes = source
-        .handle
-        .block_on(
-            source
-                .client
-                .blob_range(&source.reference, &blob_desc, 0, len),
-        )
+    let bytes = client
+        .blob_range(reference, &blob_desc, 0, len)
+        .await
         .map_err(RangedOpenError::Fetch)?;
     use sha2::Digest as _;
     let actual = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&bytes)));

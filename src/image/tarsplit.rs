@@ -48,7 +48,7 @@ pub(super) fn proved_toc(
         .map_err(RangedOpenError::Fetch)?;
     let mut items = tarsplit::open(&bytes, &pin, &desc.digest)?;
     let split = tarsplit::index_tar_split(&mut items, &desc.digest)?;
-    if let Some(d) = first_difference(&t.index, &split.index) {
+    if let Some(d) = first_difference(&t.index, &split.index, false) {
         return Err(RangedOpenError::SplitView {
             difference: d.to_string(),
         });

@@ -13,36 +13,55 @@ use std::fmt;
 use super::{Entry, EntryKind, LayerIndex};
 use crate::names::escaped;
 
-/// The first difference between two indexes of one layer; its `Display`
-/// says where, what, and both values ("etc/shadow: mode 0644 against
-/// 0640"), with `a`'s value first.
+/// The first way an index that claims to describe a layer (a table of
+/// contents, a tar-split, a published index) differs from the index of the
+/// layer's own tar stream: the entry, the field and both values. Its
+/// `Display` reads after "layer N's TOC": "lists etc/shadow mode 0644, its
+/// tar stream has 0640".
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IndexDifference {
+pub struct Difference {
     /// Position in tar order of the first entry that differs.
-    pub position: usize,
-    /// The entry's path in `a` (or in `b` when `a` has no entry there).
+    pub entry: usize,
+    /// The entry's path in the claiming index (or in the stream when the
+    /// claiming index has no entry there).
     pub path: String,
     /// What differs: "entry", "path", "kind", "mode", "uid", "gid",
-    /// "size", "mtime", "link", "rdev", "xattrs", "sparse".
+    /// "size", "mtime", "link", "rdev", "xattrs", "sparse", "data offset".
     pub field: &'static str,
-    /// The value in `a`, and in `b`.
-    pub a: String,
-    pub b: String,
+    /// As the claiming index has it ("nothing" when it has no such entry).
+    pub claimed: String,
+    /// As the tar stream has it ("nothing" when it has no such entry).
+    pub real: String,
 }
 
-impl fmt::Display for IndexDifference {
+impl fmt::Display for Difference {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self.field {
-            "entry" => write!(f, "entry {}: {} against {}", self.position, self.a, self.b),
+            "entry" if self.real == NOTHING => write!(
+                f,
+                "lists {} (entry {}), its tar stream does not",
+                self.claimed, self.entry
+            ),
+            "entry" => write!(
+                f,
+                "does not list {} (entry {}), its tar stream has it",
+                self.real, self.entry
+            ),
             "path" => write!(
                 f,
-                "entry {} is {} against {}",
-                self.position, self.a, self.b
+                "lists {} as entry {}, its tar stream has {} there",
+                self.claimed, self.entry, self.real
             ),
-            field => write!(f, "{}: {field} {} against {}", self.path, self.a, self.b),
+            field => write!(
+                f,
+                "lists {} {field} {}, its tar stream has {}",
+                self.path, self.claimed, self.real
+            ),
         }
     }
 }
+
+const NOTHING: &str = "nothing";
 
 fn kind_name(k: EntryKind) -> &'static str {
     match k {
@@ -78,39 +97,46 @@ fn xattrs(x: &[(String, Vec<u8>)]) -> String {
         .join(",")
 }
 
-/// The first entry where `a` and `b` differ in anything a reader sees
-/// (see the module doc), or `None` when they agree entry for entry.
-pub fn first_difference(a: &LayerIndex, b: &LayerIndex) -> Option<IndexDifference> {
-    let n = a.entries.len().max(b.entries.len());
+/// The first entry where `claimed` and `real` (the index of the tar stream
+/// itself) differ in anything a reader sees (see the module doc), in stream
+/// order (order decides which of two duplicates wins and what a whiteout
+/// removes), or `None` when they agree entry for entry. Where file bytes sit
+/// is compared only with `offsets` (both indexes address the same tar).
+pub fn first_difference(
+    claimed: &LayerIndex,
+    real: &LayerIndex,
+    offsets: bool,
+) -> Option<Difference> {
+    let n = claimed.entries.len().max(real.entries.len());
     for i in 0..n {
-        let (x, y) = match (a.entries.get(i), b.entries.get(i)) {
+        let (x, y) = match (claimed.entries.get(i), real.entries.get(i)) {
             (Some(x), Some(y)) => (x, y),
             (x, y) => {
                 let e = x.or(y).expect("one side has entry i");
-                return Some(IndexDifference {
-                    position: i,
+                return Some(Difference {
+                    entry: i,
                     path: escaped(&e.path).to_string(),
                     field: "entry",
-                    a: x.map_or_else(|| "nothing".into(), describe),
-                    b: y.map_or_else(|| "nothing".into(), describe),
+                    claimed: x.map_or_else(|| NOTHING.into(), describe),
+                    real: y.map_or_else(|| NOTHING.into(), describe),
                 });
             }
         };
-        if let Some(d) = entry_difference(x, y) {
-            return Some(IndexDifference { position: i, ..d });
+        if let Some(d) = entry_difference(x, y, offsets) {
+            return Some(Difference { entry: i, ..d });
         }
     }
     None
 }
 
-fn entry_difference(x: &Entry, y: &Entry) -> Option<IndexDifference> {
+fn entry_difference(x: &Entry, y: &Entry, offsets: bool) -> Option<Difference> {
     let diff = |field: &'static str, a: String, b: String| {
-        Some(IndexDifference {
-            position: 0,
+        Some(Difference {
+            entry: 0,
             path: escaped(&x.path).to_string(),
             field,
-            a,
-            b,
+            claimed: a,
+            real: b,
         })
     };
     if x.path != y.path {
@@ -159,6 +185,12 @@ fn entry_difference(x: &Entry, y: &Entry) -> Option<IndexDifference> {
         let s = |v: Option<String>| v.unwrap_or_else(|| "not sparse".into());
         return diff("sparse", s(layout(x)), s(layout(y)));
     }
+    if offsets {
+        let stored = |e: &Entry| e.sparse.as_ref().map(|s| s.iter().map(|g| g.stored).collect::<Vec<_>>());
+        if x.offset != y.offset || stored(x) != stored(y) {
+            return diff("data offset", x.offset.to_string(), y.offset.to_string());
+        }
+    }
     None
 }
 
@@ -176,7 +208,8 @@ mod tests {
         a.offset = 512;
         let mut b = a.clone();
         b.offset = 0;
-        assert_eq!(first_difference(&index(vec![a]), &index(vec![b])), None);
+        assert_eq!(first_difference(&index(vec![a.clone()]), &index(vec![b.clone()]), false), None);
+        assert_eq!(first_difference(&index(vec![a]), &index(vec![b]), true).unwrap().field, "data offset");
     }
 
     #[test]
@@ -189,19 +222,19 @@ mod tests {
             mode: 0o640,
             ..a.clone()
         };
-        let d = first_difference(&index(vec![a]), &index(vec![b])).unwrap();
-        assert_eq!(d.to_string(), "etc/shadow: mode 0644 against 0640");
+        let d = first_difference(&index(vec![a]), &index(vec![b]), false).unwrap();
+        assert_eq!(d.to_string(), "lists etc/shadow mode 0644, its tar stream has 0640");
     }
 
     #[test]
     fn a_missing_entry_is_the_first_difference_and_says_what_is_missing() {
         let dir = Entry::new(b"etc", EntryKind::Dir);
         let wh = Entry::new(b"etc/.wh.secret", EntryKind::File);
-        let d = first_difference(&index(vec![dir.clone()]), &index(vec![dir, wh])).unwrap();
-        assert_eq!(d.position, 1);
+        let d = first_difference(&index(vec![dir.clone()]), &index(vec![dir, wh]), false).unwrap();
+        assert_eq!(d.entry, 1);
         assert_eq!(
             d.to_string(),
-            "entry 1: nothing against regular file etc/.wh.secret"
+            "does not list regular file etc/.wh.secret (entry 1), its tar stream has it"
         );
     }
 
@@ -212,12 +245,12 @@ mod tests {
         let mut b = a.clone();
         b.xattrs.reverse();
         assert_eq!(
-            first_difference(&index(vec![a.clone()]), &index(vec![b])),
+            first_difference(&index(vec![a.clone()]), &index(vec![b]), false),
             None
         );
         let mut c = a.clone();
         c.xattrs.push(("security.capability".into(), vec![1]));
-        let d = first_difference(&index(vec![a]), &index(vec![c])).unwrap();
+        let d = first_difference(&index(vec![a]), &index(vec![c]), false).unwrap();
         assert_eq!(d.field, "xattrs");
         let l = |t: &[u8]| Entry {
             link: Some(t.to_vec()),
@@ -226,10 +259,11 @@ mod tests {
         let d = first_difference(
             &index(vec![l(b"/etc/motd")]),
             &index(vec![l(b"/etc/shadow")]),
+            false,
         );
         assert_eq!(
             d.unwrap().to_string(),
-            "x: link /etc/motd against /etc/shadow"
+            "lists x link /etc/motd, its tar stream has /etc/shadow"
         );
     }
 }

@@ -19,7 +19,7 @@ mod index;
 pub mod toc;
 pub mod zran;
 
-pub use compare::{IndexDifference, first_difference};
+pub use compare::{Difference, first_difference};
 use header::*;
 pub use index::*;
 

@@ -93,7 +93,59 @@ pub struct ZSpan {
 pub struct ZranIndex {
     pub compressed_size: u64,
     pub uncompressed_size: u64,
+    /// At most [`SPANS_MAX`]: an index may come from anyone, and a count
+    /// is refused before anything is allocated for it.
+    #[serde(deserialize_with = "bounded_spans")]
     pub spans: Vec<ZSpan>,
+}
+
+/// Checkpoints an index may have: 4 TiB of tar at the default spacing.
+pub const SPANS_MAX: usize = 1 << 20;
+
+fn bounded_spans<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<ZSpan>, D::Error> {
+    d.deserialize_seq(BoundedSeq::<ZSpan>::new(SPANS_MAX, "checkpoints"))
+}
+
+/// Deserializes a sequence of at most `max` items, refusing a longer one
+/// from its announced length before allocating, or as items arrive.
+pub struct BoundedSeq<T> {
+    max: usize,
+    what: &'static str,
+    _item: std::marker::PhantomData<T>,
+}
+
+impl<T> BoundedSeq<T> {
+    pub fn new(max: usize, what: &'static str) -> Self {
+        BoundedSeq {
+            max,
+            what,
+            _item: std::marker::PhantomData,
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for BoundedSeq<T> {
+    type Value = Vec<T>;
+    fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "at most {} {}", self.max, self.what)
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Vec<T>, A::Error> {
+        let too_many = || {
+            <A::Error as serde::de::Error>::custom(format!("more than {} {}", self.max, self.what))
+        };
+        let hint = seq.size_hint().unwrap_or(0);
+        if hint > self.max {
+            return Err(too_many());
+        }
+        let mut out = Vec::with_capacity(hint.min(4096));
+        while let Some(x) = seq.next_element()? {
+            if out.len() == self.max {
+                return Err(too_many());
+            }
+            out.push(x);
+        }
+        Ok(out)
+    }
 }
 
 impl ZranIndex {

@@ -58,6 +58,13 @@ pub enum RegistryError {
         expected: String,
         actual: String,
     },
+    /// A server that answers a Range request with HTTP 200 and the whole
+    /// blob, too large to slice: whoever wanted a range reads the blob whole.
+    #[error(
+        "{what}: the registry ignores Range requests (it answered HTTP 200 with the whole blob, {size} bytes; only blobs up to {} bytes are read whole)",
+        super::range::WHOLE_BLOB_FALLBACK_MAX
+    )]
+    RangeIgnored { what: String, size: String },
     #[error("{what}: invalid {kind}: {detail}")]
     Invalid {
         what: String,
@@ -98,6 +105,16 @@ pub enum RegistryError {
 
 impl RegistryError {
     /// Errors worth another try: the network, or a server having a bad moment.
+    /// Whether the server ignores Range requests (see
+    /// [`RegistryError::RangeIgnored`]), however the error was wrapped.
+    pub fn is_range_ignored(&self) -> bool {
+        match self {
+            RegistryError::RangeIgnored { .. } => true,
+            RegistryError::ForeignLayer { error, .. } => error.is_range_ignored(),
+            _ => false,
+        }
+    }
+
     pub fn is_transient(&self) -> bool {
         match self {
             RegistryError::Unreachable { .. } => true,

@@ -236,15 +236,13 @@ impl Client {
                 // The server ignored Range. A small blob is read whole (never
                 // more than the fallback bound) and sliced.
                 let whole = resp.content_length().unwrap_or(desc.size);
-                let ignores = || {
-                    invalid(format!(
-                        "the registry ignores Range requests (it answered HTTP 200 with the whole blob, {} bytes; only blobs up to {WHOLE_BLOB_FALLBACK_MAX} bytes are read whole)",
-                        if whole > 0 {
-                            whole.to_string()
-                        } else {
-                            "size unknown".into()
-                        }
-                    ))
+                let ignores = || RegistryError::RangeIgnored {
+                    what: what.to_string(),
+                    size: if whole > 0 {
+                        whole.to_string()
+                    } else {
+                        "size unknown".into()
+                    },
                 };
                 if whole == 0 || whole > WHOLE_BLOB_FALLBACK_MAX {
                     return Err(ignores());

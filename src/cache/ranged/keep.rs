@@ -11,10 +11,11 @@ use crate::digest::Digest;
 
 impl crate::cache::Layer {
     /// For a layer read by range through an index whose addresses are tar
-    /// offsets, once every span is held: indexes the tar the spans make and
-    /// compares it with the index the layer was opened from. On any
-    /// difference the kept index is dropped (the next opening reads the
-    /// layer whole) and the error says so.
+    /// offsets, once every span is held: hashes the tar the spans make
+    /// against the layer's diff_id, then indexes it and compares that with
+    /// the index the layer was opened from. On any difference the kept
+    /// index is distrusted and its range cache dropped (the next opening
+    /// reads the layer whole) and the error names the first difference.
     pub fn audit_index(&self) -> Result<(), crate::cache::CacheError> {
         let crate::cache::Data::Ranged(r) = &self.data else {
             return Ok(());
@@ -22,6 +23,7 @@ impl crate::cache::Layer {
         if !r.map.addresses_are_tar() || !r.complete() {
             return Ok(());
         }
+        r.check_tar()?;
         let tar = crate::cache::Section {
             file: &r.data,
             pos: 0,
@@ -31,12 +33,14 @@ impl crate::cache::Layer {
             std::io::BufReader::with_capacity(1 << 20, tar),
             &self.digest,
         )?;
-        if real == self.index()? {
+        let claimed = self.index()?;
+        let Some(first) = crate::layer::first_difference(&claimed, &real, true) else {
             return Ok(());
-        }
-        distrust(&r.data_path);
+        };
+        r.drop_all();
         Err(crate::cache::CacheError::IndexMismatch {
             digest: self.digest.clone(),
+            first,
         })
     }
 }
@@ -56,9 +60,12 @@ impl crate::cache::Cache {
         match (claimed, layer.index()) {
             (Some(c), Ok(real)) if c == real => {}
             (_, Err(e)) => tracing::warn!("{}", crate::report::Chain(&e)),
-            _ => {
+            (c, Ok(real)) => {
+                let first = c
+                    .and_then(|c| crate::layer::first_difference(&c, &real, true))
+                    .map_or_else(|| "is unreadable".to_string(), |d| d.to_string());
                 tracing::warn!(
-                    "layer {}: the published index kept for it differs from the layer itself; dropped",
+                    "layer {}: the published index kept for it differs from the layer itself (it {first}); dropped",
                     layer.digest
                 );
                 distrust(&idx);
@@ -90,12 +97,12 @@ impl crate::cache::Cache {
             Err(e) => return tracing::warn!("{}", crate::report::Chain(&e)),
         };
         let difference = match &claimed {
-            Some(c) => crate::layer::first_difference(c, &real).map(|d| d.to_string()),
+            Some(c) => crate::layer::first_difference(c, &real, false).map(|d| d.to_string()),
             None => Some("its kept index is unreadable".into()),
         };
         if let Some(d) = difference {
             tracing::error!(
-                "split view: layer {n} ({}): its table of contents and its tar stream differ: {d} (TOC first); its range cache is dropped and the tar stream is shown",
+                "split view: layer {n} ({}): its table of contents {d}; its range cache is dropped and the tar stream is shown",
                 layer.digest
             );
             drop_ranged(&idx);
@@ -214,6 +221,39 @@ impl crate::cache::Cache {
         distrust(&self.ranged_stem(digest.hex(), form).with_extension("idx"));
     }
 
+    /// Records that the index blob `index` (its digest) of layer `digest`
+    /// in `form` was built in this cache from the verified layer, so that,
+    /// once published, it is trusted here.
+    pub fn note_local_index(&self, digest: &Digest, form: Form, index: &str) {
+        if self.is_local_index(digest, form, index) {
+            return;
+        }
+        let path = self.local_index_path(digest, form);
+        let write = || -> io::Result<()> {
+            std::fs::create_dir_all(self.root.join("lazy/sha256"))?;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)?;
+            f.write_all(format!("{index}\n").as_bytes())?;
+            f.sync_data()
+        };
+        if let Err(e) = write() {
+            tracing::warn!("{}: {e}", path.display());
+        }
+    }
+
+    /// Whether the index blob `index` of layer `digest` in `form` was built
+    /// in this cache ([`Self::note_local_index`]).
+    pub fn is_local_index(&self, digest: &Digest, form: Form, index: &str) -> bool {
+        std::fs::read_to_string(self.local_index_path(digest, form))
+            .is_ok_and(|s| s.lines().any(|l| l == index))
+    }
+
+    fn local_index_path(&self, digest: &Digest, form: Form) -> PathBuf {
+        self.ranged_stem(digest.hex(), form).with_extension("local")
+    }
+
     /// Whether the range cache of layer `digest` in `form` is kept.
     pub fn has_ranged(&self, digest: &Digest, form: Form) -> bool {
         self.ranged_stem(digest.hex(), form)
@@ -264,6 +304,10 @@ impl crate::cache::Cache {
         let (header, meta) = match stored {
             Some(found) => found,
             None => {
+                // Spans of whatever index was kept before are not this one's.
+                for ext in ["data", "have"] {
+                    let _ = std::fs::remove_file(stem.with_extension(ext));
+                }
                 let (index, meta) = build()?;
                 let end = index
                     .entries
@@ -306,7 +350,8 @@ impl crate::cache::Cache {
             }
         };
         let spans = map(&meta)?;
-        let reader = Ranged::open(&desc.digest, &stem, spans, source).map_err(CacheError::from)?;
+        let reader = Ranged::open_checked(&desc.digest, &stem, spans, source, desc.diff_id.clone())
+            .map_err(CacheError::from)?;
         // Last use is the index file's mtime, as for whole layers.
         if let Ok(f) = std::fs::File::options().write(true).open(&idx_path) {
             let _ = f.set_modified(std::time::SystemTime::now());

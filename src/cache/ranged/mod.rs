@@ -102,6 +102,22 @@ pub enum RangedError {
     },
     #[error("layer {digest}: another reader failed to fetch span {span}")]
     Abandoned { digest: String, span: usize },
+    /// Every span held, the tar they make is not the layer's diff_id: the
+    /// index lied (a forged window changes inflated bytes while the
+    /// compressed ones hash right). Its range cache is dropped.
+    #[error(
+        "layer {digest}: the tar its index decoded hashes to {actual}, not its diff_id {expected}; the index is distrusted and its range cache dropped"
+    )]
+    TarDigest {
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+    /// An earlier check found the index lying: nothing more is served.
+    #[error(
+        "layer {digest}: its index was found lying; the layer is read whole from the next opening"
+    )]
+    Distrusted { digest: String },
     #[error("range cache {path}")]
     Io {
         path: String,
@@ -130,6 +146,8 @@ const LOG_DELAY: Duration = Duration::from_millis(500);
 
 struct State {
     have: Vec<u64>,
+    /// Spans set in `have`.
+    held: usize,
     inflight: HashSet<usize>,
     /// Written but not yet durable and logged.
     pending: Vec<usize>,
@@ -143,8 +161,11 @@ impl State {
             .is_some_and(|w| w & (1 << (i % 64)) != 0)
     }
     fn set(&mut self, i: usize) {
-        if let Some(w) = self.have.get_mut(i / 64) {
+        if let Some(w) = self.have.get_mut(i / 64)
+            && *w & (1 << (i % 64)) == 0
+        {
             *w |= 1 << (i % 64);
+            self.held += 1;
         }
     }
 }
@@ -162,6 +183,13 @@ pub struct Ranged {
     done: Condvar,
     fetched: AtomicU64,
     end: u64,
+    /// The diff_id the spans must hash to once all are held, for a map
+    /// whose addresses are the tar.
+    tar_digest: Option<String>,
+    /// `Some(ok)` once the whole tar was hashed.
+    tar_checked: Mutex<Option<bool>>,
+    /// Set when the index was found lying: every later read fails.
+    poisoned: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for Ranged {
@@ -188,6 +216,19 @@ impl Ranged {
         map: Box<dyn SpanMap>,
         source: Arc<dyn RangeSource>,
     ) -> Result<Ranged, RangedError> {
+        Self::open_checked(digest, stem, map, source, None)
+    }
+
+    /// As [`Ranged::open`]; for a map whose addresses are the tar, once
+    /// every span is held the tar is hashed and must be `diff_id`, else the
+    /// range cache is dropped and the index distrusted.
+    pub fn open_checked(
+        digest: &str,
+        stem: &Path,
+        map: Box<dyn SpanMap>,
+        source: Arc<dyn RangeSource>,
+        diff_id: Option<String>,
+    ) -> Result<Ranged, RangedError> {
         let data_path = stem.with_extension("data");
         let log_path = stem.with_extension("have");
         // 0600 and never through a symlink, like every file in the cache.
@@ -209,6 +250,7 @@ impl Ranged {
         let count = map.count();
         let mut state = State {
             have: vec![0; count.div_ceil(64)],
+            held: 0,
             inflight: HashSet::new(),
             pending: Vec::new(),
             pending_since: None,
@@ -222,6 +264,7 @@ impl Ranged {
                 state.set(i);
             }
         }
+        let map_is_tar = map.addresses_are_tar();
         let end = (0..count)
             .next_back()
             .map_or(0, |i| map.span(i).start + map.span(i).len);
@@ -237,6 +280,9 @@ impl Ranged {
             done: Condvar::new(),
             fetched: AtomicU64::new(0),
             end,
+            tar_digest: diff_id.filter(|_| map_is_tar),
+            tar_checked: Mutex::new(None),
+            poisoned: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -253,9 +299,76 @@ impl Ranged {
 
     /// Spans held, of all.
     pub fn held(&self) -> (usize, usize) {
-        let s = self.lock();
-        let n = s.have.iter().map(|w| w.count_ones() as usize).sum();
-        (n, self.map.count())
+        (self.lock().held, self.map.count())
+    }
+
+    /// Once every span is held (and only then), hashes the tar they make
+    /// against the layer's diff_id, once; on a mismatch drops every byte
+    /// the index produced and distrusts it. `Ok` while spans are missing
+    /// or when there is nothing to check against.
+    pub fn check_tar(&self) -> Result<(), RangedError> {
+        let Some(expected) = &self.tar_digest else {
+            return Ok(());
+        };
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(RangedError::Distrusted {
+                digest: self.digest.clone(),
+            });
+        }
+        if !self.complete() {
+            return Ok(());
+        }
+        let mut checked = self.tar_checked.lock().unwrap_or_else(|e| e.into_inner());
+        if *checked == Some(true) {
+            return Ok(());
+        }
+        let actual = self.hash_tar()?;
+        if actual == *expected {
+            *checked = Some(true);
+            tracing::info!(
+                "layer {}: every span held; the tar matches its diff_id",
+                self.digest
+            );
+            return Ok(());
+        }
+        *checked = Some(false);
+        self.drop_all();
+        Err(RangedError::TarDigest {
+            digest: self.digest.clone(),
+            expected: expected.clone(),
+            actual,
+        })
+    }
+
+    /// sha256 of the held spans, as the tar they are.
+    fn hash_tar(&self) -> Result<String, RangedError> {
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0;
+        while at < self.end {
+            let n = buf.len().min((self.end - at) as usize);
+            self.data
+                .read_exact_at(&mut buf[..n], at)
+                .map_err(io_err(&self.data_path))?;
+            h.update(&buf[..n]);
+            at += n as u64;
+        }
+        Ok(format!("sha256:{}", hex::encode(h.finalize())))
+    }
+
+    /// The index lied: nothing it said is used again, here or by any later
+    /// opening, and every byte it decoded is deleted.
+    fn drop_all(&self) {
+        self.poisoned.store(true, Ordering::Relaxed);
+        distrust(&self.data_path);
+        for p in [&self.data_path, &self.log_path] {
+            if let Err(e) = std::fs::remove_file(p)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!("{}: {e}", p.display());
+            }
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -281,6 +394,11 @@ impl Ranged {
 
     /// Reads decoded bytes at `offset`, fetching what is missing first.
     pub fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<usize, RangedError> {
+        if self.poisoned.load(Ordering::Relaxed) {
+            return Err(RangedError::Distrusted {
+                digest: self.digest.clone(),
+            });
+        }
         if buf.is_empty() || offset >= self.end {
             return Ok(0);
         }
@@ -305,10 +423,12 @@ impl Ranged {
                 crate::report::Chain(&*e),
                 self.digest
             );
-            distrust(&self.data_path);
+            self.drop_all();
             return Err(RangedError::Span(e));
         }
         self.ensure(first, last, last_byte + 1 + READ_AHEAD)?;
+        // The read that completes the layer proves it first.
+        self.check_tar()?;
         let mut done = 0;
         while done < want {
             match self
@@ -353,7 +473,8 @@ impl Ranged {
             self.ensure(i, j, 0)?;
             i = j + 1;
         }
-        self.flush_log(true)
+        self.flush_log(true)?;
+        self.check_tar()
     }
 
     /// Makes spans `first..=last` held, plus the spans after them that
