@@ -45,3 +45,4 @@ pub mod overlay;
 pub mod reference;
 pub mod registry;
 pub mod report;
+pub mod trust;
