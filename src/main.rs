@@ -80,6 +80,14 @@ struct Global {
     /// still read by range.
     #[arg(long, global = true)]
     no_index: bool,
+    /// Trust policy file (containers-policy.json); default
+    /// $HOME/.config/containers/policy.json, then /etc/containers/policy.json.
+    #[arg(long, global = true, value_name = "FILE")]
+    policy: Option<PathBuf>,
+    /// registries.d directory (use-sigstore-attachments); default
+    /// $HOME/.config/containers/registries.d, then /etc/containers/registries.d.
+    #[arg(long = "registries.d", global = true, value_name = "DIR")]
+    registries_d: Option<PathBuf>,
     /// More logging (-v info, -vv debug); RIMG_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
@@ -94,6 +102,8 @@ enum Command {
         #[arg(long)]
         raw: bool,
     },
+    /// Signatures of an image and whether the trust policy accepts it (exit 1 if not).
+    Verify { reference: String },
     /// List a repository's tags.
     Tags { repository: String },
     /// List the image's merged filesystem.
@@ -251,7 +261,15 @@ enum IndexAction {
     Build { reference: String },
     /// Build the indexes and push them as an artifact referring to the
     /// image, so other machines read its gzip layers by range.
-    Push { reference: String },
+    Push {
+        reference: String,
+        /// Sign the index artifact with this cosign private key (encrypted PEM).
+        #[arg(long, value_name = "KEY")]
+        sign_by_sigstore_private_key: Option<PathBuf>,
+        /// The key's passphrase, first line of FILE (default: $COSIGN_PASSWORD).
+        #[arg(long, value_name = "FILE")]
+        sign_passphrase_file: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -304,10 +322,13 @@ fn main() -> ExitCode {
         allow_foreign_layers: g.allow_foreign_layers,
         whole_layers: g.whole_layers,
         no_index: g.no_index,
+        policy: g.policy,
+        registries_d: g.registries_d,
     };
     let result = match cli.command {
         Command::Inspect { reference, raw } => cli::inspect(&common, &reference, raw),
         Command::Tags { repository } => cli::tags(&common, &repository),
+        Command::Verify { reference } => cli::verify(&common, &reference),
         Command::Ls {
             reference,
             path,
@@ -433,8 +454,20 @@ fn main() -> ExitCode {
             },
         ),
         Command::Index { action } => match action {
-            IndexAction::Build { reference } => cli::index(&common, &reference, false),
-            IndexAction::Push { reference } => cli::index(&common, &reference, true),
+            IndexAction::Build { reference } => cli::index(&common, &reference, false, None),
+            IndexAction::Push {
+                reference,
+                sign_by_sigstore_private_key,
+                sign_passphrase_file,
+            } => {
+                let sign = sign_by_sigstore_private_key
+                    .as_deref()
+                    .map(|key| cli::SignArgs {
+                        key,
+                        passphrase_file: sign_passphrase_file.as_deref(),
+                    });
+                cli::index(&common, &reference, true, sign.as_ref())
+            }
         },
         Command::Cache { action } => match action {
             CacheAction::Ls => cli::cache_ls(&common),

@@ -9,7 +9,7 @@ use super::*;
 
 /// Builds (and with `push`, publishes) the image's gzip indexes, printing
 /// each layer's index size against its blob.
-pub fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
+pub fn index(common: &Common, reference: &str, push: bool, sign: Option<&SignArgs>) -> Result<()> {
     init_logging(common.verbose);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
@@ -50,6 +50,16 @@ pub fn index(common: &Common, reference: &str, push: bool) -> Result<()> {
             source.image.reference,
             source.image.digest
         )?;
+        if let (Some(sign), Some(client)) = (sign, source.registry_client()) {
+            let repo = &source.image.reference;
+            let sig = trust::sign_artifact(&rt, client, repo, &digest, sign)?;
+            writeln!(
+                out,
+                "signed {digest}: {}:{} ({sig})",
+                repo.name(),
+                rimg::trust::cosign::signature_tag(&digest)?
+            )?;
+        }
     }
     Ok(())
 }

@@ -15,6 +15,7 @@ mod index;
 mod inspect;
 mod ls;
 mod mount;
+mod trust;
 
 pub use cache::{cache_clear, cache_ls, cache_prune, cache_verify};
 pub use export::export;
@@ -25,6 +26,7 @@ pub use ls::{cat, ls};
 // Shared by several subcommands (and the tests below).
 use ls::{format_time, shell_quote};
 pub use mount::{mount, mounts, serve, umount};
+pub use trust::{SignArgs, verify};
 
 use rimg::cache::Cache;
 use rimg::digest::Digest;
@@ -59,6 +61,10 @@ pub struct Common {
     pub allow_foreign_layers: bool,
     pub whole_layers: bool,
     pub no_index: bool,
+    /// The containers policy (`--policy`; default search otherwise).
+    pub policy: Option<PathBuf>,
+    /// The registries.d directory (`--registries.d`; default search otherwise).
+    pub registries_d: Option<PathBuf>,
 }
 
 pub struct LsArgs {
@@ -287,12 +293,16 @@ impl Common {
         match local::locate(arg) {
             Location::Local(spec) => {
                 let (image, blobs) = local::open(&spec, self.platform()?.as_ref())?;
+                self.admit_local(&spec, &image)?;
                 Ok((image, blobs.into(), spec.absolute()?.to_string()))
             }
             Location::Registry(r) => {
                 let reference = parse_reference(r)?;
                 let client = self.client_with(creds)?;
                 let image = rt.block_on(resolve(&client, self, &reference))?;
+                // The trust step: before any layer is read. The image is
+                // read from these verified manifest bytes from here on.
+                self.admit(rt, &client, &reference, &image)?;
                 let pinned = image.reference.with_digest(&image.digest).to_string();
                 Ok((image, client.into(), pinned))
             }

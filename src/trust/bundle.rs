@@ -23,13 +23,18 @@ const BUNDLE_MEDIA_TYPE_ALT: &str = "application/vnd.dev.sigstore.bundle+json;ve
 pub const IN_TOTO: &str = "application/vnd.in-toto+json";
 /// The predicate cosign signs images with.
 pub const COSIGN_SIGN_PREDICATE: &str = "https://sigstore.dev/cosign/sign/v1";
-const STATEMENT_TYPES: [&str; 2] = ["https://in-toto.io/Statement/v1", "https://in-toto.io/Statement/v0.1"];
+const STATEMENT_TYPES: [&str; 2] = [
+    "https://in-toto.io/Statement/v1",
+    "https://in-toto.io/Statement/v0.1",
+];
 
 /// Why a bundle does not sign the image with a trusted key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BundleCheck {
     /// Signed by this key, for this digest.
-    Signed { key: usize },
+    Signed {
+        key: usize,
+    },
     /// Not a signature (another predicate, e.g. an SBOM attestation).
     NotASignature(String),
     Malformed(String),
@@ -41,14 +46,21 @@ pub enum BundleCheck {
 
 /// DSSE's pre-authentication encoding.
 pub fn pae(payload_type: &str, payload: &[u8]) -> Vec<u8> {
-    let mut out = format!("DSSEv1 {} {payload_type} {} ", payload_type.len(), payload.len()).into_bytes();
+    let mut out = format!(
+        "DSSEv1 {} {payload_type} {} ",
+        payload_type.len(),
+        payload.len()
+    )
+    .into_bytes();
     out.extend_from_slice(payload);
     out
 }
 
 fn b64(v: &Value, what: &str) -> Result<Vec<u8>, String> {
     let s = v.as_str().ok_or_else(|| format!("{what} is missing"))?;
-    STANDARD.decode(s).map_err(|e| format!("{what} is not base64: {e}"))
+    STANDARD
+        .decode(s)
+        .map_err(|e| format!("{what} is not base64: {e}"))
 }
 
 /// Checks `bundle` against `keys` for the manifest `manifest_bytes`.
@@ -58,9 +70,14 @@ pub fn check(bundle: &[u8], keys: &[PublicKey], manifest_bytes: &[u8]) -> Bundle
     }
 }
 
-fn check_inner(bundle: &[u8], keys: &[PublicKey], manifest_bytes: &[u8]) -> Result<BundleCheck, BundleCheck> {
+fn check_inner(
+    bundle: &[u8],
+    keys: &[PublicKey],
+    manifest_bytes: &[u8],
+) -> Result<BundleCheck, BundleCheck> {
     let bad = |s: String| BundleCheck::Malformed(s);
-    let v: Value = serde_json::from_slice(bundle).map_err(|e| bad(format!("bundle is not JSON: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(bundle).map_err(|e| bad(format!("bundle is not JSON: {e}")))?;
     let mt = v["mediaType"].as_str().unwrap_or_default();
     if mt != BUNDLE_MEDIA_TYPE && mt != BUNDLE_MEDIA_TYPE_ALT {
         return Err(bad(format!("unsupported bundle media type {mt:?}")));
@@ -72,7 +89,8 @@ fn check_inner(bundle: &[u8], keys: &[PublicKey], manifest_bytes: &[u8]) -> Resu
     if material.get("publicKey").is_none() {
         return Err(bad("verificationMaterial has no publicKey".into()));
     }
-    let manifest_hex = crate::digest::Digest::of_bytes(manifest_bytes).to_string()["sha256:".len()..].to_string();
+    let manifest_hex =
+        crate::digest::Digest::of_bytes(manifest_bytes).to_string()["sha256:".len()..].to_string();
     if let Some(ms) = v.get("messageSignature") {
         let digest = b64(&ms["messageDigest"]["digest"], "messageDigest.digest").map_err(bad)?;
         if ms["messageDigest"]["algorithm"].as_str() != Some("SHA2_256") {
@@ -80,7 +98,10 @@ fn check_inner(bundle: &[u8], keys: &[PublicKey], manifest_bytes: &[u8]) -> Resu
         }
         let sig = b64(&ms["signature"], "messageSignature.signature").map_err(bad)?;
         if hex::encode(&digest) != manifest_hex {
-            return Err(BundleCheck::OtherDigest(format!("sha256:{}", hex::encode(&digest))));
+            return Err(BundleCheck::OtherDigest(format!(
+                "sha256:{}",
+                hex::encode(&digest)
+            )));
         }
         return keys
             .iter()
@@ -88,7 +109,9 @@ fn check_inner(bundle: &[u8], keys: &[PublicKey], manifest_bytes: &[u8]) -> Resu
             .map(|key| BundleCheck::Signed { key })
             .ok_or(BundleCheck::UntrustedKey);
     }
-    let env = v.get("dsseEnvelope").ok_or_else(|| bad("neither messageSignature nor dsseEnvelope".into()))?;
+    let env = v
+        .get("dsseEnvelope")
+        .ok_or_else(|| bad("neither messageSignature nor dsseEnvelope".into()))?;
     let payload = b64(&env["payload"], "dsseEnvelope.payload").map_err(bad)?;
     let payload_type = env["payloadType"].as_str().unwrap_or_default();
     let signed = pae(payload_type, &payload);
@@ -100,15 +123,23 @@ fn check_inner(bundle: &[u8], keys: &[PublicKey], manifest_bytes: &[u8]) -> Resu
         .find_map(|sig| keys.iter().position(|k| k.verifies(&signed, &sig)))
         .ok_or(BundleCheck::UntrustedKey)?;
     if payload_type != IN_TOTO {
-        return Err(BundleCheck::NotASignature(format!("payload type {payload_type:?}")));
+        return Err(BundleCheck::NotASignature(format!(
+            "payload type {payload_type:?}"
+        )));
     }
-    let statement: Value = serde_json::from_slice(&payload).map_err(|e| bad(format!("statement is not JSON: {e}")))?;
+    let statement: Value =
+        serde_json::from_slice(&payload).map_err(|e| bad(format!("statement is not JSON: {e}")))?;
     if !STATEMENT_TYPES.contains(&statement["_type"].as_str().unwrap_or_default()) {
-        return Err(bad(format!("not an in-toto statement ({})", statement["_type"])));
+        return Err(bad(format!(
+            "not an in-toto statement ({})",
+            statement["_type"]
+        )));
     }
     let predicate = statement["predicateType"].as_str().unwrap_or_default();
     if predicate != COSIGN_SIGN_PREDICATE {
-        return Err(BundleCheck::NotASignature(format!("predicate {predicate:?}")));
+        return Err(BundleCheck::NotASignature(format!(
+            "predicate {predicate:?}"
+        )));
     }
     let digests: Vec<&str> = statement["subject"]
         .as_array()
@@ -120,7 +151,9 @@ fn check_inner(bundle: &[u8], keys: &[PublicKey], manifest_bytes: &[u8]) -> Resu
         Ok(BundleCheck::Signed { key })
     } else {
         Err(BundleCheck::OtherDigest(
-            digests.first().map_or("no sha256 subject".to_string(), |d| format!("sha256:{d}")),
+            digests
+                .first()
+                .map_or("no sha256 subject".to_string(), |d| format!("sha256:{d}")),
         ))
     }
 }
@@ -128,7 +161,9 @@ fn check_inner(bundle: &[u8], keys: &[PublicKey], manifest_bytes: &[u8]) -> Resu
 /// A bundle as cosign v3 writes for an image: a DSSE envelope over an
 /// in-toto statement naming `manifest_digest`, signed by `key`.
 pub fn dsse_bundle(key: &PrivateKey, manifest_digest: &str) -> Vec<u8> {
-    let (alg, hex) = manifest_digest.split_once(':').unwrap_or(("sha256", manifest_digest));
+    let (alg, hex) = manifest_digest
+        .split_once(':')
+        .unwrap_or(("sha256", manifest_digest));
     let statement = serde_json::to_vec(&json!({
         "_type": STATEMENT_TYPES[0],
         "subject": [{"digest": {alg: hex}}],
@@ -174,11 +209,26 @@ mod tests {
         let keys = [PrivateKey::generate().public(), key.public()];
         let manifest = br#"{"schemaVersion":2}"#;
         let digest = crate::digest::Digest::of_bytes(manifest).to_string();
-        assert_eq!(check(&dsse_bundle(&key, &digest), &keys, manifest), BundleCheck::Signed { key: 1 });
-        assert_eq!(check(&message_bundle(&key, manifest), &keys, manifest), BundleCheck::Signed { key: 1 });
-        assert_eq!(check(&dsse_bundle(&key, &digest), &keys[..1], manifest), BundleCheck::UntrustedKey);
-        assert!(matches!(check(&dsse_bundle(&key, &digest), &keys, b"{}"), BundleCheck::OtherDigest(_)));
-        assert!(matches!(check(&message_bundle(&key, b"{}"), &keys, manifest), BundleCheck::OtherDigest(_)));
+        assert_eq!(
+            check(&dsse_bundle(&key, &digest), &keys, manifest),
+            BundleCheck::Signed { key: 1 }
+        );
+        assert_eq!(
+            check(&message_bundle(&key, manifest), &keys, manifest),
+            BundleCheck::Signed { key: 1 }
+        );
+        assert_eq!(
+            check(&dsse_bundle(&key, &digest), &keys[..1], manifest),
+            BundleCheck::UntrustedKey
+        );
+        assert!(matches!(
+            check(&dsse_bundle(&key, &digest), &keys, b"{}"),
+            BundleCheck::OtherDigest(_)
+        ));
+        assert!(matches!(
+            check(&message_bundle(&key, b"{}"), &keys, manifest),
+            BundleCheck::OtherDigest(_)
+        ));
         let mut tampered: Value = serde_json::from_slice(&dsse_bundle(&key, &digest)).unwrap();
         tampered["dsseEnvelope"]["payloadType"] = json!("application/json");
         let tampered = serde_json::to_vec(&tampered).unwrap();

@@ -53,8 +53,14 @@ pub fn signature_tag(manifest_digest: &str) -> Result<String, TrustError> {
     Ok(format!("{}.sig", d.to_string().replacen(':', "-", 1)))
 }
 
-fn exact<'a>(v: &'a Value, fields: &[&str], what: &str) -> Result<&'a serde_json::Map<String, Value>, String> {
-    let o = v.as_object().ok_or_else(|| format!("{what} is not a JSON object"))?;
+fn exact<'a>(
+    v: &'a Value,
+    fields: &[&str],
+    what: &str,
+) -> Result<&'a serde_json::Map<String, Value>, String> {
+    let o = v
+        .as_object()
+        .ok_or_else(|| format!("{what} is not a JSON object"))?;
     for f in fields {
         if !o.contains_key(*f) {
             return Err(format!("{what}: missing field {f:?}"));
@@ -70,7 +76,8 @@ fn exact<'a>(v: &'a Value, fields: &[&str], what: &str) -> Result<&'a serde_json
 /// `critical` and `optional`; `critical` exactly `type`, `image` and
 /// `identity`; the type cosign's; a valid sha256 digest.
 pub fn parse_payload(bytes: &[u8]) -> Result<Payload, String> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| format!("payload is not JSON: {e}"))?;
+    let v: Value =
+        serde_json::from_slice(bytes).map_err(|e| format!("payload is not JSON: {e}"))?;
     let top = exact(&v, &["critical", "optional"], "payload")?;
     match &top["optional"] {
         Value::Null => {}
@@ -78,7 +85,9 @@ pub fn parse_payload(bytes: &[u8]) -> Result<Payload, String> {
             if o.get("creator").is_some_and(|c| !c.is_string()) {
                 return Err("optional.creator is not a string".into());
             }
-            if o.get("timestamp").is_some_and(|t| !(t.is_i64() || t.is_u64())) {
+            if o.get("timestamp")
+                .is_some_and(|t| !(t.is_i64() || t.is_u64()))
+            {
                 return Err("Field optional.timestamp is not an integer".into());
             }
         }
@@ -88,12 +97,21 @@ pub fn parse_payload(bytes: &[u8]) -> Result<Payload, String> {
     if critical["type"].as_str() != Some(SIGNATURE_TYPE) {
         return Err(format!("Unrecognized signature type {}", critical["type"]));
     }
-    let image = exact(&critical["image"], &["docker-manifest-digest"], "critical.image")?;
+    let image = exact(
+        &critical["image"],
+        &["docker-manifest-digest"],
+        "critical.image",
+    )?;
     let digest = image["docker-manifest-digest"]
         .as_str()
         .ok_or("docker-manifest-digest is not a string")?;
-    Digest::parse(digest).map_err(|e| format!("invalid docker-manifest-digest value {digest:?}: {e}"))?;
-    let identity = exact(&critical["identity"], &["docker-reference"], "critical.identity")?;
+    Digest::parse(digest)
+        .map_err(|e| format!("invalid docker-manifest-digest value {digest:?}: {e}"))?;
+    let identity = exact(
+        &critical["identity"],
+        &["docker-reference"],
+        "critical.identity",
+    )?;
     let reference = identity["docker-reference"]
         .as_str()
         .ok_or("docker-reference is not a string")?;
@@ -120,7 +138,11 @@ pub fn payload_json(docker_reference: &str, manifest_digest: &str) -> Vec<u8> {
 }
 
 /// The `.sig` manifest of `manifest_digest` in `repo`'s repository, if any.
-async fn attachment_manifest(client: &Client, repo: &Reference, manifest_digest: &str) -> Result<Option<(Value, Vec<u8>)>, TrustError> {
+async fn attachment_manifest(
+    client: &Client,
+    repo: &Reference,
+    manifest_digest: &str,
+) -> Result<Option<(Value, Vec<u8>)>, TrustError> {
     let tag = signature_tag(manifest_digest)?;
     let at = Reference {
         tag: Some(tag.clone()),
@@ -130,12 +152,20 @@ async fn attachment_manifest(client: &Client, repo: &Reference, manifest_digest:
     let raw = match client.fetch_manifest(&at).await {
         Ok(m) => m,
         Err(RegistryError::Api { status: 404, .. }) => return Ok(None),
-        Err(e) => return Err(TrustError::Registry { what: format!("{}:{tag}", repo.name()), source: e }),
+        Err(e) => {
+            return Err(TrustError::Registry {
+                what: format!("{}:{tag}", repo.name()),
+                source: e,
+            });
+        }
     };
     if raw.media_type != OCI_MANIFEST {
         return Err(TrustError::Signature {
             what: format!("{}:{tag}", repo.name()),
-            detail: format!("unexpected MIME type for a sigstore attachment manifest: {:?}", raw.media_type),
+            detail: format!(
+                "unexpected MIME type for a sigstore attachment manifest: {:?}",
+                raw.media_type
+            ),
         });
     }
     let v: Value = serde_json::from_slice(&raw.bytes).map_err(|e| TrustError::Signature {
@@ -167,7 +197,11 @@ fn descriptors(v: &Value) -> Vec<(String, String, BTreeMap<String, String>)> {
 }
 
 /// Every attachment of `manifest_digest` (none when there is no `.sig` tag).
-pub async fn fetch_attachments(client: &Client, repo: &Reference, manifest_digest: &str) -> Result<Vec<Attachment>, TrustError> {
+pub async fn fetch_attachments(
+    client: &Client,
+    repo: &Reference,
+    manifest_digest: &str,
+) -> Result<Vec<Attachment>, TrustError> {
     let Some((manifest, _)) = attachment_manifest(client, repo, manifest_digest).await? else {
         return Ok(Vec::new());
     };
@@ -176,7 +210,10 @@ pub async fn fetch_attachments(client: &Client, repo: &Reference, manifest_diges
         let payload = client
             .fetch_blob_bytes(repo, &digest, PAYLOAD_MAX)
             .await
-            .map_err(|e| TrustError::Registry { what: format!("{} signature payload {digest}", repo.name()), source: e })?;
+            .map_err(|e| TrustError::Registry {
+                what: format!("{} signature payload {digest}", repo.name()),
+                source: e,
+            })?;
         out.push(Attachment {
             media_type,
             payload,
@@ -216,9 +253,17 @@ pub async fn push_signature(
 /// `{"architecture":"","os":"","config":{},"rootfs":{...}}` listing each
 /// layer's digest as a diff_id). Any attachment may be pushed, so tests can
 /// write forged ones too.
-pub async fn push_attachment(client: &Client, repo: &Reference, manifest_digest: &str, attachment: Attachment) -> Result<String, TrustError> {
+pub async fn push_attachment(
+    client: &Client,
+    repo: &Reference,
+    manifest_digest: &str,
+    attachment: Attachment,
+) -> Result<String, TrustError> {
     let what = format!("{} signature of {manifest_digest}", repo.name());
-    let reg = |e: RegistryError| TrustError::Registry { what: what.clone(), source: e };
+    let reg = |e: RegistryError| TrustError::Registry {
+        what: what.clone(),
+        source: e,
+    };
     let existing = attachment_manifest(client, repo, manifest_digest).await?;
     let mut layers: Vec<Value> = existing
         .as_ref()
@@ -226,7 +271,8 @@ pub async fn push_attachment(client: &Client, repo: &Reference, manifest_digest:
         .unwrap_or_default();
     let payload = Bytes::from(attachment.payload);
     let digest = client.push_blob(repo, payload.clone()).await.map_err(reg)?;
-    let mut desc = json!({"mediaType": attachment.media_type, "digest": digest, "size": payload.len()});
+    let mut desc =
+        json!({"mediaType": attachment.media_type, "digest": digest, "size": payload.len()});
     if !attachment.annotations.is_empty() {
         desc["annotations"] = json!(attachment.annotations);
     }
@@ -247,7 +293,10 @@ pub async fn push_attachment(client: &Client, repo: &Reference, manifest_digest:
     });
     let bytes = Bytes::from(serde_json::to_vec(&manifest).expect("plain JSON"));
     let tag = signature_tag(manifest_digest)?;
-    let pushed = client.put_manifest(repo, &tag, OCI_MANIFEST, bytes).await.map_err(reg)?;
+    let pushed = client
+        .put_manifest(repo, &tag, OCI_MANIFEST, bytes)
+        .await
+        .map_err(reg)?;
     Ok(pushed.digest)
 }
 
@@ -260,20 +309,31 @@ mod tests {
     #[test]
     fn the_written_payload_parses_back() {
         let p = parse_payload(&payload_json("r.io/a:1", D)).unwrap();
-        assert_eq!(p, Payload { docker_reference: "r.io/a:1".into(), manifest_digest: D.into() });
+        assert_eq!(
+            p,
+            Payload {
+                docker_reference: "r.io/a:1".into(),
+                manifest_digest: D.into()
+            }
+        );
         assert_eq!(signature_tag(D).unwrap(), format!("sha256-{}.sig", &D[7..]));
     }
 
     #[test]
     fn payloads_are_parsed_as_strictly_as_containers_image_does() {
-        let ok = format!(r#"{{"critical":{{"identity":{{"docker-reference":"r.io/a"}},"image":{{"docker-manifest-digest":"{D}"}},"type":"{SIGNATURE_TYPE}"}},"optional":null}}"#);
+        let ok = format!(
+            r#"{{"critical":{{"identity":{{"docker-reference":"r.io/a"}},"image":{{"docker-manifest-digest":"{D}"}},"type":"{SIGNATURE_TYPE}"}},"optional":null}}"#
+        );
         assert!(parse_payload(ok.as_bytes()).is_ok());
         for bad in [
             ok.replace(r#","optional":null"#, ""),
             ok.replace(r#""optional":null"#, r#""optional":null,"x":1"#),
             ok.replace(SIGNATURE_TYPE, "atomic container signature"),
             ok.replace(D, "sha256:12"),
-            ok.replace(r#""docker-reference":"r.io/a""#, r#""docker-reference":"r.io/a","x":"y""#),
+            ok.replace(
+                r#""docker-reference":"r.io/a""#,
+                r#""docker-reference":"r.io/a","x":"y""#,
+            ),
             ok.replace("null", r#"{"timestamp":"soon"}"#),
             "[]".to_string(),
         ] {

@@ -8,11 +8,13 @@
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
-use crypto_secretbox::aead::{Aead, KeyInit};
 use crypto_secretbox::XSalsa20Poly1305;
+use crypto_secretbox::aead::{Aead, KeyInit};
 use p256::ecdsa::signature::{Signer, Verifier};
 use p256::ecdsa::{Signature, SigningKey, VerifyingKey};
-use p256::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use p256::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding,
+};
 use rand_core::{OsRng, RngCore};
 use serde::{Deserialize, Serialize};
 
@@ -40,8 +42,8 @@ impl PublicKey {
             detail,
         };
         let text = std::str::from_utf8(pem).map_err(|_| bad("not a PEM text file".into()))?;
-        let der = pem_block(text, "PUBLIC KEY")
-            .ok_or_else(|| bad("no PUBLIC KEY PEM block".into()))?;
+        let der =
+            pem_block(text, "PUBLIC KEY").ok_or_else(|| bad("no PUBLIC KEY PEM block".into()))?;
         let key = VerifyingKey::from_public_key_der(&der)
             .map_err(|e| bad(format!("not an ECDSA P-256 public key ({e})")))?;
         Ok(PublicKey { key })
@@ -65,10 +67,7 @@ impl PublicKey {
 
     /// A short name for reports: the sha256 of the DER key, 16 hex digits.
     pub fn fingerprint(&self) -> String {
-        let der = self
-            .key
-            .to_public_key_der()
-            .expect("a P-256 point encodes");
+        let der = self.key.to_public_key_der().expect("a P-256 point encodes");
         let d = crate::digest::Digest::of_bytes(der.as_bytes()).to_string();
         format!("sha256:{}", &d["sha256:".len().."sha256:".len() + 16])
     }
@@ -144,8 +143,11 @@ impl PrivateKey {
             what: what.to_string(),
             detail,
         };
-        let key = p256::SecretKey::from_pkcs8_der(&der)
-            .map_err(|e| bad(format!("the decrypted key is not an ECDSA P-256 PKCS#8 key ({e})")))?;
+        let key = p256::SecretKey::from_pkcs8_der(&der).map_err(|e| {
+            bad(format!(
+                "the decrypted key is not an ECDSA P-256 PKCS#8 key ({e})"
+            ))
+        })?;
         Ok(PrivateKey { key: key.into() })
     }
 
@@ -153,7 +155,11 @@ impl PrivateKey {
     /// scrypt N=32768 or [`SIGSTORE_PRIVATE_KEY`] with N=65536), as skopeo
     /// and cosign write it.
     pub fn encrypt(&self, passphrase: &[u8], pem_type: &str) -> Result<String, TrustError> {
-        let n = if pem_type == SIGSTORE_PRIVATE_KEY { 65536 } else { 32768 };
+        let n = if pem_type == SIGSTORE_PRIVATE_KEY {
+            65536
+        } else {
+            32768
+        };
         let der = p256::SecretKey::from(&self.key)
             .to_pkcs8_der()
             .map_err(|e| TrustError::Key {
@@ -325,9 +331,21 @@ WS9rPSJ9
 
     #[test]
     fn a_hostile_scrypt_cost_is_refused_before_any_work() {
-        let p = KdfParams { n: 1 << 30, r: 8, p: 1 };
-        assert!(secretbox_key(b"", b"salt", &p).unwrap_err().contains("beyond"));
-        let p = KdfParams { n: 1000, r: 8, p: 1 };
+        let p = KdfParams {
+            n: 1 << 30,
+            r: 8,
+            p: 1,
+        };
+        assert!(
+            secretbox_key(b"", b"salt", &p)
+                .unwrap_err()
+                .contains("beyond")
+        );
+        let p = KdfParams {
+            n: 1000,
+            r: 8,
+            p: 1,
+        };
         assert!(secretbox_key(b"", b"salt", &p).is_err());
     }
 }

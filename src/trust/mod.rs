@@ -153,16 +153,25 @@ impl Trust {
     /// Whether images read through a local transport (`oci`, `oci-archive`,
     /// `docker-archive` at `path`) may be read. Local images have no
     /// sigstore attachments, so `sigstoreSigned` refuses them, as upstream.
-    pub fn decide_local(&self, transport: &str, path: &Path, image: &str, digest: &str) -> Result<Decision, TrustError> {
+    pub fn decide_local(
+        &self,
+        transport: &str,
+        path: &Path,
+        image: &str,
+        digest: &str,
+    ) -> Result<Decision, TrustError> {
         let (identity, namespaces) = policy::local_scopes(transport, path);
-        let (scope, reqs) = self.policy.requirements_for(transport, &identity, &namespaces);
+        let (scope, reqs) = self
+            .policy
+            .requirements_for(transport, &identity, &namespaces);
         let mut decision = self.decision(scope, digest);
         for req in reqs {
             let reason = match req {
                 Requirement::InsecureAcceptAnything => continue,
                 Requirement::SigstoreSigned(s) => {
                     self.keyless(s, image, &decision.scope)?;
-                    "no signature by a trusted key (no signature found: images in files carry none)".to_string()
+                    "no signature by a trusted key (no signature found: images in files carry none)"
+                        .to_string()
                 }
                 other => simple_refusal(other),
             };
@@ -200,7 +209,12 @@ impl Trust {
     /// must match). Fetches only the manifest's signatures, and only when a
     /// requirement needs them. `Ok` with `accepted: false` is a rejection;
     /// use [`Decision::into_result`] to make it an error.
-    pub async fn decide(&self, client: &Client, asked: &Reference, image: &ResolvedImage) -> Result<Decision, TrustError> {
+    pub async fn decide(
+        &self,
+        client: &Client,
+        asked: &Reference,
+        image: &ResolvedImage,
+    ) -> Result<Decision, TrustError> {
         let (scope, reqs) = self.policy.docker_requirements(asked);
         let mut decision = self.decision(scope, &image.digest);
         let mut found: Option<Found> = None;
@@ -226,7 +240,11 @@ impl Trust {
                 None if !self.attachments_enabled(asked) => format!(
                     "no signature by a trusted key (no signature found: sigstore attachments are not enabled for {} in registries.d{})",
                     asked.name(),
-                    self.registries.dir.as_ref().map(|d| format!(" {}", d.display())).unwrap_or_default()
+                    self.registries
+                        .dir
+                        .as_ref()
+                        .map(|d| format!(" {}", d.display()))
+                        .unwrap_or_default()
                 ),
                 None => "no signature by a trusted key (no signature found)".to_string(),
             };
@@ -241,7 +259,12 @@ impl Trust {
             .use_sigstore_attachments(&Named::of(asked).identity(), &asked.name())
     }
 
-    async fn fetch(&self, client: &Client, asked: &Reference, image: &ResolvedImage) -> Result<Found, TrustError> {
+    async fn fetch(
+        &self,
+        client: &Client,
+        asked: &Reference,
+        image: &ResolvedImage,
+    ) -> Result<Found, TrustError> {
         let sig_tag = cosign::signature_tag(&image.digest)?;
         if !self.attachments_enabled(asked) {
             return Ok(Found {
@@ -256,10 +279,17 @@ impl Trust {
         let referrers = client
             .referrers(asked, &image.digest, Some(bundle::BUNDLE_MEDIA_TYPE))
             .await
-            .map_err(reg(format!("referrers of {}@{}", asked.name(), image.digest)))?;
+            .map_err(reg(format!(
+                "referrers of {}@{}",
+                asked.name(),
+                image.digest
+            )))?;
         for d in referrers {
             let at = asked.with_digest(d.digest().as_ref());
-            let m = client.fetch_manifest(&at).await.map_err(reg(at.to_string()))?;
+            let m = client
+                .fetch_manifest(&at)
+                .await
+                .map_err(reg(at.to_string()))?;
             let v: serde_json::Value = serde_json::from_slice(&m.bytes).unwrap_or_default();
             for l in v["layers"].as_array().into_iter().flatten() {
                 if l["mediaType"].as_str() != Some(bundle::BUNDLE_MEDIA_TYPE) {
@@ -286,7 +316,12 @@ impl Trust {
     /// with one of the keys of the scope's `sigstoreSigned` requirements,
     /// names `artifact_digest`, and names `repo`'s repository. A scope
     /// without such keys trusts no signed artifact.
-    pub async fn artifact_signed(&self, client: &Client, repo: &Reference, artifact_digest: &str) -> Result<bool, TrustError> {
+    pub async fn artifact_signed(
+        &self,
+        client: &Client,
+        repo: &Reference,
+        artifact_digest: &str,
+    ) -> Result<bool, TrustError> {
         let (_, reqs) = self.policy.docker_requirements(repo);
         let mut keys = Vec::new();
         for req in reqs {
@@ -311,14 +346,21 @@ impl Trust {
 /// Signs the artifact manifest `artifact_digest` of `repo` (a published
 /// gzip index) the cosign way, naming the repository; returns the `.sig`
 /// manifest digest.
-pub async fn sign_artifact(client: &Client, repo: &Reference, artifact_digest: &str, key: &PrivateKey) -> Result<String, TrustError> {
+pub async fn sign_artifact(
+    client: &Client,
+    repo: &Reference,
+    artifact_digest: &str,
+    key: &PrivateKey,
+) -> Result<String, TrustError> {
     cosign::push_signature(client, repo, artifact_digest, &repo.name(), key).await
 }
 
 fn simple_refusal(req: &Requirement) -> String {
     match req {
         Requirement::Reject => "the scope's requirement is reject".into(),
-        Requirement::SignedBy => "signedBy (GPG simple signing) requirements are not supported by rimg".into(),
+        Requirement::SignedBy => {
+            "signedBy (GPG simple signing) requirements are not supported by rimg".into()
+        }
         Requirement::SignedBaseLayer => "signedBaseLayer not implemented yet!".into(),
         _ => unreachable!("only refusals without signatures"),
     }
@@ -347,12 +389,21 @@ fn load_keys(src: &KeySource) -> Result<Vec<PublicKey>, TrustError> {
 
 /// A simple-signing attachment checked against `keys`: the key that
 /// verified it and its payload, or how far it got.
-fn verify_simple(a: &cosign::Attachment, keys: &[PublicKey]) -> Result<(usize, cosign::Payload), (Stage, String)> {
+fn verify_simple(
+    a: &cosign::Attachment,
+    keys: &[PublicKey],
+) -> Result<(usize, cosign::Payload), (Stage, String)> {
     if a.media_type != cosign::SIGNATURE_MEDIA_TYPE {
-        return Err((Stage::NotASignature, format!("not a signature ({})", a.media_type)));
+        return Err((
+            Stage::NotASignature,
+            format!("not a signature ({})", a.media_type),
+        ));
     }
     let Some(b64) = a.annotations.get(cosign::SIGNATURE_ANNOTATION) else {
-        return Err((Stage::Key, format!("missing {} annotation", cosign::SIGNATURE_ANNOTATION)));
+        return Err((
+            Stage::Key,
+            format!("missing {} annotation", cosign::SIGNATURE_ANNOTATION),
+        ));
     };
     use base64::Engine;
     let sig = base64::engine::general_purpose::STANDARD
@@ -362,20 +413,33 @@ fn verify_simple(a: &cosign::Attachment, keys: &[PublicKey]) -> Result<(usize, c
         .iter()
         .position(|k| k.verifies(&a.payload, &sig))
         .ok_or((Stage::Key, "not signed by a trusted key".to_string()))?;
-    let payload = cosign::parse_payload(&a.payload).map_err(|e| (Stage::Key, format!("invalid payload: {e}")))?;
+    let payload = cosign::parse_payload(&a.payload)
+        .map_err(|e| (Stage::Key, format!("invalid payload: {e}")))?;
     Ok((key, payload))
 }
 
 /// Every found signature against one requirement; the furthest stage a
 /// rejected one reached.
-fn evaluate(f: &Found, keys: &[PublicKey], s: &policy::Sigstore, asked: &Reference, image: &ResolvedImage) -> (Vec<SignatureReport>, Option<Stage>) {
+fn evaluate(
+    f: &Found,
+    keys: &[PublicKey],
+    s: &policy::Sigstore,
+    asked: &Reference,
+    image: &ResolvedImage,
+) -> (Vec<SignatureReport>, Option<Stage>) {
     let intended = Named::of(asked);
     let mut reports = Vec::new();
     let mut best = None;
     let note = |stage: Stage, best: &mut Option<Stage>| *best = (*best).max(Some(stage));
     for (i, a) in f.simple.iter().enumerate() {
         let source = format!("{} layer {}", f.sig_tag, i + 1);
-        let mut r = SignatureReport { source, signer: None, claims: None, accepted: false, reason: None };
+        let mut r = SignatureReport {
+            source,
+            signer: None,
+            claims: None,
+            accepted: false,
+            reason: None,
+        };
         match verify_simple(a, keys) {
             Err((stage, why)) => {
                 note(stage, &mut best);
@@ -386,10 +450,16 @@ fn evaluate(f: &Found, keys: &[PublicKey], s: &policy::Sigstore, asked: &Referen
                 r.claims = Some(format!("{} {}", p.docker_reference, p.manifest_digest));
                 if p.manifest_digest != image.digest {
                     note(Stage::Digest, &mut best);
-                    r.reason = Some(format!("signature for another digest ({})", p.manifest_digest));
+                    r.reason = Some(format!(
+                        "signature for another digest ({})",
+                        p.manifest_digest
+                    ));
                 } else if !s.identity.accepts(&intended, &p.docker_reference) {
                     note(Stage::Identity, &mut best);
-                    r.reason = Some(format!("identity mismatch (signed {:?} for {intended})", p.docker_reference));
+                    r.reason = Some(format!(
+                        "identity mismatch (signed {:?} for {intended})",
+                        p.docker_reference
+                    ));
                 } else {
                     r.accepted = true;
                 }
@@ -398,7 +468,13 @@ fn evaluate(f: &Found, keys: &[PublicKey], s: &policy::Sigstore, asked: &Referen
         reports.push(r);
     }
     for (artifact, bytes) in &f.bundles {
-        let mut r = SignatureReport { source: format!("bundle {artifact}"), signer: None, claims: None, accepted: false, reason: None };
+        let mut r = SignatureReport {
+            source: format!("bundle {artifact}"),
+            signer: None,
+            claims: None,
+            accepted: false,
+            reason: None,
+        };
         match bundle::check(bytes, keys, &image.manifest_bytes) {
             bundle::BundleCheck::Signed { key } => {
                 r.signer = Some(keys[key].fingerprint());
@@ -417,7 +493,9 @@ fn evaluate(f: &Found, keys: &[PublicKey], s: &policy::Sigstore, asked: &Referen
             other => {
                 note(Stage::Key, &mut best);
                 r.reason = Some(match other {
-                    bundle::BundleCheck::Keyless => "keyless bundle (certificate): needs Fulcio/Rekor, out of scope".into(),
+                    bundle::BundleCheck::Keyless => {
+                        "keyless bundle (certificate): needs Fulcio/Rekor, out of scope".into()
+                    }
                     bundle::BundleCheck::UntrustedKey => "not signed by a trusted key".into(),
                     bundle::BundleCheck::NotASignature(w) => format!("not a signature ({w})"),
                     bundle::BundleCheck::Malformed(w) => format!("invalid bundle: {w}"),

@@ -68,7 +68,10 @@ pub enum IdentityMatch {
     MatchRepository,
     ExactReference(String),
     ExactRepository(String),
-    RemapIdentity { prefix: String, signed_prefix: String },
+    RemapIdentity {
+        prefix: String,
+        signed_prefix: String,
+    },
 }
 
 fn invalid(detail: impl Into<String>) -> TrustError {
@@ -116,7 +119,10 @@ impl Policy {
         let v: Value = serde_json::from_slice(bytes).map_err(|e| invalid(e.to_string()))?;
         let top = object(&v, "the policy")?;
         only_fields(top, &["default", "transports"], "the policy")?;
-        let default = requirements(top.get("default").ok_or_else(|| invalid("Default policy is missing"))?)?;
+        let default = requirements(
+            top.get("default")
+                .ok_or_else(|| invalid("Default policy is missing"))?,
+        )?;
         let mut transports = BTreeMap::new();
         if let Some(t) = top.get("transports").filter(|t| !t.is_null()) {
             for (transport, scopes) in object(t, "transports")? {
@@ -138,7 +144,12 @@ impl Policy {
     /// The requirements for an image: the transport's scopes tried from the
     /// identity through each namespace to `""`, then `default`. Returns the
     /// scope's name as reports print it.
-    pub fn requirements_for(&self, transport: &str, identity: &str, namespaces: &[String]) -> (String, &[Requirement]) {
+    pub fn requirements_for(
+        &self,
+        transport: &str,
+        identity: &str,
+        namespaces: &[String],
+    ) -> (String, &[Requirement]) {
         if let Some(scopes) = self.transports.get(transport) {
             let candidates = std::iter::once(identity)
                 .filter(|i| !i.is_empty())
@@ -161,7 +172,11 @@ impl Policy {
     /// Every `sigstoreSigned` requirement in the scope of a docker image.
     pub fn docker_requirements(&self, reference: &Reference) -> (String, &[Requirement]) {
         let named = Named::of(reference);
-        self.requirements_for("docker", &named.identity(), &docker_namespaces(&reference.name()))
+        self.requirements_for(
+            "docker",
+            &named.identity(),
+            &docker_namespaces(&reference.name()),
+        )
     }
 }
 
@@ -177,7 +192,11 @@ fn only_fields(o: &Map<String, Value>, allowed: &[&str], what: &str) -> Result<(
     }
 }
 
-fn string<'a>(o: &'a Map<String, Value>, field: &str, what: &str) -> Result<Option<&'a str>, TrustError> {
+fn string<'a>(
+    o: &'a Map<String, Value>,
+    field: &str,
+    what: &str,
+) -> Result<Option<&'a str>, TrustError> {
     match o.get(field) {
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
@@ -190,7 +209,9 @@ fn requirements(v: &Value) -> Result<Vec<Requirement>, TrustError> {
         .as_array()
         .ok_or_else(|| invalid("a list of requirements is not a JSON array"))?;
     if list.is_empty() {
-        return Err(invalid("List of verification policy requirements must not be empty"));
+        return Err(invalid(
+            "List of verification policy requirements must not be empty",
+        ));
     }
     list.iter().map(requirement).collect()
 }
@@ -210,7 +231,9 @@ fn requirement(v: &Value) -> Result<Requirement, TrustError> {
         "signedBy" => Ok(Requirement::SignedBy),
         "signedBaseLayer" => Ok(Requirement::SignedBaseLayer),
         "sigstoreSigned" => sigstore(o).map(Requirement::SigstoreSigned),
-        other => Err(invalid(format!("Unknown policy requirement type {other:?}"))),
+        other => Err(invalid(format!(
+            "Unknown policy requirement type {other:?}"
+        ))),
     }
 }
 
@@ -219,9 +242,18 @@ fn sigstore(o: &Map<String, Value>) -> Result<Sigstore, TrustError> {
     only_fields(
         o,
         &[
-            "type", "keyPath", "keyPaths", "keyData", "keyDatas", "fulcio",
-            "rekorPublicKeyPath", "rekorPublicKeyPaths", "rekorPublicKeyData",
-            "rekorPublicKeyDatas", "pki", "signedIdentity",
+            "type",
+            "keyPath",
+            "keyPaths",
+            "keyData",
+            "keyDatas",
+            "fulcio",
+            "rekorPublicKeyPath",
+            "rekorPublicKeyPaths",
+            "rekorPublicKeyData",
+            "rekorPublicKeyDatas",
+            "pki",
+            "signedIdentity",
         ],
         W,
     )?;
@@ -237,7 +269,11 @@ fn sigstore(o: &Map<String, Value>) -> Result<Sigstore, TrustError> {
     if let Some(v) = o.get("keyPaths") {
         let paths = v
             .as_array()
-            .and_then(|a| a.iter().map(|p| p.as_str().map(PathBuf::from)).collect::<Option<Vec<_>>>())
+            .and_then(|a| {
+                a.iter()
+                    .map(|p| p.as_str().map(PathBuf::from))
+                    .collect::<Option<Vec<_>>>()
+            })
             .ok_or_else(|| invalid(format!("{W}: keyPaths is not a list of strings")))?;
         if paths.is_empty() {
             return Err(invalid(format!("{W}: keyPaths is empty")));
@@ -253,7 +289,11 @@ fn sigstore(o: &Map<String, Value>) -> Result<Sigstore, TrustError> {
             .ok_or_else(|| invalid(format!("{W}: keyDatas is not a list")))?;
         let datas = list
             .iter()
-            .map(|d| d.as_str().ok_or_else(|| invalid(format!("{W}: keyDatas holds a non-string"))).and_then(|s| b64(s, "keyDatas")))
+            .map(|d| {
+                d.as_str()
+                    .ok_or_else(|| invalid(format!("{W}: keyDatas holds a non-string")))
+                    .and_then(|s| b64(s, "keyDatas"))
+            })
             .collect::<Result<Vec<_>, _>>()?;
         if datas.is_empty() {
             return Err(invalid(format!("{W}: keyDatas is empty")));
@@ -264,9 +304,14 @@ fn sigstore(o: &Map<String, Value>) -> Result<Sigstore, TrustError> {
         Some("fulcio")
     } else if o.contains_key("pki") {
         Some("pki")
-    } else if ["rekorPublicKeyPath", "rekorPublicKeyPaths", "rekorPublicKeyData", "rekorPublicKeyDatas"]
-        .iter()
-        .any(|k| o.contains_key(*k))
+    } else if [
+        "rekorPublicKeyPath",
+        "rekorPublicKeyPaths",
+        "rekorPublicKeyData",
+        "rekorPublicKeyDatas",
+    ]
+    .iter()
+    .any(|k| o.contains_key(*k))
     {
         Some("rekorPublicKey")
     } else {
@@ -310,16 +355,20 @@ fn identity(v: &Value) -> Result<IdentityMatch, TrustError> {
         "exactReference" => {
             only_fields(o, &["type", "dockerReference"], W)?;
             let r = field("dockerReference")?;
-            let named = Named::parse(&r).ok_or_else(|| invalid(format!("Invalid format of dockerReference {r:?}")))?;
+            let named = Named::parse(&r)
+                .ok_or_else(|| invalid(format!("Invalid format of dockerReference {r:?}")))?;
             if named.is_name_only() {
-                return Err(invalid(format!("dockerReference {r:?} contains neither a tag nor digest")));
+                return Err(invalid(format!(
+                    "dockerReference {r:?} contains neither a tag nor digest"
+                )));
             }
             IdentityMatch::ExactReference(r)
         }
         "exactRepository" => {
             only_fields(o, &["type", "dockerRepository"], W)?;
             let r = field("dockerRepository")?;
-            Named::parse(&r).ok_or_else(|| invalid(format!("Invalid format of dockerRepository {r:?}")))?;
+            Named::parse(&r)
+                .ok_or_else(|| invalid(format!("Invalid format of dockerRepository {r:?}")))?;
             IdentityMatch::ExactRepository(r)
         }
         "remapIdentity" => {
@@ -330,11 +379,23 @@ fn identity(v: &Value) -> Result<IdentityMatch, TrustError> {
                     return Err(invalid(format!("prefix {p:?} is not valid")));
                 }
             }
-            IdentityMatch::RemapIdentity { prefix, signed_prefix }
+            IdentityMatch::RemapIdentity {
+                prefix,
+                signed_prefix,
+            }
         }
-        other => return Err(invalid(format!("Unknown policy reference match type {other:?}"))),
+        other => {
+            return Err(invalid(format!(
+                "Unknown policy reference match type {other:?}"
+            )));
+        }
     };
-    if matches!(m, IdentityMatch::MatchExact | IdentityMatch::MatchRepoDigestOrExact | IdentityMatch::MatchRepository) {
+    if matches!(
+        m,
+        IdentityMatch::MatchExact
+            | IdentityMatch::MatchRepoDigestOrExact
+            | IdentityMatch::MatchRepository
+    ) {
         only_fields(o, &["type"], W)?;
     }
     Ok(m)
@@ -353,22 +414,36 @@ fn validate_scope(transport: &str, scope: &str) -> Result<(), TrustError> {
     if scope.is_empty() {
         return Ok(());
     }
-    let bad = |why: &str| Err(invalid(format!("transports.{transport}: invalid scope {scope:?}: {why}")));
+    let bad = |why: &str| {
+        Err(invalid(format!(
+            "transports.{transport}: invalid scope {scope:?}: {why}"
+        )))
+    };
     match transport {
         "docker" => {
             if let Some(domain) = scope.strip_prefix("*.") {
-                return if domain.is_empty() || domain.contains(['/', ':']) { bad("not a *.domain wildcard") } else { Ok(()) };
+                return if domain.is_empty() || domain.contains(['/', ':']) {
+                    bad("not a *.domain wildcard")
+                } else {
+                    Ok(())
+                };
             }
             // A host alone, or a fully qualified repository or reference.
             if !scope.contains('/') {
-                return if valid_prefix(scope) { Ok(()) } else { bad("not a host") };
+                return if valid_prefix(scope) {
+                    Ok(())
+                } else {
+                    bad("not a host")
+                };
             }
             match Named::parse(scope) {
                 Some(n) if n.to_string() == scope => Ok(()),
                 _ => bad("not a normalized docker reference (spell the host and library/ out)"),
             }
         }
-        "docker-archive" => bad("docker-archive: does not support any scopes except the default \"\" one"),
+        "docker-archive" => {
+            bad("docker-archive: does not support any scopes except the default \"\" one")
+        }
         "oci" | "oci-archive" => {
             let cleaned: PathBuf = Path::new(scope).components().collect();
             if !scope.starts_with('/') || cleaned.as_os_str() != scope {
@@ -502,15 +577,24 @@ impl IdentityMatch {
         };
         match self {
             IdentityMatch::MatchExact => {
-                !intended.is_name_only() && !signature.is_name_only() && signature.to_string() == intended.to_string()
+                !intended.is_name_only()
+                    && !signature.is_name_only()
+                    && signature.to_string() == intended.to_string()
             }
             IdentityMatch::MatchRepoDigestOrExact => repo_digest_or_exact(intended, &signature),
             IdentityMatch::MatchRepository => signature.name == intended.name,
             IdentityMatch::ExactReference(r) => Named::parse(r).is_some_and(|want| {
-                !want.is_name_only() && !signature.is_name_only() && signature.to_string() == want.to_string()
+                !want.is_name_only()
+                    && !signature.is_name_only()
+                    && signature.to_string() == want.to_string()
             }),
-            IdentityMatch::ExactRepository(r) => Named::parse(r).is_some_and(|want| signature.name == want.name),
-            IdentityMatch::RemapIdentity { prefix, signed_prefix } => {
+            IdentityMatch::ExactRepository(r) => {
+                Named::parse(r).is_some_and(|want| signature.name == want.name)
+            }
+            IdentityMatch::RemapIdentity {
+                prefix,
+                signed_prefix,
+            } => {
                 let remapped = remap(intended, prefix, signed_prefix);
                 remapped.is_some_and(|i| repo_digest_or_exact(&i, &signature))
             }
@@ -523,11 +607,16 @@ impl IdentityMatch {
     pub fn accepts_repository(&self, intended: &Named, repository: &str) -> bool {
         match self {
             IdentityMatch::MatchExact | IdentityMatch::ExactReference(_) => false,
-            IdentityMatch::MatchRepoDigestOrExact | IdentityMatch::MatchRepository => repository == intended.name,
-            IdentityMatch::ExactRepository(r) => Named::parse(r).is_some_and(|w| w.name == repository),
-            IdentityMatch::RemapIdentity { prefix, signed_prefix } => {
-                remap(intended, prefix, signed_prefix).is_some_and(|i| i.name == repository)
+            IdentityMatch::MatchRepoDigestOrExact | IdentityMatch::MatchRepository => {
+                repository == intended.name
             }
+            IdentityMatch::ExactRepository(r) => {
+                Named::parse(r).is_some_and(|w| w.name == repository)
+            }
+            IdentityMatch::RemapIdentity {
+                prefix,
+                signed_prefix,
+            } => remap(intended, prefix, signed_prefix).is_some_and(|i| i.name == repository),
         }
     }
 }
@@ -536,7 +625,8 @@ impl IdentityMatch {
 /// `prefix` or below it; `None` when the result is not a reference.
 fn remap(intended: &Named, prefix: &str, signed_prefix: &str) -> Option<Named> {
     let name = &intended.name;
-    let matches = name == prefix || (name.starts_with(prefix) && name.as_bytes().get(prefix.len()) == Some(&b'/'));
+    let matches = name == prefix
+        || (name.starts_with(prefix) && name.as_bytes().get(prefix.len()) == Some(&b'/'));
     if !matches {
         return Some(intended.clone());
     }
@@ -564,8 +654,14 @@ mod tests {
         )
         .unwrap();
         let scope = |r: &str| p.docker_requirements(&Reference::parse(r).unwrap()).0;
-        assert_eq!(scope("r.io:5000/a/b:t"), "transports.docker[\"r.io:5000/a/b:t\"]");
-        assert_eq!(scope("r.io:5000/a/b:u"), "transports.docker[\"r.io:5000/a/b\"]");
+        assert_eq!(
+            scope("r.io:5000/a/b:t"),
+            "transports.docker[\"r.io:5000/a/b:t\"]"
+        );
+        assert_eq!(
+            scope("r.io:5000/a/b:u"),
+            "transports.docker[\"r.io:5000/a/b\"]"
+        );
         assert_eq!(scope("r.io:5000/a/c"), "transports.docker[\"r.io:5000/a\"]");
         assert_eq!(scope("r.io:5000/c"), "transports.docker[\"r.io:5000\"]");
         assert_eq!(scope("q.io/c"), "transports.docker[\"*.io\"]");
@@ -576,7 +672,13 @@ mod tests {
     fn namespaces_follow_containers_image() {
         assert_eq!(
             docker_namespaces("a.b.c:5000/x/y"),
-            ["a.b.c:5000/x/y", "a.b.c:5000/x", "a.b.c:5000", "*.b.c", "*.c"]
+            [
+                "a.b.c:5000/x/y",
+                "a.b.c:5000/x",
+                "a.b.c:5000",
+                "*.b.c",
+                "*.c"
+            ]
         );
         let (id, ns) = local_scopes("oci", Path::new("/srv/img/a"));
         assert_eq!(id, "/srv/img/a");
@@ -606,7 +708,11 @@ mod tests {
         assert!(remap.accepts(&named("mirror.io/a/b:1"), "r.io/a/b:1"));
         assert!(!remap.accepts(&named("mirror.io/ab:1"), "r.io/ab:1"));
         assert!(remap.accepts(&named("other.io/a/b:1"), "other.io/a/b:1"));
-        assert!(IdentityMatch::MatchExact.accepts(&named("busybox"), "docker.io/library/busybox:latest") == false);
+        assert!(
+            IdentityMatch::MatchExact
+                .accepts(&named("busybox"), "docker.io/library/busybox:latest")
+                == false
+        );
         assert!(m.accepts(&named("busybox:latest"), "docker.io/library/busybox:latest"));
     }
 
@@ -631,7 +737,9 @@ mod tests {
             "t",
         )
         .unwrap();
-        let Requirement::SigstoreSigned(s) = &p.default[0] else { panic!() };
+        let Requirement::SigstoreSigned(s) = &p.default[0] else {
+            panic!()
+        };
         assert_eq!(s.keys, KeySource::Data(vec![b"ABC".to_vec()]));
     }
 }

@@ -43,7 +43,9 @@ enum Node {
 
 fn unquote(s: &str) -> String {
     let s = s.trim();
-    if s.len() >= 2 && ((s.starts_with('"') && s.ends_with('"')) || (s.starts_with('\'') && s.ends_with('\''))) {
+    if s.len() >= 2
+        && ((s.starts_with('"') && s.ends_with('"')) || (s.starts_with('\'') && s.ends_with('\'')))
+    {
         s[1..s.len() - 1].to_string()
     } else {
         s.to_string()
@@ -58,7 +60,9 @@ fn strip_comment(line: &str) -> &str {
         match (quote, c) {
             (None, b'"' | b'\'') => quote = Some(c),
             (Some(q), c) if c == q => quote = None,
-            (None, b'#') if i == 0 || bytes[i - 1] == b' ' || bytes[i - 1] == b'\t' => return &line[..i],
+            (None, b'#') if i == 0 || bytes[i - 1] == b' ' || bytes[i - 1] == b'\t' => {
+                return &line[..i];
+            }
             _ => {}
         }
     }
@@ -101,7 +105,11 @@ fn parse_yaml(text: &str) -> Result<Node, String> {
     }
 }
 
-fn parse_map(lines: &[(usize, usize, &str)], pos: &mut usize, indent: usize) -> Result<Node, String> {
+fn parse_map(
+    lines: &[(usize, usize, &str)],
+    pos: &mut usize,
+    indent: usize,
+) -> Result<Node, String> {
     let mut entries = Vec::new();
     while let Some(&(n, ind, text)) = lines.get(*pos) {
         if ind < indent {
@@ -113,7 +121,9 @@ fn parse_map(lines: &[(usize, usize, &str)], pos: &mut usize, indent: usize) -> 
         if text.contains('\t') && text.trim_start().starts_with('\t') {
             return Err(format!("line {n}: tabs are not YAML indentation"));
         }
-        let (key, value) = split_key(text).ok_or_else(|| format!("line {n}: not a `key: value` line (rimg reads block mappings only)"))?;
+        let (key, value) = split_key(text).ok_or_else(|| {
+            format!("line {n}: not a `key: value` line (rimg reads block mappings only)")
+        })?;
         *pos += 1;
         let node = if value.is_empty() {
             match lines.get(*pos) {
@@ -123,7 +133,9 @@ fn parse_map(lines: &[(usize, usize, &str)], pos: &mut usize, indent: usize) -> 
         } else if value == "{}" {
             Node::Map(Vec::new())
         } else if value.starts_with(['{', '[', '&', '*', '|', '>', '!']) {
-            return Err(format!("line {n}: {value:?}: rimg reads block mappings and plain scalars only"));
+            return Err(format!(
+                "line {n}: {value:?}: rimg reads block mappings and plain scalars only"
+            ));
         } else {
             Node::Scalar(unquote(value))
         };
@@ -199,14 +211,26 @@ impl RegistriesD {
             let parsed = RegistriesD::parse(&text).map_err(|d| err(&file, d))?;
             if let Some(d) = parsed.default_docker {
                 if let Some(prev) = from.get("\0default") {
-                    return Err(err(&file, format!("\"default-docker\" defined both in {} and here", prev.display())));
+                    return Err(err(
+                        &file,
+                        format!(
+                            "\"default-docker\" defined both in {} and here",
+                            prev.display()
+                        ),
+                    ));
                 }
                 from.insert("\0default".into(), file.clone());
                 out.default_docker = Some(d);
             }
             for (name, ns) in parsed.docker {
                 if let Some(prev) = from.get(&name) {
-                    return Err(err(&file, format!("\"docker\" namespace {name:?} defined both in {} and here", prev.display())));
+                    return Err(err(
+                        &file,
+                        format!(
+                            "\"docker\" namespace {name:?} defined both in {} and here",
+                            prev.display()
+                        ),
+                    ));
                 }
                 from.insert(name.clone(), file.clone());
                 out.docker.insert(name, ns);
@@ -227,7 +251,8 @@ impl RegistriesD {
                 "docker" => match v {
                     Node::Map(entries) => {
                         for (name, ns) in entries {
-                            out.docker.insert(name.clone(), namespace(ns, &format!("docker.{name}"))?);
+                            out.docker
+                                .insert(name.clone(), namespace(ns, &format!("docker.{name}"))?);
                         }
                     }
                     Node::Scalar(s) if s.is_empty() => {}
@@ -241,8 +266,14 @@ impl RegistriesD {
 
     /// The namespaces consulted for an image, most specific first, and
     /// `default-docker` last (containers/image's lookup).
-    fn lookup<'a>(&'a self, identity: &str, name: &str) -> impl Iterator<Item = &'a Namespace> + 'a {
-        let keys: Vec<String> = std::iter::once(identity.to_string()).chain(docker_namespaces(name)).collect();
+    fn lookup<'a>(
+        &'a self,
+        identity: &str,
+        name: &str,
+    ) -> impl Iterator<Item = &'a Namespace> + 'a {
+        let keys: Vec<String> = std::iter::once(identity.to_string())
+            .chain(docker_namespaces(name))
+            .collect();
         keys.into_iter()
             .filter_map(move |k| self.docker.get(&k))
             .chain(self.default_docker.iter())
@@ -258,7 +289,8 @@ impl RegistriesD {
 
     /// The lookaside URL configured for the image, if any.
     pub fn lookaside(&self, identity: &str, name: &str) -> Option<&str> {
-        self.lookup(identity, name).find_map(|ns| ns.lookaside.as_deref())
+        self.lookup(identity, name)
+            .find_map(|ns| ns.lookaside.as_deref())
     }
 }
 
@@ -285,17 +317,35 @@ docker:
     fn the_most_specific_namespace_decides_each_setting() {
         let c = RegistriesD::parse(FEDORA_LIKE).unwrap();
         assert!(c.use_sigstore_attachments("other.io/a:1", "other.io/a"));
-        assert!(!c.use_sigstore_attachments("registry.example.com/team/app:1", "registry.example.com/team/app"));
-        assert!(c.use_sigstore_attachments("registry.example.com/team/x:1", "registry.example.com/team/x"));
-        assert_eq!(c.lookaside("registry.example.com/a:1", "registry.example.com/a"), Some("https://sigs.example.com/s"));
-        assert_eq!(c.lookaside("quay.io/a:1", "quay.io/a"), Some("file:///var/lib/containers/sigstore"));
+        assert!(!c.use_sigstore_attachments(
+            "registry.example.com/team/app:1",
+            "registry.example.com/team/app"
+        ));
+        assert!(c.use_sigstore_attachments(
+            "registry.example.com/team/x:1",
+            "registry.example.com/team/x"
+        ));
+        assert_eq!(
+            c.lookaside("registry.example.com/a:1", "registry.example.com/a"),
+            Some("https://sigs.example.com/s")
+        );
+        assert_eq!(
+            c.lookaside("quay.io/a:1", "quay.io/a"),
+            Some("file:///var/lib/containers/sigstore")
+        );
         assert!(!RegistriesD::default().use_sigstore_attachments("a.io/b:1", "a.io/b"));
     }
 
     #[test]
     fn yaml_outside_the_subset_is_refused_with_its_line() {
-        assert!(RegistriesD::parse("docker:\n  a.io: [1]\n").unwrap_err().contains("line 2"));
-        assert!(RegistriesD::parse("default-docker:\n  use-sigstore-attachments: maybe\n").is_err());
+        assert!(
+            RegistriesD::parse("docker:\n  a.io: [1]\n")
+                .unwrap_err()
+                .contains("line 2")
+        );
+        assert!(
+            RegistriesD::parse("default-docker:\n  use-sigstore-attachments: maybe\n").is_err()
+        );
         assert!(RegistriesD::parse("default-docker:\n  colour: red\n").is_err());
         assert!(RegistriesD::parse("  a: 1\nb: 2\n").is_err());
         assert!(RegistriesD::parse("").unwrap().default_docker.is_none());
