@@ -175,6 +175,14 @@ impl ImageSource {
         }
     }
 
+    /// The registry client the blobs come from (`None` for a file).
+    pub fn registry_client(&self) -> Option<&Arc<Client>> {
+        match &self.blobs {
+            Blobs::Registry(c) => Some(c),
+            _ => None,
+        }
+    }
+
     /// Whether published gzip indexes are used (the default).
     pub fn with_published_indexes(mut self, on: bool) -> Self {
         self.use_index = on;

@@ -48,3 +48,4 @@ pub mod private;
 pub mod reference;
 pub mod registry;
 pub mod report;
+pub mod trust;

@@ -5,6 +5,8 @@ use std::io::{IsTerminal, Write};
 
 use anyhow::Result;
 
+use std::path::PathBuf;
+
 use super::*;
 
 /// Builds (and with `push`, publishes) the image's gzip indexes, printing
@@ -16,7 +18,19 @@ pub enum IndexAction {
     Build(IndexArgs),
     /// Build the indexes and push them as an artifact referring to the
     /// image, so other machines read its gzip layers by range.
-    Push(IndexArgs),
+    Push(PushArgs),
+}
+
+#[derive(clap::Args)]
+pub struct PushArgs {
+    #[command(flatten)]
+    pub index: IndexArgs,
+    /// Sign the index artifact with this cosign private key (encrypted PEM).
+    #[arg(long, value_name = "KEY")]
+    pub sign_by_sigstore_private_key: Option<PathBuf>,
+    /// The key's passphrase, first line of FILE [default: $COSIGN_PASSWORD].
+    #[arg(long, value_name = "FILE", requires = "sign_by_sigstore_private_key")]
+    pub sign_passphrase_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -31,10 +45,20 @@ pub struct IndexArgs {
 }
 
 pub fn index(action: &IndexAction) -> Result<()> {
-    let (args, push) = match action {
-        IndexAction::Build(a) => (a, false),
-        IndexAction::Push(a) => (a, true),
+    let (args, push, sign) = match action {
+        IndexAction::Build(a) => (a, false, None),
+        IndexAction::Push(p) => (
+            &p.index,
+            true,
+            p.sign_by_sigstore_private_key
+                .as_deref()
+                .map(|key| trust::SignArgs {
+                    key,
+                    passphrase_file: p.sign_passphrase_file.as_deref(),
+                }),
+        ),
     };
+    let sign = sign.as_ref();
     init_logging(args.log.verbose);
     let (common, reference) = (&args.common, &args.reference);
     let rt = runtime()?;
@@ -76,6 +100,16 @@ pub fn index(action: &IndexAction) -> Result<()> {
             source.image.reference,
             source.image.digest
         )?;
+        if let (Some(sign), Some(client)) = (sign, source.registry_client()) {
+            let repo = &source.image.reference;
+            let sig = trust::sign_artifact(&rt, client, repo, &digest, sign)?;
+            writeln!(
+                out,
+                "signed {digest}: {}:{} ({sig})",
+                repo.name(),
+                rimg::trust::cosign::signature_tag(&digest)?
+            )?;
+        }
     }
     Ok(())
 }

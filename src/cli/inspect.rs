@@ -44,7 +44,9 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
             if raw {
                 std::io::stdout().write_all(&image.manifest_bytes)?;
             } else {
-                println!("{}", serde_json::to_string_pretty(&inspect_json(&image))?);
+                let mut out = inspect_json(&image);
+                out["policy"] = policy_json(common.decide_local(&spec, &image));
+                println!("{}", serde_json::to_string_pretty(&out)?);
             }
             return Ok(());
         }
@@ -65,9 +67,19 @@ pub fn inspect(args: &InspectArgs) -> Result<()> {
         return Ok(());
     }
     let image = rt.block_on(resolve(&client, common, &reference))?;
-    let out = serde_json::to_string_pretty(&inspect_json(&image))?;
+    let mut out = inspect_json(&image);
+    out["policy"] = policy_json(common.decide(&rt, &client, &reference, &image));
+    let out = serde_json::to_string_pretty(&out)?;
     println!("{out}");
     Ok(())
+}
+
+/// The policy's answer and the signatures found, or why there is none.
+fn policy_json(decision: Result<rimg::trust::Decision>) -> serde_json::Value {
+    match decision {
+        Ok(d) => serde_json::to_value(d).unwrap_or_default(),
+        Err(e) => json!({"error": one_line(&e)}),
+    }
 }
 
 pub(super) fn inspect_json(image: &ResolvedImage) -> serde_json::Value {

@@ -20,6 +20,7 @@ mod index;
 mod inspect;
 mod ls;
 mod mount;
+mod trust;
 mod verify;
 pub mod options;
 
@@ -412,12 +413,16 @@ impl Common {
         match local::locate(arg) {
             Location::Local(spec) => {
                 let (image, blobs) = local::open(&spec, self.platform())?;
+                self.admit_local(&spec, &image)?;
                 Ok((image, blobs.into(), spec.absolute()?.to_string()))
             }
             Location::Registry(r) => {
                 let reference = parse_reference(r)?;
                 let client = self.registry.client_with(creds)?;
                 let image = rt.block_on(resolve(&client, self, &reference))?;
+                // The trust step: before any layer is read. The image is
+                // read from these verified manifest bytes from here on.
+                self.admit(rt, &client, &reference, &image)?;
                 let pinned = image.reference.with_digest(&image.digest).to_string();
                 Ok((image, client.into(), pinned))
             }

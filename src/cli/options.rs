@@ -101,6 +101,14 @@ pub struct Common {
     /// and is not signed by a trusted key (it is still checked as it is read).
     #[arg(long, conflicts_with = "no_index")]
     pub trust_index: bool,
+    /// Trust policy file (containers-policy.json) [default:
+    /// $HOME/.config/containers/policy.json, then /etc/containers/policy.json].
+    #[arg(long, value_name = "FILE", help_heading = "Trust options")]
+    pub policy: Option<PathBuf>,
+    /// registries.d directory (use-sigstore-attachments, lookaside) [default:
+    /// $HOME/.config/containers/registries.d, then /etc/containers/registries.d].
+    #[arg(long = "registries.d", value_name = "DIR", help_heading = "Trust options")]
+    pub registries_d: Option<PathBuf>,
     #[command(flatten)]
     pub registry: RegistryOpts,
     #[command(flatten)]

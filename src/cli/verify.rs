@@ -27,6 +27,19 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
     init_logging(args.log.verbose);
     let (common, reference, json) = (&args.common, args.reference.as_str(), args.json);
     let rt = runtime()?;
+    // Signatures first: a rejected image is reported, never read.
+    let (name, decision) = trust::decision_for(common, &rt, reference)?;
+    {
+        let mut out = std::io::stdout().lock();
+        if json {
+            writeln!(out, "{}", trust::decision_json(&decision))?;
+        } else {
+            trust::write_decision(&mut out, &decision)?;
+        }
+    }
+    if !decision.accepted {
+        decision.into_result(&name)?;
+    }
     let source = common.open_image(&rt, reference, !json && std::io::stderr().is_terminal())?;
     let report = rt.block_on(source.verify())?;
     let mut out = std::io::stdout().lock();

@@ -378,6 +378,20 @@ impl Client {
         Ok(image)
     }
 
+    /// A whole small blob (a signature payload, an artifact's content) in
+    /// memory, verified against its digest; refused past `max` bytes.
+    pub async fn fetch_blob_bytes(
+        &self,
+        reference: &Reference,
+        digest: &str,
+        max: usize,
+    ) -> Result<Vec<u8>, RegistryError> {
+        let mut retry = Retry::new(self.policy(), &format!("registry {}", reference.registry))
+            .labelled(&format!("{}@{digest}", reference.name()));
+        self.fetch_small_blob(reference, digest, max, &mut retry)
+            .await
+    }
+
     /// A whole blob in memory (configs), verified against its digest.
     pub(crate) async fn fetch_small_blob(
         &self,

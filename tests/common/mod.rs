@@ -9,6 +9,7 @@ pub mod image;
 pub mod lazy;
 pub mod listing;
 pub mod proxy;
+pub mod sign;
 pub mod token;
 
 use std::net::TcpListener;
