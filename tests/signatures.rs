@@ -554,3 +554,21 @@ fn a_signed_gzip_index_is_trusted_by_the_library_check_only_for_the_policy_key()
     let accept = write_policy(f.dir.path(), r#"[{"type":"insecureAcceptAnything"}]"#, &[]);
     assert!(!sign::artifact_signed(&f.reg, REPO, &artifact, &accept));
 }
+
+#[test]
+fn an_accepted_mount_stays_on_the_verified_digest_when_the_tag_moves() {
+    let f = Fixture::new();
+    let img = f.push(REPO, TAG, "verified\n");
+    let image = format!("{}:{TAG}", f.name(REPO));
+    sign::sign(&f.reg, REPO, &img.manifest_digest, &image, &f.key);
+    let (p, rd) = (
+        f.policy(&f.key, None).display().to_string(),
+        f.registries_d.display().to_string(),
+    );
+    let m = common::Mounted::new(&f.env, &image, &["--policy", &p, "--registries.d", &rd]);
+    f.push(REPO, TAG, "moved!!!\n");
+    assert_eq!(
+        std::fs::read_to_string(m.path.join("etc/motd")).unwrap(),
+        "verified\n"
+    );
+}

@@ -163,21 +163,10 @@ pub(crate) fn sign_artifact(
                 "--sign-by-sigstore-private-key needs --sign-passphrase-file (or COSIGN_PASSWORD)",
             )?,
     };
-    // As skopeo reads it: the first line.
-    let passphrase = passphrase
-        .split(|&b| b == b'\n')
-        .next()
-        .unwrap_or_default()
-        .strip_suffix(b"\r")
-        .map(<[u8]>::to_vec)
-        .unwrap_or_else(|| {
-            passphrase
-                .split(|&b| b == b'\n')
-                .next()
-                .unwrap_or_default()
-                .to_vec()
-        });
-    let key = PrivateKey::decrypt(&pem, &passphrase, &sign.key.display().to_string())?;
+    // As skopeo reads it: the first line, without its line ending.
+    let line = passphrase.split(|&b| b == b'\n').next().unwrap_or_default();
+    let passphrase = line.strip_suffix(b"\r").unwrap_or(line);
+    let key = PrivateKey::decrypt(&pem, passphrase, &sign.key.display().to_string())?;
     Ok(rt.block_on(rimg::trust::sign_artifact(
         client,
         repo,

@@ -709,9 +709,8 @@ mod tests {
         assert!(!remap.accepts(&named("mirror.io/ab:1"), "r.io/ab:1"));
         assert!(remap.accepts(&named("other.io/a/b:1"), "other.io/a/b:1"));
         assert!(
-            IdentityMatch::MatchExact
+            !IdentityMatch::MatchExact
                 .accepts(&named("busybox"), "docker.io/library/busybox:latest")
-                == false
         );
         assert!(m.accepts(&named("busybox:latest"), "docker.io/library/busybox:latest"));
     }
