@@ -33,7 +33,7 @@ fn a_pushed_index_lets_another_cache_read_one_file_by_range() {
     let proxy = CountingProxy::start(&reg.addr(), None);
     let b = Env::new();
     let rb = format!("{}/src:3.20", proxy.addr());
-    let got = b.ok(&["cat", "-v", &rb, "/etc/os-release"]);
+    let got = b.ok(&["cat", "-v", "--trust-index", &rb, "/etc/os-release"]);
     assert_eq!(got, want);
     let blob = std::fs::metadata(alpine("3.20.3", "x86_64")).unwrap().len();
     assert!(proxy.sent() < blob, "fetched {} of {blob}", proxy.sent());
@@ -337,7 +337,7 @@ fn another_cache_reads_a_small_and_a_large_file_by_range_and_mounts_umocis_tree(
     let b = Env::new();
     let rb = format!("{}/{REPO}:{TAG}", proxy.addr());
 
-    let got = cat(&b, &rb, SMALL, &[]);
+    let got = cat(&b, &rb, SMALL, &["--trust-index"]);
     assert_eq!(got, want_small);
     let (spans, n) = span_bytes(&ix, SMALL);
     let bound = index_bytes + spans + top + SLACK;
@@ -352,7 +352,7 @@ fn another_cache_reads_a_small_and_a_large_file_by_range_and_mounts_umocis_tree(
     );
 
     proxy.reset();
-    let got = cat(&b, &rb, LARGE, &[]);
+    let got = cat(&b, &rb, LARGE, &["--trust-index"]);
     assert!(got == want_large, "{LARGE} differs from machine A's");
     let (spans, n) = span_bytes(&ix, LARGE);
     let bound = index_bytes + spans + top + SLACK;
@@ -367,7 +367,7 @@ fn another_cache_reads_a_small_and_a_large_file_by_range_and_mounts_umocis_tree(
     );
     assert!(proxy.sent() < blob);
 
-    let m = Mounted::new(&b, &rb, &[]);
+    let m = Mounted::new(&b, &rb, &["--trust-index"]);
     assert!(!m.path.join(GONE).exists(), "the whiteout hides {GONE}");
     let (_d, rootfs) = umoci_unpack(&reg, REPO, TAG);
     assert_same_tree(&m.path, &rootfs);
@@ -395,7 +395,7 @@ fn a_cold_cat_of_a_file_well_inside_one_span_fetches_only_that_span() {
         .expect("a file well inside a span");
     let proxy = CountingProxy::start(&reg.addr(), None);
     let rb = format!("{}/{REPO}:{TAG}", proxy.addr());
-    assert!(cat(&Env::new(), &rb, &name, &[]) == data);
+    assert!(cat(&Env::new(), &rb, &name, &["--trust-index"]) == data);
     let bound = index_bytes + spans + im.top.bytes.len() as u64 + SLACK;
     assert!(
         proxy.sent() <= bound,
@@ -437,7 +437,7 @@ fn cat_is_right_or_refused(reg: &Registry, path: &str, want: &[u8]) -> Option<St
     let env = Env::new();
     let r = format!("{}/{REPO}:{TAG}", reg.addr());
     let p = format!("/{path}");
-    let out = env.run(&["cat", &r, &p]);
+    let out = env.run(&["cat", "--trust-index", &r, &p]);
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(!err.contains("panicked"), "{err}");
     if out.status.success() {
@@ -596,14 +596,17 @@ fn prefetch_through_an_invented_entry() -> (Registry, CountingProxy, Env, String
     let b = Env::new();
     let rb = format!("{}/{REPO}:{TAG}", proxy.addr());
     {
-        let m = Mounted::new(&b, &rb, &["--prefetch"]);
+        let m = Mounted::new(&b, &rb, &["--prefetch", "--trust-index"]);
         // Until the whole layer is had, the invented entry shows.
         assert!(m.path.join(INVENTED).exists());
         let dropped = wait_for(Duration::from_secs(120), || {
-            mount_log(&b).contains("differs from the layer itself; dropped")
+            mount_log(&b).contains("differs from the layer itself (it lists etc/invented.txt")
         });
         assert!(dropped, "log: {}", mount_log(&b));
-        assert_eq!(std::fs::read(m.path.join(SMALL)).unwrap(), im.small);
+        // Found lying: this mount refuses the layer's bytes from then on.
+        let e = std::fs::read(m.path.join(SMALL)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{e}");
+        let _ = im;
     }
     (reg, proxy, b, rb)
 }
@@ -620,7 +623,7 @@ fn after_prefetch_dropped_an_index_the_next_mount_reads_the_layer_whole() {
     let im = image();
     let (_reg, proxy, b, rb) = prefetch_through_an_invented_entry();
     proxy.reset();
-    let m = Mounted::new(&b, &rb, &[]);
+    let m = Mounted::new(&b, &rb, &["--trust-index"]);
     assert_eq!(std::fs::read(m.path.join(SMALL)).unwrap(), im.small);
     let blob = im.bottom.bytes.len() as u64;
     assert!(
@@ -633,4 +636,321 @@ fn after_prefetch_dropped_an_index_the_next_mount_reads_the_layer_whole() {
         "the next mount fetched {} bytes of a {blob}-byte layer",
         proxy.sent()
     );
+}
+
+// ---- Issue 23: a published index is used only when trusted; a trusted
+// ---- one that lies is refused or found out, never served as the layer ----
+
+/// The published index of the top layer (the one with the whiteout).
+fn top_index(reg: &Registry, pushed: &Pushed) -> LayerGzIndex {
+    let (_, blobs) = published(reg, pushed);
+    let im = image();
+    let (_, digest, _) = blobs
+        .iter()
+        .find(|(layer, _, _)| *layer == im.top.digest)
+        .expect("an index of the top layer");
+    let bytes = std::fs::read(reg.blob_file(digest)).unwrap();
+    LayerGzIndex::decode(&bytes, &im.top.digest, im.top.bytes.len() as u64).unwrap()
+}
+
+/// A fresh cache with default options mounts exactly umoci's tree and
+/// reads the small and large files right: the published index, whatever
+/// it says, is ignored.
+fn default_view_is_umocis(reg: &Registry) {
+    let im = image();
+    let env = Env::new();
+    let r = format!("{}/{REPO}:{TAG}", reg.addr());
+    let out = env.run(&["cat", "-v", &r, &format!("/{SMALL}")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(out.stdout, im.small);
+    assert!(err.contains("ignored"), "no reason logged: {err}");
+    let m = Mounted::new(&env, &r, &[]);
+    assert!(std::fs::read(m.path.join(LARGE)).unwrap() == im.large);
+    let (_d, rootfs) = umoci_unpack(reg, REPO, TAG);
+    assert_same_tree(&m.path, &rootfs);
+}
+
+/// `rimg verify` of the image: (success, stdout, stderr).
+fn verify(reg: &Registry, extra: &[&str]) -> (bool, String, String) {
+    let r = format!("{}/{REPO}:{TAG}", reg.addr());
+    let mut args = vec!["verify"];
+    args.extend_from_slice(extra);
+    args.push(&r);
+    let out = Env::new().run(&args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every checkpoint window replaced by as many `Z`s: the compressed spans
+/// still hash right, the inflated bytes do not.
+fn forge_windows(ix: &LayerGzIndex) -> LayerGzIndex {
+    use std::io::{Read, Write};
+    let mut ix = ix.clone();
+    for s in ix.zran.spans.iter_mut().filter(|s| !s.window.is_empty()) {
+        let mut w = Vec::new();
+        flate2::read::DeflateDecoder::new(&s.window[..])
+            .read_to_end(&mut w)
+            .unwrap();
+        let mut e = flate2::write::DeflateEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(&vec![b'Z'; w.len()]).unwrap();
+        s.window = e.finish().unwrap();
+    }
+    ix
+}
+
+#[test]
+fn an_honest_index_published_elsewhere_is_ignored_without_trust_and_the_layer_read_whole() {
+    let im = image();
+    let (reg, _, _) = with_honest_index();
+    let proxy = CountingProxy::start(&reg.addr(), None);
+    let rb = format!("{}/{REPO}:{TAG}", proxy.addr());
+    let out = Env::new().run(&["cat", "-v", &rb, &format!("/{SMALL}")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(out.stdout, im.small);
+    assert!(err.contains("--trust-index was not given"), "{err}");
+    let blob = im.bottom.bytes.len() as u64;
+    assert!(proxy.sent() >= blob, "fetched {} of {blob}", proxy.sent());
+}
+
+#[test]
+fn forged_windows_are_ignored_by_default_found_by_verify_and_purged_after_a_trusted_prefetch() {
+    let im = image();
+    let (reg, pushed, honest) = with_honest_index();
+    push_forged(&reg, &pushed, &forge_windows(&honest));
+    default_view_is_umocis(&reg);
+    let (ok, out, err) = verify(&reg, &[]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("forged window"), "{err}");
+    assert!(out.contains("index FAILED"), "{out}");
+
+    // Trusted anyway: once every span is held the tar is hashed against
+    // its diff_id, the index distrusted and its bytes dropped.
+    let b = Env::new();
+    let r = format!("{}/{REPO}:{TAG}", reg.addr());
+    {
+        let _m = Mounted::new(&b, &r, &["--prefetch", "--trust-index"]);
+        let found = wait_for(Duration::from_secs(120), || {
+            mount_log(&b).contains("not its diff_id")
+        });
+        assert!(found, "log: {}", mount_log(&b));
+    }
+    let lazy = b.cache_dir().join("lazy/sha256");
+    let hex = &im.bottom.digest[7..];
+    for ext in ["data", "have", "idx"] {
+        let p = lazy.join(format!("{hex}-gzidx.{ext}"));
+        assert!(!p.exists(), "{} kept after the mismatch", p.display());
+    }
+    assert!(lazy.join(format!("{hex}-gzidx.distrusted")).exists());
+    // The honest index published again: the same cache reads right bytes.
+    push_forged(&reg, &pushed, &honest);
+    assert!(cat(&b, &r, LARGE, &["--trust-index"]) == im.large);
+    assert_eq!(cat(&b, &r, SMALL, &["--trust-index"]), im.small);
+}
+
+/// With `--trust-index`, a fresh cache reads `SMALL` right and the
+/// refusal of the index is logged with `reason`.
+fn trusted_cat_refuses_the_index(reg: &Registry, reason: &str) {
+    let r = format!("{}/{REPO}:{TAG}", reg.addr());
+    for path in [SMALL, SAME_SIZE[1]] {
+        let env = Env::new();
+        let out = env.run(&["cat", "-v", "--trust-index", &r, &format!("/{path}")]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{err}");
+        let want: &[u8] = if path == SMALL {
+            &image().small
+        } else {
+            &image().same_size[1]
+        };
+        assert!(out.stdout == want, "wrong bytes of {path}");
+        assert!(err.contains(reason), "{reason:?} not in {err}");
+    }
+}
+
+#[test]
+fn an_index_with_a_sparse_entry_over_other_bytes_is_refused_even_when_trusted() {
+    let (reg, pushed, honest) = with_honest_index();
+    let mut ix = honest.clone();
+    let large = entry(&honest, LARGE).offset;
+    let e = ix
+        .entries
+        .entries
+        .iter_mut()
+        .find(|e| e.path == SMALL.as_bytes())
+        .unwrap();
+    // 1-byte segments picked out of the large file's data.
+    e.offset = large;
+    e.sparse = Some(
+        (0..e.size)
+            .map(|i| rimg::layer::Segment {
+                logical: i,
+                stored: i * 37,
+                len: 1,
+            })
+            .collect(),
+    );
+    push_forged(&reg, &pushed, &ix);
+    default_view_is_umocis(&reg);
+    trusted_cat_refuses_the_index(&reg, "a sparse file");
+    let (ok, _, err) = verify(&reg, &[]);
+    assert!(!ok && err.contains("a sparse file"), "{err}");
+}
+
+#[test]
+fn an_index_with_a_hardlink_or_a_long_setuid_name_is_refused_even_when_trusted() {
+    let (reg, pushed, honest) = with_honest_index();
+    let mut ix = honest.clone();
+    let mut link = Entry::new(b"etc/passwd", EntryKind::Hardlink);
+    link.link = Some(SMALL.as_bytes().to_vec());
+    ix.entries.entries.push(link);
+    push_forged(&reg, &pushed, &ix);
+    trusted_cat_refuses_the_index(&reg, "a hardlink");
+
+    let mut ix = honest.clone();
+    let e = ix
+        .entries
+        .entries
+        .iter_mut()
+        .find(|e| e.path == SAME_SIZE[0].as_bytes())
+        .unwrap();
+    e.path = format!("data/{}", "x".repeat(109)).into_bytes();
+    e.mode = 0o4755;
+    push_forged(&reg, &pushed, &ix);
+    default_view_is_umocis(&reg);
+    trusted_cat_refuses_the_index(&reg, "long-name or PAX header");
+    let (ok, _, err) = verify(&reg, &[]);
+    assert!(!ok && err.contains("long-name"), "{err}");
+}
+
+#[test]
+fn an_omitted_whiteout_is_ignored_by_default_and_found_by_verify() {
+    let (reg, pushed, _) = with_honest_index();
+    let mut top = top_index(&reg, &pushed);
+    let before = top.entries.entries.len();
+    top.entries
+        .entries
+        .retain(|e| !e.path.ends_with(b".wh.gone.bin"));
+    assert_eq!(top.entries.entries.len(), before - 1);
+    push_forged(&reg, &pushed, &top);
+    default_view_is_umocis(&reg);
+    let (ok, out, err) = verify(&reg, &[]);
+    assert!(!ok, "{out}");
+    assert!(err.contains("split view"), "{err}");
+    assert!(err.contains(".wh.gone.bin"), "{err}");
+}
+
+#[test]
+fn a_small_index_of_thirty_million_entries_is_refused_quickly_even_when_trusted() {
+    use std::io::Write;
+    let (reg, pushed, honest) = with_honest_index();
+    let mut plain = postcard::to_stdvec(&(1u32, &honest.layer, honest.blob_size)).unwrap();
+    let mut n: u64 = 30_000_000;
+    while n >= 0x80 {
+        plain.push(n as u8 | 0x80);
+        n >>= 7;
+    }
+    plain.push(n as u8);
+    let one = postcard::to_stdvec(&Entry::new(b"x", EntryKind::File)).unwrap();
+    let mut z = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+    z.write_all(&plain).unwrap();
+    for _ in 0..3_000_000 {
+        z.write_all(&one).unwrap();
+    }
+    let bomb = z.finish().unwrap();
+    assert!(bomb.len() < 100_000, "{} bytes", bomb.len());
+    // Pushed as the bottom layer's index blob, in place of the honest one.
+    let (mut manifest, _) = published(&reg, &pushed);
+    let digest = push_blob(&reg, REPO, &bomb);
+    for l in manifest["layers"].as_array_mut().unwrap() {
+        if l["annotations"]["dev.rimg.layer.digest"] == honest.layer.as_str() {
+            l["digest"] = digest.clone().into();
+            l["size"] = bomb.len().into();
+        }
+    }
+    manifest["annotations"] = serde_json::json!({"org.example.bomb": digest});
+    let body = serde_json::to_vec(&manifest).unwrap();
+    let mdigest = push_manifest(&reg, REPO, &sha256(&body), OCI_MANIFEST, &body);
+    let tag = referrers_tag(&pushed);
+    let mut index: serde_json::Value = serde_json::from_slice(&curl_get(
+        &reg,
+        &format!("/v2/{REPO}/manifests/{tag}"),
+        OCI_INDEX,
+    ))
+    .unwrap();
+    index["manifests"]
+        .as_array_mut()
+        .unwrap()
+        .push(serde_json::json!({
+            "mediaType": OCI_MANIFEST, "digest": mdigest, "size": body.len(),
+            "artifactType": rimg::image::ARTIFACT_TYPE,
+        }));
+    let body = serde_json::to_vec(&index).unwrap();
+    push_manifest(&reg, REPO, &tag, OCI_INDEX, &body);
+
+    let started = std::time::Instant::now();
+    let env = Env::new();
+    let r = format!("{}/{REPO}:{TAG}", reg.addr());
+    let out = env.run(&["cat", "-v", "--trust-index", &r, &format!("/{SMALL}")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(out.stdout, image().small);
+    assert!(
+        err.contains("more than 1048576 entries") || err.contains("decodes to more than"),
+        "{err}"
+    );
+    // Refused before the layer's whole download starts, not after minutes
+    // of decoding.
+    assert!(
+        started.elapsed() < Duration::from_secs(120),
+        "{:?}",
+        started.elapsed()
+    );
+    let lazy = env.cache_dir().join("lazy/sha256");
+    for f in std::fs::read_dir(&lazy).into_iter().flatten().flatten() {
+        let len = f.metadata().unwrap().len();
+        assert!(len < 1 << 20, "{} is {len} bytes", f.path().display());
+    }
+}
+
+#[test]
+fn verify_passes_an_honest_image_and_index_and_says_so_per_layer() {
+    let (reg, _, _) = with_honest_index();
+    let (ok, out, err) = verify(&reg, &[]);
+    assert!(ok, "{out}{err}");
+    let bottom = &image().bottom.digest;
+    let line = out
+        .lines()
+        .find(|l| l.contains(bottom.as_str()))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        line.contains("gzip: digest ok, diff_id ok, index ok"),
+        "{line}"
+    );
+    assert!(out.contains("verified"), "{out}");
+    let (ok, out, _) = verify(&reg, &["--json"]);
+    assert!(ok);
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 3, "{out}");
+    assert_eq!(lines[0]["checks"]["index"]["result"], "ok");
+    assert_eq!(lines[2]["ok"], true);
+}
+
+#[test]
+fn a_registry_that_ignores_range_serves_the_layer_whole_through_a_trusted_index() {
+    let im = image();
+    let (reg, _, _) = with_honest_index();
+    let front = common::proxy::RedirectProxy::start(&reg);
+    let r = format!("{}/{REPO}:{TAG}", front.addr());
+    let out = Env::new().run(&["cat", "--trust-index", &r, &format!("/{SMALL}")]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(out.stdout, im.small);
+    assert!(err.contains("ignores Range"), "{err}");
 }

@@ -102,6 +102,8 @@ pub enum GzIndexError {
     Layout { at: u64 },
     #[error("the published index's checkpoints are malformed")]
     Zran(#[source] zran::ZranError),
+    #[error("the published index lists {count} entries, more than {ENTRIES_MAX}")]
+    TooManyEntries { count: u64 },
     #[error(
         "the published index decodes to more than {limit} bytes, over the bound for a {blob}-byte layer"
     )]
@@ -149,6 +151,15 @@ impl LayerGzIndex {
             .map_err(|e| GzIndexError::Decode(e.into()))?;
         if plain.len() as u64 > limit {
             return Err(GzIndexError::TooLarge { limit, blob: size });
+        }
+        // The entry count is read before the entries: a count over the cap
+        // is refused with that reason (the bounded deserializer refuses it
+        // too, but postcard drops custom messages).
+        if let Ok((_, rest)) = postcard::take_from_bytes::<(u32, Digest, u64)>(&plain)
+            && let Ok((count, _)) = postcard::take_from_bytes::<u64>(rest)
+            && count > ENTRIES_MAX as u64
+        {
+            return Err(GzIndexError::TooManyEntries { count });
         }
         let ix: LayerGzIndex =
             postcard::from_bytes(&plain).map_err(|e| GzIndexError::Decode(e.into()))?;
@@ -711,5 +722,68 @@ mod tests {
         ));
         assert!(LayerGzIndex::decode(&bytes, &l, n + 1).is_err());
         assert!(LayerGzIndex::decode(&bytes[..bytes.len() / 2], &l, n).is_err());
+    }
+
+    /// An honest index of a small gzip layer, its layer digest and size.
+    fn small_index() -> (LayerGzIndex, Digest, u64) {
+        let tar = tar_of(&[("etc/a", b"aaaa"), ("etc/b", b"bbbbbbbb")]);
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        std::io::Write::write_all(&mut gz, &tar).unwrap();
+        let blob = gz.finish().unwrap();
+        let entries = crate::layer::index_tar(&tar[..], "sha256:l").unwrap();
+        let l = Digest::of_bytes(&blob);
+        (build(&l, &blob[..], entries).unwrap(), l, blob.len() as u64)
+    }
+
+    #[test]
+    fn an_index_with_entries_whose_headers_cannot_be_checked_is_refused() {
+        let (honest, l, n) = small_index();
+        let forge = |f: &dyn Fn(&mut LayerGzIndex)| {
+            let mut ix = honest.clone();
+            f(&mut ix);
+            LayerGzIndex::decode(&ix.encode().unwrap(), &l, n).unwrap_err()
+        };
+        let e = forge(&|ix| {
+            ix.entries.entries[0].sparse = Some(Box::new([crate::layer::Segment {
+                logical: 0,
+                stored: 0,
+                len: 1,
+            }]))
+        });
+        assert!(e.to_string().contains("sparse"), "{e}");
+        let e = forge(&|ix| {
+            let mut h = Entry::new(b"etc/passwd", EntryKind::Hardlink);
+            h.link = Some(b"etc/a".to_vec());
+            ix.entries.entries.push(h);
+        });
+        assert!(e.to_string().contains("hardlink"), "{e}");
+        let e = forge(&|ix| ix.entries.entries[0].path = vec![b'x'; 114]);
+        assert!(e.to_string().contains("long-name"), "{e}");
+    }
+
+    #[test]
+    fn a_tiny_index_announcing_millions_of_entries_is_refused_before_decoding_them() {
+        use std::io::Write;
+        let (honest, l, n) = small_index();
+        let mut plain = postcard::to_stdvec(&(1u32, &l, n)).unwrap();
+        plain.extend(postcard::to_stdvec(&30_000_000u64).unwrap());
+        let one = postcard::to_stdvec(&Entry::new(b"x", EntryKind::File)).unwrap();
+        let mut z = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        z.write_all(&plain).unwrap();
+        for _ in 0..1000 {
+            z.write_all(&one).unwrap();
+        }
+        let bomb = z.finish().unwrap();
+        let e = LayerGzIndex::decode(&bomb, &l, n).unwrap_err();
+        assert!(
+            matches!(e, GzIndexError::TooManyEntries { count: 30_000_000 }),
+            "{e}"
+        );
+        // Decoding past twice the layer plus 1 MiB is refused as it inflates.
+        let mut z = zstd::stream::Encoder::new(Vec::new(), 3).unwrap();
+        z.write_all(&vec![0u8; 3 << 20]).unwrap();
+        let e = LayerGzIndex::decode(&z.finish().unwrap(), &l, n).unwrap_err();
+        assert!(matches!(e, GzIndexError::TooLarge { .. }), "{e}");
+        let _ = honest;
     }
 }
