@@ -216,7 +216,10 @@ fn base() -> Vec<u8> {
 
 /// One case: the stream's tar and the TOC's, each case under its own
 /// directory so that all of them stack in one image.
-fn cases() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+/// A case's name, stream tar and TOC tar.
+type Case = (&'static str, Vec<u8>, Vec<u8>);
+
+fn cases() -> Vec<Case> {
     let both = |f: &dyn Fn(&mut LayerBuilder, bool)| {
         let (mut s, mut t) = (LayerBuilder::new(), LayerBuilder::new());
         f(&mut s, true);
@@ -224,7 +227,8 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
         (s.finish(), t.finish())
     };
     let tool = b"#!/bin/sh\necho tool\n";
-    let list: Vec<(&str, (Vec<u8>, Vec<u8>))> = vec![
+    type Pair = (Vec<u8>, Vec<u8>);
+    let list: Vec<(&str, Pair)> = vec![
         (
             "hidden backdoor",
             both(&|b, s| {
@@ -366,18 +370,18 @@ fn a_toc_that_disagrees_with_its_tar_split_is_caught_for_every_case_and_the_stre
     // Cold, by default: each lying layer is named with its first
     // difference and read whole.
     let env = Env::new();
-    let out = env.run(&["ls", &r(&f, "ts"), "/"]);
+    let out = env.run(&["ls", &r(f, "ts"), "/"]);
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
     let named = log.matches("split view").count();
     assert_eq!(named, cases().len(), "{log}");
     assert!(log.contains("c2/tool: mode 0755 against 4755"), "{log}");
-    let m = Mounted::new(&env, &r(&f, "ts"), &[]);
+    let m = Mounted::new(&env, &r(f, "ts"), &[]);
     assert_same_tree(&m.path, &rootfs);
     drop(m);
     // Cold with --prefetch on a fresh cache.
     let env = Env::new();
-    let m = Mounted::new(&env, &r(&f, "ts"), &["--prefetch"]);
+    let m = Mounted::new(&env, &r(f, "ts"), &["--prefetch"]);
     assert_same_tree(&m.path, &rootfs);
 }
 
@@ -386,36 +390,36 @@ fn a_toc_without_tar_split_is_read_whole_by_default_and_trusted_only_when_asked(
     let f = fixture();
     let (_d, rootfs) = umoci_unpack(&f.reg, "plain", "split");
     let env = Env::new();
-    let m = Mounted::new(&env, &r(&f, "nots"), &[]);
+    let m = Mounted::new(&env, &r(f, "nots"), &[]);
     assert_same_tree(&m.path, &rootfs);
     drop(m);
     // --trust-toc shows what the TOC says: a different tree (and entries
     // without endOffset are read, their ends derived).
     let env = Env::new();
-    let out = env.run(&["--trust-toc", "ls", &r(&f, "nots"), "/"]);
+    let out = env.run(&["--trust-toc", "ls", &r(f, "nots"), "/"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let m = Mounted::new(&env, &r(&f, "nots"), &["--trust-toc"]);
+    let m = Mounted::new(&env, &r(f, "nots"), &["--trust-toc"]);
     let trusted = tree_listing(&m.path);
     assert!(!diff_listings(&trusted, &tree_listing(&rootfs)).is_empty());
     assert_eq!(std::fs::read(m.path.join("c9/dup")).unwrap(), b"first\n");
     drop(m);
     // Then the whole layers: every TOC is compared with its stream, and
     // each difference logged and its range cache dropped.
-    let out = env.run(&["--whole-layers", "ls", &r(&f, "nots"), "/"]);
+    let out = env.run(&["--whole-layers", "ls", &r(f, "nots"), "/"]);
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(log.matches("split view").count(), cases().len(), "{log}");
-    let m = Mounted::new(&env, &r(&f, "nots"), &["--trust-toc"]);
+    let m = Mounted::new(&env, &r(f, "nots"), &["--trust-toc"]);
     assert_same_tree(&m.path, &rootfs);
     drop(m);
     // The other order: whole first, then a trusting mount shows the stream.
     let env = Env::new();
-    env.ok(&["--whole-layers", "ls", &r(&f, "nots"), "/"]);
-    let m = Mounted::new(&env, &r(&f, "nots"), &["--trust-toc"]);
+    env.ok(&["--whole-layers", "ls", &r(f, "nots"), "/"]);
+    let m = Mounted::new(&env, &r(f, "nots"), &["--trust-toc"]);
     assert_same_tree(&m.path, &rootfs);
 }
 
