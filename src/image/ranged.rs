@@ -1,12 +1,18 @@
-//! Which layers are read by range, and how: a layer whose table of contents
-//! the manifest pins (eStargz, zstd:chunked) is opened from that table alone
-//! and its files are fetched chunk by chunk; every other layer is fetched
-//! whole. The span maps here verify each chunk against the digest its table
-//! states before a byte of it is kept.
+//! Which layers are read by range, and how. A zstd:chunked layer with a
+//! tar-split is opened from its table of contents once that table is proved
+//! against the tar-split (see `image::tarsplit`); an eStargz layer, or a
+//! zstd:chunked one without a tar-split, only when the user trusts tables of
+//! contents (`--trust-toc`), since nothing short of the whole stream proves
+//! them; a gzip layer through a published index. Files are then fetched
+//! chunk by chunk, and the span maps here verify each chunk against the
+//! digest its table states before a byte of it is kept. Every other layer
+//! is fetched whole.
 //!
-//! A layer keeps the form it was first opened in while its range cache
-//! lives (a layer read by range stays so even once it is also cached
-//! whole), because a saved merged tree points at addresses in that form.
+//! A layer cached whole is read whole: the stream is what the manifest's
+//! diff_id names, and a table of contents that disagrees with it has been
+//! dropped (`Cache::audit_toc`). A gzip-indexed layer keeps the form it was
+//! first opened in while its range cache lives, because a saved merged tree
+//! points at addresses in that form.
 
 use std::sync::Arc;
 
