@@ -12,6 +12,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use base64::Engine as _;
 use common::counting::CountingProxy;
@@ -574,5 +575,52 @@ fn skopeo_zstd_chunked_of_gnu_tar_layers_reads_the_same_whole_and_by_range_with_
         let b = ranged.ok(&["--trust-toc", "cat", "--layer", &layer, &image, "/etc/motd"]);
         assert_eq!(a, "hello from gnu tar\n");
         assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn once_prefetched_the_tar_a_tar_split_rebuilds_must_hash_to_the_diff_id() {
+    let reg = Registry::start(Auth::None);
+    let mut b = LayerBuilder::new();
+    b.dir("etc", 0o755)
+        .file("etc/motd", b"hello\n", 0o644)
+        .file("etc/issue", b"issue\n", 0o644);
+    let tar = b.finish();
+    let honest = chunked(&Chunked {
+        stream: &tar,
+        toc: &tar,
+        split: Some(&tar),
+        cut: tar.len(),
+        end_offsets: true,
+    });
+    // The same layer under a config whose diff_id names another tar.
+    let mut lying = honest.clone();
+    lying.0.diff_id = sha256(b"another tar");
+    push(&reg, "pf", "honest", std::slice::from_ref(&honest));
+    push(&reg, "pf", "lying", &[lying]);
+    let have = |env: &Env, ext: &str| {
+        env.cache_dir().join(format!(
+            "lazy/sha256/{}-tarsplit.{ext}",
+            &honest.0.digest[7..]
+        ))
+    };
+    for (tag, lies) in [("honest", false), ("lying", true)] {
+        let env = Env::new();
+        let image = format!("{}/pf:{tag}", reg.addr());
+        let m = Mounted::new(&env, &image, &["--prefetch"]);
+        // Both chunks held (4 bytes each in the log), then the check.
+        let held = || std::fs::metadata(have(&env, "have")).is_ok_and(|m| m.len() >= 8);
+        // A lying layer's chunks are dropped with its range cache.
+        let done = wait_for(Duration::from_secs(30), || {
+            if lies {
+                have(&env, "distrusted").exists()
+            } else {
+                held()
+            }
+        });
+        assert!(done, "{tag}: prefetch did not finish");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(have(&env, "distrusted").exists(), lies, "{tag}");
+        drop(m);
     }
 }

@@ -99,12 +99,16 @@ struct TocMeta {
     /// `(address, len, crc, entry)`: the CRC-64 the tar-split gives each
     /// file's content, checked before any byte of the file is served.
     crcs: Vec<(u64, u64, u64, usize)>,
+    /// The tar-split's range in the blob and its pin: once every chunk is
+    /// held, the tar it rebuilds must hash to the diff_id.
+    tar_split: Option<(u64, u64, [u8; 32])>,
 }
 
 /// The chunks, and their layer as far as errors name it (entries' paths
 /// only: the index itself is the cache's).
 struct TocSpans {
     layer: toc::TocLayer,
+    tar_split: Option<(u64, u64, [u8; 32])>,
     /// Sorted by address (see [`TocMeta::crcs`]).
     crcs: Vec<(u64, u64, u64, usize)>,
     /// Files whose content matched their CRC-64.
@@ -139,6 +143,31 @@ impl SpanMap for TocSpans {
     }
     fn prefetch_first(&self) -> Option<u64> {
         self.layer.prefetch_until
+    }
+    fn audit_complete(
+        &self,
+        read: VerifiedRead<'_>,
+        source: &dyn RangeSource,
+        diff_id: &str,
+    ) -> Result<bool, BoxError> {
+        let Some((at, len, pin)) = self.tar_split.filter(|_| !diff_id.is_empty()) else {
+            return Ok(false);
+        };
+        let bytes = source.fetch(at, len)?;
+        let mut items = toc::tarsplit::open(&bytes, &pin, &self.layer.layer)?;
+        let tar = super::tarsplit::rebuilt_diff_id(&mut items, &self.crcs, read)?;
+        if tar != diff_id {
+            return Err(format!(
+                "split view: layer {}: the tar its tar-split and chunks rebuild hashes to {tar}, but the image config says {diff_id}",
+                self.layer.layer
+            )
+            .into());
+        }
+        tracing::info!(
+            "layer {}: every chunk held; the tar they rebuild with the tar-split matches the diff_id",
+            self.layer.layer
+        );
+        Ok(true)
     }
     fn check_read(&self, offset: u64, read: VerifiedRead<'_>) -> Result<(), BoxError> {
         let Some(i) = self.crcs.partition_point(|c| c.0 <= offset).checked_sub(1) else {
@@ -189,7 +218,11 @@ impl SpanMap for TocSpans {
     }
 }
 
-fn toc_meta(t: &toc::TocLayer, crcs: super::tarsplit::Crcs) -> TocMeta {
+fn toc_meta(
+    t: &toc::TocLayer,
+    crcs: super::tarsplit::Crcs,
+    tar_split: Option<(u64, u64, [u8; 32])>,
+) -> TocMeta {
     TocMeta {
         zstd: matches!(t.kind, TocKind::ZstdChunked),
         layer: t.layer.clone(),
@@ -206,6 +239,7 @@ fn toc_meta(t: &toc::TocLayer, crcs: super::tarsplit::Crcs) -> TocMeta {
             .collect(),
         prefetch_until: t.prefetch_until,
         crcs,
+        tar_split,
     }
 }
 
@@ -246,6 +280,7 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
             layer: m.layer,
         },
         crcs: m.crcs,
+        tar_split: m.tar_split,
         proved: Default::default(),
     }))
 }
@@ -327,7 +362,7 @@ impl ImageSource {
                         t.index.entries.len(),
                         t.chunks.len()
                     );
-                    let meta = postcard::to_stdvec(&toc_meta(&t, Vec::new()))
+                    let meta = postcard::to_stdvec(&toc_meta(&t, Vec::new(), None))
                         .map_err(RangedOpenError::Meta)?;
                     Ok((t.index, meta))
                 },
@@ -339,15 +374,15 @@ impl ImageSource {
                 &image_ref,
                 TARSPLIT,
                 || {
-                    let (t, crcs) = super::tarsplit::proved_toc(&fetcher, &d, location)?;
+                    let (t, crcs, split) = super::tarsplit::proved_toc(&fetcher, &d, location)?;
                     tracing::info!(
                         "layer {}: read by range from its table of contents, proved against its tar-split ({} entries, {} chunks)",
                         d.digest,
                         t.index.entries.len(),
                         t.chunks.len()
                     );
-                    let meta =
-                        postcard::to_stdvec(&toc_meta(&t, crcs)).map_err(RangedOpenError::Meta)?;
+                    let meta = postcard::to_stdvec(&toc_meta(&t, crcs, Some(split)))
+                        .map_err(RangedOpenError::Meta)?;
                     Ok((t.index, meta))
                 },
                 toc_spans,

@@ -19,6 +19,25 @@ impl crate::cache::Layer {
         let crate::cache::Data::Ranged(r) = &self.data else {
             return Ok(());
         };
+        if r.complete() {
+            let read = |o: u64, b: &mut [u8]| -> Result<(), super::BoxError> {
+                if r.read_at(o, b)? < b.len() {
+                    return Err("the layer ends there".into());
+                }
+                Ok(())
+            };
+            if let Err(e) = r.map.audit_complete(&read, &*r.source, &self.diff_id) {
+                tracing::error!(
+                    "{}; dropping the range cache of layer {}",
+                    crate::report::Chain(&*e),
+                    self.digest
+                );
+                drop_ranged(&r.data_path.with_extension("idx"));
+                return Err(crate::cache::CacheError::IndexMismatch {
+                    digest: self.digest.clone(),
+                });
+            }
+        }
         if !r.map.addresses_are_tar() || !r.complete() {
             return Ok(());
         }
