@@ -101,14 +101,14 @@ struct TocMeta {
     crcs: Vec<(u64, u64, u64, usize)>,
     /// The tar-split's range in the blob and its pin: once every chunk is
     /// held, the tar it rebuilds must hash to the diff_id.
-    tar_split: Option<(u64, u64, [u8; 32])>,
+    tar_split: Option<super::tarsplit::SplitAt>,
 }
 
 /// The chunks, and their layer as far as errors name it (entries' paths
 /// only: the index itself is the cache's).
 struct TocSpans {
     layer: toc::TocLayer,
-    tar_split: Option<(u64, u64, [u8; 32])>,
+    tar_split: Option<super::tarsplit::SplitAt>,
     /// Sorted by address (see [`TocMeta::crcs`]).
     crcs: Vec<(u64, u64, u64, usize)>,
     /// Files whose content matched their CRC-64.
@@ -221,7 +221,7 @@ impl SpanMap for TocSpans {
 fn toc_meta(
     t: &toc::TocLayer,
     crcs: super::tarsplit::Crcs,
-    tar_split: Option<(u64, u64, [u8; 32])>,
+    tar_split: Option<super::tarsplit::SplitAt>,
 ) -> TocMeta {
     TocMeta {
         zstd: matches!(t.kind, TocKind::ZstdChunked),

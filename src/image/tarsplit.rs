@@ -20,13 +20,16 @@ use super::ranged::{RangedOpenError, RegistryRange, fetch_toc};
 /// `(address, len, crc, entry)` per non-empty regular file, by address.
 pub(super) type Crcs = Vec<(u64, u64, u64, usize)>;
 
+/// A tar-split's range in the blob and its pin.
+pub(super) type SplitAt = (u64, u64, [u8; 32]);
+
 /// Fetches the TOC and its tar-split, and proves one against the other.
 /// Returns the TOC, each file's checksum, and the tar-split's range and pin.
 pub(super) fn proved_toc(
     source: &RegistryRange,
     desc: &LayerDesc,
     location: TocLocation,
-) -> Result<(toc::TocLayer, Crcs, (u64, u64, [u8; 32])), RangedOpenError> {
+) -> Result<(toc::TocLayer, Crcs, SplitAt), RangedOpenError> {
     let TocLocation::Range {
         tar_split: Some((ts_off, ts_len)),
         ..
