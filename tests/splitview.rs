@@ -12,6 +12,7 @@
 mod common;
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use base64::Engine as _;
 use common::counting::CountingProxy;
@@ -216,7 +217,10 @@ fn base() -> Vec<u8> {
 
 /// One case: the stream's tar and the TOC's, each case under its own
 /// directory so that all of them stack in one image.
-fn cases() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
+/// A case's name, stream tar and TOC tar.
+type Case = (&'static str, Vec<u8>, Vec<u8>);
+
+fn cases() -> Vec<Case> {
     let both = |f: &dyn Fn(&mut LayerBuilder, bool)| {
         let (mut s, mut t) = (LayerBuilder::new(), LayerBuilder::new());
         f(&mut s, true);
@@ -224,7 +228,8 @@ fn cases() -> Vec<(&'static str, Vec<u8>, Vec<u8>)> {
         (s.finish(), t.finish())
     };
     let tool = b"#!/bin/sh\necho tool\n";
-    let list: Vec<(&str, (Vec<u8>, Vec<u8>))> = vec![
+    type Pair = (Vec<u8>, Vec<u8>);
+    let list: Vec<(&str, Pair)> = vec![
         (
             "hidden backdoor",
             both(&|b, s| {
@@ -366,18 +371,18 @@ fn a_toc_that_disagrees_with_its_tar_split_is_caught_for_every_case_and_the_stre
     // Cold, by default: each lying layer is named with its first
     // difference and read whole.
     let env = Env::new();
-    let out = env.run(&["ls", &r(&f, "ts"), "/"]);
+    let out = env.run(&["ls", &r(f, "ts"), "/"]);
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
     let named = log.matches("split view").count();
     assert_eq!(named, cases().len(), "{log}");
     assert!(log.contains("lists c2/tool mode 0755, its tar stream has 4755"), "{log}");
-    let m = Mounted::new(&env, &r(&f, "ts"), &[]);
+    let m = Mounted::new(&env, &r(f, "ts"), &[]);
     assert_same_tree(&m.path, &rootfs);
     drop(m);
     // Cold with --prefetch on a fresh cache.
     let env = Env::new();
-    let m = Mounted::new(&env, &r(&f, "ts"), &["--prefetch"]);
+    let m = Mounted::new(&env, &r(f, "ts"), &["--prefetch"]);
     assert_same_tree(&m.path, &rootfs);
 }
 
@@ -386,36 +391,36 @@ fn a_toc_without_tar_split_is_read_whole_by_default_and_trusted_only_when_asked(
     let f = fixture();
     let (_d, rootfs) = umoci_unpack(&f.reg, "plain", "split");
     let env = Env::new();
-    let m = Mounted::new(&env, &r(&f, "nots"), &[]);
+    let m = Mounted::new(&env, &r(f, "nots"), &[]);
     assert_same_tree(&m.path, &rootfs);
     drop(m);
     // --trust-toc shows what the TOC says: a different tree (and entries
     // without endOffset are read, their ends derived).
     let env = Env::new();
-    let out = env.run(&["--trust-toc", "ls", &r(&f, "nots"), "/"]);
+    let out = env.run(&["--trust-toc", "ls", &r(f, "nots"), "/"]);
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let m = Mounted::new(&env, &r(&f, "nots"), &["--trust-toc"]);
+    let m = Mounted::new(&env, &r(f, "nots"), &["--trust-toc"]);
     let trusted = tree_listing(&m.path);
     assert!(!diff_listings(&trusted, &tree_listing(&rootfs)).is_empty());
     assert_eq!(std::fs::read(m.path.join("c9/dup")).unwrap(), b"first\n");
     drop(m);
     // Then the whole layers: every TOC is compared with its stream, and
     // each difference logged and its range cache dropped.
-    let out = env.run(&["--whole-layers", "ls", &r(&f, "nots"), "/"]);
+    let out = env.run(&["--whole-layers", "ls", &r(f, "nots"), "/"]);
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
     assert_eq!(log.matches("split view").count(), cases().len(), "{log}");
-    let m = Mounted::new(&env, &r(&f, "nots"), &["--trust-toc"]);
+    let m = Mounted::new(&env, &r(f, "nots"), &["--trust-toc"]);
     assert_same_tree(&m.path, &rootfs);
     drop(m);
     // The other order: whole first, then a trusting mount shows the stream.
     let env = Env::new();
-    env.ok(&["--whole-layers", "ls", &r(&f, "nots"), "/"]);
-    let m = Mounted::new(&env, &r(&f, "nots"), &["--trust-toc"]);
+    env.ok(&["--whole-layers", "ls", &r(f, "nots"), "/"]);
+    let m = Mounted::new(&env, &r(f, "nots"), &["--trust-toc"]);
     assert_same_tree(&m.path, &rootfs);
 }
 
@@ -516,4 +521,106 @@ fn a_tar_split_that_lies_about_padding_is_refused_and_never_fixes_a_diff_id() {
     let env = Env::new();
     let e = env.fails(&["--whole-layers", "cat", &image, "/etc/motd"]);
     assert!(e.contains("tar-split disagrees with the tar stream"), "{e}");
+}
+
+#[test]
+fn skopeo_zstd_chunked_of_gnu_tar_layers_reads_the_same_whole_and_by_range_with_diff_ids_verified()
+{
+    let reg = Registry::start(Auth::None);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    std::fs::create_dir_all(root.join("etc")).unwrap();
+    std::fs::write(root.join("etc/motd"), b"hello from gnu tar\n").unwrap();
+    std::fs::write(root.join("etc/odd"), vec![b'x'; 777]).unwrap();
+    // GNU tar's default record (20 blocks), one block, and an odd three.
+    let layers: Vec<Blob> = ["20", "1", "3"]
+        .iter()
+        .map(|b| {
+            let out = std::process::Command::new("tar")
+                .args(["--format=gnu", "-b", b, "-cf", "-", "-C"])
+                .arg(&root)
+                .arg("etc")
+                .output()
+                .unwrap();
+            assert!(out.status.success());
+            layer_blob(&out.stdout, Compress::Gzip, true)
+        })
+        .collect();
+    common::image::push_image(&reg, "src", "gnu", &layers, "amd64", true);
+    common::lazy::zstd_chunked(&reg, "src:gnu", "zc:gnu");
+    let image = format!("{}/zc:gnu", reg.addr());
+    for n in 0..3 {
+        let layer = n.to_string();
+        let whole = Env::new();
+        let out = whole.run(&[
+            "-v",
+            "--whole-layers",
+            "cat",
+            "--layer",
+            &layer,
+            &image,
+            "/etc/motd",
+        ]);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "layer {n}: {log}");
+        // The 10240-byte and odd records lose padding in the zstd stream;
+        // the 512-byte one has none to lose.
+        assert_eq!(
+            n != 1,
+            log.contains("zero bytes; restored"),
+            "layer {n}: {log}"
+        );
+        let a = String::from_utf8_lossy(&out.stdout).into_owned();
+        let ranged = Env::new();
+        let b = ranged.ok(&["--trust-toc", "cat", "--layer", &layer, &image, "/etc/motd"]);
+        assert_eq!(a, "hello from gnu tar\n");
+        assert_eq!(a, b);
+    }
+}
+
+#[test]
+fn once_prefetched_the_tar_a_tar_split_rebuilds_must_hash_to_the_diff_id() {
+    let reg = Registry::start(Auth::None);
+    let mut b = LayerBuilder::new();
+    b.dir("etc", 0o755)
+        .file("etc/motd", b"hello\n", 0o644)
+        .file("etc/issue", b"issue\n", 0o644);
+    let tar = b.finish();
+    let honest = chunked(&Chunked {
+        stream: &tar,
+        toc: &tar,
+        split: Some(&tar),
+        cut: tar.len(),
+        end_offsets: true,
+    });
+    // The same layer under a config whose diff_id names another tar.
+    let mut lying = honest.clone();
+    lying.0.diff_id = sha256(b"another tar");
+    push(&reg, "pf", "honest", std::slice::from_ref(&honest));
+    push(&reg, "pf", "lying", &[lying]);
+    let have = |env: &Env, ext: &str| {
+        env.cache_dir().join(format!(
+            "lazy/sha256/{}-tarsplit.{ext}",
+            &honest.0.digest[7..]
+        ))
+    };
+    for (tag, lies) in [("honest", false), ("lying", true)] {
+        let env = Env::new();
+        let image = format!("{}/pf:{tag}", reg.addr());
+        let m = Mounted::new(&env, &image, &["--prefetch"]);
+        // Both chunks held (4 bytes each in the log), then the check.
+        let held = || std::fs::metadata(have(&env, "have")).is_ok_and(|m| m.len() >= 8);
+        // A lying layer's chunks are dropped with its range cache.
+        let done = wait_for(Duration::from_secs(30), || {
+            if lies {
+                have(&env, "distrusted").exists()
+            } else {
+                held()
+            }
+        });
+        assert!(done, "{tag}: prefetch did not finish");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(have(&env, "distrusted").exists(), lies, "{tag}");
+        drop(m);
+    }
 }

@@ -92,6 +92,12 @@ pub enum CacheError {
         digest: Digest,
         first: crate::layer::Difference,
     },
+    #[error("layer {digest}: what its range cache holds is not the layer (its range cache is dropped)")]
+    RangedNotLayer {
+        digest: Digest,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
     #[error(transparent)]
     Unsafe(#[from] crate::private::Unsafe),
     #[error("invalid layer digest {0:?}")]

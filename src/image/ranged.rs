@@ -1,12 +1,18 @@
-//! Which layers are read by range, and how: a layer whose table of contents
-//! the manifest pins (eStargz, zstd:chunked) is opened from that table alone
-//! and its files are fetched chunk by chunk; every other layer is fetched
-//! whole. The span maps here verify each chunk against the digest its table
-//! states before a byte of it is kept.
+//! Which layers are read by range, and how. A zstd:chunked layer with a
+//! tar-split is opened from its table of contents once that table is proved
+//! against the tar-split (see `image::tarsplit`); an eStargz layer, or a
+//! zstd:chunked one without a tar-split, only when the user trusts tables of
+//! contents (`--trust-toc`), since nothing short of the whole stream proves
+//! them; a gzip layer through a published index. Files are then fetched
+//! chunk by chunk, and the span maps here verify each chunk against the
+//! digest its table states before a byte of it is kept. Every other layer
+//! is fetched whole.
 //!
-//! A layer keeps the form it was first opened in while its range cache
-//! lives (a layer read by range stays so even once it is also cached
-//! whole), because a saved merged tree points at addresses in that form.
+//! A layer cached whole is read whole: the stream is what the manifest's
+//! diff_id names, and a table of contents that disagrees with it has been
+//! dropped (`Cache::audit_toc`). A gzip-indexed layer keeps the form it was
+//! first opened in while its range cache lives, because a saved merged tree
+//! points at addresses in that form.
 
 use std::sync::Arc;
 
@@ -95,12 +101,16 @@ struct TocMeta {
     /// `(address, len, crc, entry)`: the CRC-64 the tar-split gives each
     /// file's content, checked before any byte of the file is served.
     crcs: Vec<(u64, u64, u64, usize)>,
+    /// The tar-split's range in the blob and its pin: once every chunk is
+    /// held, the tar it rebuilds must hash to the diff_id.
+    tar_split: Option<super::tarsplit::SplitAt>,
 }
 
 /// The chunks, and their layer as far as errors name it (entries' paths
 /// only: the index itself is the cache's).
 struct TocSpans {
     layer: toc::TocLayer,
+    tar_split: Option<super::tarsplit::SplitAt>,
     /// Sorted by address (see [`TocMeta::crcs`]).
     crcs: Vec<(u64, u64, u64, usize)>,
     /// Files whose content matched their CRC-64.
@@ -135,6 +145,31 @@ impl SpanMap for TocSpans {
     }
     fn prefetch_first(&self) -> Option<u64> {
         self.layer.prefetch_until
+    }
+    fn audit_complete(
+        &self,
+        read: VerifiedRead<'_>,
+        source: &dyn RangeSource,
+        diff_id: &str,
+    ) -> Result<bool, BoxError> {
+        let Some((at, len, pin)) = self.tar_split.filter(|_| !diff_id.is_empty()) else {
+            return Ok(false);
+        };
+        let bytes = source.fetch(at, len)?;
+        let mut items = toc::tarsplit::open(&bytes, &pin, &self.layer.layer)?;
+        let tar = super::tarsplit::rebuilt_diff_id(&mut items, &self.crcs, read)?;
+        if tar != diff_id {
+            return Err(format!(
+                "split view: layer {}: the tar its tar-split and chunks rebuild hashes to {tar}, but the image config says {diff_id}",
+                self.layer.layer
+            )
+            .into());
+        }
+        tracing::info!(
+            "layer {}: every chunk held; the tar they rebuild with the tar-split matches the diff_id",
+            self.layer.layer
+        );
+        Ok(true)
     }
     fn check_read(&self, offset: u64, read: VerifiedRead<'_>) -> Result<(), BoxError> {
         let Some(i) = self.crcs.partition_point(|c| c.0 <= offset).checked_sub(1) else {
@@ -185,7 +220,11 @@ impl SpanMap for TocSpans {
     }
 }
 
-fn toc_meta(t: &toc::TocLayer, crcs: super::tarsplit::Crcs) -> TocMeta {
+fn toc_meta(
+    t: &toc::TocLayer,
+    crcs: super::tarsplit::Crcs,
+    tar_split: Option<super::tarsplit::SplitAt>,
+) -> TocMeta {
     TocMeta {
         zstd: matches!(t.kind, TocKind::ZstdChunked),
         layer: t.layer.clone(),
@@ -202,6 +241,7 @@ fn toc_meta(t: &toc::TocLayer, crcs: super::tarsplit::Crcs) -> TocMeta {
             .collect(),
         prefetch_until: t.prefetch_until,
         crcs,
+        tar_split,
     }
 }
 
@@ -242,6 +282,7 @@ fn toc_spans(meta: &[u8]) -> Result<Box<dyn SpanMap>, RangedOpenError> {
             layer: m.layer,
         },
         crcs: m.crcs,
+        tar_split: m.tar_split,
         proved: Default::default(),
     }))
 }
@@ -339,7 +380,7 @@ impl ImageSource {
                         t.index.entries.len(),
                         t.chunks.len()
                     );
-                    let meta = postcard::to_stdvec(&toc_meta(&t, Vec::new()))
+                    let meta = postcard::to_stdvec(&toc_meta(&t, Vec::new(), None))
                         .map_err(RangedOpenError::Meta)?;
                     Ok((t.index, meta))
                 },
@@ -351,15 +392,15 @@ impl ImageSource {
                 &image_ref,
                 TARSPLIT,
                 || {
-                    let (t, crcs) = super::tarsplit::proved_toc(&fetcher, &d, location)?;
+                    let (t, crcs, split) = super::tarsplit::proved_toc(&fetcher, &d, location)?;
                     tracing::info!(
                         "layer {}: read by range from its table of contents, proved against its tar-split ({} entries, {} chunks)",
                         d.digest,
                         t.index.entries.len(),
                         t.chunks.len()
                     );
-                    let meta =
-                        postcard::to_stdvec(&toc_meta(&t, crcs)).map_err(RangedOpenError::Meta)?;
+                    let meta = postcard::to_stdvec(&toc_meta(&t, crcs, Some(split)))
+                        .map_err(RangedOpenError::Meta)?;
                     Ok((t.index, meta))
                 },
                 toc_spans,

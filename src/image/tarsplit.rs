@@ -20,12 +20,16 @@ use super::ranged::{RangedOpenError, RegistryRange, fetch_toc};
 /// `(address, len, crc, entry)` per non-empty regular file, by address.
 pub(super) type Crcs = Vec<(u64, u64, u64, usize)>;
 
+/// A tar-split's range in the blob and its pin.
+pub(super) type SplitAt = (u64, u64, [u8; 32]);
+
 /// Fetches the TOC and its tar-split, and proves one against the other.
+/// Returns the TOC, each file's checksum, and the tar-split's range and pin.
 pub(super) fn proved_toc(
     source: &RegistryRange,
     desc: &LayerDesc,
     location: TocLocation,
-) -> Result<(toc::TocLayer, Crcs), RangedOpenError> {
+) -> Result<(toc::TocLayer, Crcs, SplitAt), RangedOpenError> {
     let TocLocation::Range {
         tar_split: Some((ts_off, ts_len)),
         ..
@@ -82,5 +86,42 @@ pub(super) fn proved_toc(
         }
     }
     crcs.sort_unstable();
-    Ok((t, crcs))
+    Ok((t, crcs, (ts_off, ts_len, pin)))
+}
+
+/// The diff_id of the tar a tar-split rebuilds with each non-empty payload,
+/// in order, read at the address `crcs` gives it (TOC order is tar order).
+pub(super) fn rebuilt_diff_id<R: std::io::BufRead>(
+    items: &mut tarsplit::Items<R>,
+    crcs: &Crcs,
+    read: crate::cache::ranged::VerifiedRead<'_>,
+) -> Result<String, crate::cache::ranged::BoxError> {
+    use sha2::Digest as _;
+    let mut by_tar: Vec<_> = crcs.iter().map(|c| (c.3, c.0, c.1)).collect();
+    by_tar.sort_unstable();
+    let mut files = by_tar.into_iter();
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    while let Some(item) = items.next_item()? {
+        match item {
+            tarsplit::Item::Segment(b) => h.update(&b),
+            tarsplit::Item::File { size: 0, .. } => {}
+            tarsplit::Item::File { size, .. } => {
+                let Some((_, start, len)) = files.next().filter(|f| f.2 == size) else {
+                    return Err("the tar-split's payloads are not the TOC's files".into());
+                };
+                let mut at = start;
+                while at < start + len {
+                    let n = (start + len - at).min(buf.len() as u64) as usize;
+                    read(at, &mut buf[..n])?;
+                    h.update(&buf[..n]);
+                    at += n as u64;
+                }
+            }
+        }
+    }
+    if files.next().is_some() {
+        return Err("the tar-split has fewer payloads than the TOC has files".into());
+    }
+    Ok(format!("sha256:{}", hex::encode(h.finalize())))
 }

@@ -20,6 +20,23 @@ impl crate::cache::Layer {
         let crate::cache::Data::Ranged(r) = &self.data else {
             return Ok(());
         };
+        if r.complete() {
+            let read = |o: u64, b: &mut [u8]| -> Result<(), super::BoxError> {
+                if r.read_at(o, b)? < b.len() {
+                    return Err("the layer ends there".into());
+                }
+                Ok(())
+            };
+            if let Err(source) = r.map.audit_complete(&read, &*r.source, &self.diff_id) {
+                drop_ranged(&r.data_path.with_extension("idx"));
+                let e = crate::cache::CacheError::RangedNotLayer {
+                    digest: self.digest.clone(),
+                    source,
+                };
+                tracing::error!("{}", crate::report::Chain(&e));
+                return Err(e);
+            }
+        }
         if !r.map.addresses_are_tar() || !r.complete() {
             return Ok(());
         }

@@ -67,6 +67,17 @@ pub trait SpanMap: Send + Sync {
     fn addresses_are_tar(&self) -> bool {
         false
     }
+    /// Once every span is held: checks the whole layer against what pins
+    /// it (`diff_id`), fetching what else that needs through `source`.
+    /// `Ok(false)`: nothing to check this way.
+    fn audit_complete(
+        &self,
+        _read: VerifiedRead<'_>,
+        _source: &dyn RangeSource,
+        _diff_id: &str,
+    ) -> Result<bool, BoxError> {
+        Ok(false)
+    }
     /// Addresses below this are fetched first when the whole layer is
     /// prefetched (eStargz's prefetch landmark).
     fn prefetch_first(&self) -> Option<u64> {
