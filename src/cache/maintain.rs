@@ -257,25 +257,38 @@ impl Cache {
     }
 
     /// Removes temporary files that no process is writing (left by a crash).
+    /// Removes what interrupted writes left in `tmp/`: a layer's staged
+    /// files (`<short digest>-XXXXXX.blob`...) once no fetch holds that
+    /// layer's lock, and atomic-write temporaries (`.tmpXXXXXX`) once they
+    /// are older than any write takes.
     pub(super) fn clean_tmp(&self) {
+        const STALE: std::time::Duration = std::time::Duration::from_secs(600);
         let dir = self.root.join("tmp");
         let Ok(entries) = fs::read_dir(&dir) else {
             return;
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(prefix) = name.get(..12) else {
-                continue;
+            let stale = || {
+                e.metadata()
+                    .and_then(|m| m.modified())
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE))
             };
-            // A fetch in progress holds the exclusive lock of its layer.
-            let busy = fs::read_dir(self.root.join("locks"))
-                .ok()
-                .into_iter()
-                .flatten()
-                .flatten()
-                .filter(|l| l.file_name().to_string_lossy().starts_with(prefix))
-                .any(|l| File::open(l.path()).is_ok_and(|f| f.try_lock().is_err()));
-            if !busy {
+            let remove = match name.split_once('-') {
+                Some((prefix, _)) if prefix.len() == 12 && !name.starts_with('.') => {
+                    // A fetch in progress holds the exclusive lock of its layer.
+                    let busy = fs::read_dir(self.root.join("locks"))
+                        .ok()
+                        .into_iter()
+                        .flatten()
+                        .flatten()
+                        .filter(|l| l.file_name().to_string_lossy().starts_with(prefix))
+                        .any(|l| File::open(l.path()).is_ok_and(|f| f.try_lock().is_err()));
+                    !busy
+                }
+                _ => stale(),
+            };
+            if remove {
                 let _ = fs::remove_file(e.path());
             }
         }

@@ -301,10 +301,13 @@ impl Cache {
                 .create(&dir)
                 .map_err(io_err(&dir))?;
         }
-        Ok(Cache {
+        let cache = Cache {
             root: root.to_path_buf(),
             limit,
-        })
+        };
+        // What an interrupted run left is swept by the next one.
+        cache.clean_tmp();
+        Ok(cache)
     }
 
     pub fn root(&self) -> &Path {

@@ -136,10 +136,30 @@ pub fn run(command: Command) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // As a shell reports a process a signal stopped: 128 + SIGINT.
+        Err(e) if e.is::<Interrupted>() => ExitCode::from(130),
         Err(e) => {
             print_error(&e);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A command stopped by SIGINT or SIGTERM, after its cleanup ran.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub(crate) struct Interrupted;
+
+/// Runs `fut` until it ends or SIGINT/SIGTERM arrives; on a signal it is
+/// dropped, so its temporary files are removed, and `Interrupted` returned.
+pub(crate) async fn interruptible<T>(fut: impl Future<Output = T>) -> Result<T> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
+    tokio::select! {
+        r = fut => Ok(r),
+        _ = int.recv() => Err(Interrupted.into()),
+        _ = term.recv() => Err(Interrupted.into()),
     }
 }
 
