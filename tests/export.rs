@@ -295,7 +295,7 @@ fn an_interrupted_export_leaves_no_temporary_file_and_the_next_run_sweeps_old_on
     std::fs::write(&stale, b"partial").unwrap();
     let target = out_dir.path().join("a.tar");
     let r = format!("{}/alpine:3.20", slow.addr());
-    let mut child = env
+    let child = env
         .command(&["export", &r, &target.display().to_string()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
