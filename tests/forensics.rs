@@ -606,3 +606,22 @@ fn log_of_a_path_no_layer_held_fails_and_pipes_closed_early_are_quiet() {
 fn libc_sigpipe() -> i32 {
     13
 }
+
+#[test]
+fn config_prints_the_config_blob_the_manifest_names_and_version_the_version() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let out = env.run(&["config", &r]);
+    assert!(out.status.success());
+    let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", &r])).unwrap();
+    assert_eq!(
+        sha256(&out.stdout),
+        inspect["config"]["digest"].as_str().unwrap()
+    );
+    assert_eq!(
+        env.ok(&["version"]).trim(),
+        format!("rimg {}", env!("CARGO_PKG_VERSION"))
+    );
+}

@@ -55,6 +55,8 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// List a repository's tags.
     Tags(inspect::TagsArgs),
+    /// Print the image's config blob, exactly as stored (pipe it to jq).
+    Config(inspect::ConfigArgs),
     /// List the image's merged filesystem.
     Ls(ls::LsArgs),
     /// Write a file of the image to stdout (symlinks followed inside the image).
@@ -90,6 +92,8 @@ pub enum Command {
         #[command(subcommand)]
         action: cache::CacheAction,
     },
+    /// Print rimg's version.
+    Version,
     /// Internal: serve a mount in the background (started by `rimg mount`).
     #[command(hide = true)]
     Serve(mount::ServeArgs),
@@ -101,6 +105,8 @@ pub fn run(command: Command) -> ExitCode {
     let result = match command {
         Command::Inspect(a) => inspect::inspect(&a),
         Command::Tags(a) => inspect::tags(&a),
+        Command::Config(a) => inspect::config(&a),
+        Command::Version => inspect::version(),
         Command::Ls(a) => ls::ls(&a),
         Command::Cat(a) => ls::cat(&a),
         Command::Log(a) => forensics::log(&a),
