@@ -625,3 +625,49 @@ fn config_prints_the_config_blob_the_manifest_names_and_version_the_version() {
         format!("rimg {}", env!("CARGO_PKG_VERSION"))
     );
 }
+
+#[test]
+fn ls_takes_what_gnu_ls_users_type() {
+    let reg = Registry::start(Auth::None);
+    let big = vec![b'x'; 3 * 1024 * 1024 + 1];
+    let tar = LayerBuilder::new()
+        .dir("d", 0o755)
+        .dir("d/sub", 0o755)
+        .file("d/big", &big, 0o644)
+        .file("d/small", b"12345", 0o644)
+        .hardlink("d/twin", "d/small")
+        .file(".hidden", b"h", 0o644)
+        .finish();
+    push_image(
+        &reg,
+        "lsh",
+        "v1",
+        &[layer_blob(&tar, Compress::Gzip, false)],
+        "amd64",
+        false,
+    );
+    let env = Env::new();
+    let r = format!("{}/lsh:v1", reg.addr());
+    let long = |args: &[&str]| -> Vec<Vec<String>> {
+        let mut a = vec!["ls"];
+        a.extend_from_slice(args);
+        env.ok(&a)
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .collect()
+    };
+    // -lh: human sizes; the link count column marks hard links.
+    let rows = long(&["-lh", &r, "/d"]);
+    let row = |name: &str| rows.iter().find(|f| f[8] == name).unwrap().clone();
+    assert_eq!(row("/d/big")[4], "3.1M");
+    assert_eq!(row("/d/small")[4], "5");
+    assert_eq!(row("/d/small")[1], "2", "two names for one file");
+    assert_eq!(row("/d/twin")[1], "2");
+    assert_eq!(row("/d/sub")[1], "2");
+    // -d: the directory itself; several paths; -a and -1 accepted.
+    let rows = long(&["-ld", &r, "/d", "/d/small"]);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0][8], "/d");
+    assert_eq!(rows[0][1], "3", "d holds one subdirectory");
+    assert_eq!(env.ok(&["ls", "-a1", &r, "/"]), "/.hidden\n/d\n");
+}

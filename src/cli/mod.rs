@@ -58,6 +58,7 @@ pub enum Command {
     /// Print the image's config blob, exactly as stored (pipe it to jq).
     Config(inspect::ConfigArgs),
     /// List the image's merged filesystem.
+    #[command(disable_help_flag = true)]
     Ls(ls::LsArgs),
     /// Write a file of the image to stdout (symlinks followed inside the image).
     Cat(ls::CatArgs),
