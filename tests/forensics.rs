@@ -671,3 +671,31 @@ fn ls_takes_what_gnu_ls_users_type() {
     assert_eq!(rows[0][1], "3", "d holds one subdirectory");
     assert_eq!(env.ok(&["ls", "-a1", &r, "/"]), "/.hidden\n/d\n");
 }
+
+#[test]
+fn history_sizes_match_the_manifest_and_the_tars_and_wasted_bytes_match_a_hand_count() {
+    let reg = Registry::start(Auth::None);
+    let p = push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let manifest: serde_json::Value = serde_json::from_slice(&p.manifest).unwrap();
+    let rows = json_lines(&env.ok(&["history", "--json", &r]));
+    assert_eq!(rows.len(), 4);
+    // File bytes per layer, from push_history: 10+10+23+4, 10, 4, 10+10.
+    let unpacked = [47, 10, 4, 20];
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["size"], manifest["layers"][i]["size"], "layer {i}");
+        assert_eq!(row["digest"], manifest["layers"][i]["digest"], "layer {i}");
+        assert_eq!(row["unpacked"], unpacked[i], "layer {i}");
+    }
+    // Hidden later: app.conf v1 (10) and v2 (10), secrets/key (23),
+    // o/old (4), etc/tool's first copy (10).
+    let wasted = json_lines(&env.ok(&["history", "--wasted", "--json", &r]));
+    let total = wasted.last().unwrap();
+    assert_eq!(total["total"], 57);
+    assert_eq!(total["files"], 5);
+    let text = env.ok(&["history", "--wasted", "--fail-above", "57", &r]);
+    assert!(text.ends_with("wasted: 57 in 5 files\n"), "{text}");
+    let err = env.fails(&["history", "--wasted", "--fail-above", "56", &r]);
+    assert!(err.contains("57 bytes wasted"), "{err}");
+}

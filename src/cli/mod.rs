@@ -16,6 +16,7 @@ mod cache;
 mod export;
 mod forensics;
 mod grep;
+mod history;
 mod index;
 mod inspect;
 mod ls;
@@ -66,6 +67,9 @@ pub enum Command {
     Log(forensics::LogArgs),
     /// Entries some layer holds that the merged tree does not show, and what hid them.
     Deleted(forensics::DeletedArgs),
+    /// Each layer: digest, compressed and unpacked size, entries and the
+    /// step that made it; with --wasted, the bytes later layers hid.
+    History(history::HistoryArgs),
     /// Paths that differ between two images: A(dded), D(eleted), M(odified).
     Diff(forensics::DiffArgs),
     /// Search file contents of the merged tree, without a mount; exit 0 if
@@ -111,6 +115,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Ls(a) => ls::ls(&a),
         Command::Cat(a) => ls::cat(&a),
         Command::Log(a) => forensics::log(&a),
+        Command::History(a) => history::history(&a),
         Command::Deleted(a) => forensics::deleted(&a),
         Command::Diff(a) => {
             // diff's exit status: 0 same, 1 different, 2 trouble.
