@@ -699,3 +699,45 @@ fn history_sizes_match_the_manifest_and_the_tars_and_wasted_bytes_match_a_hand_c
     let err = env.fails(&["history", "--wasted", "--fail-above", "56", &r]);
     assert!(err.contains("57 bytes wasted"), "{err}");
 }
+
+#[test]
+fn a_cached_image_opens_with_the_registry_stopped_by_digest_and_by_tag() {
+    let mut reg = Registry::start(Auth::None);
+    let p = push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let pinned = format!("{}/hist@{}", reg.addr(), p.manifest_digest);
+    let listing = env.ok(&["ls", "-R", &r]);
+    env.ok(&["ls", "-R", &pinned]);
+    reg.stop();
+    let started = std::time::Instant::now();
+    let out = env.run(&["ls", "-R", &pinned]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), listing);
+    assert!(out.stderr.is_empty(), "a digest needs no warning");
+    let out = env.run(&["cat", &r, "/etc/app.conf"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"version=3\n");
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(warn.lines().count(), 1, "one warning line: {warn}");
+    assert!(warn.contains(&p.manifest_digest), "{warn}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // rimg images lists what it can open offline.
+    let rows = json_lines(&env.ok(&["images", "--json"]));
+    assert!(
+        rows.iter()
+            .any(|r| r["digest"] == p.manifest_digest.as_str()
+                && r["reference"].as_str().unwrap().ends_with("hist:v1")),
+        "{rows:?}"
+    );
+    // A tag never resolved is still an error.
+    env.fails(&["ls", &format!("{}/hist:v2", reg.addr())]);
+}

@@ -17,6 +17,7 @@ mod export;
 mod forensics;
 mod grep;
 mod history;
+mod images;
 mod index;
 mod inspect;
 mod ls;
@@ -56,6 +57,9 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// List a repository's tags.
     Tags(inspect::TagsArgs),
+    /// Images the cache can open without the registry: reference, digest,
+    /// size, last use.
+    Images(images::ImagesArgs),
     /// Print the image's config blob, exactly as stored (pipe it to jq).
     Config(inspect::ConfigArgs),
     /// List the image's merged filesystem.
@@ -111,6 +115,7 @@ pub fn run(command: Command) -> ExitCode {
         Command::Inspect(a) => inspect::inspect(&a),
         Command::Tags(a) => inspect::tags(&a),
         Command::Config(a) => inspect::config(&a),
+        Command::Images(a) => images::images(&a),
         Command::Version => inspect::version(),
         Command::Ls(a) => ls::ls(&a),
         Command::Cat(a) => ls::cat(&a),
@@ -383,15 +388,28 @@ pub(crate) fn parse_reference(s: &str) -> Result<Reference> {
     Ok(Reference::parse(r)?)
 }
 
+/// Resolves `reference`; when the registry cannot be reached, the image it
+/// resolved to last time, if the cache remembers it (see [`images`]).
 pub(crate) async fn resolve(
     client: &Client,
     common: &Common,
     reference: &Reference,
 ) -> Result<ResolvedImage> {
-    client
-        .resolve(reference, common.platform())
-        .await
-        .map_err(|e| about(e, reference, format!("cannot resolve {reference}")))
+    let cache = common.cache.dir();
+    match client.resolve(reference, common.platform()).await {
+        Ok(image) => {
+            images::remember(&cache, reference, common.platform(), &image);
+            Ok(image)
+        }
+        Err(e) => {
+            if images::offline(&e)
+                && let Some(image) = images::recall(&cache, reference, common.platform())
+            {
+                return Ok(image);
+            }
+            Err(about(e, reference, format!("cannot resolve {reference}")))
+        }
+    }
 }
 
 /// A registry error, with `doing` in front unless the error already names
