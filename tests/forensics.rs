@@ -741,3 +741,32 @@ fn a_cached_image_opens_with_the_registry_stopped_by_digest_and_by_tag() {
     // A tag never resolved is still an error.
     env.fails(&["ls", &format!("{}/hist:v2", reg.addr())]);
 }
+
+#[test]
+fn error_messages_say_what_is_wrong_once_and_what_to_do() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let err = env.fails(&["ls", &r, "/etc/nope"]);
+    assert_eq!(err.matches("/etc/nope").count(), 1, "{err}");
+    assert!(err.contains("no such file or directory"), "{err}");
+    let err = env.fails(&["cat", "--layer", "0", &r, "/etc/nope"]);
+    assert!(
+        err.contains("layer 0") && !err.contains("in the image"),
+        "{err}"
+    );
+    let err = env.fails(&["ls", &format!("{}/hist:v9", reg.addr())]);
+    assert!(err.contains("rimg tags"), "{err}");
+    let out = env.run(&["grep", "(", &r]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("(?:") && err.contains("\"(\""), "{err}");
+    let err = env.fails(&["export", "--tag", "Bad Name!", &r, "/tmp/x.tar"]);
+    assert!(err.contains("lowercase letters, digits"), "{err}");
+    let missing = env.dir.path().join("no/such/dir/a.tar");
+    let err = env.fails(&["export", &r, &missing.display().to_string()]);
+    assert!(
+        err.contains("does not exist") && !err.contains(".rimg-export"),
+        "{err}"
+    );
+}

@@ -204,7 +204,8 @@ pub fn ls(args: &LsArgs) -> Result<()> {
         let arg = arg.as_bytes();
         let start = tree
             .resolve(arg, !args.long && !args.directory)
-            .with_context(|| format!("{}: {}", source.image.reference, names::escaped(arg)))?;
+            // The error names the path; the context, the image (or layer).
+            .with_context(|| within(&source.image.reference, only))?;
         let base = normalize_display(arg);
         if args.directory || tree.node(start).kind != EntryKind::Dir {
             print(&mut out, &base, start)?;
@@ -251,6 +252,14 @@ pub(super) fn human_size(bytes: u64) -> String {
     unreachable!("the loop returns at E")
 }
 
+/// What a path was looked up in: the image, or one layer of it.
+fn within(reference: &impl std::fmt::Display, layer: Option<usize>) -> String {
+    match layer {
+        Some(l) => format!("{reference}, layer {l}"),
+        None => reference.to_string(),
+    }
+}
+
 pub(super) fn normalize_display(path: &[u8]) -> Vec<u8> {
     let mut out = b"/".to_vec();
     out.extend_from_slice(&rimg::layer::normalize(path));
@@ -273,7 +282,9 @@ pub fn cat(args: &CatArgs) -> Result<()> {
     let (tree, layers) = rt.block_on(source.tree(only))?;
     let image_layer = |n: u16| only.unwrap_or(n as usize);
     let what = format!("{}: {}", source.image.reference, names::escaped(path));
-    let id = tree.resolve(path, true).with_context(|| what.clone())?;
+    let id = tree
+        .resolve(path, true)
+        .with_context(|| within(&source.image.reference, only))?;
     let n = tree.node(id);
     if n.kind != EntryKind::File {
         bail!("{what}: not a regular file");

@@ -407,6 +407,15 @@ pub(crate) async fn resolve(
             {
                 return Ok(image);
             }
+            if let RegistryError::Api { status: 404, .. } = e {
+                let hint = match &reference.digest {
+                    Some(_) => "check the digest".to_string(),
+                    None => format!("`rimg tags {}` lists the tags", reference.name()),
+                };
+                return Err(anyhow::Error::new(e).context(format!(
+                    "{reference}: no such image in the registry; {hint}"
+                )));
+            }
             Err(about(e, reference, format!("cannot resolve {reference}")))
         }
     }
