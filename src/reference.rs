@@ -179,8 +179,19 @@ fn validate_path_component(c: &str) -> Result<(), String> {
     if c.is_empty() {
         return Err("empty path component in repository name".into());
     }
+    if let Some(bad) = c
+        .chars()
+        .find(|ch| !(ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "repository name component {c:?} holds {bad:?}: a name is lowercase letters, digits and . _ - (e.g. my-app)"
+        ));
+    }
     if c.chars().any(|ch| ch.is_ascii_uppercase()) {
-        return Err(format!("repository name component {c:?} must be lowercase"));
+        return Err(format!(
+            "repository name component {c:?} must be lowercase (e.g. {:?})",
+            c.to_ascii_lowercase()
+        ));
     }
     let bytes = c.as_bytes();
     let alnum = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit();

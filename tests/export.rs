@@ -281,3 +281,38 @@ fn podman_loads_the_default_archive() {
     let list = String::from_utf8_lossy(&images.stdout);
     assert!(list.contains("rimg-test/alpine:loaded"), "{list}");
 }
+
+#[test]
+fn an_interrupted_export_leaves_no_temporary_file_and_the_next_run_sweeps_old_ones() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "alpine", "3.20", "3.20.3", "amd64", true);
+    // Slow enough that the export is still running when Ctrl-C comes.
+    let slow = common::proxy::RedirectProxy::start_throttled(&reg, Some(200 << 10));
+    let env = Env::new();
+    let out_dir = tempfile::tempdir().unwrap();
+    // What a process killed with -9 left (pid 999999 is not running).
+    let stale = out_dir.path().join(".rimg-export-999999-abcdef");
+    std::fs::write(&stale, b"partial").unwrap();
+    let target = out_dir.path().join("a.tar");
+    let r = format!("{}/alpine:3.20", slow.addr());
+    let child = env
+        .command(&["export", &r, &target.display().to_string()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    // SAFETY: kill(2) on the pid of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(130), "{:?}", out.status);
+    let left: Vec<_> = std::fs::read_dir(out_dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let tmp: Vec<_> = std::fs::read_dir(env.cache_dir().join("tmp"))
+        .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+        .unwrap_or_default();
+    assert!(tmp.is_empty(), "cache tmp left behind: {tmp:?}");
+}

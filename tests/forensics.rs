@@ -606,3 +606,167 @@ fn log_of_a_path_no_layer_held_fails_and_pipes_closed_early_are_quiet() {
 fn libc_sigpipe() -> i32 {
     13
 }
+
+#[test]
+fn config_prints_the_config_blob_the_manifest_names_and_version_the_version() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let out = env.run(&["config", &r]);
+    assert!(out.status.success());
+    let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["inspect", &r])).unwrap();
+    assert_eq!(
+        sha256(&out.stdout),
+        inspect["config"]["digest"].as_str().unwrap()
+    );
+    assert_eq!(
+        env.ok(&["version"]).trim(),
+        format!("rimg {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn ls_takes_what_gnu_ls_users_type() {
+    let reg = Registry::start(Auth::None);
+    let big = vec![b'x'; 3 * 1024 * 1024 + 1];
+    let tar = LayerBuilder::new()
+        .dir("d", 0o755)
+        .dir("d/sub", 0o755)
+        .file("d/big", &big, 0o644)
+        .file("d/small", b"12345", 0o644)
+        .hardlink("d/twin", "d/small")
+        .file(".hidden", b"h", 0o644)
+        .finish();
+    push_image(
+        &reg,
+        "lsh",
+        "v1",
+        &[layer_blob(&tar, Compress::Gzip, false)],
+        "amd64",
+        false,
+    );
+    let env = Env::new();
+    let r = format!("{}/lsh:v1", reg.addr());
+    let long = |args: &[&str]| -> Vec<Vec<String>> {
+        let mut a = vec!["ls"];
+        a.extend_from_slice(args);
+        env.ok(&a)
+            .lines()
+            .map(|l| l.split_whitespace().map(str::to_string).collect())
+            .collect()
+    };
+    // -lh: human sizes; the link count column marks hard links.
+    let rows = long(&["-lh", &r, "/d"]);
+    let row = |name: &str| rows.iter().find(|f| f[8] == name).unwrap().clone();
+    assert_eq!(row("/d/big")[4], "3.1M");
+    assert_eq!(row("/d/small")[4], "5");
+    assert_eq!(row("/d/small")[1], "2", "two names for one file");
+    assert_eq!(row("/d/twin")[1], "2");
+    assert_eq!(row("/d/sub")[1], "2");
+    // -d: the directory itself; several paths; -a and -1 accepted.
+    let rows = long(&["-ld", &r, "/d", "/d/small"]);
+    assert_eq!(rows.len(), 2);
+    assert_eq!(rows[0][8], "/d");
+    assert_eq!(rows[0][1], "3", "d holds one subdirectory");
+    assert_eq!(env.ok(&["ls", "-a1", &r, "/"]), "/.hidden\n/d\n");
+}
+
+#[test]
+fn history_sizes_match_the_manifest_and_the_tars_and_wasted_bytes_match_a_hand_count() {
+    let reg = Registry::start(Auth::None);
+    let p = push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let manifest: serde_json::Value = serde_json::from_slice(&p.manifest).unwrap();
+    let rows = json_lines(&env.ok(&["history", "--json", &r]));
+    assert_eq!(rows.len(), 4);
+    // File bytes per layer, from push_history: 10+10+23+4, 10, 4, 10+10.
+    let unpacked = [47, 10, 4, 20];
+    for (i, row) in rows.iter().enumerate() {
+        assert_eq!(row["size"], manifest["layers"][i]["size"], "layer {i}");
+        assert_eq!(row["digest"], manifest["layers"][i]["digest"], "layer {i}");
+        assert_eq!(row["unpacked"], unpacked[i], "layer {i}");
+    }
+    // Hidden later: app.conf v1 (10) and v2 (10), secrets/key (23),
+    // o/old (4), etc/tool's first copy (10).
+    let wasted = json_lines(&env.ok(&["history", "--wasted", "--json", &r]));
+    let total = wasted.last().unwrap();
+    assert_eq!(total["total"], 57);
+    assert_eq!(total["files"], 5);
+    let text = env.ok(&["history", "--wasted", "--fail-above", "57", &r]);
+    assert!(text.ends_with("wasted: 57 in 5 files\n"), "{text}");
+    let err = env.fails(&["history", "--wasted", "--fail-above", "56", &r]);
+    assert!(err.contains("57 bytes wasted"), "{err}");
+}
+
+#[test]
+fn a_cached_image_opens_with_the_registry_stopped_by_digest_and_by_tag() {
+    let mut reg = Registry::start(Auth::None);
+    let p = push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let pinned = format!("{}/hist@{}", reg.addr(), p.manifest_digest);
+    let listing = env.ok(&["ls", "-R", &r]);
+    env.ok(&["ls", "-R", &pinned]);
+    reg.stop();
+    let started = std::time::Instant::now();
+    let out = env.run(&["ls", "-R", &pinned]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), listing);
+    assert!(out.stderr.is_empty(), "a digest needs no warning");
+    let out = env.run(&["cat", &r, "/etc/app.conf"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(out.stdout, b"version=3\n");
+    let warn = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(warn.lines().count(), 1, "one warning line: {warn}");
+    assert!(warn.contains(&p.manifest_digest), "{warn}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    // rimg images lists what it can open offline.
+    let rows = json_lines(&env.ok(&["images", "--json"]));
+    assert!(
+        rows.iter()
+            .any(|r| r["digest"] == p.manifest_digest.as_str()
+                && r["reference"].as_str().unwrap().ends_with("hist:v1")),
+        "{rows:?}"
+    );
+    // A tag never resolved is still an error.
+    env.fails(&["ls", &format!("{}/hist:v2", reg.addr())]);
+}
+
+#[test]
+fn error_messages_say_what_is_wrong_once_and_what_to_do() {
+    let reg = Registry::start(Auth::None);
+    push_history(&reg, "hist");
+    let env = Env::new();
+    let r = format!("{}/hist:v1", reg.addr());
+    let err = env.fails(&["ls", &r, "/etc/nope"]);
+    assert_eq!(err.matches("/etc/nope").count(), 1, "{err}");
+    assert!(err.contains("no such file or directory"), "{err}");
+    let err = env.fails(&["cat", "--layer", "0", &r, "/etc/nope"]);
+    assert!(
+        err.contains("layer 0") && !err.contains("in the image"),
+        "{err}"
+    );
+    let err = env.fails(&["ls", &format!("{}/hist:v9", reg.addr())]);
+    assert!(err.contains("rimg tags"), "{err}");
+    let out = env.run(&["grep", "(", &r]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("(?:") && err.contains("\"(\""), "{err}");
+    let err = env.fails(&["export", "--tag", "Bad Name!", &r, "/tmp/x.tar"]);
+    assert!(err.contains("lowercase letters, digits"), "{err}");
+    let missing = env.dir.path().join("no/such/dir/a.tar");
+    let err = env.fails(&["export", &r, &missing.display().to_string()]);
+    assert!(
+        err.contains("does not exist") && !err.contains(".rimg-export"),
+        "{err}"
+    );
+}

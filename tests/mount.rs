@@ -583,3 +583,23 @@ fn a_damaged_saved_tree_is_rebuilt_and_the_mount_shows_the_right_content() {
     assert_eq!(String::from_utf8_lossy(&out.stdout), listing);
     assert_eq!(std::fs::read(&path).unwrap(), good);
 }
+
+#[test]
+fn umount_all_unmounts_every_mount_and_a_busy_one_needs_lazy() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "a", "1", "3.10.9", "amd64", false);
+    let env = Env::new();
+    let r = format!("{}/a:1", reg.addr());
+    let (m1, m2) = (Mounted::new(&env, &r, &[]), Mounted::new(&env, &r, &[]));
+    env.ok(&["umount", "--all"]);
+    assert!(!m1.is_mounted() && !m2.is_mounted());
+
+    let m = Mounted::new(&env, &r, &[]);
+    let held = std::fs::File::open(m.path.join("etc/os-release")).unwrap();
+    let err = env.fails(&["umount", m.path.to_str().unwrap()]);
+    assert!(err.contains("--lazy") && err.contains("in use"), "{err}");
+    assert!(m.is_mounted());
+    env.ok(&["umount", "--lazy", m.path.to_str().unwrap()]);
+    assert!(!m.is_mounted());
+    drop(held);
+}

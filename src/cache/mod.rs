@@ -321,10 +321,13 @@ impl Cache {
         for sub in ["blobs/sha256", "layers/sha256", "locks", "tmp"] {
             crate::private::dir(&root.join(sub), crate::private::Mode::NotWritable)?;
         }
-        Ok(Cache {
+        let cache = Cache {
             root: root.to_path_buf(),
             limit,
-        })
+        };
+        // What an interrupted run left is swept by the next one.
+        cache.clean_tmp();
+        Ok(cache)
     }
 
     pub fn root(&self) -> &Path {

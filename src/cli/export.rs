@@ -89,13 +89,15 @@ pub fn export(args: &ExportArgs) -> Result<()> {
             inner: std::io::BufWriter::with_capacity(1 << 20, std::io::stdout()),
             bar: bar.clone(),
         };
-        let mut out = rt.block_on(rimg::export::export(
+        let done = rt.block_on(interruptible(rimg::export::export(
             source,
             format,
             args.flatten,
             name,
             out,
-        ))?;
+        )));
+        bar.finish_and_clear();
+        let mut out = done??;
         out.flush()?;
         bar.finish_and_clear();
         return Ok(());
@@ -105,10 +107,19 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(std::path::Path::new("."));
+    if !dir.is_dir() {
+        bail!(
+            "cannot write {}: directory {} does not exist (create it first)",
+            target.display(),
+            dir.display()
+        );
+    }
+    sweep_exports(dir);
     // A temporary name in the same directory, renamed at the end, so an
-    // interrupted export never leaves a file that looks complete.
+    // interrupted export never leaves a file that looks complete. Ctrl-C
+    // removes it; a kill -9 leaves it for the next export to sweep.
     let tmp = tempfile::Builder::new()
-        .prefix(".rimg-export-")
+        .prefix(&format!("{EXPORT_PREFIX}{}-", std::process::id()))
         .tempfile_in(dir)
         .with_context(|| format!("cannot create a file in {}", dir.display()))?;
     let file = tmp.reopen()?;
@@ -116,19 +127,40 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         inner: std::io::BufWriter::with_capacity(1 << 20, file),
         bar: bar.clone(),
     };
-    let out = rt
-        .block_on(rimg::export::export(
-            source,
-            format,
-            args.flatten,
-            name,
-            out,
-        ))
-        .with_context(|| format!("exporting to {}", target.display()))?;
+    let done = rt.block_on(interruptible(rimg::export::export(
+        source,
+        format,
+        args.flatten,
+        name,
+        out,
+    )));
+    bar.finish_and_clear();
+    let out = done?.with_context(|| format!("exporting to {}", target.display()))?;
     let file = out.inner.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
     bar.finish_and_clear();
     tmp.persist(&target)
         .with_context(|| format!("cannot write {}", target.display()))?;
     Ok(())
+}
+
+/// The temporary name an export writes before its rename: the prefix, then
+/// the pid of the process writing it.
+const EXPORT_PREFIX: &str = ".rimg-export-";
+
+/// Removes the temporaries of exports into `dir` whose process is gone.
+fn sweep_exports(dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix(EXPORT_PREFIX)) else {
+            continue;
+        };
+        let pid = rest.split('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(|p| !rimg::fuse::mounts::pid_alive(p)) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }

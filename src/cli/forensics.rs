@@ -56,7 +56,7 @@ fn kind_name(k: EntryKind) -> &'static str {
 }
 
 /// Every layer fetched, with its index.
-fn all_layers(
+pub(super) fn all_layers(
     rt: &tokio::runtime::Runtime,
     source: &ImageSource,
 ) -> Result<(Vec<Arc<Layer>>, Vec<LayerIndex>)> {
@@ -81,7 +81,7 @@ pub(super) fn digests(source: &ImageSource) -> Vec<String> {
 }
 
 /// The config history's `created_by` of each layer, empty layers skipped.
-fn created_by(source: &ImageSource) -> Vec<Option<String>> {
+pub(super) fn created_by(source: &ImageSource) -> Vec<Option<String>> {
     let config: Value = serde_json::from_slice(&source.image.config_bytes).unwrap_or_default();
     let mut out: Vec<Option<String>> = config["history"]
         .as_array()

@@ -470,18 +470,14 @@ pub fn grep(args: &GrepArgs) -> Result<bool> {
     // grep names files unless it was given one file and no directory.
     let mut one_file = roots.len() == 1;
     for p in &roots {
-        let id = match tree.resolve(p, true) {
+        let id = match tree.resolve(&absolute(p), true) {
             Ok(id) => id,
             Err(e) if args.no_messages => {
                 tracing::debug!("{}: {e}", rimg::names::escaped(&absolute(p)));
                 continue;
             }
             Err(e) => {
-                return Err(anyhow::Error::new(e).context(format!(
-                    "{}: {}",
-                    source.image.reference,
-                    rimg::names::escaped(&absolute(p))
-                )));
+                return Err(anyhow::Error::new(e).context(source.image.reference.to_string()));
             }
         };
         one_file &= tree.node(id).kind != EntryKind::Dir;

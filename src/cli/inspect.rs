@@ -151,3 +151,40 @@ pub fn tags(args: &TagsArgs) -> Result<()> {
     }
     Ok(())
 }
+
+#[derive(clap::Args)]
+pub struct ConfigArgs {
+    /// The image (see `rimg --help` for the forms of REF).
+    #[arg(value_name = "REF")]
+    pub reference: String,
+    #[command(flatten)]
+    pub log: Verbosity,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// The image's config blob, exactly as stored (verified against its digest).
+pub fn config(args: &ConfigArgs) -> Result<()> {
+    init_logging(args.log.verbose);
+    let common = &args.common;
+    let image = match local::locate(&args.reference) {
+        Location::Local(spec) => local::open(&spec, common.platform())?.0,
+        Location::Registry(r) => {
+            let reference = parse_reference(r)?;
+            let client = common.registry.client()?;
+            runtime()?.block_on(resolve(&client, common, &reference))?
+        }
+    };
+    let mut out = std::io::stdout().lock();
+    out.write_all(&image.config_bytes)?;
+    if !image.config_bytes.ends_with(b"\n") && std::io::IsTerminal::is_terminal(&out) {
+        out.write_all(b"\n")?;
+    }
+    Ok(out.flush()?)
+}
+
+/// `rimg version`: the version, as `rimg --version` prints it.
+pub fn version() -> Result<()> {
+    println!("rimg {}", env!("CARGO_PKG_VERSION"));
+    Ok(())
+}

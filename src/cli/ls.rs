@@ -15,15 +15,31 @@ pub struct LsArgs {
     /// The image (see `rimg --help` for the forms of REF).
     #[arg(value_name = "REF")]
     pub reference: String,
-    /// Where to list, in the image; any bytes, names need not be UTF-8.
+    /// What to list, in the image; any bytes, names need not be UTF-8.
     #[arg(default_value = "/")]
-    pub path: std::ffi::OsString,
-    /// Long form: type, mode, owner, size, mtime, link target, layer.
+    pub paths: Vec<std::ffi::OsString>,
+    /// Long form: type, mode, links, owner, size, mtime, layer, name, link target.
     #[arg(short = 'l')]
     pub long: bool,
-    /// Recurse into directories.
-    #[arg(short = 'R')]
+    /// With -l, sizes as 1.5K, 23M, 4.0G (powers of 1024), as ls -h.
+    #[arg(short = 'h', long)]
+    pub human_readable: bool,
+    /// List directories themselves, not their contents.
+    #[arg(short = 'd', long)]
+    pub directory: bool,
+    /// Recurse into directories; every line holds the whole path, as find
+    /// prints it, so no directory headers are needed.
+    #[arg(short = 'R', long)]
     pub recursive: bool,
+    /// Accepted for ls's habit: names starting with `.` are always listed.
+    #[arg(short = 'a', long, visible_short_alias = 'A')]
+    pub all: bool,
+    /// Accepted for ls's habit: the listing is always one name per line.
+    #[arg(short = '1')]
+    pub one_per_line: bool,
+    /// Print help (-h is --human-readable here, as in ls).
+    #[arg(long, action = clap::ArgAction::Help)]
+    pub help: Option<bool>,
     /// List one layer as stored, whiteouts included (negative counts from the top).
     #[arg(long, allow_hyphen_values = true, value_name = "N")]
     pub layer: Option<i64>,
@@ -132,33 +148,35 @@ pub fn ls(args: &LsArgs) -> Result<()> {
     let (tree, _layers) = rt.block_on(source.tree(only))?;
     // Layer numbers in the listing are the image's, even for one layer.
     let layer_no = |n: u16| only.unwrap_or(n as usize);
-    let start = tree
-        .resolve(args.path.as_bytes(), !args.long)
-        .with_context(|| {
-            format!(
-                "{}: {}",
-                source.image.reference,
-                names::escaped(args.path.as_bytes())
-            )
-        })?;
     // Names go to a pipe as the bytes they are; a terminal gets them quoted
     // as GNU ls quotes them, so no name can move the cursor or hide a byte.
     let names = Names::new();
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let name_out = |out: &mut dyn Write, name: &[u8]| names.write(out, name);
-    let base = normalize_display(args.path.as_bytes());
     let print = |out: &mut dyn Write, path: &[u8], id: NodeId| -> std::io::Result<()> {
         let n = tree.node(id);
         if args.long {
             let layer = &source.image.layers[layer_no(n.layer)];
             let size = match n.kind {
                 EntryKind::Char | EntryKind::Block => format!("{},{}", n.rdev.0, n.rdev.1),
+                _ if args.human_readable => human_size(n.size),
                 _ => n.size.to_string(),
+            };
+            // A directory's links: its entry, its `.`, each subdirectory's `..`.
+            let links = match n.kind {
+                EntryKind::Dir => {
+                    2 + tree
+                        .children(id)
+                        .filter(|(_, c)| tree.node(*c).kind == EntryKind::Dir)
+                        .count() as u64
+                }
+                _ => u64::from(n.nlink.max(1)),
             };
             write!(
                 out,
-                "{} {:>5} {:>5} {:>10} {} {}:{} ",
+                "{} {:>3} {:>5} {:>5} {:>10} {} {}:{} ",
                 mode_string(n.kind, n.mode),
+                links,
                 n.uid,
                 n.gid,
                 size,
@@ -182,27 +200,64 @@ pub fn ls(args: &LsArgs) -> Result<()> {
             writeln!(out)
         }
     };
-    if tree.node(start).kind != EntryKind::Dir {
-        print(&mut out, &base, start)?;
-        return Ok(out.flush()?);
-    }
-    let mut stack = vec![(base, start)];
-    while let Some((dir, id)) = stack.pop() {
-        let mut subdirs = Vec::new();
-        for (name, child) in tree.children(id) {
-            let mut path = dir.clone();
-            if path != b"/" {
-                path.push(b'/');
-            }
-            path.extend_from_slice(name);
-            print(&mut out, &path, child)?;
-            if args.recursive && tree.node(child).kind == EntryKind::Dir {
-                subdirs.push((path, child));
-            }
+    for arg in &args.paths {
+        let arg = arg.as_bytes();
+        let start = tree
+            .resolve(arg, !args.long && !args.directory)
+            // The error names the path; the context, the image (or layer).
+            .with_context(|| within(&source.image.reference, only))?;
+        let base = normalize_display(arg);
+        if args.directory || tree.node(start).kind != EntryKind::Dir {
+            print(&mut out, &base, start)?;
+            continue;
         }
-        stack.extend(subdirs.into_iter().rev());
+        let mut stack = vec![(base, start)];
+        while let Some((dir, id)) = stack.pop() {
+            let mut subdirs = Vec::new();
+            for (name, child) in tree.children(id) {
+                let mut path = dir.clone();
+                if path != b"/" {
+                    path.push(b'/');
+                }
+                path.extend_from_slice(name);
+                print(&mut out, &path, child)?;
+                if args.recursive && tree.node(child).kind == EntryKind::Dir {
+                    subdirs.push((path, child));
+                }
+            }
+            stack.extend(subdirs.into_iter().rev());
+        }
     }
     Ok(out.flush()?)
+}
+
+/// A size as `ls -h` prints it: bytes below 1024, else one decimal below
+/// 10 and none above, rounded up, in K, M, G, T, P, E (powers of 1024).
+pub(super) fn human_size(bytes: u64) -> String {
+    if bytes < 1024 {
+        return bytes.to_string();
+    }
+    let mut v = bytes as f64;
+    for unit in ["K", "M", "G", "T", "P", "E"] {
+        v /= 1024.0;
+        let tenths = (v * 10.0).ceil() / 10.0;
+        if tenths < 10.0 {
+            return format!("{tenths:.1}{unit}");
+        }
+        let whole = v.ceil();
+        if whole < 1024.0 || unit == "E" {
+            return format!("{whole:.0}{unit}");
+        }
+    }
+    unreachable!("the loop returns at E")
+}
+
+/// What a path was looked up in: the image, or one layer of it.
+fn within(reference: &impl std::fmt::Display, layer: Option<usize>) -> String {
+    match layer {
+        Some(l) => format!("{reference}, layer {l}"),
+        None => reference.to_string(),
+    }
 }
 
 pub(super) fn normalize_display(path: &[u8]) -> Vec<u8> {
@@ -227,7 +282,9 @@ pub fn cat(args: &CatArgs) -> Result<()> {
     let (tree, layers) = rt.block_on(source.tree(only))?;
     let image_layer = |n: u16| only.unwrap_or(n as usize);
     let what = format!("{}: {}", source.image.reference, names::escaped(path));
-    let id = tree.resolve(path, true).with_context(|| what.clone())?;
+    let id = tree
+        .resolve(path, true)
+        .with_context(|| within(&source.image.reference, only))?;
     let n = tree.node(id);
     if n.kind != EntryKind::File {
         bail!("{what}: not a regular file");
@@ -260,6 +317,18 @@ mod tests {
         assert_eq!(mode_string(EntryKind::File, 0o4755), "-rwsr-xr-x");
         assert_eq!(mode_string(EntryKind::Dir, 0o1777), "drwxrwxrwt");
         assert_eq!(mode_string(EntryKind::File, 0o2644), "-rw-r-Sr--");
+    }
+
+    #[test]
+    fn human_sizes_round_up_as_ls_h_does() {
+        assert_eq!(human_size(0), "0");
+        assert_eq!(human_size(1023), "1023");
+        assert_eq!(human_size(1024), "1.0K");
+        assert_eq!(human_size(1025), "1.1K");
+        assert_eq!(human_size(10 * 1024), "10K");
+        assert_eq!(human_size(10 * 1024 + 1), "11K");
+        assert_eq!(human_size(1024 * 1024 - 1), "1.0M");
+        assert_eq!(human_size(5 << 30), "5.0G");
     }
 
     #[test]

@@ -16,6 +16,8 @@ mod cache;
 mod export;
 mod forensics;
 mod grep;
+mod history;
+mod images;
 mod index;
 mod inspect;
 mod ls;
@@ -57,7 +59,13 @@ pub enum Command {
     Inspect(inspect::InspectArgs),
     /// List a repository's tags.
     Tags(inspect::TagsArgs),
+    /// Images the cache can open without the registry: reference, digest,
+    /// size, last use.
+    Images(images::ImagesArgs),
+    /// Print the image's config blob, exactly as stored (pipe it to jq).
+    Config(inspect::ConfigArgs),
     /// List the image's merged filesystem.
+    #[command(disable_help_flag = true)]
     Ls(ls::LsArgs),
     /// Write a file of the image to stdout (symlinks followed inside the image).
     Cat(ls::CatArgs),
@@ -65,6 +73,9 @@ pub enum Command {
     Log(forensics::LogArgs),
     /// Entries some layer holds that the merged tree does not show, and what hid them.
     Deleted(forensics::DeletedArgs),
+    /// Each layer: digest, compressed and unpacked size, entries and the
+    /// step that made it; with --wasted, the bytes later layers hid.
+    History(history::HistoryArgs),
     /// Paths that differ between two images: A(dded), D(eleted), M(odified).
     Diff(forensics::DiffArgs),
     /// Search file contents of the merged tree, without a mount; exit 0 if
@@ -95,6 +106,8 @@ pub enum Command {
         #[command(subcommand)]
         action: cache::CacheAction,
     },
+    /// Print rimg's version.
+    Version,
     /// Internal: serve a mount in the background (started by `rimg mount`).
     #[command(hide = true)]
     Serve(mount::ServeArgs),
@@ -106,9 +119,13 @@ pub fn run(command: Command) -> ExitCode {
     let result = match command {
         Command::Inspect(a) => inspect::inspect(&a),
         Command::Tags(a) => inspect::tags(&a),
+        Command::Config(a) => inspect::config(&a),
+        Command::Images(a) => images::images(&a),
+        Command::Version => inspect::version(),
         Command::Ls(a) => ls::ls(&a),
         Command::Cat(a) => ls::cat(&a),
         Command::Log(a) => forensics::log(&a),
+        Command::History(a) => history::history(&a),
         Command::Deleted(a) => forensics::deleted(&a),
         Command::Diff(a) => {
             // diff's exit status: 0 same, 1 different, 2 trouble.
@@ -142,10 +159,30 @@ pub fn run(command: Command) -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // As a shell reports a process a signal stopped: 128 + SIGINT.
+        Err(e) if e.is::<Interrupted>() => ExitCode::from(130),
         Err(e) => {
             print_error(&e);
             ExitCode::FAILURE
         }
+    }
+}
+
+/// A command stopped by SIGINT or SIGTERM, after its cleanup ran.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted")]
+pub(crate) struct Interrupted;
+
+/// Runs `fut` until it ends or SIGINT/SIGTERM arrives; on a signal it is
+/// dropped, so its temporary files are removed, and `Interrupted` returned.
+pub(crate) async fn interruptible<T>(fut: impl Future<Output = T>) -> Result<T> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("cannot watch for SIGTERM")?;
+    let mut int = signal(SignalKind::interrupt()).context("cannot watch for SIGINT")?;
+    tokio::select! {
+        r = fut => Ok(r),
+        _ = int.recv() => Err(Interrupted.into()),
+        _ = term.recv() => Err(Interrupted.into()),
     }
 }
 
@@ -357,15 +394,37 @@ pub(crate) fn parse_reference(s: &str) -> Result<Reference> {
     Ok(Reference::parse(r)?)
 }
 
+/// Resolves `reference`; when the registry cannot be reached, the image it
+/// resolved to last time, if the cache remembers it (see [`images`]).
 pub(crate) async fn resolve(
     client: &Client,
     common: &Common,
     reference: &Reference,
 ) -> Result<ResolvedImage> {
-    client
-        .resolve(reference, common.platform())
-        .await
-        .map_err(|e| about(e, reference, format!("cannot resolve {reference}")))
+    let cache = common.cache.dir();
+    match client.resolve(reference, common.platform()).await {
+        Ok(image) => {
+            images::remember(&cache, reference, common.platform(), &image);
+            Ok(image)
+        }
+        Err(e) => {
+            if images::offline(&e)
+                && let Some(image) = images::recall(&cache, reference, common.platform())
+            {
+                return Ok(image);
+            }
+            if let RegistryError::Api { status: 404, .. } = e {
+                let hint = match &reference.digest {
+                    Some(_) => "check the digest".to_string(),
+                    None => format!("`rimg tags {}` lists the tags", reference.name()),
+                };
+                return Err(anyhow::Error::new(e).context(format!(
+                    "{reference}: no such image in the registry; {hint}"
+                )));
+            }
+            Err(about(e, reference, format!("cannot resolve {reference}")))
+        }
+    }
 }
 
 /// A registry error, with `doing` in front unless the error already names

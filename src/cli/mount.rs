@@ -51,8 +51,16 @@ pub struct ServeArgs {
 
 #[derive(clap::Args)]
 pub struct UmountArgs {
-    /// Where the image is mounted.
-    pub mountpoint: PathBuf,
+    /// Where the image is mounted; several may be given.
+    #[arg(required_unless_present = "all")]
+    pub mountpoints: Vec<PathBuf>,
+    /// Unmount every rimg mount.
+    #[arg(short = 'a', long, conflicts_with = "mountpoints")]
+    pub all: bool,
+    /// Detach now even if the mount is busy; it goes once nothing uses it
+    /// (umount -l).
+    #[arg(short = 'l', long)]
+    pub lazy: bool,
 }
 
 #[derive(clap::Args)]
@@ -311,10 +319,33 @@ pub(super) fn serve_source(
 }
 
 pub fn umount(args: &UmountArgs) -> Result<()> {
-    let mountpoint = args.mountpoint.as_path();
-    if std::env::var_os(rimg::fuse::WATCH_ENV).is_some() {
+    if std::env::var_os(rimg::fuse::WATCH_ENV).is_some()
+        && let [mountpoint] = &args.mountpoints[..]
+    {
         return unmount_when_dead(mountpoint);
     }
+    let all: Vec<PathBuf> = if args.all {
+        mounts::list().into_iter().map(|r| r.mountpoint).collect()
+    } else {
+        args.mountpoints.clone()
+    };
+    let mut failed = None;
+    for m in &all {
+        if let Err(e) = umount_one(m, args.lazy) {
+            if all.len() > 1 {
+                eprintln!("rimg: {}", one_line(&e));
+            }
+            failed = Some(e);
+        }
+    }
+    match failed {
+        Some(e) if all.len() == 1 => Err(e),
+        Some(_) => bail!("some mounts were not unmounted"),
+        None => Ok(()),
+    }
+}
+
+fn umount_one(mountpoint: &std::path::Path, lazy: bool) -> Result<()> {
     // Not canonicalize: a dead mount answers ENOTCONN, and it is exactly the
     // one that most needs unmounting.
     let canonical = mounts::absolute(mountpoint)
@@ -328,8 +359,19 @@ pub fn umount(args: &UmountArgs) -> Result<()> {
     let record = mounts::find(&canonical);
     // A dead mount holds nothing to flush; detach it even if a shell sits in it.
     let dead = mounts::is_dead(&canonical, record.as_ref());
-    rimg::fuse::unmount(&canonical, dead)
-        .with_context(|| format!("cannot unmount {}", canonical.display()))?;
+    rimg::fuse::unmount(&canonical, dead || lazy).map_err(|e| {
+        let busy = e.raw_os_error() == Some(libc::EBUSY);
+        let e = anyhow::Error::new(e).context(format!("cannot unmount {}", canonical.display()));
+        if busy {
+            e.context(format!(
+                "{} is in use (a shell or program has it open; see `fuser -vm {}`); close it, or detach it now with `rimg umount --lazy`",
+                canonical.display(),
+                canonical.display()
+            ))
+        } else {
+            e
+        }
+    })?;
     if let Some(r) = record {
         for _ in 0..100 {
             if !mounts::pid_alive(r.pid) {

@@ -19,7 +19,7 @@ pub type NodeId = u32;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TreeError {
-    #[error("{}: no such file or directory in the image", Escaped(.0))]
+    #[error("{}: no such file or directory", Escaped(.0))]
     NotFound(Vec<u8>),
     #[error("{}: not a directory", Escaped(.0))]
     NotADirectory(Vec<u8>),
