@@ -136,6 +136,9 @@ pub struct ImageSource {
     trust_toc: bool,
     /// Published gzip indexes are used without being built here or signed.
     trust_index: bool,
+    /// The trust policy, which says whose signature makes a published
+    /// index trusted (none: no signature does).
+    trust: Option<Arc<crate::trust::Trust>>,
     published: tokio::sync::OnceCell<gzindex::Published>,
 }
 
@@ -171,6 +174,7 @@ impl ImageSource {
             use_index: true,
             trust_toc: false,
             trust_index: false,
+            trust: None,
             published: tokio::sync::OnceCell::new(),
         }
     }
@@ -199,6 +203,12 @@ impl ImageSource {
 
     /// Whether a published gzip index is used even when it was not built
     /// in this cache and is not signed by a trusted key (`--trust-index`).
+    /// The trust policy whose keys make a signed published index trusted.
+    pub fn with_trust(mut self, trust: Arc<crate::trust::Trust>) -> Self {
+        self.trust = Some(trust);
+        self
+    }
+
     pub fn with_trusted_indexes(mut self, on: bool) -> Self {
         self.trust_index = on;
         self

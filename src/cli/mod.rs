@@ -512,7 +512,8 @@ impl Common {
                 .with_range_reads(!self.whole_layers)
                 .with_published_indexes(!self.no_index)
                 .with_trusted_tocs(self.trust_toc)
-                .with_trusted_indexes(self.trust_index),
+                .with_trusted_indexes(self.trust_index)
+                .with_trust(Arc::new(self.trust()?)),
         )
     }
 }

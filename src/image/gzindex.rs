@@ -567,15 +567,27 @@ impl super::ImageSource {
     }
 
     /// Whether the published index artifact `artifact` (a manifest digest)
-    /// is signed by a key the trust policy accepts for this image.
-    ///
-    /// Hook for signature verification (not built yet): until it is wired
-    /// to the trust policy, no published index counts as signed, so only
-    /// indexes built in this cache or vouched for with `--trust-index` are
-    /// used.
+    /// is signed the cosign way by a key the trust policy's
+    /// `sigstoreSigned` requirements name for this image's repository.
+    /// A signature that cannot be fetched or checked counts as none.
     pub(super) async fn published_index_signed(&self, artifact: &str) -> bool {
-        let _ = artifact;
-        false
+        let (Some(trust), super::Blobs::Registry(client)) = (&self.trust, &self.blobs) else {
+            return false;
+        };
+        match trust
+            .artifact_signed(client, &self.image.reference, artifact)
+            .await
+        {
+            Ok(signed) => signed,
+            Err(e) => {
+                tracing::info!(
+                    "{}: the signature of published index {artifact}: {}",
+                    self.image.reference,
+                    crate::report::Chain(&e)
+                );
+                false
+            }
+        }
     }
 
     /// Why the published index blob `blob` of layer `layer` may be used, or
