@@ -805,3 +805,30 @@ fn a_warm_mount_reads_files_read_before_without_asking_for_the_layer() {
         );
     }
 }
+
+#[test]
+fn ctr_remote_zstd_chunked_without_end_offsets_reads_by_range_when_trusted_and_whole_by_default() {
+    let reg = Registry::start(Auth::None);
+    push_alpine(&reg, "src", "3.20", "3.20.3", "amd64", true);
+    common::lazy::ctr_remote_zstd_chunked(&reg, "src:3.20", "czc:3.20");
+    let blob_bytes: u64 = manifest_layers(&reg, "czc", "3.20")
+        .iter()
+        .map(|l| l.1)
+        .sum();
+    let proxy = CountingProxy::start(&reg.addr(), None);
+    let r = format!("{}/czc:3.20", proxy.addr());
+    let trusted = trusting().ok(&["cat", &r, "/etc/os-release"]);
+    assert!(trusted.contains("Alpine Linux"), "{trusted}");
+    assert!(
+        proxy.sent() * 3 < blob_bytes,
+        "a trusted cold cat fetched {} of {blob_bytes}",
+        proxy.sent()
+    );
+    proxy.reset();
+    let whole = Env::new().ok(&["cat", &r, "/etc/os-release"]);
+    assert_eq!(whole, trusted);
+    assert!(
+        proxy.sent() >= blob_bytes,
+        "by default the layer is read whole"
+    );
+}

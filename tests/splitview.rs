@@ -482,6 +482,7 @@ fn an_honest_tar_split_layer_stays_lazy_and_exact() {
     let env = Env::new();
     assert_eq!(env.ok(&["cat", &image, "/etc/motd"]), "hello\n");
     let sent = proxy.sent();
+    eprintln!("cold cat of a tar-split layer: {sent} of {size} bytes fetched");
     assert!(
         sent * 50 <= size,
         "a cold cat fetched {sent} of {size} bytes"

@@ -181,7 +181,7 @@ impl Cache {
         let mut source =
             io::BufReader::with_capacity(IO_BUFFER, io::Cursor::new(head).chain(&mut compressed));
         let inflated = inflate_and_index(&mut source, compression, digest, max, &staged.tar);
-        let (mut index, mut tar_size, hasher) = match inflated {
+        let (mut index, tar_size, hasher) = match inflated {
             Ok(done) => done,
             Err(err)
                 if matches!(
@@ -209,48 +209,8 @@ impl Cache {
         // Only now is the blob known to be what its digest says, so a
         // diff_id mismatch is the config's, not the network's.
         compressed.out.flush().map_err(io_err(staged.blob.path()))?;
-        let mut diff_id = Digest::from_hasher(hasher.clone()).to_string();
-        if let Some(expected) = &desc.diff_id
-            && *expected != diff_id
-        {
-            // Some zstd:chunked writers leave out the zeros that pad the
-            // tar to its record size, which the diff_id covers. The
-            // tar-split says how many, byte for byte; without one the
-            // stream alone must match.
-            let pad = match compression {
-                Compression::Zstd => self.tar_split_padding(desc, &staged, tar_size)?,
-                _ => None,
-            };
-            let padded = match pad {
-                Some(p) => with_zeros(&hasher, p).filter(|(_, d)| d == expected),
-                // No tar-split: only zeros after the end-of-archive marker,
-                // to a record of some blocking factor, and only when the
-                // result hashes to the diff_id (which then proves them).
-                None if compression == Compression::Zstd => (1..=64u64)
-                    .map(|b| (b * 512 - tar_size % (b * 512)) % (b * 512))
-                    .filter_map(|p| with_zeros(&hasher, p))
-                    .find(|(_, d)| d == expected),
-                None => None,
-            };
-            let Some((pad, padded)) = padded else {
-                return Err(CacheError::DiffId {
-                    digest: digest.clone(),
-                    expected: expected.clone(),
-                    actual: diff_id,
-                });
-            };
-            use std::os::unix::fs::FileExt;
-            staged
-                .tar
-                .as_file()
-                .write_all_at(&vec![0u8; pad as usize], tar_size)
-                .map_err(io_err(staged.tar.path()))?;
-            tracing::info!(
-                "layer {digest}: the zstd stream leaves out the tar's last {pad} zero bytes; restored, and the diff_id verified"
-            );
-            tar_size += pad;
-            diff_id = padded;
-        }
+        let (diff_id, tar_size) =
+            self.verify_diff_id(desc, compression, &staged, hasher, tar_size)?;
         // eStargz's own files are format, not content: not shown, as
         // stargz-snapshotter does not show them, however the layer is read.
         if compression == Compression::Gzip {
@@ -370,6 +330,58 @@ impl Cache {
 }
 
 impl Cache {
+    /// The diff_id of the tar just written (`tar_size` bytes hashed by
+    /// `hasher`), checked against the config's. Some zstd:chunked writers
+    /// leave out the zeros that pad the tar to its record size, which the
+    /// diff_id covers: the tar-split says how many, byte for byte; without
+    /// one, only zeros to a record of some blocking factor are tried, and
+    /// only a result that hashes to the diff_id (which then proves them).
+    /// Restored padding is written to the tar. Returns the diff_id and the
+    /// tar's size.
+    fn verify_diff_id(
+        &self,
+        desc: &LayerDesc,
+        compression: Compression,
+        staged: &Staged,
+        hasher: sha2::Sha256,
+        tar_size: u64,
+    ) -> Result<(String, u64), CacheError> {
+        let digest = &desc.digest;
+        let diff_id = Digest::from_hasher(hasher.clone()).to_string();
+        let Some(expected) = desc.diff_id.as_ref().filter(|e| **e != diff_id) else {
+            return Ok((diff_id, tar_size));
+        };
+        let pad = match compression {
+            Compression::Zstd => self.tar_split_padding(desc, staged, tar_size)?,
+            _ => None,
+        };
+        let padded = match pad {
+            Some(p) => with_zeros(&hasher, p).filter(|(_, d)| d == expected),
+            None if compression == Compression::Zstd => (1..=64u64)
+                .map(|b| (b * 512 - tar_size % (b * 512)) % (b * 512))
+                .filter_map(|p| with_zeros(&hasher, p))
+                .find(|(_, d)| d == expected),
+            None => None,
+        };
+        let Some((pad, padded)) = padded else {
+            return Err(CacheError::DiffId {
+                digest: digest.clone(),
+                expected: expected.clone(),
+                actual: diff_id,
+            });
+        };
+        use std::os::unix::fs::FileExt;
+        staged
+            .tar
+            .as_file()
+            .write_all_at(&vec![0u8; pad as usize], tar_size)
+            .map_err(io_err(staged.tar.path()))?;
+        tracing::info!(
+            "layer {digest}: the zstd stream leaves out the tar's last {pad} zero bytes; restored, and the diff_id verified"
+        );
+        Ok((padded, tar_size + pad))
+    }
+
     /// For a zstd:chunked layer whose tar-split the TOC pins: checks the
     /// tar-split against the stream just written (`tar_size` bytes) and
     /// returns how many zero bytes of padding it records past the stream's

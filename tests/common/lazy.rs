@@ -101,6 +101,13 @@ pub fn estargz(reg: &Registry, src: &str, dst: &str) {
     estargz_with(reg, src, dst, None, &[])
 }
 
+/// Converts `src` to zstd:chunked as `dst` with ctr-remote (whose TOC
+/// entries carry no `endOffset`, and which writes no tar-split).
+#[allow(dead_code)] // not every test binary that compiles tests/common uses it
+pub fn ctr_remote_zstd_chunked(reg: &Registry, src: &str, dst: &str) {
+    convert(reg, src, dst, "--zstdchunked", None, &[])
+}
+
 /// Converts `src` to eStargz as `dst`, splitting files into chunks of
 /// `chunk_size` bytes when given, and putting the absolute paths in
 /// `prioritized` first, before a `.prefetch.landmark` (ctr-remote's record
@@ -110,6 +117,18 @@ pub fn estargz_with(
     reg: &Registry,
     src: &str,
     dst: &str,
+    chunk_size: Option<u64>,
+    prioritized: &[&str],
+) {
+    convert(reg, src, dst, "--estargz", chunk_size, prioritized)
+}
+
+/// Converts `src` to `form` (a ctr-remote convert flag) as `dst`.
+fn convert(
+    reg: &Registry,
+    src: &str,
+    dst: &str,
+    form: &str,
     chunk_size: Option<u64>,
     prioritized: &[&str],
 ) {
@@ -128,7 +147,7 @@ pub fn estargz_with(
         &src,
     ]);
     let size = chunk_size.map(|s| s.to_string());
-    let mut args = vec!["image", "convert", "--estargz", "--oci"];
+    let mut args = vec!["image", "convert", form, "--oci"];
     if let Some(s) = &size {
         args.extend(["--estargz-chunk-size", s]);
     }
