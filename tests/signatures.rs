@@ -509,10 +509,14 @@ fn reject_insecure_accept_anything_and_keyless_policies() {
 }
 
 #[test]
-fn a_signed_gzip_index_is_trusted_by_the_library_check_only_for_the_policy_key() {
+fn a_signed_gzip_index_is_trusted_only_for_the_policy_key() {
     let f = Fixture::new();
-    f.push(REPO, TAG, "indexed\n");
+    let img = f.push(REPO, TAG, "indexed\n");
     let image = format!("{}:{TAG}", f.name(REPO));
+    // The image itself is signed by both keys, so either policy admits it;
+    // only the index's signature differs.
+    sign::sign(&f.reg, REPO, &img.manifest_digest, &image, &f.key);
+    sign::sign(&f.reg, REPO, &img.manifest_digest, &image, &f.other);
     let key_file = f.dir.path().join("cosign.key");
     std::fs::write(
         &key_file,
@@ -553,6 +557,36 @@ fn a_signed_gzip_index_is_trusted_by_the_library_check_only_for_the_policy_key()
     ));
     let accept = write_policy(f.dir.path(), r#"[{"type":"insecureAcceptAnything"}]"#, &[]);
     assert!(!sign::artifact_signed(&f.reg, REPO, &artifact, &accept));
+    // Another machine (a fresh cache): the policy's key signed the index, so
+    // the layer is read by range through it; under the other key's policy
+    // the index is ignored and the layer read whole. Same bytes either way.
+    let rd = f.registries_d.display().to_string();
+    for (key, used) in [(&f.key, true), (&f.other, false)] {
+        let p = f.policy(key, None).display().to_string();
+        let out = Env::new().run(&[
+            "cat",
+            "-v",
+            "--policy",
+            &p,
+            "--registries.d",
+            &rd,
+            &image,
+            "/etc/motd",
+        ]);
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{log}");
+        assert_eq!(out.stdout, b"indexed\n");
+        assert_eq!(
+            log.contains("is trusted (signed by a trusted key)"),
+            used,
+            "{log}"
+        );
+        assert_eq!(
+            log.contains("ignored: it was not built in this cache"),
+            !used,
+            "{log}"
+        );
+    }
 }
 
 #[test]

@@ -92,7 +92,9 @@ pub enum CacheError {
         digest: Digest,
         first: crate::layer::Difference,
     },
-    #[error("layer {digest}: what its range cache holds is not the layer (its range cache is dropped)")]
+    #[error(
+        "layer {digest}: what its range cache holds is not the layer (its range cache is dropped)"
+    )]
     RangedNotLayer {
         digest: Digest,
         #[source]

@@ -22,9 +22,9 @@ mod index;
 mod inspect;
 mod ls;
 mod mount;
+pub mod options;
 mod trust;
 mod verify;
-pub mod options;
 
 // Shared by several subcommands (and the tests below).
 use ls::format_time;
