@@ -18,6 +18,8 @@ use crate::overlay::tree::{self, Tree};
 use crate::registry::{Client, LayerDesc, ResolvedImage};
 
 mod gzindex;
+#[cfg(test)]
+mod ondisk_fuzz;
 mod ranged;
 mod tarsplit;
 mod verify;

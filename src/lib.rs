@@ -39,6 +39,8 @@ pub mod digest;
 pub mod export;
 pub mod forensics;
 pub mod fuse;
+#[cfg(test)]
+mod fuzzing;
 pub mod image;
 pub mod layer;
 pub mod local;

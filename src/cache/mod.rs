@@ -923,4 +923,75 @@ mod tests {
         );
         assert!(!root.join("tmp").exists(), "nothing made in it");
     }
+
+    /// A layer's index file, and what it indexes.
+    fn idx_sample() -> (tempfile::TempDir, Cache, LayerDesc, Vec<u8>, Vec<u8>) {
+        let dir = tempfile::tempdir().unwrap();
+        let cache = Cache::open(dir.path(), u64::MAX).unwrap();
+        let blob = gzip(&tar_of(&[
+            ("etc/os-release", b"NAME=test\n"),
+            ("bin/sh", b"#!"),
+        ]));
+        let d = desc(&blob);
+        cache
+            .ensure_layer(&d, "r", u64::MAX, serve(blob.clone()))
+            .unwrap();
+        let idx = fs::read(cache.paths(d.digest.hex()).2).unwrap();
+        (dir, cache, d, blob, idx)
+    }
+
+    /// Puts `bytes` in place of the layer's index and opens the layer: it is
+    /// rebuilt, or its index reads as an error or as an index. (The index
+    /// file carries no checksum of its own: a flipped bit in a name is read
+    /// as that name; what the fuzz proves is no panic and a bounded answer.)
+    fn open_with_idx(
+        cache: &Cache,
+        d: &LayerDesc,
+        blob: &[u8],
+        sound: &LayerIndex,
+        bytes: &[u8],
+    ) -> Result<(), String> {
+        fs::write(cache.paths(d.digest.hex()).2, bytes).unwrap();
+        let Ok(layer) = cache.ensure_layer(d, "r", u64::MAX, serve(blob.to_vec())) else {
+            return Ok(());
+        };
+        match layer.index() {
+            Ok(i) if i.entries.len() > sound.entries.len() + 64 => {
+                Err(format!("{} entries read", i.entries.len()))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    #[test]
+    fn damaged_index_files_are_rebuilt_or_refused_without_a_panic() {
+        use proptest::test_runner::{Config, TestRunner};
+        let (_dir, cache, d, blob, idx) = idx_sample();
+        let sound = cache
+            .ensure_layer(&d, "r", u64::MAX, serve(blob.clone()))
+            .unwrap()
+            .index()
+            .unwrap();
+        let mut runner = TestRunner::new(Config::with_cases(300));
+        runner
+            .run(&crate::fuzzing::damage(), |damage| {
+                open_with_idx(&cache, &d, &blob, &sound, &damage.apply(&idx))
+                    .map_err(proptest::test_runner::TestCaseError::fail)
+            })
+            .unwrap();
+    }
+
+    #[test]
+    fn the_index_file_corpus_is_rebuilt_or_refused_without_a_panic() {
+        let (_dir, cache, d, blob, idx) = idx_sample();
+        let sound = cache
+            .ensure_layer(&d, "r", u64::MAX, serve(blob.clone()))
+            .unwrap()
+            .index()
+            .unwrap();
+        for (name, bytes) in crate::fuzzing::corpus("idx", &[("sound", idx)]) {
+            open_with_idx(&cache, &d, &blob, &sound, &bytes)
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+    }
 }

@@ -370,7 +370,11 @@ impl Tree {
             let start = at.min(data.len());
             let count = u32_at(data, at);
             at += 4;
+            // A damaged count must not spin: each attribute takes bytes.
             for _ in 0..count {
+                if at >= data.len() {
+                    break;
+                }
                 sized(data, &mut at);
                 sized(data, &mut at);
             }
@@ -581,11 +585,14 @@ impl<'a> NodeRef<'a> {
         let b = self.xattrs;
         let count = u32_at(b, 0);
         let mut at = 4;
-        (0..count).filter_map(move |_| {
-            let k = sized(b, &mut at);
-            let v = sized(b, &mut at);
-            Some((std::str::from_utf8(k).ok()?, v))
-        })
+        // Bounded by the bytes as well as the count, which may be damaged.
+        (0..count)
+            .map_while(move |_| (at < b.len()).then_some(()))
+            .filter_map(move |()| {
+                let k = sized(b, &mut at);
+                let v = sized(b, &mut at);
+                Some((std::str::from_utf8(k).ok()?, v))
+            })
     }
 
     /// A sparse file's data segments; `None` for a file stored whole.
@@ -896,5 +903,159 @@ mod tests {
         assert_eq!(t.children(d).skip(998).count(), 2);
         assert_eq!(t.children(d).nth(5000), None);
         assert_eq!(t.lookup(d, b"f1000"), None);
+    }
+
+    /// A tree with every kind of extra (device, link, xattrs, sparse map).
+    fn fuzz_sample() -> Vec<u8> {
+        let mut dev = Entry::new(b"dev/null", EntryKind::Char);
+        dev.rdev = (1, 3);
+        let mut link = Entry::new(b"bin/sh", EntryKind::Symlink);
+        link.link = Some(b"busybox".to_vec());
+        let mut f = Entry::new(b"bin/busybox", EntryKind::File);
+        f.xattrs = vec![("security.capability".into(), vec![1, 2, 3])];
+        f.size = 12345;
+        let mut sparse = Entry::new(b"var/sparse", EntryKind::File);
+        sparse.size = 1 << 20;
+        sparse.sparse = Some(Box::new([Segment {
+            logical: 4096,
+            stored: 0,
+            len: 512,
+        }]));
+        let mut entries = vec![dev, link, f, sparse];
+        entries
+            .extend((0..40).map(|i| Entry::new(format!("etc/f{i}").as_bytes(), EntryKind::File)));
+        merge(&[&LayerIndex { entries }])
+            .unwrap()
+            .as_bytes()
+            .to_vec()
+    }
+
+    /// Everything a mount can ask of a tree, bounded so a damaged count
+    /// cannot make it run for long.
+    fn read_everything(t: &Tree) {
+        for id in 0..(t.len() as NodeId).saturating_add(2).min(10_000) {
+            let n = t.node(id);
+            let _ = (n.xattrs().take(100).count(), n.sparse(), t.parent(id));
+            for (name, c) in t.children(id).take(1000) {
+                let _ = (t.lookup(id, name), t.node(c).link);
+            }
+            let _ = t.children(id).nth(3);
+            let _ = t.children(id).next_back();
+        }
+        for p in [&b"bin/sh"[..], b"var/sparse", b"a/../etc/f1", b"dev/null"] {
+            let _ = t.resolve(p, true);
+        }
+    }
+
+    /// Reads `bytes` as a saved tree every way rimg does: from memory, mapped
+    /// (chunks checked as read) and checked whole. True if any accepted it.
+    fn read_tree_bytes(bytes: &[u8]) -> bool {
+        let mut accepted = false;
+        if let Ok(t) = Tree::from_bytes(bytes.to_vec()) {
+            read_everything(&t);
+            accepted = true;
+        }
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(bytes).unwrap();
+        if let Ok(t) = Tree::open(&file, None) {
+            read_everything(&t);
+            accepted |= !t.damaged();
+        }
+        if let Ok(t) = Tree::open_checked(&file, None) {
+            read_everything(&t);
+            accepted = true;
+        }
+        accepted
+    }
+
+    /// `sound` damaged, then sealed again: checksums that pass over bytes
+    /// that make no sense, so every bounds check is reached.
+    fn resealed(sound: &[u8], d: &crate::fuzzing::Damage) -> Vec<u8> {
+        let body = parse_header(sound, sound.len() as u64).unwrap().body_len;
+        let mut b = d.apply(&sound[..HEADER_LEN + body]);
+        if b.len() < HEADER_LEN {
+            return b;
+        }
+        b[..8].copy_from_slice(MAGIC);
+        b[8..12].copy_from_slice(&VERSION.to_le_bytes());
+        seal(&mut b);
+        b
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+        #[test]
+        fn damaged_tree_bytes_are_refused_or_read_without_a_panic(d in crate::fuzzing::damage()) {
+            let sound = fuzz_sample();
+            let bad = d.apply(&sound);
+            let accepted = read_tree_bytes(&bad);
+            prop_assert!(!accepted || bad == sound, "damage accepted: {d:?}");
+        }
+
+        #[test]
+        fn damaged_tree_bytes_with_sound_checksums_are_read_without_a_panic(
+            d in crate::fuzzing::damage()
+        ) {
+            read_tree_bytes(&resealed(&fuzz_sample(), &d));
+        }
+    }
+
+    #[test]
+    fn a_damaged_chunk_under_a_sparse_map_reads_as_no_map_not_a_panic() {
+        // Records and names in the first chunk, the data blob reaching into
+        // the second, damaged there. The link's
+        // 58-byte target puts the sparse map at byte 62 of the data blob; a
+        // damaged data chunk reads as 64 zeros, leaving the map 2 bytes.
+        let mut link = Entry::new(b"a/link", EntryKind::Symlink);
+        link.link = Some(vec![b't'; 58]);
+        let mut sparse = Entry::new(b"a/sparse", EntryKind::File);
+        sparse.size = 1 << 20;
+        sparse.sparse = Some(Box::new([Segment {
+            logical: 4096,
+            stored: 0,
+            len: 512,
+        }]));
+        let mut entries = vec![link, sparse];
+        // Long link targets after them stretch the data blob into the next chunk.
+        entries.extend((0..400).map(|i| {
+            let mut e = Entry::new(format!("b/l{i:03}").as_bytes(), EntryKind::Symlink);
+            e.link = Some(vec![b'u'; 200]);
+            e
+        }));
+        let mut bytes = merge(&[&LayerIndex { entries }])
+            .unwrap()
+            .as_bytes()
+            .to_vec();
+        let l = parse_header(&bytes, bytes.len() as u64).unwrap();
+        assert!(l.body_len > CHUNK);
+        let data_end = HEADER_LEN + l.body_len;
+        bytes[data_end - 1] ^= 0xff;
+        let mut file = tempfile::tempfile().unwrap();
+        file.write_all(&bytes).unwrap();
+        let t = Tree::open(&file, None).unwrap();
+        let id = t
+            .lookup(t.lookup(t.root(), b"a").unwrap(), b"sparse")
+            .unwrap();
+        assert_eq!(t.node(id).sparse().as_deref().unwrap_or_default(), []);
+        assert!(t.damaged());
+    }
+
+    #[test]
+    fn the_saved_tree_corpus_is_refused_or_read_without_a_panic() {
+        let sound = fuzz_sample();
+        let resealed = resealed(
+            &sound,
+            &crate::fuzzing::Damage::Overwrite(200, vec![0xff; 40]),
+        );
+        for (name, bytes) in crate::fuzzing::corpus(
+            "tree",
+            &[("sound", sound.clone()), ("resealed-garbage", resealed)],
+        ) {
+            let accepted = read_tree_bytes(&bytes);
+            assert!(
+                !accepted || bytes == sound || name.starts_with("resealed"),
+                "{name} accepted"
+            );
+        }
     }
 }
