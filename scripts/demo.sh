@@ -55,6 +55,7 @@ skopeo inspect "docker-archive:$work/alpine.tar" | head -n 12
 "$rimg" log "$ref" /etc/os-release
 "$rimg" deleted "$ref" | head -n 5
 "$rimg" umount "$mnt"
-# Publish a gzip checkpoint index; another cache then reads one file by range.
+# Publish a gzip checkpoint index; another cache that trusts it (--trust-index)
+# then reads one file by range.
 "$rimg" index push "$ref"
-RIMG_CACHE_DIR=$work/cache-b "$rimg" -v cat "$ref" /etc/alpine-release 2>&1 | grep -E "published gzip index|read by range|^[0-9]"
+RIMG_CACHE_DIR=$work/cache-b "$rimg" -v cat --trust-index "$ref" /etc/alpine-release 2>&1 | grep -E "published gzip index|read by range|^[0-9]"

@@ -600,7 +600,9 @@ fn prefetch_through_an_invented_entry() -> (Registry, CountingProxy, Env, String
         // Until the whole layer is had, the invented entry shows.
         assert!(m.path.join(INVENTED).exists());
         let dropped = wait_for(Duration::from_secs(120), || {
-            mount_log(&b).contains("differs from the layer itself (it lists etc/invented.txt")
+            let log = mount_log(&b);
+            log.lines()
+                .any(|l| l.contains("differs from the layer itself") && l.contains(INVENTED))
         });
         assert!(dropped, "log: {}", mount_log(&b));
         // Found lying: this mount refuses the layer's bytes from then on.
@@ -899,7 +901,7 @@ fn a_small_index_of_thirty_million_entries_is_refused_quickly_even_when_trusted(
     assert!(out.status.success(), "{err}");
     assert_eq!(out.stdout, image().small);
     assert!(
-        err.contains("more than 1048576 entries") || err.contains("decodes to more than"),
+        err.contains("lists 30000000 entries, more than 1048576"),
         "{err}"
     );
     // Refused before the layer's whole download starts, not after minutes
