@@ -443,29 +443,25 @@ impl grep::Report for Printer<'_> {
     }
 }
 
-/// Searches the image; `Ok(true)` when something was selected (with `-L`:
-/// when some file had nothing selected, as GNU grep 3.5+).
-pub fn grep(args: &GrepArgs) -> Result<bool> {
-    super::init_logging(args.verbose);
-    let common = &args.common;
-    let ops = args.operands()?;
-    let rt = runtime()?;
-    let source = common.open_image(&rt, &ops.reference, std::io::stderr().is_terminal())?;
-    let (tree, layers) = rt.block_on(source.tree(None))?;
-    let digests = digests(&source);
+/// The files to search, and whether grep would leave their names out (one
+/// file operand and no directory).
+fn targets<'t>(
+    args: &GrepArgs,
+    paths: &[Vec<u8>],
+    tree: &'t Tree,
+    layers: &[std::sync::Arc<rimg::cache::Layer>],
+    source: &rimg::image::ImageSource,
+) -> Result<(Vec<grep::Target<'t>>, bool)> {
     let filter = Filter {
         include: &args.include,
         exclude: &args.exclude,
         exclude_dir: &args.exclude_dir,
     };
     let mut files = Vec::new();
-    let roots: Vec<Vec<u8>> = if ops.paths.is_empty() {
+    let roots: Vec<Vec<u8>> = if paths.is_empty() {
         vec![Vec::new()]
     } else {
-        ops.paths
-            .iter()
-            .map(|p| rimg::layer::normalize(p))
-            .collect()
+        paths.iter().map(|p| rimg::layer::normalize(p)).collect()
     };
     // grep names files unless it was given one file and no directory.
     let mut one_file = roots.len() == 1;
@@ -485,7 +481,7 @@ pub fn grep(args: &GrepArgs) -> Result<bool> {
         if tree.node(id).kind == EntryKind::File {
             files.push((p.clone(), id));
         } else {
-            files_below(&tree, id, p, &filter, &mut files);
+            files_below(tree, id, p, &filter, &mut files);
         }
     }
     let mut targets: Vec<grep::Target<'_>> = files
@@ -502,9 +498,8 @@ pub fn grep(args: &GrepArgs) -> Result<bool> {
             }
         })
         .collect();
-    let indexes: Vec<LayerIndex>;
     if args.deleted {
-        indexes = layers
+        let indexes: Vec<LayerIndex> = layers
             .iter()
             .map(|l| l.index())
             .collect::<Result<_, _>>()
@@ -520,12 +515,29 @@ pub fn grep(args: &GrepArgs) -> Result<bool> {
                     layer: d.layer,
                     offset: e.offset,
                     size: e.size,
-                    sparse: e.sparse.as_deref().map(std::borrow::Cow::Borrowed),
+                    sparse: e
+                        .sparse
+                        .as_deref()
+                        .map(|s| std::borrow::Cow::Owned(s.to_vec())),
                     hidden_by: Some(d.hidden_by),
                 });
             }
         }
     }
+    Ok((targets, one_file))
+}
+
+/// Searches the image; `Ok(true)` when something was selected (with `-L`:
+/// when some file had nothing selected, as GNU grep 3.5+).
+pub fn grep(args: &GrepArgs) -> Result<bool> {
+    super::init_logging(args.verbose);
+    let common = &args.common;
+    let ops = args.operands()?;
+    let rt = runtime()?;
+    let source = common.open_image(&rt, &ops.reference, std::io::stderr().is_terminal())?;
+    let (tree, layers) = rt.block_on(source.tree(None))?;
+    let digests = digests(&source);
+    let (targets, one_file) = targets(args, &ops.paths, &tree, &layers, &source)?;
     let (before, after) = (
         args.before_context.or(args.context).unwrap_or(0),
         args.after_context.or(args.context).unwrap_or(0),

@@ -54,7 +54,8 @@ pub struct UmountArgs {
     /// Where the image is mounted; several may be given.
     #[arg(required_unless_present = "all")]
     pub mountpoints: Vec<PathBuf>,
-    /// Unmount every rimg mount.
+    /// Unmount every mount this user's rimg made (those `rimg mounts` lists
+    /// with a pid).
     #[arg(short = 'a', long, conflicts_with = "mountpoints")]
     pub all: bool,
     /// Detach now even if the mount is busy; it goes once nothing uses it
@@ -325,7 +326,13 @@ pub fn umount(args: &UmountArgs) -> Result<()> {
         return unmount_when_dead(mountpoint);
     }
     let all: Vec<PathBuf> = if args.all {
-        mounts::list().into_iter().map(|r| r.mountpoint).collect()
+        // Only the mounts this user's rimg made (recorded in its state
+        // directory): on a shared machine other users' mounts are theirs.
+        mounts::list()
+            .into_iter()
+            .filter(|r| mounts::find(&r.mountpoint).is_some())
+            .map(|r| r.mountpoint)
+            .collect()
     } else {
         args.mountpoints.clone()
     };
