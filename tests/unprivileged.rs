@@ -371,7 +371,7 @@ fn a_dead_mount_is_listed_dead_and_cleared_by_umount_or_a_new_mount() {
         assert!(ls(&u).status.success());
         // Server and its watcher both gone, as when a whole session is killed.
         let pid = u.server_pid();
-        let watchers = children_named(pid, "rimg");
+        let watchers = children_named(pid, "sh");
         assert_eq!(watchers.len(), 1, "one watcher");
         kill_9(watchers[0]);
         kill_9(pid);

@@ -177,7 +177,7 @@ pub(super) struct Handoff {
 pub fn serve(common: &Common, args: &MountArgs) -> Result<()> {
     init_logging(common.verbose);
     let result = (|| {
-        let rt = runtime()?;
+        let rt = super::server_runtime()?;
         let mut input = Vec::new();
         std::io::stdin()
             .read_to_end(&mut input)

@@ -19,8 +19,12 @@ pub use state::{Mounted, State};
 
 use crate::image::ImageSource;
 
-/// Session threads: enough that parallel readers never queue behind one another.
-const SESSION_THREADS: usize = 4;
+/// Session threads. One is enough: every request that may wait (a layer
+/// still downloading, a chunk fetched by range, the tree being built) is
+/// handed to the runtime or a blocking thread, and the rest are answered
+/// from memory or the page cache. Each thread more is one more per idle
+/// mount.
+const SESSION_THREADS: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
@@ -328,6 +332,10 @@ pub fn mount(
     })
 }
 
+/// The death watcher: waits for end-of-file on stdin, then runs `$0 umount
+/// $1` (rimg, the mount point) with stdin at its end.
+const WATCH_SCRIPT: &str = r#"while read -r _; do :; done; exec "$0" umount "$1" </dev/null"#;
+
 /// Set in the environment of the death watcher, a `rimg umount` that first
 /// waits for its stdin to close.
 pub const WATCH_ENV: &str = "RIMG_WATCH_SERVER";
@@ -344,11 +352,17 @@ pub const WATCH_ENV: &str = "RIMG_WATCH_SERVER";
 /// with ENOTCONN), never a live one mounted since. Killing the watcher as
 /// well (a whole session killed) leaves a dead mount, which `rimg mounts`
 /// shows and `rimg umount` or a new `rimg mount` clears.
+///
+/// The wait itself is a shell's (`read` until end-of-file), which costs a
+/// few hundred kilobytes where an idle rimg costs several megabytes; only
+/// once the server is gone does it become `rimg umount`.
 fn watch_for_death(mountpoint: &Path) -> std::io::Result<std::io::PipeWriter> {
     use std::os::unix::process::CommandExt;
     let (reader, writer) = std::io::pipe()?;
-    std::process::Command::new(std::env::current_exe()?)
-        .arg("umount")
+    std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(WATCH_SCRIPT)
+        .arg(std::env::current_exe()?)
         .arg(mountpoint)
         .env(WATCH_ENV, "1")
         .current_dir("/")

@@ -125,7 +125,9 @@ const MAX_REQUEST: u64 = 16 << 20;
 pub const READ_AHEAD: u64 = 512 * 1024;
 /// Spans written but not yet logged are made durable and logged when this
 /// many are pending or the oldest has waited this long.
-const LOG_BATCH: usize = 64;
+/// (Each batch costs an fsync: a layer of many small files read whole
+/// would otherwise sync every few hundred kilobytes.)
+const LOG_BATCH: usize = 1024;
 const LOG_DELAY: Duration = Duration::from_millis(500);
 
 struct State {
@@ -162,6 +164,7 @@ pub struct Ranged {
     done: Condvar,
     fetched: AtomicU64,
     end: u64,
+    stream: stream::Stream,
 }
 
 impl std::fmt::Debug for Ranged {
@@ -233,6 +236,7 @@ impl Ranged {
             done: Condvar::new(),
             fetched: AtomicU64::new(0),
             end,
+            stream: Default::default(),
         })
     }
 
@@ -304,7 +308,11 @@ impl Ranged {
             distrust(&self.data_path);
             return Err(RangedError::Span(e));
         }
+        let before = self.fetched();
         self.ensure(first, last, last_byte + 1 + READ_AHEAD)?;
+        if self.fetched() != before {
+            self.after_demand_fetch();
+        }
         let mut done = 0;
         while done < want {
             match self
@@ -556,8 +564,10 @@ impl Drop for Ranged {
 }
 
 mod keep;
+mod stream;
 use keep::distrust;
 pub use keep::{Form, RangedCache};
+pub use stream::{STREAM_AFTER_FRACTION, STREAM_AFTER_REQUESTS, STREAM_WINDOW};
 
 #[cfg(test)]
 mod tests {
