@@ -864,12 +864,8 @@ fn reading_every_file_switches_to_streaming_the_layer_with_the_same_bytes_and_no
         let requests = proxy.blob_requests(&digest).len();
         let sent = proxy.sent();
         unmount(&env, &m);
-        let log = mount_logs(&env);
-        assert!(
-            log.contains("streaming the rest of the layer"),
-            "{repo}: no switch to streaming:\n{log}"
-        );
-        // One request per file read before the switch, then a few large ones.
+        // One request per file read before the switch, then a few large
+        // ones: without the switch there would be one per file.
         assert!(
             requests < MANY_FILES / 2,
             "{repo}: {requests} requests for {MANY_FILES} files"
@@ -918,11 +914,17 @@ fn a_tampered_chunk_fails_only_its_file_when_the_layer_is_streamed() {
             "{repo}"
         );
         unmount(&env, &m);
-        let again = proxy.blob_requests(&digest);
+        let again: Vec<_> = proxy
+            .blob_requests(&digest)
+            .into_iter()
+            .map(|q| q.range.unwrap_or_default())
+            .collect();
         assert!(
-            !again.is_empty() && again.len() <= 3,
-            "{repo}: {} requests on a warm cache for one bad chunk at {bad_at}",
-            again.len()
+            !again.is_empty()
+                && again
+                    .iter()
+                    .all(|r| r.starts_with(&format!("bytes={bad_at}-"))),
+            "{repo}: a warm cache with one bad chunk at {bad_at} asked for {again:?}"
         );
     }
 }
