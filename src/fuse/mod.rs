@@ -89,9 +89,9 @@ pub fn check_mountpoint(path: &Path) -> Result<bool, FuseError> {
 ///   would make the kernel mount allow_other and leave the check to userspace,
 ///   which never sees requests the kernel answers from its caches.) It also
 ///   needs `user_allow_other` in /etc/fuse.conf, which stock systems lack;
-/// - auto_unmount: fusermount3 stays behind and unmounts when the server
-///   dies, if it can tell (see `watch_for_death` for when it cannot, and
-///   what rimg does about it).
+/// - no auto_unmount: fusermount3 would stay behind, one more process and
+///   thread per mount, to unmount when the server dies, but it cannot tell
+///   that reliably (see `watch_for_death`); rimg's own watcher does it.
 fn options(source_name: &str, opts: &MountOptions) -> String {
     let mut o = vec![
         "ro".to_string(),
@@ -101,7 +101,6 @@ fn options(source_name: &str, opts: &MountOptions) -> String {
         "default_permissions".into(),
         format!("fsname={source_name}"),
         "subtype=rimg".into(),
-        "auto_unmount".into(),
     ];
     if opts.allow_other {
         o.push("allow_other".into());
@@ -134,10 +133,8 @@ fn fusermount_bin() -> std::ffi::OsString {
 
 /// Mounts through fusermount3 (setuid root, so plain users can mount), which
 /// passes back the /dev/fuse descriptor over a socket. fuser would do this
-/// itself but refuses `auto_unmount` without allow_root or allow_other, so
-/// the mount is made here and the session built on the descriptor. The
-/// returned socket must stay open for the life of the server: fusermount3
-/// watches it for `auto_unmount`.
+/// itself but not without allow_root or allow_other in some versions, so
+/// the mount is made here and the session built on the descriptor.
 fn fusermount(mountpoint: &Path, options: &str) -> std::io::Result<(OwnedFd, UnixStream)> {
     use std::os::unix::process::CommandExt;
     let (ours, theirs) = UnixStream::pair()?;
@@ -171,9 +168,10 @@ fn fusermount(mountpoint: &Path, options: &str) -> std::io::Result<(OwnedFd, Uni
     drop(theirs);
     match receive_fd(&ours) {
         Ok(fd) => {
-            // fusermount3 lives on as the auto_unmount watcher and is quiet
-            // from here on; it is reparented to init when this process ends.
+            // Without auto_unmount fusermount3 exits once it has passed the
+            // descriptor: reap it.
             drop(child.stderr.take());
+            let _ = child.wait();
             Ok((fd, ours))
         }
         Err(e) => {
@@ -278,7 +276,7 @@ pub struct Mount {
     /// Registered at mount time, so a signal that arrives as soon as the mount
     /// is announced is already caught.
     signals: (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
-    /// fusermount3's auto_unmount watch: closed when this process ends.
+    /// The socket fusermount3 passed the descriptor over.
     _watch: UnixStream,
     /// Our own watcher's pipe, where fusermount3's cannot help.
     _own_watch: Option<std::io::PipeWriter>,
@@ -340,12 +338,12 @@ const WATCH_SCRIPT: &str = r#"while read -r _; do :; done; exec "$0" umount "$1"
 /// waits for its stdin to close.
 pub const WATCH_ENV: &str = "RIMG_WATCH_SERVER";
 
-/// fusermount3's `auto_unmount` decides a server is dead by opening the mount
+/// fusermount3's `auto_unmount` (not used) decides a server is dead by opening the mount
 /// point and expecting ENOTCONN. Once the kernel holds the root's attributes
 /// (a day's TTL) and skips opendir (FUSE_NO_OPENDIR_SUPPORT), that open never
 /// reaches the dead server and succeeds, so the mount is left behind; and
 /// before libfuse 3.15 (Debian 12 has 3.14) it opens as root, which a plain
-/// user's private mount refuses anyway. So rimg watches too: `rimg umount`
+/// user's private mount refuses anyway. So rimg watches itself: `rimg umount`
 /// started here waits on a pipe only this process holds, and once it reads
 /// end-of-file the server is gone; it then unmounts the mount point only if
 /// the mount there is dead (a request that always reaches the server fails
@@ -409,7 +407,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_allow_other_shares_a_mount_and_every_mount_auto_unmounts() {
+    fn only_allow_other_shares_a_mount_and_no_fusermount3_stays_behind() {
         let private = options(
             "r",
             &MountOptions {
@@ -418,7 +416,7 @@ mod tests {
             },
         );
         assert!(!private.contains("allow_other") && !private.contains("allow_root"));
-        assert!(private.split(',').any(|o| o == "auto_unmount"));
+        assert!(!private.split(',').any(|o| o == "auto_unmount"));
         assert!(private.starts_with("ro,nosuid,nodev,"));
         let shared = options(
             "r",
