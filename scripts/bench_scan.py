@@ -95,6 +95,9 @@ def read_everything(layers):
         env = dict(os.environ, RIMG_CACHE_DIR=str(cache))
         forms = [("whole", "bench/image", ["--no-index"]), ("estargz", "bench/esgz", []),
                  ("zstd:chunked", "bench/zchunked", []), ("gzip index", "bench/gzi", [])]
+        only = os.environ.get("RIMG_BENCH_SCAN_FORMS")
+        if only:
+            forms = [f for f in forms if f[0] == "whole" or f[0] in only.split(",")]
         want = {}
         for readers in (1, READERS):
             for form, repo, flags in forms:
@@ -157,6 +160,18 @@ def process_tree(pid: int):
     return out
 
 
+def pss_kib(pid):
+    """Proportional set size: shared pages (the executable, libc, the
+    saved tree) divided among the processes mapping them."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def idle_mounts(reg_port: int, work: Path):
     """IDLE_MOUNTS warm mounts of the benchmark image, left idle: VmRSS and
     threads of every server and its helpers, per mount."""
@@ -179,15 +194,18 @@ def idle_mounts(reg_port: int, work: Path):
             os.stat(m / "etc/os-release")
         # Idle: blocking threads a mount started have time to retire.
         time.sleep(float(os.environ.get("RIMG_BENCH_IDLE_WAIT", "12")))
-        rss, threads, procs = 0, 0, 0
+        rss, anon, pss, threads, procs = 0, 0, 0, 0, 0
         for m in mnts:
             pid = bench.serving_pid(m)
             for p in process_tree(pid) if pid else []:
                 rss += bench.rss_kib(p, "VmRSS")
+                anon += bench.rss_kib(p, "RssAnon")
+                pss += pss_kib(p)
                 threads += bench.rss_kib(p, "Threads")
                 procs += 1
         n = len(mnts)
-        return {"mounts": n, "rss_kib_per_mount": rss / n, "threads_per_mount": threads / n,
+        return {"mounts": n, "rss_kib_per_mount": rss / n, "rss_anon_kib_per_mount": anon / n,
+                "pss_kib_per_mount": pss / n, "threads_per_mount": threads / n,
                 "processes_per_mount": procs / n}
     finally:
         for m in mnts:
@@ -197,7 +215,8 @@ def idle_mounts(reg_port: int, work: Path):
 def print_idle_mounts(r):
     print(f"\n{r['mounts']} idle warm mounts of the benchmark image (goal: <= 10 MB RSS, "
           f"<= 4 threads per mount, helpers included)")
-    print(f"| per mount | {r['rss_kib_per_mount'] / 1024:.1f} MiB VmRSS | "
+    print(f"| per mount | {r['rss_kib_per_mount'] / 1024:.1f} MiB VmRSS "
+          f"({r['rss_anon_kib_per_mount'] / 1024:.1f} MiB anonymous, {r['pss_kib_per_mount'] / 1024:.1f} MiB PSS) | "
           f"{r['threads_per_mount']:.1f} threads | {r['processes_per_mount']:.1f} processes |")
 
 
