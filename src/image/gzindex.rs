@@ -545,7 +545,7 @@ mod tests {
         h.set_size(4);
         h.as_old_mut()
             .name
-            .copy_from_slice(format!("./{path}")[..100].as_bytes());
+            .copy_from_slice(&format!("./{path}").as_bytes()[..100]);
         h.set_cksum();
         let block: [u8; 512] = h.as_bytes()[..].try_into().unwrap();
         assert!(check_header(&block, 4, path.as_bytes()).is_ok());
