@@ -682,6 +682,10 @@ def main():
         gz, _ = gzindex_bench(reg.port, work, sum(sizes))
         results.update(gz)
         results["entries_scale"] = scale_bench(reg, work)
+        # 8. Issue 28: reading everything lazily vs whole; idle mounts.
+        import bench_scan
+        scan = bench_scan.read_everything(layers)
+        idle = bench_scan.idle_mounts(reg.port, work)
     finally:
         subprocess.run([str(RIMG), "umount", str(mnt)], stderr=subprocess.DEVNULL)
         reg.stop()
@@ -705,6 +709,8 @@ def main():
                   "entries": r["entries"]},
         "results": r,
         "range_lazy": lazy,
+        "read_everything": scan,
+        "idle_mounts": idle,
         "ratios": ratios,
         "targets": {
             "cold_vs_pull_extract": 0.3, "cold_vs_gunzip_floor": 1.0,
@@ -738,6 +744,8 @@ def main():
           f"{r['diff_both_images_bytes'] / 1e3:>6.0f} |")
     print_range_lazy(lazy)
     print_gzindex(r, sum(sizes))
+    bench_scan.print_read_everything(scan)
+    bench_scan.print_idle_mounts(idle)
     out = Path(os.environ.get("RIMG_BENCH_JSON", ROOT / "bench-results.json"))
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"\nJSON: {out}")
@@ -857,6 +865,9 @@ if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.default_int_handler)
     if sys.argv[1:] == ["range-lazy"]:
         main_range_lazy()
+    elif sys.argv[1:] in (["read-everything"], ["idle-mounts"]):
+        import bench_scan
+        bench_scan.main(sys.argv[1])
     elif sys.argv[1:] == ["gzindex"]:
         gzindex_only()
     else:

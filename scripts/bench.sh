@@ -6,6 +6,9 @@
 # zstd:chunked (converted once by ctr-remote and skopeo, kept beside the image)
 # through a 20 MB/s proxy. `scripts/bench.sh range-lazy` runs only that case.
 # `scripts/bench.sh gzindex` runs only the published-gzip-index case (issue 13).
+# `scripts/bench.sh read-everything` runs only the cold read of every file,
+# range-lazy vs whole layers, and `scripts/bench.sh idle-mounts` only the
+# memory and threads of idle mounts (issue 28; scripts/bench_scan.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh

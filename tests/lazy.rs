@@ -832,3 +832,134 @@ fn ctr_remote_zstd_chunked_without_end_offsets_reads_by_range_when_trusted_and_w
         "by default the layer is read whole"
     );
 }
+
+/// Files in the many-files image, each of `MANY_SIZE` bytes that do not
+/// compress (so the layer is as large as its files).
+const MANY_FILES: usize = 240;
+const MANY_SIZE: usize = 40_000;
+
+/// One registry with an image of `MANY_FILES` files in one layer pushed as
+/// `src:many` and converted to eStargz and zstd:chunked (`esgz:many`,
+/// `zchunked:many`); and the files, by path.
+fn many_files() -> (Registry, BTreeMap<String, Vec<u8>>) {
+    use common::image::{Compress, LayerBuilder, layer_blob, push_image};
+    let mut files = BTreeMap::new();
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut b = LayerBuilder::new();
+    b.dir("data", 0o755);
+    for i in 0..MANY_FILES {
+        let data: Vec<u8> = (0..MANY_SIZE)
+            .map(|_| {
+                // xorshift64: bytes gzip and zstd cannot shrink.
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let path = format!("data/f{i:04}");
+        b.file(&path, &data, 0o644);
+        files.insert(path, data);
+    }
+    let reg = Registry::start(Auth::None);
+    let blob = layer_blob(&b.finish(), Compress::Gzip, true);
+    push_image(&reg, "src", "many", &[blob], "amd64", true);
+    common::lazy::estargz(&reg, "src:many", "esgz:many");
+    common::lazy::zstd_chunked(&reg, "src:many", "zchunked:many");
+    (reg, files)
+}
+
+/// Reads every file of the mount, last first (against the blob's order, so
+/// that no read is served by the read-ahead of the one before), and returns
+/// the paths whose read failed.
+fn read_all_backwards(m: &Mounted, files: &BTreeMap<String, Vec<u8>>) -> Vec<String> {
+    let mut failed = Vec::new();
+    for (path, want) in files.iter().rev() {
+        match std::fs::read(m.path.join(path)) {
+            Ok(got) => assert!(got == *want, "{path}: other bytes than the file's"),
+            Err(_) => failed.push(path.clone()),
+        }
+    }
+    failed
+}
+
+#[test]
+fn reading_every_file_switches_to_streaming_the_layer_with_the_same_bytes_and_no_more_fetched() {
+    let (reg, files) = many_files();
+    for repo in ["esgz", "zchunked"] {
+        let (digest, size) = manifest_layers(&reg, repo, "many").remove(0);
+        let proxy = CountingProxy::start(&reg.addr(), None);
+        let env = trusting();
+        let m = Mounted::new(&env, &format!("{}/{repo}:many", proxy.addr()), &[]);
+        assert_eq!(
+            read_all_backwards(&m, &files),
+            Vec::<String>::new(),
+            "{repo}"
+        );
+        let requests = proxy.blob_requests(&digest).len();
+        let sent = proxy.sent();
+        unmount(&env, &m);
+        // One request per file read before the switch, then a few large
+        // ones: without the switch there would be one per file.
+        assert!(
+            requests < MANY_FILES / 2,
+            "{repo}: {requests} requests for {MANY_FILES} files"
+        );
+        // Each chunk once; the coalesced gaps, the TOC and the headers are small.
+        assert!(
+            sent <= size + size / 20,
+            "{repo}: fetched {sent} bytes of a {size}-byte layer"
+        );
+    }
+}
+
+#[test]
+fn a_tampered_chunk_fails_only_its_file_when_the_layer_is_streamed() {
+    let (reg, files) = many_files();
+    let victim = "data/f0100";
+    for repo in ["esgz", "zchunked"] {
+        let desc = manifest(&reg, repo, "many")["layers"][0].clone();
+        let digest = desc["digest"].as_str().unwrap().to_string();
+        let bad_at = tamper_first_chunk(&reg, &desc, victim);
+        let proxy = CountingProxy::start(&reg.addr(), None);
+        let env = trusting();
+        let m = Mounted::new(&env, &format!("{}/{repo}:many", proxy.addr()), &[]);
+        // The victim is read after the switch: the stream meets the bad chunk first.
+        assert_eq!(
+            read_all_backwards(&m, &files),
+            vec![victim.to_string()],
+            "{repo}"
+        );
+        let e = std::fs::read(m.path.join(victim)).unwrap_err();
+        assert_eq!(e.raw_os_error(), Some(libc::EIO), "{repo}: {e}");
+        unmount(&env, &m);
+        let log = mount_logs(&env);
+        assert!(
+            log.lines()
+                .any(|l| l.contains(&digest) && l.contains(victim)),
+            "{repo}: the log does not name the bad chunk's file:\n{log}"
+        );
+        // Nothing unverified was kept: a new mount on the same cache fetches
+        // the bad chunk again and fails again, reading nothing else anew.
+        proxy.reset();
+        let m = Mounted::new(&env, &format!("{}/{repo}:many", proxy.addr()), &[]);
+        assert_eq!(
+            read_all_backwards(&m, &files),
+            vec![victim.to_string()],
+            "{repo}"
+        );
+        unmount(&env, &m);
+        let again: Vec<_> = proxy
+            .blob_requests(&digest)
+            .into_iter()
+            .map(|q| q.range.unwrap_or_default())
+            .collect();
+        assert!(
+            !again.is_empty()
+                && again
+                    .iter()
+                    .all(|r| r.starts_with(&format!("bytes={bad_at}-"))),
+            "{repo}: a warm cache with one bad chunk at {bad_at} asked for {again:?}"
+        );
+    }
+}

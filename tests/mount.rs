@@ -231,7 +231,7 @@ fn each_way_of_unmounting_works() {
         .exists()));
     }
 
-    // kill -9: the server's watcher (and auto_unmount) clean up; no wedged mount is left.
+    // kill -9: the server's watcher cleans up; no wedged mount is left.
     // Used first, so the kernel holds the root's attributes and an open
     // directory needs no round trip: the dead server must still be noticed.
     let m = Mounted::new(&env, &r, &[]);

@@ -371,13 +371,11 @@ fn a_dead_mount_is_listed_dead_and_cleared_by_umount_or_a_new_mount() {
         assert!(ls(&u).status.success());
         // Server and its watcher both gone, as when a whole session is killed.
         let pid = u.server_pid();
-        let watchers = children_named(pid, "rimg");
+        let watchers = children_named(pid, "sh");
         assert_eq!(watchers.len(), 1, "one watcher");
         kill_9(watchers[0]);
         kill_9(pid);
-        // fusermount3's auto_unmount may still catch it (from libfuse 3.15 on,
-        // and only while the kernel has not cached the root); 3.14, as on
-        // Debian 12, never does for a private mount, and it stays, dead.
+        // Nothing else unmounts it (no auto_unmount): it stays, dead.
         std::thread::sleep(Duration::from_millis(500));
         if is_mountpoint(&u.mnt) {
             eprintln!("kill -9 of the server and its watcher left a dead mount");

@@ -305,6 +305,19 @@ pub(crate) fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
+/// The background mount server's runtime: one worker, because its async
+/// side only waits on the network and timers (inflating, reads by range and
+/// tree building run on blocking threads, which retire soon after), so an
+/// idle mount holds few threads.
+pub(crate) fn server_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_keep_alive(std::time::Duration::from_secs(2))
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 impl RegistryOpts {
     fn explicit_credentials(&self) -> Result<Option<Credentials>> {
         if self.password_stdin {

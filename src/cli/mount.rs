@@ -189,7 +189,7 @@ pub fn serve(_argv: &ServeArgs) -> Result<()> {
         let args = &handoff.settings;
         let common = &args.common;
         init_logging(args.log.verbose);
-        let rt = runtime()?;
+        let rt = super::server_runtime()?;
         let creds = match (handoff.username, handoff.password) {
             (Some(username), Some(password)) => Some(Credentials {
                 username,

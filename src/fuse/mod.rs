@@ -19,8 +19,12 @@ pub use state::{Mounted, State};
 
 use crate::image::ImageSource;
 
-/// Session threads: enough that parallel readers never queue behind one another.
-const SESSION_THREADS: usize = 4;
+/// Session threads. One is enough: every request that may wait (a layer
+/// still downloading, a chunk fetched by range, the tree being built) is
+/// handed to the runtime or a blocking thread, and the rest are answered
+/// from memory or the page cache. Each thread more is one more per idle
+/// mount.
+const SESSION_THREADS: usize = 1;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FuseError {
@@ -85,9 +89,9 @@ pub fn check_mountpoint(path: &Path) -> Result<bool, FuseError> {
 ///   would make the kernel mount allow_other and leave the check to userspace,
 ///   which never sees requests the kernel answers from its caches.) It also
 ///   needs `user_allow_other` in /etc/fuse.conf, which stock systems lack;
-/// - auto_unmount: fusermount3 stays behind and unmounts when the server
-///   dies, if it can tell (see `watch_for_death` for when it cannot, and
-///   what rimg does about it).
+/// - no auto_unmount: fusermount3 would stay behind, one more process and
+///   thread per mount, to unmount when the server dies, but it cannot tell
+///   that reliably (see `watch_for_death`); rimg's own watcher does it.
 fn options(source_name: &str, opts: &MountOptions) -> String {
     let mut o = vec![
         "ro".to_string(),
@@ -97,7 +101,6 @@ fn options(source_name: &str, opts: &MountOptions) -> String {
         "default_permissions".into(),
         format!("fsname={source_name}"),
         "subtype=rimg".into(),
-        "auto_unmount".into(),
     ];
     if opts.allow_other {
         o.push("allow_other".into());
@@ -130,10 +133,8 @@ fn fusermount_bin() -> std::ffi::OsString {
 
 /// Mounts through fusermount3 (setuid root, so plain users can mount), which
 /// passes back the /dev/fuse descriptor over a socket. fuser would do this
-/// itself but refuses `auto_unmount` without allow_root or allow_other, so
-/// the mount is made here and the session built on the descriptor. The
-/// returned socket must stay open for the life of the server: fusermount3
-/// watches it for `auto_unmount`.
+/// itself but not without allow_root or allow_other in some versions, so
+/// the mount is made here and the session built on the descriptor.
 fn fusermount(mountpoint: &Path, options: &str) -> std::io::Result<(OwnedFd, UnixStream)> {
     use std::os::unix::process::CommandExt;
     let (ours, theirs) = UnixStream::pair()?;
@@ -167,9 +168,10 @@ fn fusermount(mountpoint: &Path, options: &str) -> std::io::Result<(OwnedFd, Uni
     drop(theirs);
     match receive_fd(&ours) {
         Ok(fd) => {
-            // fusermount3 lives on as the auto_unmount watcher and is quiet
-            // from here on; it is reparented to init when this process ends.
+            // Without auto_unmount fusermount3 exits once it has passed the
+            // descriptor: reap it.
             drop(child.stderr.take());
+            let _ = child.wait();
             Ok((fd, ours))
         }
         Err(e) => {
@@ -274,7 +276,7 @@ pub struct Mount {
     /// Registered at mount time, so a signal that arrives as soon as the mount
     /// is announced is already caught.
     signals: (tokio::signal::unix::Signal, tokio::signal::unix::Signal),
-    /// fusermount3's auto_unmount watch: closed when this process ends.
+    /// The socket fusermount3 passed the descriptor over.
     _watch: UnixStream,
     /// Our own watcher's pipe, where fusermount3's cannot help.
     _own_watch: Option<std::io::PipeWriter>,
@@ -329,27 +331,37 @@ pub fn mount(
     })
 }
 
+/// The death watcher: waits for end-of-file on stdin, then runs `$0 umount
+/// $1` (rimg, the mount point) with stdin at its end.
+const WATCH_SCRIPT: &str = r#"while read -r _; do :; done; exec "$0" umount "$1" </dev/null"#;
+
 /// Set in the environment of the death watcher, a `rimg umount` that first
 /// waits for its stdin to close.
 pub const WATCH_ENV: &str = "RIMG_WATCH_SERVER";
 
-/// fusermount3's `auto_unmount` decides a server is dead by opening the mount
+/// fusermount3's `auto_unmount` (not used) decides a server is dead by opening the mount
 /// point and expecting ENOTCONN. Once the kernel holds the root's attributes
 /// (a day's TTL) and skips opendir (FUSE_NO_OPENDIR_SUPPORT), that open never
 /// reaches the dead server and succeeds, so the mount is left behind; and
 /// before libfuse 3.15 (Debian 12 has 3.14) it opens as root, which a plain
-/// user's private mount refuses anyway. So rimg watches too: `rimg umount`
+/// user's private mount refuses anyway. So rimg watches itself: `rimg umount`
 /// started here waits on a pipe only this process holds, and once it reads
 /// end-of-file the server is gone; it then unmounts the mount point only if
 /// the mount there is dead (a request that always reaches the server fails
 /// with ENOTCONN), never a live one mounted since. Killing the watcher as
 /// well (a whole session killed) leaves a dead mount, which `rimg mounts`
 /// shows and `rimg umount` or a new `rimg mount` clears.
+///
+/// The wait itself is a shell's (`read` until end-of-file), which costs a
+/// few hundred kilobytes where an idle rimg costs several megabytes; only
+/// once the server is gone does it become `rimg umount`.
 fn watch_for_death(mountpoint: &Path) -> std::io::Result<std::io::PipeWriter> {
     use std::os::unix::process::CommandExt;
     let (reader, writer) = std::io::pipe()?;
-    std::process::Command::new(std::env::current_exe()?)
-        .arg("umount")
+    std::process::Command::new("/bin/sh")
+        .arg("-c")
+        .arg(WATCH_SCRIPT)
+        .arg(std::env::current_exe()?)
         .arg(mountpoint)
         .env(WATCH_ENV, "1")
         .current_dir("/")
@@ -396,7 +408,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn only_allow_other_shares_a_mount_and_every_mount_auto_unmounts() {
+    fn only_allow_other_shares_a_mount_and_no_fusermount3_stays_behind() {
         let private = options(
             "r",
             &MountOptions {
@@ -405,7 +417,7 @@ mod tests {
             },
         );
         assert!(!private.contains("allow_other") && !private.contains("allow_root"));
-        assert!(private.split(',').any(|o| o == "auto_unmount"));
+        assert!(!private.split(',').any(|o| o == "auto_unmount"));
         assert!(private.starts_with("ro,nosuid,nodev,"));
         let shared = options(
             "r",

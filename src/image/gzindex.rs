@@ -386,7 +386,12 @@ fn check_header(block: &[u8; 512], size: u64, mode: u32, path: &[u8]) -> Result<
         return Err(format!("size {field}, the index says {size}"));
     }
     let name = crate::layer::normalize(&h.path_bytes());
-    if name != path {
+    // A full name field may hold a name cut short: `./` in front of a
+    // 99-byte path (as `tar -C dir .` writes) takes 101 bytes. Only exactly
+    // that cut is accepted; any other name is a lie.
+    let cut = |p: &[u8]| p.len() >= 100 && p[..100] == block[..100];
+    let dotted = [b"./".as_slice(), path].concat();
+    if name != path && !(block[99] != 0 && (cut(path) || cut(&dotted))) {
         return Err(format!("name {}", crate::names::escaped(&name)));
     }
     // No extension header can change a mode.
@@ -714,6 +719,24 @@ mod tests {
         // A forged mode (a setuid bit the tar does not have).
         let e = check_header(&header_before(&tar, a.offset), a.size, 0o4755, &a.path).unwrap_err();
         assert!(e.contains("mode"), "{e}");
+    }
+
+    #[test]
+    fn a_name_cut_short_by_a_dot_slash_prefix_is_not_a_lie() {
+        // 99 bytes of path; with "./" in front the header's 100 bytes cut it.
+        let path = format!("usr/{}", "x".repeat(95));
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(4);
+        h.as_old_mut()
+            .name
+            .copy_from_slice(&format!("./{path}").as_bytes()[..100]);
+        h.set_cksum();
+        let block: [u8; 512] = h.as_bytes()[..].try_into().unwrap();
+        assert!(check_header(&block, 4, 0o644, path.as_bytes()).is_ok());
+        // Another name in a full field is still refused.
+        let other = format!("usr/{}", "y".repeat(95));
+        assert!(check_header(&block, 4, 0o644, other.as_bytes()).is_err());
     }
 
     #[test]

@@ -382,7 +382,7 @@ impl crate::cache::Cache {
             digest: header.digest,
             diff_id: header.diff_id,
             idx_path,
-            data: crate::cache::Data::Ranged(Arc::new(reader)),
+            data: crate::cache::Data::Ranged(reader.into_shared()),
             _in_use: lock,
         }))
     }

@@ -152,7 +152,9 @@ const MAX_REQUEST: u64 = 16 << 20;
 pub const READ_AHEAD: u64 = 512 * 1024;
 /// Spans written but not yet logged are made durable and logged when this
 /// many are pending or the oldest has waited this long.
-const LOG_BATCH: usize = 64;
+/// (Each batch costs an fsync: a layer of many small files read whole
+/// would otherwise sync every few hundred kilobytes.)
+const LOG_BATCH: usize = 1024;
 const LOG_DELAY: Duration = Duration::from_millis(500);
 
 struct State {
@@ -201,6 +203,7 @@ pub struct Ranged {
     tar_checked: Mutex<Option<bool>>,
     /// Set when the index was found lying: every later read fails.
     poisoned: std::sync::atomic::AtomicBool,
+    stream: stream::Stream,
 }
 
 impl std::fmt::Debug for Ranged {
@@ -294,6 +297,7 @@ impl Ranged {
             tar_digest: diff_id.filter(|_| map_is_tar),
             tar_checked: Mutex::new(None),
             poisoned: std::sync::atomic::AtomicBool::new(false),
+            stream: Default::default(),
         })
     }
 
@@ -437,7 +441,11 @@ impl Ranged {
             self.drop_all();
             return Err(RangedError::Span(e));
         }
+        let before = self.fetched();
         self.ensure(first, last, last_byte + 1 + READ_AHEAD)?;
+        if self.fetched() != before {
+            self.after_demand_fetch();
+        }
         // The read that completes the layer proves it first.
         self.check_tar()?;
         let mut done = 0;
@@ -692,8 +700,10 @@ impl Drop for Ranged {
 }
 
 mod keep;
+mod stream;
 use keep::distrust;
 pub use keep::{Form, GZ_INDEX, RangedCache, TARSPLIT, TOC};
+pub use stream::{STREAM_AFTER_FRACTION, STREAM_AFTER_REQUESTS, STREAM_WINDOW};
 
 #[cfg(test)]
 mod tests {
