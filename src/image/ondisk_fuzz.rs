@@ -53,7 +53,7 @@ fn build_sample() -> Sample {
         layer,
         index: ix.encode().unwrap(),
         zran: postcard::to_stdvec(&zran).unwrap(),
-        meta: postcard::to_stdvec(&GzMeta::new(&ix)).unwrap(),
+        meta: postcard::to_stdvec(&GzMeta::new(&ix, "sha256:0")).unwrap(),
         blob: Arc::new(blob),
     }
 }
@@ -70,7 +70,7 @@ fn decode_spans(z: &ZranIndex, blob: &[u8]) {
 fn read_index(s: &Sample, bytes: &[u8]) {
     if let Ok(ix) = LayerGzIndex::decode(bytes, &s.layer, s.blob.len() as u64) {
         decode_spans(&ix.zran, &s.blob);
-        let _ = GzSpans::new(GzMeta::new(&ix));
+        let _ = GzSpans::new(GzMeta::new(&ix, "sha256:0"));
     }
 }
 
