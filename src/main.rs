@@ -152,12 +152,25 @@ enum Command {
         json: bool,
     },
     /// Search file contents of the merged tree, without a mount; exit 0 if
-    /// found, 1 if not, 2 on error, as grep.
+    /// found, 1 if not, 2 on error, as grep. Several references (or
+    /// --all-tags, --tags, --catalog) search many images, each distinct
+    /// layer once, and name the image on each line (TAG:PATH:LINE).
     Grep {
         pattern: String,
-        reference: String,
-        /// Search only below these paths.
-        paths: Vec<std::ffi::OsString>,
+        /// References, then paths inside the images: arguments from the
+        /// first one starting with `/` on are paths to search below.
+        #[arg(value_name = "REF|/PATH")]
+        targets: Vec<std::ffi::OsString>,
+        /// Every tag of each repository named.
+        #[arg(long)]
+        all_tags: bool,
+        /// The tags of each repository named that match GLOB (`*`, `?`).
+        #[arg(long, value_name = "GLOB")]
+        tags: Option<String>,
+        /// Every repository the registry HOST's `_catalog` lists (every tag,
+        /// or those --tags matches).
+        #[arg(long, value_name = "HOST")]
+        catalog: Option<String>,
         #[arg(short = 'i')]
         ignore_case: bool,
         /// PATTERN is a (Rust syntax) extended regular expression; the default.
@@ -344,8 +357,10 @@ fn main() -> ExitCode {
         } => cli::diff(&common, &reference_a, &reference_b, long, json),
         Command::Grep {
             pattern,
-            reference,
-            paths,
+            targets,
+            all_tags,
+            tags,
+            catalog,
             ignore_case,
             extended: _,
             fixed,
@@ -356,10 +371,30 @@ fn main() -> ExitCode {
             deleted,
             json,
         } => {
+            let at = targets
+                .iter()
+                .position(|t| t.as_bytes().starts_with(b"/"))
+                .unwrap_or(targets.len());
+            let mut targets = targets.into_iter().map(|t| t.into_vec());
+            let references: Vec<String> = targets
+                .by_ref()
+                .take(at)
+                .map(|r| String::from_utf8_lossy(&r).into_owned())
+                .collect();
+            let select = cli::Selection {
+                all_tags,
+                tags,
+                catalog,
+            };
+            if references.is_empty() && select.catalog.is_none() {
+                eprintln!("rimg: grep needs a reference (or --catalog HOST)");
+                return ExitCode::from(2);
+            }
             let args = GrepArgs {
                 pattern,
-                reference,
-                paths: paths.into_iter().map(|p| p.into_vec()).collect(),
+                references,
+                select,
+                paths: targets.collect(),
                 ignore_case,
                 fixed,
                 files_with_matches,

@@ -14,13 +14,13 @@ use serde_json::{Map, Value};
 
 use super::{Common, runtime, shell_quote};
 use rimg::cache::Layer;
+use rimg::forensics::across::files_below;
 use rimg::forensics::{self, diff, grep};
 use rimg::image::ImageSource;
 use rimg::layer::{EntryKind, LayerIndex};
-use rimg::overlay::tree::{NodeId, Tree};
 
 /// Puts `bytes` in `obj` under `key` if UTF-8, else base64 under `key_bytes`.
-fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
+pub(crate) fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(s) => {
             obj.insert(key.into(), s.into());
@@ -37,25 +37,25 @@ fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
 }
 
 /// An absolute path as bytes.
-fn absolute(path: &[u8]) -> Vec<u8> {
+pub(crate) fn absolute(path: &[u8]) -> Vec<u8> {
     let mut p = b"/".to_vec();
     p.extend_from_slice(path);
     p
 }
 
 /// Writes a name: raw bytes to a pipe, quoted as GNU ls quotes on a terminal.
-struct Names {
+pub(crate) struct Names {
     terminal: bool,
 }
 
 impl Names {
-    fn new() -> Names {
+    pub(crate) fn new() -> Names {
         Names {
             terminal: std::io::stdout().is_terminal(),
         }
     }
 
-    fn write(&self, out: &mut dyn Write, name: &[u8]) -> std::io::Result<()> {
+    pub(crate) fn write(&self, out: &mut dyn Write, name: &[u8]) -> std::io::Result<()> {
         if self.terminal {
             out.write_all(shell_quote(name).as_bytes())
         } else {
@@ -64,7 +64,7 @@ impl Names {
     }
 }
 
-fn kind_name(k: EntryKind) -> &'static str {
+pub(crate) fn kind_name(k: EntryKind) -> &'static str {
     match k {
         EntryKind::File => "file",
         EntryKind::Dir => "dir",
@@ -309,7 +309,8 @@ fn diff_trees(
 
 pub struct GrepArgs {
     pub pattern: String,
-    pub reference: String,
+    /// Images, or with `all_tags`, `tags` or `catalog` repositories.
+    pub references: Vec<String>,
     pub paths: Vec<Vec<u8>>,
     pub ignore_case: bool,
     pub fixed: bool,
@@ -319,20 +320,103 @@ pub struct GrepArgs {
     pub layers: bool,
     pub deleted: bool,
     pub json: bool,
+    pub select: super::across::Selection,
 }
 
-/// Every regular file at or below `start`, with its path.
-fn files_below(tree: &Tree, start: NodeId, path: &[u8], out: &mut Vec<(Vec<u8>, NodeId)>) {
-    let n = tree.node(start);
-    match n.kind {
-        EntryKind::File => out.push((path.to_vec(), start)),
-        EntryKind::Dir => {
-            for (name, c) in tree.children(start) {
-                files_below(tree, c, &rimg::names::join(path, name), out);
+/// Whose match a line reports, when the search spans several images.
+pub(crate) struct Whose<'a> {
+    /// The label lines start with (`TAG:`).
+    pub tag: &'a str,
+    /// The full reference, for JSON.
+    pub reference: &'a str,
+    pub digest: &'a str,
+}
+
+/// Where a match is: path, layer, and the layer that hid it.
+pub(crate) struct Place<'a> {
+    pub path: &'a [u8],
+    pub layer: usize,
+    pub hidden_by: Option<usize>,
+}
+
+/// The lines one matching file prints, text or JSON: one home for grep's
+/// output format, for one image or many.
+pub(crate) fn grep_lines(
+    a: &GrepArgs,
+    names: &Names,
+    whose: Option<&Whose<'_>>,
+    at: &Place<'_>,
+    f: &grep::Found,
+) -> Vec<u8> {
+    let path = absolute(at.path);
+    let mut buf: Vec<u8> = Vec::new();
+    if a.json {
+        let base = || {
+            let mut o = Map::new();
+            if let Some(w) = whose {
+                o.insert("ref".into(), w.reference.into());
+                o.insert("tag".into(), w.tag.into());
+            }
+            put_bytes(&mut o, "path", &path);
+            o.insert("layer".into(), at.layer.into());
+            if let Some(w) = whose {
+                o.insert("layer_digest".into(), w.digest.into());
+            }
+            if let Some(h) = at.hidden_by {
+                o.insert("deleted".into(), true.into());
+                o.insert("hidden_by".into(), h.into());
+            }
+            o
+        };
+        if a.files_with_matches || a.count || f.binary {
+            let mut o = base();
+            o.insert("count".into(), f.count.into());
+            o.insert("binary".into(), f.binary.into());
+            let _ = writeln!(buf, "{}", Value::Object(o));
+        } else {
+            for (n, line) in &f.lines {
+                let mut o = base();
+                o.insert("line_number".into(), (*n).into());
+                put_bytes(&mut o, "line", line);
+                let _ = writeln!(buf, "{}", Value::Object(o));
             }
         }
-        _ => {}
+        return buf;
     }
+    let prefix = |buf: &mut Vec<u8>| {
+        if let Some(w) = whose {
+            let _ = names.write(buf, w.tag.as_bytes());
+            buf.push(b':');
+        }
+        let _ = names.write(buf, &path);
+        if let Some(h) = at.hidden_by {
+            let _ = write!(buf, " (deleted: layer {}, hidden by {})", at.layer, h);
+        } else if a.layers {
+            let _ = write!(buf, " (layer {})", at.layer);
+        }
+    };
+    if a.files_with_matches {
+        prefix(&mut buf);
+        buf.push(b'\n');
+    } else if a.count {
+        prefix(&mut buf);
+        let _ = writeln!(buf, ":{}", f.count);
+    } else if f.binary {
+        let _ = write!(buf, "rimg: ");
+        prefix(&mut buf);
+        let _ = writeln!(buf, ": binary file matches");
+    } else {
+        for (n, line) in &f.lines {
+            prefix(&mut buf);
+            buf.push(b':');
+            if a.line_number {
+                let _ = write!(buf, "{n}:");
+            }
+            buf.extend_from_slice(line);
+            buf.push(b'\n');
+        }
+    }
+    buf
 }
 
 struct Printer<'a> {
@@ -343,85 +427,51 @@ struct Printer<'a> {
 
 impl grep::Report for Printer<'_> {
     fn found(&self, t: &grep::Target<'_>, f: &grep::Found) {
-        let a = self.args;
-        let path = absolute(&t.path);
-        let mut buf: Vec<u8> = Vec::new();
-        if a.json {
-            let base = || {
-                let mut o = Map::new();
-                put_bytes(&mut o, "path", &path);
-                o.insert("layer".into(), t.layer.into());
-                if let Some(h) = t.hidden_by {
-                    o.insert("deleted".into(), true.into());
-                    o.insert("hidden_by".into(), h.into());
-                }
-                o
-            };
-            if a.files_with_matches || a.count || f.binary {
-                let mut o = base();
-                o.insert("count".into(), f.count.into());
-                o.insert("binary".into(), f.binary.into());
-                let _ = writeln!(buf, "{}", Value::Object(o));
-            } else {
-                for (n, line) in &f.lines {
-                    let mut o = base();
-                    o.insert("line_number".into(), (*n).into());
-                    put_bytes(&mut o, "line", line);
-                    let _ = writeln!(buf, "{}", Value::Object(o));
-                }
-            }
-        } else {
-            let prefix = |buf: &mut Vec<u8>| {
-                let _ = self.names.write(buf, &path);
-                if let Some(h) = t.hidden_by {
-                    let _ = write!(buf, " (deleted: layer {}, hidden by {})", t.layer, h);
-                } else if a.layers {
-                    let _ = write!(buf, " (layer {})", t.layer);
-                }
-            };
-            if a.files_with_matches {
-                prefix(&mut buf);
-                buf.push(b'\n');
-            } else if a.count {
-                prefix(&mut buf);
-                let _ = writeln!(buf, ":{}", f.count);
-            } else if f.binary {
-                let _ = write!(buf, "rimg: ");
-                prefix(&mut buf);
-                let _ = writeln!(buf, ": binary file matches");
-            } else {
-                for (n, line) in &f.lines {
-                    prefix(&mut buf);
-                    buf.push(b':');
-                    if a.line_number {
-                        let _ = write!(buf, "{n}:");
-                    }
-                    buf.extend_from_slice(line);
-                    buf.push(b'\n');
-                }
-            }
-        }
+        let at = Place {
+            path: &t.path,
+            layer: t.layer,
+            hidden_by: t.hidden_by,
+        };
+        let buf = grep_lines(self.args, &self.names, None, &at, f);
         let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
         let _ = out.write_all(&buf);
     }
 }
 
-/// Searches the image; `Ok(true)` when something matched.
+/// Paths to search below, relative (the root is empty).
+pub(crate) fn grep_roots(paths: &[Vec<u8>]) -> Vec<Vec<u8>> {
+    if paths.is_empty() {
+        vec![Vec::new()]
+    } else {
+        paths.iter().map(|p| rimg::layer::normalize(p)).collect()
+    }
+}
+
+pub(crate) fn grep_options(args: &GrepArgs) -> grep::Options {
+    grep::Options {
+        pattern: args.pattern.clone(),
+        ignore_case: args.ignore_case,
+        fixed: args.fixed,
+        first_only: args.files_with_matches,
+        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
+        stop: None,
+    }
+}
+
+/// Searches the image (or, with several references or a tag selection,
+/// the images); `Ok(true)` when something matched.
 pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
+    if args.select.is_many(&args.references) {
+        return super::across::grep(common, args);
+    }
     super::init_logging(common.verbose);
     let rt = runtime()?;
-    let source = common.open_image(&rt, &args.reference, std::io::stderr().is_terminal())?;
+    let reference = &args.references[0];
+    let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let (tree, layers) = rt.block_on(source.tree(None))?;
     let digests = digests(&source);
     let mut files = Vec::new();
-    let roots: Vec<Vec<u8>> = if args.paths.is_empty() {
-        vec![Vec::new()]
-    } else {
-        args.paths
-            .iter()
-            .map(|p| rimg::layer::normalize(p))
-            .collect()
-    };
+    let roots = grep_roots(&args.paths);
     for p in &roots {
         let id = tree.resolve(p, true).with_context(|| {
             format!(
@@ -470,13 +520,7 @@ pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
             }
         }
     }
-    let opts = grep::Options {
-        pattern: args.pattern.clone(),
-        ignore_case: args.ignore_case,
-        fixed: args.fixed,
-        first_only: args.files_with_matches,
-        threads: std::thread::available_parallelism().map_or(2, |n| n.get()),
-    };
+    let opts = grep_options(args);
     let printer = Printer {
         args,
         names: Names::new(),

@@ -8,6 +8,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result, anyhow, bail};
 
+mod across;
 mod cache;
 mod export;
 mod forensics;
@@ -16,6 +17,7 @@ mod inspect;
 mod ls;
 mod mount;
 
+pub use across::Selection;
 pub use cache::{cache_clear, cache_ls, cache_prune, cache_verify};
 pub use export::export;
 pub use forensics::{GrepArgs, deleted, diff, grep, log};
@@ -127,7 +129,7 @@ impl Common {
             .transpose()
     }
 
-    fn explicit_credentials(&self) -> Result<Option<Credentials>> {
+    pub(crate) fn explicit_credentials(&self) -> Result<Option<Credentials>> {
         if self.password_stdin {
             let username = self
                 .username
@@ -306,13 +308,26 @@ impl Common {
         reference: &str,
         progress: bool,
     ) -> Result<Arc<ImageSource>> {
-        let (image, blobs, _) = self.locate_image(rt, reference, self.explicit_credentials()?)?;
+        let creds = self.explicit_credentials()?;
+        self.open_image_as(rt, reference, bars(progress), creds)
+    }
+
+    /// As [`Self::open_image`], with credentials already read (one
+    /// command opening many images reads stdin once).
+    pub(crate) fn open_image_as(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        reference: &str,
+        progress: Arc<dyn rimg::image::Progress>,
+        creds: Option<Credentials>,
+    ) -> Result<Arc<ImageSource>> {
+        let (image, blobs, _) = self.locate_image(rt, reference, creds)?;
         Ok(Arc::new(self.lazy(ImageSource::new(
             image,
             blobs,
             self.cache()?,
             self.max_layer_size()?,
-            bars(progress),
+            progress,
         ))))
     }
 

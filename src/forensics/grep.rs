@@ -41,6 +41,9 @@ pub struct Options {
     /// Stop at a file's first match (for `-l`).
     pub first_only: bool,
     pub threads: usize,
+    /// Set (by Ctrl-C, say) to stop before the next file; what was found
+    /// so far is reported.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// A file to search: where its bytes are.
@@ -67,6 +70,8 @@ pub struct Found {
 /// Receives each file that matched, from any search thread.
 pub trait Report: Sync {
     fn found(&self, target: &Target<'_>, found: &Found);
+    /// A file was searched, matching or not (for progress).
+    fn searched(&self, _target: &Target<'_>) {}
 }
 
 struct Collect<'a> {
@@ -96,6 +101,12 @@ impl Sink for Collect<'_> {
         self.found.lines.clear();
         Ok(true)
     }
+}
+
+fn stopped(opts: &Options) -> bool {
+    opts.stop
+        .as_ref()
+        .is_some_and(|s| s.load(Ordering::Relaxed))
 }
 
 /// Searches `targets`; says whether anything matched.
@@ -135,6 +146,9 @@ pub fn search(
                             return Ok(());
                         }
                         for &i in &order[start..(start + RUN).min(order.len())] {
+                            if stopped(opts) {
+                                return Ok(());
+                            }
                             let t = &targets[i];
                             let Some(layer) = layers.get(t.layer) else {
                                 continue;
@@ -157,6 +171,7 @@ pub fn search(
                                 any.store(true, Ordering::Relaxed);
                                 report.found(t, &found);
                             }
+                            report.searched(t);
                         }
                     }
                 })

@@ -1,0 +1,341 @@
+//! `grep` and `log` over many images: several references, every tag of a
+//! repository (`--all-tags`, `--tags GLOB`), every repository a registry's
+//! `_catalog` lists (`--catalog HOST`). Lines name the image they are
+//! about (`TAG:PATH:LINE`); the search itself, each distinct layer's files
+//! read once, is [`rimg::forensics::across`].
+
+use std::io::{IsTerminal, Write};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use anyhow::{Context, Result, bail};
+
+use super::forensics::{GrepArgs, Names, Place, Whose, grep_lines, grep_options, grep_roots};
+use super::{Common, about, one_line, parse_reference, runtime};
+use rimg::forensics::across::{ImageName, Plan, glob_matches};
+use rimg::image::ImageSource;
+use rimg::local::{self, Location};
+use rimg::registry::{Client, Credentials};
+
+/// Which images a command spans, as its options say.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    /// Every tag of each repository named.
+    pub all_tags: bool,
+    /// The tags matching this glob (`*`, `?`).
+    pub tags: Option<String>,
+    /// Every repository this registry's `_catalog` lists.
+    pub catalog: Option<String>,
+}
+
+impl Selection {
+    /// Whether `references` with these options name more than one image.
+    pub fn is_many(&self, references: &[String]) -> bool {
+        references.len() != 1 || self.all_tags || self.tags.is_some() || self.catalog.is_some()
+    }
+
+    fn expands_tags(&self) -> bool {
+        self.all_tags || self.tags.is_some() || self.catalog.is_some()
+    }
+}
+
+/// The images `references` and `sel` name, sorted and each once.
+fn expand(
+    rt: &tokio::runtime::Runtime,
+    client: &Client,
+    references: &[String],
+    sel: &Selection,
+) -> Result<Vec<String>> {
+    let mut bases: Vec<String> = references.to_vec();
+    if let Some(host) = &sel.catalog {
+        let repos = rt
+            .block_on(client.catalog(host))
+            .with_context(|| format!("cannot list the repositories of {host}"))?;
+        bases.extend(repos.into_iter().map(|r| format!("{host}/{r}")));
+    }
+    let mut out = Vec::new();
+    for b in bases {
+        if !sel.expands_tags() {
+            out.push(b);
+            continue;
+        }
+        let Location::Registry(r) = local::locate(&b) else {
+            bail!(
+                "{b}: --all-tags, --tags and --catalog list a registry's tags; this is a local archive"
+            );
+        };
+        let reference = parse_reference(r)?;
+        let tags = rt.block_on(client.tags(&reference)).map_err(|e| {
+            about(
+                e,
+                &reference,
+                format!("cannot list the tags of {}", reference.name()),
+            )
+        })?;
+        let glob = sel.tags.as_deref().unwrap_or("*");
+        out.extend(
+            tags.iter()
+                .filter(|t| glob_matches(glob, t))
+                .map(|t| format!("{}:{t}", reference.name())),
+        );
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
+/// What a line calls each image: its tag when all are of one repository,
+/// else `repository:tag` (the full reference across registries).
+fn labels(refs: &[String]) -> Vec<String> {
+    let parsed: Vec<Option<rimg::reference::Reference>> = refs
+        .iter()
+        .map(|r| match local::locate(r) {
+            Location::Registry(r) => parse_reference(r).ok(),
+            Location::Local(_) => None,
+        })
+        .collect();
+    let first = parsed.first().cloned().flatten();
+    let same = |f: &dyn Fn(&rimg::reference::Reference) -> &str| {
+        parsed.iter().all(|p| {
+            p.as_ref()
+                .zip(first.as_ref())
+                .is_some_and(|(p, q)| f(p) == f(q))
+        })
+    };
+    let one_repo = same(&|r| &r.repository) && same(&|r| &r.registry);
+    let one_registry = same(&|r| &r.registry);
+    refs.iter()
+        .zip(&parsed)
+        .map(|(s, p)| match p {
+            Some(p) => {
+                let target = match (&p.digest, &p.tag) {
+                    (Some(d), _) => d.clone(),
+                    (None, Some(t)) => t.clone(),
+                    (None, None) => "latest".into(),
+                };
+                let sep = if p.digest.is_some() { "@" } else { ":" };
+                if one_repo {
+                    target
+                } else if one_registry {
+                    format!("{}{sep}{target}", p.repository)
+                } else {
+                    s.clone()
+                }
+            }
+            None => s.clone(),
+        })
+        .collect()
+}
+
+/// Set once Ctrl-C is pressed: the scan stops and prints what it found.
+pub(crate) fn interrupt_flag(rt: &tokio::runtime::Runtime) -> Arc<AtomicBool> {
+    let stop = Arc::new(AtomicBool::new(false));
+    let s = Arc::clone(&stop);
+    rt.spawn(async move {
+        if tokio::signal::ctrl_c().await.is_ok() {
+            s.store(true, Ordering::Relaxed);
+        }
+    });
+    stop
+}
+
+/// `fut`, unless `stop` is set first.
+pub(crate) async fn or_stop<T>(stop: &AtomicBool, fut: impl Future<Output = T>) -> Option<T> {
+    let watch = async {
+        while !stop.load(Ordering::Relaxed) {
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    };
+    tokio::select! {
+        r = fut => Some(r),
+        () = watch => None,
+    }
+}
+
+/// Counts the bytes layer downloads bring, for the progress line.
+struct Fetched(Arc<AtomicU64>);
+
+impl rimg::image::Progress for Fetched {
+    fn layer(&self, _: &rimg::digest::Digest, _: u64) -> Arc<dyn rimg::image::LayerProgress> {
+        Arc::new(Fetched(Arc::clone(&self.0)))
+    }
+}
+
+impl rimg::image::LayerProgress for Fetched {
+    fn advance(&self, bytes: u64) {
+        self.0.fetch_add(bytes, Ordering::Relaxed);
+    }
+    fn done(&self) {}
+}
+
+/// A progress line on stderr when it is a terminal, else nothing.
+fn bar(len: u64, template: &str) -> indicatif::ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::with_draw_target(
+        Some(len),
+        indicatif::ProgressDrawTarget::stderr(),
+    );
+    b.set_style(
+        indicatif::ProgressStyle::with_template(template)
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    b
+}
+
+/// Opens images one after another, so a layer they share is fetched once
+/// (the cache is content-addressed) and then found there.
+pub(crate) struct Opener<'a> {
+    common: &'a Common,
+    rt: &'a tokio::runtime::Runtime,
+    creds: Option<Credentials>,
+    fetched: Arc<AtomicU64>,
+}
+
+impl<'a> Opener<'a> {
+    pub(crate) fn new(common: &'a Common, rt: &'a tokio::runtime::Runtime) -> Result<Self> {
+        Ok(Opener {
+            common,
+            rt,
+            creds: common.explicit_credentials()?,
+            fetched: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub(crate) fn open(&self, reference: &str) -> Result<Arc<ImageSource>> {
+        let progress = Arc::new(Fetched(Arc::clone(&self.fetched)));
+        self.common
+            .open_image_as(self.rt, reference, progress, self.creds.clone())
+    }
+
+    pub(crate) fn fetched(&self) -> u64 {
+        self.fetched.load(Ordering::Relaxed)
+    }
+}
+
+/// Every image named, searched with each distinct file read once; lines
+/// sorted by image, path and line. `Ok(true)` when something matched; an
+/// image that cannot be opened is reported and the rest searched (exit 2
+/// at the end, as grep does for an unreadable file).
+pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
+    super::init_logging(common.verbose);
+    let rt = runtime()?;
+    let stop = interrupt_flag(&rt);
+    let client = common.client_with(None)?;
+    let refs = expand(&rt, &client, &args.references, &args.select)?;
+    let opener = Opener::new(common, &rt)?;
+    let names = labels(&refs);
+    let roots = grep_roots(&args.paths);
+    let mut plan = Plan::new();
+    let mut failed = 0usize;
+    let opening = bar(refs.len() as u64, "opening {pos}/{len} images, {msg}");
+    for (r, label) in refs.iter().zip(&names) {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        opening.set_message(format!(
+            "{} fetched: {r}",
+            indicatif::HumanBytes(opener.fetched())
+        ));
+        let added = (|| -> Result<bool> {
+            let source = opener.open(r)?;
+            let Some(tree) = rt.block_on(or_stop(&stop, source.tree(None))) else {
+                return Ok(false);
+            };
+            let (tree, layers) = tree?;
+            let digests: Vec<String> = source
+                .image
+                .layers
+                .iter()
+                .map(|l| l.digest.to_string())
+                .collect();
+            let indexes = if args.deleted {
+                Some(
+                    layers
+                        .iter()
+                        .map(|l| l.index())
+                        .collect::<Result<Vec<_>, _>>()?,
+                )
+            } else {
+                None
+            };
+            let name = ImageName {
+                reference: source.image.reference.to_string(),
+                tag: label.clone(),
+            };
+            plan.add(name, &tree, &layers, &digests, &roots, indexes.as_deref())?;
+            Ok(true)
+        })()
+        .with_context(|| r.clone());
+        match added {
+            Ok(_) => {}
+            Err(e) => {
+                opening.suspend(|| eprintln!("rimg: {}", one_line(&e)));
+                failed += 1;
+            }
+        }
+        opening.inc(1);
+    }
+    opening.finish_and_clear();
+    let (files, bytes) = plan.size();
+    tracing::info!(
+        "{} images, {} distinct layers, {files} distinct files ({bytes} bytes) to search",
+        plan.images().len(),
+        plan.layer_count()
+    );
+    let searching = bar(bytes, "searching [{bar:30}] {bytes}/{total_bytes}");
+    let opts = rimg::forensics::grep::Options {
+        stop: Some(Arc::clone(&stop)),
+        ..grep_options(args)
+    };
+    let outcome = plan.search(&opts, &|n| searching.inc(n))?;
+    searching.finish_and_clear();
+    let out_names = Names::new();
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    for h in &outcome.hits {
+        let img = &plan.images()[h.image];
+        let whose = Whose {
+            tag: &img.tag,
+            reference: &img.reference,
+            digest: &h.digest,
+        };
+        let at = Place {
+            path: &h.path,
+            layer: h.layer,
+            hidden_by: h.hidden_by,
+        };
+        out.write_all(&grep_lines(args, &out_names, Some(&whose), &at, &h.found))?;
+    }
+    out.flush()?;
+    if stop.load(Ordering::Relaxed) {
+        eprintln!(
+            "rimg: interrupted: {} of {} images opened, {} of {files} distinct files searched",
+            plan.images().len(),
+            refs.len(),
+            outcome.searched
+        );
+        // As a shell reports a command Ctrl-C stopped.
+        std::process::exit(130);
+    }
+    if failed > 0 {
+        bail!("{failed} of {} images could not be searched", refs.len());
+    }
+    Ok(!outcome.hits.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_tags_within_one_repository_and_grow_across_repositories() {
+        let one = ["r.io/a:v1".to_string(), "r.io/a:v2".to_string()];
+        assert_eq!(labels(&one), ["v1", "v2"]);
+        let two = ["r.io/a:v1".to_string(), "r.io/b/c:v1".to_string()];
+        assert_eq!(labels(&two), ["a:v1", "b/c:v1"]);
+        let hosts = ["r.io/a:v1".to_string(), "s.io/a:v1".to_string()];
+        assert_eq!(labels(&hosts), ["r.io/a:v1", "s.io/a:v1"]);
+    }
+}

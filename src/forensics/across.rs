@@ -1,0 +1,358 @@
+//! Search across many images (the tags of a repository, the repositories of
+//! a registry) with each distinct file of each distinct layer read once.
+//!
+//! A [`Plan`] takes the images one at a time: their merged trees say which
+//! layer and which offset each visible file comes from (and, with deleted
+//! entries, which files a later layer hid). Files are keyed by the layer's
+//! digest and the offset of their bytes, so N tags on one base add only
+//! the files of the layers they do not share. [`Plan::search`] then reads
+//! each distinct file once ([`super::grep::search`]) and reports a match for
+//! every image and path that shows, or hid, that file.
+//!
+//! Trusts the trees and layers it is given (they come from the cache, which
+//! checked them); owns nothing on disk.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::grep::{self, Found, GrepError, Target};
+use crate::cache::Layer;
+use crate::layer::{EntryKind, LayerIndex};
+use crate::overlay::tree::{NodeId, Tree, TreeError};
+
+/// One image of the search, as the caller names it.
+#[derive(Debug, Clone)]
+pub struct ImageName {
+    /// The full reference (`registry/repository:tag`).
+    pub reference: String,
+    /// The tag (or digest) it is reported under.
+    pub tag: String,
+}
+
+/// Where one image shows (or hid) one distinct file.
+#[derive(Debug, Clone)]
+struct Sighting {
+    image: usize,
+    path: Arc<[u8]>,
+    /// The layer of that image holding the bytes.
+    layer: usize,
+    hidden_by: Option<usize>,
+}
+
+/// One match, for one image and path.
+#[derive(Debug, Clone)]
+pub struct Hit {
+    /// Index into [`Plan::images`].
+    pub image: usize,
+    /// The path, relative to the image's root.
+    pub path: Arc<[u8]>,
+    /// The layer of that image holding the bytes, and its digest.
+    pub layer: usize,
+    pub digest: String,
+    /// For a file only `--deleted` finds: the layer that hid it.
+    pub hidden_by: Option<usize>,
+    pub found: Arc<Found>,
+}
+
+/// What was searched and found.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// In image order, then path, then visible before deleted.
+    pub hits: Vec<Hit>,
+    /// Distinct files searched out of those planned (fewer when stopped).
+    pub searched: usize,
+}
+
+/// The distinct files of many images, with where each image shows them.
+#[derive(Default)]
+pub struct Plan {
+    images: Vec<ImageName>,
+    /// Distinct layers: `(digest, read by range)` to position.
+    layer_at: HashMap<(String, bool), usize>,
+    layers: Vec<Arc<Layer>>,
+    digests: Vec<String>,
+    /// Distinct files: `(layer position, offset)` to target.
+    file_at: HashMap<(usize, u64), usize>,
+    targets: Vec<Target<'static>>,
+    seen: Vec<Vec<Sighting>>,
+}
+
+impl Plan {
+    pub fn new() -> Plan {
+        Plan::default()
+    }
+
+    pub fn images(&self) -> &[ImageName] {
+        &self.images
+    }
+
+    /// Distinct files to search, and their bytes.
+    pub fn size(&self) -> (usize, u64) {
+        (
+            self.targets.len(),
+            self.targets.iter().map(|t| t.size).sum(),
+        )
+    }
+
+    /// Distinct layers the images hold.
+    pub fn layer_count(&self) -> usize {
+        self.layers.len()
+    }
+
+    /// Adds an image: the regular files of `tree` at or below each of
+    /// `roots` (relative paths; empty for the root; one the image lacks
+    /// adds nothing), and with `deleted`
+    /// those files that [`super::deleted`] finds below them too.
+    pub fn add(
+        &mut self,
+        name: ImageName,
+        tree: &Tree,
+        layers: &[Arc<Layer>],
+        digests: &[String],
+        roots: &[Vec<u8>],
+        deleted: Option<&[LayerIndex]>,
+    ) -> Result<(), TreeError> {
+        let image = self.images.len();
+        self.images.push(name);
+        // Where this image's layers sit among the distinct ones.
+        let at: Vec<usize> = layers
+            .iter()
+            .zip(digests)
+            .map(|(l, d)| {
+                let key = (d.clone(), l.ranged().is_some());
+                *self.layer_at.entry(key).or_insert_with(|| {
+                    self.layers.push(Arc::clone(l));
+                    self.digests.push(d.clone());
+                    self.layers.len() - 1
+                })
+            })
+            .collect();
+        let mut files = Vec::new();
+        for r in roots {
+            // Across images a path may be in some only: where it is not,
+            // there is nothing below it to search.
+            match tree.resolve(r, true) {
+                Ok(id) => files_below(tree, id, r, &mut files),
+                Err(TreeError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        for (path, id) in files {
+            let n = tree.node(id);
+            let layer = n.layer as usize;
+            let Some(&pos) = at.get(layer) else { continue };
+            let sparse = n.sparse();
+            self.place(
+                pos,
+                n.offset,
+                n.size,
+                sparse,
+                Sighting {
+                    image,
+                    path: path.into(),
+                    layer,
+                    hidden_by: None,
+                },
+            );
+        }
+        let Some(indexes) = deleted else {
+            return Ok(());
+        };
+        for d in super::deleted(indexes)? {
+            let e = &indexes[d.layer].entries[d.entry];
+            let under = roots.iter().any(|r| {
+                r.is_empty() || d.path == *r || d.path.starts_with(&[&r[..], b"/"].concat())
+            });
+            let Some(&pos) = at.get(d.layer) else {
+                continue;
+            };
+            if e.kind == EntryKind::File && under {
+                let sparse = e.sparse.as_deref().map(|s| Cow::Owned(s.to_vec()));
+                self.place(
+                    pos,
+                    e.offset,
+                    e.size,
+                    sparse,
+                    Sighting {
+                        image,
+                        path: d.path.into(),
+                        layer: d.layer,
+                        hidden_by: Some(d.hidden_by),
+                    },
+                );
+            }
+        }
+        Ok(())
+    }
+
+    fn place(
+        &mut self,
+        layer: usize,
+        offset: u64,
+        size: u64,
+        sparse: Option<Cow<'static, [crate::layer::Segment]>>,
+        s: Sighting,
+    ) {
+        let i = *self.file_at.entry((layer, offset)).or_insert_with(|| {
+            self.targets.push(Target {
+                path: s.path.to_vec(),
+                layer,
+                offset,
+                size,
+                sparse,
+                hidden_by: None,
+            });
+            self.seen.push(Vec::new());
+            self.targets.len() - 1
+        });
+        self.seen[i].push(s);
+    }
+
+    /// Reads each distinct file once; every image and path showing a file
+    /// that matched gets a [`Hit`]. `progress` hears the bytes searched.
+    pub fn search(
+        &self,
+        opts: &grep::Options,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<Outcome, GrepError> {
+        let collect = Collect {
+            plan: self,
+            found: Mutex::new(Vec::new()),
+            done: AtomicU64::new(0),
+            progress,
+        };
+        grep::search(&self.targets, &self.layers, &self.digests, opts, &collect)?;
+        let found = collect
+            .found
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner());
+        let searched = collect.done.load(Ordering::Relaxed) as usize;
+        let mut hits = Vec::new();
+        for (i, f) in found {
+            let f = Arc::new(f);
+            let pos = self.targets[i].layer;
+            for s in &self.seen[i] {
+                hits.push(Hit {
+                    image: s.image,
+                    path: Arc::clone(&s.path),
+                    layer: s.layer,
+                    digest: self.digests[pos].clone(),
+                    hidden_by: s.hidden_by,
+                    found: Arc::clone(&f),
+                });
+            }
+        }
+        hits.sort_by(|a, b| {
+            (
+                a.image,
+                &a.path,
+                a.hidden_by.is_some(),
+                a.layer,
+                a.hidden_by,
+            )
+                .cmp(&(
+                    b.image,
+                    &b.path,
+                    b.hidden_by.is_some(),
+                    b.layer,
+                    b.hidden_by,
+                ))
+        });
+        Ok(Outcome { hits, searched })
+    }
+}
+
+/// Gathers what matched, by target.
+struct Collect<'a> {
+    plan: &'a Plan,
+    found: Mutex<Vec<(usize, Found)>>,
+    done: AtomicU64,
+    progress: &'a (dyn Fn(u64) + Sync),
+}
+
+impl grep::Report for Collect<'_> {
+    fn found(&self, t: &Target<'_>, found: &Found) {
+        let Some(&i) = self.plan.file_at.get(&(t.layer, t.offset)) else {
+            return;
+        };
+        let copy = Found {
+            lines: found.lines.clone(),
+            count: found.count,
+            binary: found.binary,
+        };
+        self.found
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push((i, copy));
+    }
+
+    fn searched(&self, t: &Target<'_>) {
+        self.done.fetch_add(1, Ordering::Relaxed);
+        (self.progress)(t.size);
+    }
+}
+
+/// Every regular file at or below `start`, with its path.
+pub fn files_below(tree: &Tree, start: NodeId, path: &[u8], out: &mut Vec<(Vec<u8>, NodeId)>) {
+    let n = tree.node(start);
+    match n.kind {
+        EntryKind::File => out.push((path.to_vec(), start)),
+        EntryKind::Dir => {
+            for (name, c) in tree.children(start) {
+                files_below(tree, c, &crate::names::join(path, name), out);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Whether `name` matches a shell glob of `*` (any run) and `?` (any one
+/// character); everything else is literal.
+pub fn glob_matches(glob: &str, name: &str) -> bool {
+    let (g, n): (Vec<char>, Vec<char>) = (glob.chars().collect(), name.chars().collect());
+    // The classic two-pointer match, backtracking to the last `*`.
+    let (mut gi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        match g.get(gi) {
+            Some('*') => {
+                star = Some((gi, ni));
+                gi += 1;
+            }
+            Some(&c) if c == '?' || c == n[ni] => {
+                gi += 1;
+                ni += 1;
+            }
+            _ => match star {
+                Some((sg, sn)) => {
+                    gi = sg + 1;
+                    ni = sn + 1;
+                    star = Some((sg, sn + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    g[gi..].iter().all(|&c| c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn globs_match_star_and_question_mark_and_nothing_else() {
+        assert!(glob_matches("*", ""));
+        assert!(glob_matches("v1.*", "v1.2.3"));
+        assert!(glob_matches("v?", "v2"));
+        assert!(!glob_matches("v?", "v10"));
+        assert!(glob_matches("*-rc*", "1.0-rc2"));
+        assert!(!glob_matches("*-rc*", "1.0"));
+        assert!(glob_matches("a*b*c", "aXbYbZc"));
+        assert!(!glob_matches("a*b*c", "aXbYbZ"));
+        assert!(!glob_matches("latest", "latest2"));
+        assert!(glob_matches("[x]", "[x]"), "brackets are literal");
+    }
+}
