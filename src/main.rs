@@ -122,13 +122,20 @@ enum Command {
         #[arg(long, allow_hyphen_values = true)]
         layer: Option<i64>,
     },
-    /// Every layer that changed PATH, oldest first, and how.
+    /// Every layer that changed PATH, oldest first, and how; with
+    /// --all-tags or --tags, every release that changed it instead.
     Log {
         reference: String,
         path: std::ffi::OsString,
         /// Everything below PATH too.
         #[arg(short = 'R')]
         recursive: bool,
+        /// Every tag of the repository REFERENCE names, oldest first.
+        #[arg(long)]
+        all_tags: bool,
+        /// The tags that match GLOB (`*`, `?`), oldest first.
+        #[arg(long, value_name = "GLOB")]
+        tags: Option<String>,
         /// One JSON object per line.
         #[arg(long)]
         json: bool,
@@ -346,8 +353,21 @@ fn main() -> ExitCode {
             reference,
             path,
             recursive,
+            all_tags,
+            tags,
             json,
-        } => cli::log(&common, &reference, path.as_bytes(), recursive, json),
+        } => cli::log(
+            &common,
+            &[reference],
+            &cli::Selection {
+                all_tags,
+                tags,
+                catalog: None,
+            },
+            path.as_bytes(),
+            recursive,
+            json,
+        ),
         Command::Deleted { reference, json } => cli::deleted(&common, &reference, json),
         Command::Diff {
             reference_a,

@@ -278,3 +278,49 @@ fn grep_takes_several_references_a_tag_glob_and_a_whole_catalog() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("gone"), "{err}");
 }
+
+#[test]
+fn log_across_tags_says_release_by_release_where_a_path_appeared_changed_or_went() {
+    let reg = Registry::start(Auth::None);
+    push_app(&reg);
+    let env = Env::new();
+    let repo = format!("{}/app", reg.addr());
+    // Every release has the same `created`: they go in tag order.
+    let actions = |path: &str| -> Vec<(String, String)> {
+        json_lines(&env.ok(&["log", "--json", &repo, path, "--all-tags"]))
+            .iter()
+            .map(|v| {
+                assert_eq!(v["path"], path);
+                (
+                    v["tag"].as_str().unwrap().to_string(),
+                    v["action"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    };
+    let pairs = |v: &[(&str, &str)]| -> Vec<(String, String)> {
+        v.iter()
+            .map(|(t, a)| (t.to_string(), a.to_string()))
+            .collect()
+    };
+    assert_eq!(
+        actions("/etc/secret.key"),
+        pairs(&[
+            ("leak", "added"),
+            ("moved", "removed"),
+            ("r2", "added"),
+            ("r3", "removed")
+        ])
+    );
+    assert_eq!(
+        actions("/app/version"),
+        pairs(&[("r1", "added"), ("r2", "modified"), ("r3", "modified")])
+    );
+    assert_eq!(actions("/app/readme"), pairs(&[("clean", "added")]));
+    // The text form: one line per change, naming the release.
+    let text = env.ok(&["log", &repo, "/app/version", "--tags", "r*"]);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    assert!(lines[1].starts_with("r2 modified"), "{text}");
+    assert!(lines[1].contains("/app/version file 0644"), "{text}");
+}

@@ -325,6 +325,138 @@ pub fn grep(common: &Common, args: &GrepArgs) -> Result<bool> {
     Ok(!outcome.hits.is_empty())
 }
 
+/// One release's view of the path.
+struct Release {
+    tag: String,
+    reference: String,
+    created: String,
+    state: Option<rimg::forensics::State>,
+}
+
+/// `path` release by release: each image of the selection, oldest first
+/// (by the config's `created`, then name), and a line wherever the path
+/// appeared, changed or disappeared since the release before.
+pub fn log(
+    common: &Common,
+    references: &[String],
+    select: &Selection,
+    path: &[u8],
+    as_json: bool,
+) -> Result<()> {
+    super::init_logging(common.verbose);
+    let rt = runtime()?;
+    let stop = interrupt_flag(&rt);
+    let client = common.client_with(None)?;
+    let refs = expand(&rt, &client, references, select)?;
+    let opener = Opener::new(common, &rt)?;
+    let names = labels(&refs);
+    let mut states = rimg::forensics::across::PathStates::new();
+    let mut releases = Vec::new();
+    let opening = bar(refs.len() as u64, "opening {pos}/{len} images, {msg}");
+    for (r, label) in refs.iter().zip(&names) {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        opening.set_message(format!(
+            "{} fetched: {r}",
+            indicatif::HumanBytes(opener.fetched())
+        ));
+        let source = opener.open(r)?;
+        let Some(tree) = rt.block_on(or_stop(&stop, source.tree(None))) else {
+            break;
+        };
+        let (tree, layers) = tree.with_context(|| r.clone())?;
+        let digests: Vec<String> = source
+            .image
+            .layers
+            .iter()
+            .map(|l| l.digest.to_string())
+            .collect();
+        let state = states
+            .state(&tree, &layers, &digests, path)
+            .with_context(|| r.clone())?;
+        releases.push(Release {
+            tag: label.clone(),
+            reference: source.image.reference.to_string(),
+            created: source.image.config.created().clone().unwrap_or_default(),
+            state,
+        });
+        opening.inc(1);
+    }
+    opening.finish_and_clear();
+    releases.sort_by(|a, b| (&a.created, &a.tag).cmp(&(&b.created, &b.tag)));
+    print_releases(&releases, path, as_json)?;
+    if stop.load(Ordering::Relaxed) {
+        eprintln!(
+            "rimg: interrupted: {} of {} images read",
+            releases.len(),
+            refs.len()
+        );
+        std::process::exit(130);
+    }
+    Ok(())
+}
+
+fn print_releases(releases: &[Release], path: &[u8], as_json: bool) -> Result<()> {
+    use super::forensics::{absolute, kind_name, put_bytes};
+    let path = absolute(&rimg::layer::normalize(path));
+    let names = Names::new();
+    let width = releases.iter().map(|r| r.tag.len()).max().unwrap_or(0);
+    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+    let mut before = None;
+    for r in releases {
+        let after = r.state.as_ref();
+        let change = rimg::forensics::across::release_change(before, after);
+        before = after;
+        let Some(action) = change else { continue };
+        if as_json {
+            let mut o = serde_json::Map::new();
+            o.insert("ref".into(), r.reference.clone().into());
+            o.insert("tag".into(), r.tag.clone().into());
+            o.insert("created".into(), r.created.clone().into());
+            o.insert("action".into(), action.as_str().into());
+            put_bytes(&mut o, "path", &path);
+            if let Some(a) = after {
+                o.insert("type".into(), kind_name(a.kind).into());
+                o.insert("size".into(), a.size.into());
+                o.insert("sha256".into(), a.sha256.clone().into());
+                o.insert("mode".into(), format!("{:04o}", a.mode).into());
+                o.insert("uid".into(), a.uid.into());
+                o.insert("gid".into(), a.gid.into());
+                if let Some(t) = &a.target {
+                    put_bytes(&mut o, "target", t);
+                }
+            }
+            writeln!(out, "{}", serde_json::Value::Object(o))?;
+            continue;
+        }
+        names.write(&mut out, r.tag.as_bytes())?;
+        let pad = width.saturating_sub(r.tag.len());
+        write!(out, "{:pad$} {:<12} ", "", action.as_str())?;
+        names.write(&mut out, &path)?;
+        if let Some(a) = after {
+            write!(
+                out,
+                " {} {:04o} {}:{} {}",
+                kind_name(a.kind),
+                a.mode,
+                a.uid,
+                a.gid,
+                a.size
+            )?;
+            if let Some(h) = &a.sha256 {
+                write!(out, " sha256:{}", &h[..12.min(h.len())])?;
+            }
+            if let Some(t) = &a.target {
+                write!(out, " -> ")?;
+                names.write(&mut out, t)?;
+            }
+        }
+        writeln!(out)?;
+    }
+    Ok(out.flush()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -115,13 +115,23 @@ fn created_by(source: &ImageSource) -> Vec<Option<String>> {
     out
 }
 
+/// Every layer that changed `path` in one image; with a tag selection
+/// (or several references), the path release by release instead.
 pub fn log(
     common: &Common,
-    reference: &str,
+    references: &[String],
+    select: &super::across::Selection,
     path: &[u8],
     recursive: bool,
     as_json: bool,
 ) -> Result<()> {
+    if select.is_many(references) {
+        if recursive {
+            anyhow::bail!("log -R is for one image; across tags, name one path");
+        }
+        return super::across::log(common, references, select, path, as_json);
+    }
+    let reference = &references[0];
     super::init_logging(common.verbose);
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;

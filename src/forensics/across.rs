@@ -294,6 +294,87 @@ impl grep::Report for Collect<'_> {
     }
 }
 
+/// What a path is in one image's merged tree (literal: a symlink is not
+/// followed), with content hashes remembered by layer digest and offset so
+/// a file that releases share is read once.
+#[derive(Default)]
+pub struct PathStates {
+    hashes: HashMap<(String, u64), String>,
+}
+
+impl PathStates {
+    pub fn new() -> PathStates {
+        PathStates::default()
+    }
+
+    /// `path`'s state in `tree`, or `None` when the image does not have it.
+    pub fn state(
+        &mut self,
+        tree: &Tree,
+        layers: &[Arc<Layer>],
+        digests: &[String],
+        path: &[u8],
+    ) -> Result<Option<super::State>, super::ForensicsError> {
+        let path = crate::layer::normalize(path);
+        let id = match tree.resolve(&path, false) {
+            Ok(id) => id,
+            Err(TreeError::NotFound(_) | TreeError::NotADirectory(_)) => return Ok(None),
+            Err(e) => return Err(e.into()),
+        };
+        let n = tree.node(id);
+        let file = n.kind == EntryKind::File;
+        let sha256 = if file {
+            let digest = digests.get(n.layer as usize).cloned().unwrap_or_default();
+            let key = (digest.clone(), n.offset);
+            match self.hashes.get(&key) {
+                Some(h) => Some(h.clone()),
+                None => {
+                    let data = super::FileData::of(layers, n);
+                    let h =
+                        super::sha256_hex(data).map_err(|source| super::ForensicsError::Read {
+                            path: path.clone(),
+                            digest,
+                            source,
+                        })?;
+                    self.hashes.insert(key, h.clone());
+                    Some(h)
+                }
+            }
+        } else {
+            None
+        };
+        Ok(Some(super::State {
+            kind: n.kind,
+            mode: n.mode,
+            uid: n.uid,
+            gid: n.gid,
+            size: if file { n.size } else { 0 },
+            sha256,
+            target: (n.kind == EntryKind::Symlink).then(|| n.link.unwrap_or_default().to_vec()),
+        }))
+    }
+}
+
+/// How a path went from one release to the next (`None`: it did not change,
+/// or is absent from both).
+pub fn release_change(
+    before: Option<&super::State>,
+    after: Option<&super::State>,
+) -> Option<super::Action> {
+    use super::Action;
+    match (before, after) {
+        (None, None) => None,
+        (None, Some(_)) => Some(Action::Added),
+        (Some(_), None) => Some(Action::Removed),
+        (Some(b), Some(a)) if b == a => None,
+        (Some(b), Some(a)) if b.kind != a.kind => Some(Action::TypeChanged),
+        (Some(b), Some(a)) if b.sha256 != a.sha256 || b.target != a.target => {
+            Some(Action::Modified)
+        }
+        (Some(_), Some(_)) => Some(Action::Metadata),
+    }
+}
+
 /// Every regular file at or below `start`, with its path.
 pub fn files_below(tree: &Tree, start: NodeId, path: &[u8], out: &mut Vec<(Vec<u8>, NodeId)>) {
     let n = tree.node(start);
@@ -341,6 +422,39 @@ pub fn glob_matches(glob: &str, name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn file(sha: &str, mode: u32) -> crate::forensics::State {
+        crate::forensics::State {
+            kind: EntryKind::File,
+            mode,
+            uid: 0,
+            gid: 0,
+            size: 1,
+            sha256: Some(sha.into()),
+            target: None,
+        }
+    }
+
+    #[test]
+    fn release_changes_tell_added_modified_metadata_and_removed() {
+        use crate::forensics::Action;
+        let (a, b, a2) = (file("a", 0o644), file("b", 0o644), file("a", 0o600));
+        assert_eq!(release_change(None, None), None);
+        assert_eq!(release_change(None, Some(&a)), Some(Action::Added));
+        assert_eq!(release_change(Some(&a), Some(&a)), None);
+        assert_eq!(release_change(Some(&a), Some(&b)), Some(Action::Modified));
+        assert_eq!(release_change(Some(&a), Some(&a2)), Some(Action::Metadata));
+        assert_eq!(release_change(Some(&a), None), Some(Action::Removed));
+        let dir = crate::forensics::State {
+            kind: EntryKind::Dir,
+            sha256: None,
+            ..a.clone()
+        };
+        assert_eq!(
+            release_change(Some(&a), Some(&dir)),
+            Some(Action::TypeChanged)
+        );
+    }
 
     #[test]
     fn globs_match_star_and_question_mark_and_nothing_else() {
