@@ -324,3 +324,44 @@ fn log_across_tags_says_release_by_release_where_a_path_appeared_changed_or_went
     assert!(lines[1].starts_with("r2 modified"), "{text}");
     assert!(lines[1].contains("/app/version file 0644"), "{text}");
 }
+
+#[test]
+fn grep_over_eight_tags_on_one_base_costs_about_one_tag() {
+    let reg = Registry::start(Auth::None);
+    let base = common::image::gz_file_blob(&alpine("3.20.3", "x86_64"), true);
+    for i in 0..8 {
+        let top = blob(
+            LayerBuilder::new()
+                .dir("srv", 0o755)
+                .file("srv/release", format!("release {i}\n").as_bytes(), 0o644)
+                .finish(),
+        );
+        push_image(
+            &reg,
+            "rel",
+            &format!("v{i}"),
+            &[base.clone(), top],
+            "amd64",
+            true,
+        );
+    }
+    let repo = format!("{}/rel", reg.addr());
+    // Each on a cold cache; the best of two of each, so a busy machine
+    // does not decide.
+    let time = |args: &[&str]| {
+        (0..2)
+            .map(|_| {
+                let env = Env::new();
+                let t = std::time::Instant::now();
+                let out = env.run(args);
+                assert_eq!(out.status.code(), Some(0), "{args:?}");
+                t.elapsed()
+            })
+            .min()
+            .unwrap()
+    };
+    let one = time(&["grep", "-l", "root:x:0", &format!("{repo}:v0")]);
+    let eight = time(&["grep", "-l", "root:x:0", &repo, "--all-tags"]);
+    eprintln!("one tag {one:?}, eight tags {eight:?}");
+    assert!(eight <= one * 2, "one tag {one:?}, eight tags {eight:?}");
+}
