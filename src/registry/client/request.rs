@@ -283,6 +283,7 @@ impl Client {
         let listing = Listing {
             field: "tags",
             kind: "tag list",
+            page: "tag list page",
             what: "tags",
             keep: valid_tag,
         };
@@ -303,6 +304,7 @@ impl Client {
         let listing = Listing {
             field: "repositories",
             kind: "repository catalog",
+            page: "repository catalog page",
             what: "repositories",
             keep: valid_repository,
         };
@@ -361,7 +363,7 @@ impl Client {
                     &t,
                     url.clone(),
                     HeaderMap::new(),
-                    (listing.kind, TAG_PAGE_MAX),
+                    (listing.page, TAG_PAGE_MAX),
                     &mut retry,
                     |_, _| Ok(()),
                 )
@@ -422,6 +424,8 @@ struct Listing {
     /// The JSON field with the names.
     field: &'static str,
     kind: &'static str,
+    /// One page of it, for messages.
+    page: &'static str,
     /// The names, plural, for messages.
     what: &'static str,
     keep: fn(&str) -> bool,
