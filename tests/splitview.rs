@@ -371,7 +371,10 @@ fn a_toc_that_disagrees_with_its_tar_split_is_caught_for_every_case_and_the_stre
     let log = String::from_utf8_lossy(&out.stderr);
     let named = log.matches("split view").count();
     assert_eq!(named, cases().len(), "{log}");
-    assert!(log.contains("lists c2/tool mode 0755, its tar stream has 4755"), "{log}");
+    assert!(
+        log.contains("lists c2/tool mode 0755, its tar stream has 4755"),
+        "{log}"
+    );
     let m = Mounted::new(&env, &r(&f, "ts"), &[]);
     assert_same_tree(&m.path, &rootfs);
     drop(m);

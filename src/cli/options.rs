@@ -107,7 +107,11 @@ pub struct Common {
     pub policy: Option<PathBuf>,
     /// registries.d directory (use-sigstore-attachments, lookaside) [default:
     /// $HOME/.config/containers/registries.d, then /etc/containers/registries.d].
-    #[arg(long = "registries.d", value_name = "DIR", help_heading = "Trust options")]
+    #[arg(
+        long = "registries.d",
+        value_name = "DIR",
+        help_heading = "Trust options"
+    )]
     pub registries_d: Option<PathBuf>,
     #[command(flatten)]
     pub registry: RegistryOpts,

@@ -186,7 +186,11 @@ fn entry_difference(x: &Entry, y: &Entry, offsets: bool) -> Option<Difference> {
         return diff("sparse", s(layout(x)), s(layout(y)));
     }
     if offsets {
-        let stored = |e: &Entry| e.sparse.as_ref().map(|s| s.iter().map(|g| g.stored).collect::<Vec<_>>());
+        let stored = |e: &Entry| {
+            e.sparse
+                .as_ref()
+                .map(|s| s.iter().map(|g| g.stored).collect::<Vec<_>>())
+        };
         if x.offset != y.offset || stored(x) != stored(y) {
             return diff("data offset", x.offset.to_string(), y.offset.to_string());
         }
@@ -208,8 +212,16 @@ mod tests {
         a.offset = 512;
         let mut b = a.clone();
         b.offset = 0;
-        assert_eq!(first_difference(&index(vec![a.clone()]), &index(vec![b.clone()]), false), None);
-        assert_eq!(first_difference(&index(vec![a]), &index(vec![b]), true).unwrap().field, "data offset");
+        assert_eq!(
+            first_difference(&index(vec![a.clone()]), &index(vec![b.clone()]), false),
+            None
+        );
+        assert_eq!(
+            first_difference(&index(vec![a]), &index(vec![b]), true)
+                .unwrap()
+                .field,
+            "data offset"
+        );
     }
 
     #[test]
@@ -223,7 +235,10 @@ mod tests {
             ..a.clone()
         };
         let d = first_difference(&index(vec![a]), &index(vec![b]), false).unwrap();
-        assert_eq!(d.to_string(), "lists etc/shadow mode 0644, its tar stream has 0640");
+        assert_eq!(
+            d.to_string(),
+            "lists etc/shadow mode 0644, its tar stream has 0640"
+        );
     }
 
     #[test]
