@@ -154,9 +154,106 @@ pub fn ancestors(path: &[u8]) -> impl Iterator<Item = &[u8]> {
         .map(move |(i, _)| &path[..i])
 }
 
+/// Whether `name` matches a shell glob (`*`, `?`, `[...]`, `[!...]`, `\`),
+/// as fnmatch without flags does (`*` crosses `/`). Used for grep's
+/// `--include`/`--exclude` and for picking tags (`--tags`). Linear in the
+/// name per `*`: only the last `*` is ever backtracked to.
+pub fn glob_match(glob: &[u8], name: &[u8]) -> bool {
+    let (mut g, mut n) = (0, 0);
+    // The last `*` seen and the name position it was tried at.
+    let mut star: Option<(usize, usize)> = None;
+    while n < name.len() {
+        if glob.get(g) == Some(&b'*') {
+            star = Some((g, n));
+            g += 1;
+            continue;
+        }
+        if let Some(len) = glob_one(glob, g, name[n]) {
+            g += len;
+            n += 1;
+            continue;
+        }
+        match star {
+            Some((sg, sn)) => {
+                star = Some((sg, sn + 1));
+                g = sg + 1;
+                n = sn + 1;
+            }
+            None => return false,
+        }
+    }
+    glob[g..].iter().all(|&b| b == b'*')
+}
+
+/// Whether the glob element at `g` (not a `*`) matches the byte `c`; if so,
+/// how many glob bytes it spans.
+fn glob_one(glob: &[u8], g: usize, c: u8) -> Option<usize> {
+    let rest = glob.get(g + 1..).unwrap_or_default();
+    match *glob.get(g)? {
+        b'?' => Some(1),
+        b'\\' if !rest.is_empty() => (rest[0] == c).then_some(2),
+        b'[' if rest.contains(&b']') => {
+            let (negate, skip) = match rest.first() {
+                Some(b'!' | b'^') => (true, 1),
+                _ => (false, 0),
+            };
+            let set = &rest[skip..];
+            // A `]` first in the set is a member, not its end.
+            let Some(end) = set.get(1..).and_then(|s| s.iter().position(|&b| b == b']')) else {
+                // No closing bracket: the `[` is literal.
+                return (c == b'[').then_some(1);
+            };
+            let members = &set[..end + 1];
+            let mut hit = false;
+            let mut i = 0;
+            while i < members.len() {
+                if i + 2 < members.len() && members[i + 1] == b'-' {
+                    hit |= (members[i]..=members[i + 2]).contains(&c);
+                    i += 3;
+                } else {
+                    hit |= members[i] == c;
+                    i += 1;
+                }
+            }
+            (hit != negate).then_some(1 + skip + end + 2)
+        }
+        b => (b == c).then_some(1),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs_match_as_fnmatch_does() {
+        assert!(glob_match(b"*.conf", b"app.conf"));
+        assert!(!glob_match(b"*.conf", b"app.confx"));
+        assert!(glob_match(b"a?c", b"abc"));
+        assert!(glob_match(b"[ab]*", b"bee"));
+        assert!(!glob_match(b"[!ab]*", b"bee"));
+        assert!(glob_match(b"[a-c]x", b"bx"));
+        assert!(glob_match(b"[]]", b"]"));
+        assert!(glob_match(b"[x", b"[x"), "an unclosed [ is literal");
+        assert!(glob_match(b"*", b""));
+        assert!(glob_match(b"\\*", b"*"));
+        assert!(!glob_match(b"\\*", b"a"));
+        assert!(glob_match(b"v1.*", b"v1.2.3"));
+        assert!(!glob_match(b"v?", b"v10"));
+        assert!(glob_match(b"*-rc*", b"1.0-rc2"));
+        assert!(!glob_match(b"*-rc*", b"1.0"));
+        assert!(glob_match(b"a*b*c", b"aXbYbZc"));
+        assert!(!glob_match(b"a*b*c", b"aXbYbZ"));
+        assert!(!glob_match(b"latest", b"latest2"));
+    }
+
+    #[test]
+    fn a_glob_of_many_stars_does_not_backtrack_exponentially() {
+        let name = vec![b'a'; 4000];
+        let start = std::time::Instant::now();
+        assert!(!glob_match(b"*a*a*a*a*a*a*a*a*a*a*b", &name));
+        assert!(start.elapsed() < std::time::Duration::from_secs(2));
+    }
 
     #[test]
     fn names_are_quoted_as_gnu_ls_quotes_them_on_a_terminal() {

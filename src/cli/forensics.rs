@@ -43,7 +43,7 @@ pub(super) fn absolute(path: &[u8]) -> Vec<u8> {
     p
 }
 
-fn kind_name(k: EntryKind) -> &'static str {
+pub(super) fn kind_name(k: EntryKind) -> &'static str {
     match k {
         EntryKind::File => "file",
         EntryKind::Dir => "dir",
@@ -96,14 +96,22 @@ pub(super) fn created_by(source: &ImageSource) -> Vec<Option<String>> {
 
 #[derive(clap::Args)]
 pub struct LogArgs {
-    /// The image (see `rimg --help` for the forms of REF).
+    /// The image (see `rimg --help` for the forms of REF); with --all-tags
+    /// or --tags, the repository.
     #[arg(value_name = "REF")]
     pub reference: String,
     /// The path whose history to show; any bytes.
     pub path: std::ffi::OsString,
-    /// Everything below PATH too.
+    /// Everything below PATH too (one image only).
     #[arg(short = 'R')]
     pub recursive: bool,
+    /// PATH release by release across every tag of the repository REF
+    /// names, oldest first.
+    #[arg(long, help_heading = "Images")]
+    pub all_tags: bool,
+    /// As --all-tags, for the tags that match GLOB (`*`, `?`, `[...]`).
+    #[arg(long, value_name = "GLOB", help_heading = "Images")]
+    pub tags: Option<String>,
     /// One JSON object per line.
     #[arg(long)]
     pub json: bool,
@@ -113,10 +121,29 @@ pub struct LogArgs {
     pub common: Common,
 }
 
+/// Every layer that changed the path in one image; with a tag selection,
+/// the path release by release instead ([`super::across::log`]).
 pub fn log(args: &LogArgs) -> Result<()> {
     super::init_logging(args.log.verbose);
     let (common, reference, path) = (&args.common, &args.reference, args.path.as_bytes());
     let (recursive, as_json) = (args.recursive, args.json);
+    let select = super::across::Selection {
+        all_tags: args.all_tags,
+        tags: args.tags.clone(),
+        catalog: None,
+    };
+    if select.is_many(std::slice::from_ref(reference)) {
+        if recursive {
+            anyhow::bail!("log -R is for one image; across tags, name one path");
+        }
+        return super::across::log(
+            common,
+            std::slice::from_ref(reference),
+            &select,
+            path,
+            as_json,
+        );
+    }
     let rt = runtime()?;
     let source = common.open_image(&rt, reference, std::io::stderr().is_terminal())?;
     let (layers, indexes) = all_layers(&rt, &source)?;

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Parser, Subcommand};
 
+mod across;
 mod cache;
 mod export;
 mod forensics;
@@ -69,7 +70,8 @@ pub enum Command {
     Ls(ls::LsArgs),
     /// Write a file of the image to stdout (symlinks followed inside the image).
     Cat(ls::CatArgs),
-    /// Every layer that changed PATH, oldest first, and how.
+    /// Every layer that changed PATH, oldest first, and how; with
+    /// --all-tags or --tags, every release that changed it instead.
     Log(forensics::LogArgs),
     /// Entries some layer holds that the merged tree does not show, and what hid them.
     Deleted(forensics::DeletedArgs),
@@ -79,10 +81,12 @@ pub enum Command {
     /// Paths that differ between two images: A(dded), D(eleted), M(odified).
     Diff(forensics::DiffArgs),
     /// Search file contents of the merged tree, without a mount; exit 0 if
-    /// found, 1 if not, 2 on error, as grep.
+    /// found, 1 if not, 2 on error, as grep. Several references (or
+    /// --all-tags, --tags, --catalog) search many images, each distinct
+    /// layer's files once, and lines start with the image (TAG:PATH:LINE).
     #[command(
         disable_help_flag = true,
-        override_usage = "rimg grep [OPTIONS] PATTERN REF [PATH]...\n       rimg grep [OPTIONS] -e PATTERN... REF [PATH]..."
+        override_usage = "rimg grep [OPTIONS] PATTERN REF... [/PATH]...\n       rimg grep [OPTIONS] -e PATTERN... REF... [/PATH]...\n       rimg grep [OPTIONS] PATTERN REPO (--all-tags | --tags GLOB) [/PATH]...\n       rimg grep [OPTIONS] PATTERN --catalog HOST [--tags GLOB] [/PATH]..."
     )]
     Grep(grep::GrepArgs),
     /// Mount the image read-only at MOUNTPOINT.
@@ -319,7 +323,7 @@ pub(crate) fn server_runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 impl RegistryOpts {
-    fn explicit_credentials(&self) -> Result<Option<Credentials>> {
+    pub(crate) fn explicit_credentials(&self) -> Result<Option<Credentials>> {
         if self.password_stdin {
             let username = self
                 .username
@@ -509,8 +513,21 @@ impl Common {
         progress: bool,
     ) -> Result<Arc<ImageSource>> {
         let creds = self.registry.explicit_credentials()?;
+        self.open_image_as(rt, reference, bars(progress), creds)
+    }
+
+    /// As [`Self::open_image`], with credentials already read (a command
+    /// opening many images reads stdin once) and its own progress. Every
+    /// image opened passes the trust step ([`Self::locate_image`]).
+    pub(crate) fn open_image_as(
+        &self,
+        rt: &tokio::runtime::Runtime,
+        reference: &str,
+        progress: Arc<dyn rimg::image::Progress>,
+        creds: Option<Credentials>,
+    ) -> Result<Arc<ImageSource>> {
         let (image, blobs, _) = self.locate_image(rt, reference, creds)?;
-        Ok(Arc::new(self.source(image, blobs, bars(progress))?))
+        Ok(Arc::new(self.source(image, blobs, progress)?))
     }
 
     /// An image source reading layers as the flags say.

@@ -20,8 +20,9 @@ use grep_searcher::{
 
 use super::FileData;
 use crate::cache::Layer;
-use crate::layer::Segment;
+use crate::layer::{EntryKind, Segment};
 use crate::names;
+use crate::overlay::tree::{NodeId, Tree};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GrepError {
@@ -56,6 +57,9 @@ pub struct Options {
     /// Stop reading a file after this many selected lines (`-l` uses 1).
     pub max_count: Option<u64>,
     pub threads: usize,
+    /// Set (by Ctrl-C, say) to stop before the next file; what was found
+    /// so far is reported.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 /// A file to search: where its bytes are.
@@ -70,8 +74,64 @@ pub struct Target<'a> {
     pub hidden_by: Option<usize>,
 }
 
+/// Which files a walk of a tree takes: grep's `--include`, `--exclude`
+/// (on a file's base name) and `--exclude-dir` (on a directory's).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+    pub exclude_dir: Vec<String>,
+}
+
+impl Filter {
+    /// Whether the walk searches the file at `path`.
+    pub fn file(&self, path: &[u8]) -> bool {
+        let base = names::split(path).1;
+        let any = |globs: &[String]| globs.iter().any(|g| names::glob_match(g.as_bytes(), base));
+        (self.include.is_empty() || any(&self.include)) && !any(&self.exclude)
+    }
+
+    /// Whether the walk goes into the directory at `path`.
+    pub fn dir(&self, path: &[u8]) -> bool {
+        let base = names::split(path).1;
+        !self
+            .exclude_dir
+            .iter()
+            .any(|g| names::glob_match(g.as_bytes(), base))
+    }
+
+    /// Every regular file at or below `start` (at `path`) the filter takes.
+    /// A file named as `start` itself is taken whatever `--include` says, as
+    /// grep searches a file named on its command line.
+    pub fn files_below(
+        &self,
+        tree: &Tree,
+        start: NodeId,
+        path: &[u8],
+        out: &mut Vec<(Vec<u8>, NodeId)>,
+    ) {
+        if tree.node(start).kind == EntryKind::File {
+            out.push((path.to_vec(), start));
+            return;
+        }
+        self.walk(tree, start, path, out);
+    }
+
+    fn walk(&self, tree: &Tree, start: NodeId, path: &[u8], out: &mut Vec<(Vec<u8>, NodeId)>) {
+        match tree.node(start).kind {
+            EntryKind::File if self.file(path) => out.push((path.to_vec(), start)),
+            EntryKind::Dir if path.is_empty() || self.dir(path) => {
+                for (name, c) in tree.children(start) {
+                    self.walk(tree, c, &names::join(path, name), out);
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
 /// What one file held.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Found {
     /// Selected lines and their context, in file order, unless the file is binary.
     pub lines: Vec<Line>,
@@ -101,6 +161,8 @@ pub enum LineKind {
 /// Receives each file that matched, from any search thread.
 pub trait Report: Sync {
     fn found(&self, target: &Target<'_>, found: &Found);
+    /// A file was searched, matching or not (for progress).
+    fn searched(&self, _target: &Target<'_>) {}
 }
 
 struct Collect<'a> {
@@ -199,6 +261,28 @@ fn pattern_error(opts: &Options, all: grep_regex::Error) -> GrepError {
     GrepError::Pattern(one_line(&all))
 }
 
+fn stopped(opts: &Options) -> bool {
+    opts.stop
+        .as_ref()
+        .is_some_and(|s| s.load(Ordering::Relaxed))
+}
+
+fn matcher(opts: &Options) -> Result<RegexMatcher, GrepError> {
+    RegexMatcherBuilder::new()
+        .case_insensitive(opts.ignore_case)
+        .fixed_strings(opts.fixed)
+        .word(opts.word)
+        .whole_line(opts.whole_line)
+        .line_terminator(Some(b'\n'))
+        .build_many(&opts.patterns)
+        .map_err(|e| pattern_error(opts, e))
+}
+
+/// Whether the patterns are valid, before anything is read.
+pub fn check(opts: &Options) -> Result<(), GrepError> {
+    matcher(opts).map(drop)
+}
+
 /// Searches `targets`; says whether anything matched.
 pub fn search(
     targets: &[Target<'_>],
@@ -207,14 +291,7 @@ pub fn search(
     opts: &Options,
     report: &dyn Report,
 ) -> Result<bool, GrepError> {
-    let matcher = RegexMatcherBuilder::new()
-        .case_insensitive(opts.ignore_case)
-        .fixed_strings(opts.fixed)
-        .word(opts.word)
-        .whole_line(opts.whole_line)
-        .line_terminator(Some(b'\n'))
-        .build_many(&opts.patterns)
-        .map_err(|e| pattern_error(opts, e))?;
+    let matcher = matcher(opts)?;
     // Each layer's files in the order their bytes lie in its tar.
     let mut order: Vec<usize> = (0..targets.len())
         .filter(|&i| targets[i].size > 0)
@@ -241,6 +318,9 @@ pub fn search(
                             return Ok(());
                         }
                         for &i in &order[start..(start + RUN).min(order.len())] {
+                            if stopped(opts) {
+                                return Ok(());
+                            }
                             let t = &targets[i];
                             let Some(layer) = layers.get(t.layer) else {
                                 continue;
@@ -265,6 +345,7 @@ pub fn search(
                                 any.store(true, Ordering::Relaxed);
                                 report.found(t, &found);
                             }
+                            report.searched(t);
                         }
                     }
                 })

@@ -7,10 +7,13 @@
 //! - [`deleted`]: entries some layer holds that the merged tree does not
 //!   show, with the layer that hid them and how (where leaked secrets hide);
 //! - [`diff`]: two merged trees compared entry by entry;
-//! - [`grep`]: a search of file contents without a mount.
+//! - [`grep`]: a search of file contents without a mount;
+//! - [`across`]: that search over many images (every tag of a repository),
+//!   each distinct layer's files read once.
 //!
 //! Results are plain records; printing them (text or JSON) is the CLI's job.
 
+pub mod across;
 pub mod diff;
 pub mod grep;
 

@@ -246,8 +246,12 @@ impl Client {
 }
 
 /// The token scope for a repository: `pull`, or `pull,push` for requests
-/// that write (blob uploads, manifest PUTs).
+/// that write (blob uploads, manifest PUTs). No repository means the
+/// registry's `_catalog`.
 pub(super) fn scope(repository: &str, push: bool) -> String {
+    if repository.is_empty() {
+        return "registry:catalog:*".to_string();
+    }
     let actions = if push { "pull,push" } else { "pull" };
     format!("repository:{repository}:{actions}")
 }

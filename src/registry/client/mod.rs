@@ -440,6 +440,17 @@ mod tests {
     }
 
     #[test]
+    fn repository_names_outside_the_grammar_are_recognised() {
+        for r in ["alpine", "library/alpine", "a.b/c_d/e-f", "x__y/z9"] {
+            assert!(valid_repository(r), "{r}");
+        }
+        for r in ["", "A", "a//b", "/a", "a/", "-a", "a-", "a b", "a\u{1b}[2J"] {
+            assert!(!valid_repository(r), "{r:?}");
+        }
+        assert_eq!(scope("", false), "registry:catalog:*");
+    }
+
+    #[test]
     fn writes_ask_for_push_and_reads_for_pull_only() {
         assert_eq!(scope("a/b", false), "repository:a/b:pull");
         assert_eq!(scope("a/b", true), "repository:a/b:pull,push");

@@ -7,7 +7,6 @@ use crate::reference::Reference;
 use crate::registry::retry::{BodyError, Retry, TAG_PAGE_MAX, error_body, read_capped};
 use reqwest::header::{self, HeaderMap, HeaderValue};
 use reqwest::{Method, StatusCode};
-use serde::Deserialize;
 use std::time::Duration;
 use url::Url;
 
@@ -280,11 +279,48 @@ impl Client {
     /// to a page already read ends the listing with an error, as do more than
     /// [`MAX_TAG_PAGES`] pages.
     pub async fn tags(&self, reference: &Reference) -> Result<Vec<String>, RegistryError> {
-        #[derive(Deserialize)]
-        struct TagList {
-            #[serde(default)]
-            tags: Option<Vec<String>>,
-        }
+        let path = format!("/v2/{}/tags/list?n={TAGS_PAGE}", reference.repository);
+        let listing = Listing {
+            field: "tags",
+            kind: "tag list",
+            page: "tag list page",
+            what: "tags",
+            keep: valid_tag,
+        };
+        self.list(reference, &reference.repository, &path, listing)
+            .await
+    }
+
+    /// Lists the repositories a registry's `_catalog` names, paginated as
+    /// [`Self::tags`] is. Many registries refuse it (401/403/404): that is
+    /// an error here, and a repository it does not list may still exist.
+    pub async fn catalog(&self, registry: &str) -> Result<Vec<String>, RegistryError> {
+        let reference = Reference {
+            registry: registry.to_string(),
+            repository: String::new(),
+            tag: None,
+            digest: None,
+        };
+        let listing = Listing {
+            field: "repositories",
+            kind: "repository catalog",
+            page: "repository catalog page",
+            what: "repositories",
+            keep: valid_repository,
+        };
+        let path = format!("/v2/_catalog?n={TAGS_PAGE}");
+        // An empty repository asks for the `registry:catalog:*` scope.
+        self.list(&reference, "", &path, listing).await
+    }
+
+    /// One paginated name list (`tags/list`, `_catalog`), every page read.
+    async fn list(
+        &self,
+        reference: &Reference,
+        repository: &str,
+        path: &str,
+        listing: Listing,
+    ) -> Result<Vec<String>, RegistryError> {
         let endpoint = self
             .endpoints(reference)
             .await?
@@ -292,19 +328,20 @@ impl Client {
             .expect("registry endpoint");
         let t = Target {
             endpoint: &endpoint,
-            repository: &reference.repository,
-            what: reference.name(),
+            repository,
+            what: if repository.is_empty() {
+                reference.registry.clone()
+            } else {
+                reference.name()
+            },
         };
         let mut url = endpoint
             .base
-            .join(&format!(
-                "/v2/{}/tags/list?n={TAGS_PAGE}",
-                reference.repository
-            ))
+            .join(path)
             .map_err(|e| RegistryError::Config(e.to_string()))?;
         let invalid = |detail: String| RegistryError::Invalid {
             what: t.what.clone(),
-            kind: "tag list",
+            kind: listing.kind,
             detail,
         };
         let mut seen = std::collections::HashSet::new();
@@ -326,30 +363,35 @@ impl Client {
                     &t,
                     url.clone(),
                     HeaderMap::new(),
-                    ("tag list page", TAG_PAGE_MAX),
+                    (listing.page, TAG_PAGE_MAX),
                     &mut retry,
                     |_, _| Ok(()),
                 )
                 .await?;
-            let page: TagList =
+            let page: serde_json::Map<String, serde_json::Value> =
                 serde_json::from_slice(&body).map_err(|e| invalid(e.to_string()))?;
-            // Tags reach a terminal: any that break the tag grammar (control
+            let names: Vec<String> = match page.get(listing.field) {
+                None | Some(serde_json::Value::Null) => Vec::new(),
+                Some(v) => serde_json::from_value(v.clone()).map_err(|e| invalid(e.to_string()))?,
+            };
+            // Names reach a terminal: any that break their grammar (control
             // sequences included) are left out, and counted.
-            let (good, bad): (Vec<String>, Vec<String>) = page
-                .tags
-                .unwrap_or_default()
-                .into_iter()
-                .partition(|t| valid_tag(t));
+            let (good, bad): (Vec<String>, Vec<String>) =
+                names.into_iter().partition(|n| (listing.keep)(n));
             if !bad.is_empty() {
                 tracing::warn!(
-                    "{}: {} tags that are not valid tag names were left out",
+                    "{}: {} {} that are not valid names were left out",
                     t.what,
-                    bad.len()
+                    bad.len(),
+                    listing.what
                 );
             }
             all.extend(good);
             if all.len() > MAX_TAGS {
-                return Err(invalid(format!("more than {MAX_TAGS} tags; refused")));
+                return Err(invalid(format!(
+                    "more than {MAX_TAGS} {}; refused",
+                    listing.what
+                )));
             }
             let link = headers
                 .get(header::LINK)
@@ -375,6 +417,33 @@ impl Client {
             }
         }
     }
+}
+
+/// What one paginated listing holds and how its names are checked.
+struct Listing {
+    /// The JSON field with the names.
+    field: &'static str,
+    kind: &'static str,
+    /// One page of it, for messages.
+    page: &'static str,
+    /// The names, plural, for messages.
+    what: &'static str,
+    keep: fn(&str) -> bool,
+}
+
+/// The distribution spec's repository grammar: lowercase path components
+/// of `[a-z0-9]+([._-][a-z0-9]+)*` (`__` allowed), joined by `/`.
+pub(crate) fn valid_repository(r: &str) -> bool {
+    r.len() <= 255
+        && r.split('/').all(|c| {
+            let b = c.as_bytes();
+            !b.is_empty()
+                && b[0].is_ascii_alphanumeric()
+                && b[b.len() - 1].is_ascii_alphanumeric()
+                && b.iter().all(|&c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'.' | b'_' | b'-')
+                })
+        })
 }
 
 /// Docker's tag grammar: `[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}`.
