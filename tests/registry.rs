@@ -114,7 +114,7 @@ fn unknown_tag_reports_the_registry_error_code_and_reference() {
 #[test]
 fn unreachable_registry_and_bad_references_fail_with_one_line() {
     let env = Env::new();
-    let port = free_port();
+    let port = dead_port();
     let err = env.fails(&["inspect", &format!("127.0.0.1:{port}/a:b")]);
     assert!(
         err.contains(&format!("127.0.0.1:{port}")) && err.contains("reach"),
@@ -418,7 +418,7 @@ fn mirrors_are_tried_first_and_fall_back_to_the_registry() {
     );
 
     // A dead mirror first: rimg falls back to the next mirror, then upstream.
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://127.0.0.1:{}", dead_port());
     let env = Env::new().set("RIMG_MIRRORS", &format!("{}={dead}", upstream.addr()));
     let out = env.ok(&["cat", &r, "/etc/alpine-release"]);
     assert_eq!(out.trim(), "3.10.9");
