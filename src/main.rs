@@ -6,7 +6,7 @@ use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 mod cli;
 
@@ -95,7 +95,12 @@ enum Command {
         raw: bool,
     },
     /// List a repository's tags.
-    Tags { repository: String },
+    Tags {
+        repository: String,
+        /// One JSON object per tag and line.
+        #[arg(long)]
+        json: bool,
+    },
     /// List the image's merged filesystem.
     Ls {
         reference: String,
@@ -111,6 +116,9 @@ enum Command {
         /// List one layer as stored, whiteouts included (negative counts from the top).
         #[arg(long, allow_hyphen_values = true)]
         layer: Option<i64>,
+        /// One JSON object per entry and line (the fields of `-l`).
+        #[arg(long)]
+        json: bool,
     },
     /// Write a file of the image to stdout (symlinks followed inside the image).
     Cat {
@@ -205,7 +213,11 @@ enum Command {
     /// Unmount a rimg mount.
     Umount { mountpoint: PathBuf },
     /// List rimg mounts.
-    Mounts,
+    Mounts {
+        /// One JSON object per mount and line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Write the image as a docker/OCI archive or a rootfs tar.
     Export {
         reference: String,
@@ -219,6 +231,10 @@ enum Command {
         /// Image name in the archive (default: the reference).
         #[arg(long, value_name = "NAME:TAG")]
         tag: Option<String>,
+        /// Layer compression: as stored (keep), or gzip, re-encoding zstd and
+        /// uncompressed layers for engines that load only gzip (docker 20.10).
+        #[arg(long, default_value = "keep", value_parser = ["keep", "gzip"])]
+        compress: String,
     },
     /// Gzip checkpoint indexes: read plain gzip layers by range elsewhere.
     Index {
@@ -229,6 +245,13 @@ enum Command {
     Cache {
         #[command(subcommand)]
         action: CacheAction,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
+    /// Write the manual pages (rimg.1 and one per subcommand) to DIR, or rimg.1 to stdout.
+    Man {
+        #[arg(long)]
+        dir: Option<PathBuf>,
     },
     /// Internal: serve a mount in the background (started by `rimg mount`).
     #[command(hide = true)]
@@ -257,7 +280,11 @@ enum IndexAction {
 #[derive(Subcommand)]
 enum CacheAction {
     /// Cached layers with sizes, last use and the images they belong to.
-    Ls,
+    Ls {
+        /// One JSON object per cached layer and line.
+        #[arg(long)]
+        json: bool,
+    },
     /// Evict least-recently-used layers until the cache fits SIZE (default: the limit).
     Prune { size: Option<String> },
     /// Remove everything not in use by a running mount.
@@ -307,13 +334,14 @@ fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Inspect { reference, raw } => cli::inspect(&common, &reference, raw),
-        Command::Tags { repository } => cli::tags(&common, &repository),
+        Command::Tags { repository, json } => cli::tags(&common, &repository, json),
         Command::Ls {
             reference,
             path,
             long,
             recursive,
             layer,
+            json,
         } => cli::ls(
             &common,
             &LsArgs {
@@ -322,6 +350,7 @@ fn main() -> ExitCode {
                 layer,
                 long,
                 recursive,
+                json,
             },
         ),
         Command::Cat {
@@ -415,13 +444,16 @@ fn main() -> ExitCode {
             },
         ),
         Command::Umount { mountpoint } => cli::umount(&mountpoint),
-        Command::Mounts => cli::mounts(),
+        Command::Mounts { json } => cli::mounts(json),
+        Command::Completions { shell } => cli::completions(Cli::command(), shell),
+        Command::Man { dir } => cli::man(Cli::command(), dir.as_deref()),
         Command::Export {
             reference,
             output,
             format,
             flatten,
             tag,
+            compress,
         } => cli::export(
             &common,
             &ExportArgs {
@@ -430,6 +462,7 @@ fn main() -> ExitCode {
                 format,
                 flatten,
                 tag,
+                compress,
             },
         ),
         Command::Index { action } => match action {
@@ -437,7 +470,7 @@ fn main() -> ExitCode {
             IndexAction::Push { reference } => cli::index(&common, &reference, true),
         },
         Command::Cache { action } => match action {
-            CacheAction::Ls => cli::cache_ls(&common),
+            CacheAction::Ls { json } => cli::cache_ls(&common, json),
             CacheAction::Prune { size } => cli::cache_prune(&common, size.as_deref()),
             CacheAction::Clear => cli::cache_clear(&common),
             CacheAction::Verify => cli::cache_verify(&common),

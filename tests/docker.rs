@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::docker::{Dockerd, INIT_LAYER};
-use common::fixtures::push_rules;
-use common::image::push_alpine;
+use common::fixtures::{push_rules, rule_layers};
+use common::image::{Compress, layer_blob, push_alpine, push_image};
 use common::listing::{EntryInfo, diff_listings, tree_listing};
 use common::*;
 
@@ -160,5 +160,87 @@ fn a_mount_shows_the_tree_of_dockers_own_pull_but_for_known_departures() {
         let mut want = comparable(&pulled);
         undo_departures(&ours, &mut want);
         assert_same(&format!("{r} mounted"), &ours, &want);
+    }
+}
+
+#[test]
+fn a_zstd_image_docker_refuses_loads_once_exported_with_compress_gzip() {
+    let reg = Registry::start(Auth::None);
+    let blobs: Vec<_> = rule_layers()
+        .iter()
+        .map(|t| layer_blob(t, Compress::Zstd, true))
+        .collect();
+    let pushed = push_image(&reg, "zstd", "v1", &blobs, "amd64", true);
+    let r = format!("{}/zstd:v1", reg.addr());
+    let docker = Dockerd::start();
+    let env = Env::new();
+    // Docker 20.10 pulls no zstd layer, and loads none as stored.
+    assert!(
+        !docker
+            .command(&["pull", &r])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    );
+    let (_k, kept) = export(&env, &r, &["--tag", "rimg-test/zstd:kept"]);
+    let load = docker
+        .command(&["load", "-i", kept.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert!(!load.status.success(), "docker 20.10 loaded a zstd layer");
+
+    let m = Mounted::new(&env, &r, &[]);
+    let ours = comparable(&m.path);
+    for (form, extra) in [("docker", &[][..]), ("oci", &["--format", "oci"][..])] {
+        let name = format!("rimg-test/zstd-{form}:gzip");
+        let mut args = vec!["--compress", "gzip", "--tag", &name];
+        args.extend(extra);
+        let (_d, out) = export(&env, &r, &args);
+        // Same config (diff_ids unchanged), new gzip layers in the manifest.
+        let x = tempfile::tempdir().unwrap();
+        run_ok(
+            Command::new("tar")
+                .arg("-xf")
+                .arg(&out)
+                .arg("-C")
+                .arg(x.path()),
+        );
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(x.path().join("index.json")).unwrap()).unwrap();
+        let digest = index["manifests"][0]["digest"].as_str().unwrap();
+        let blob = |d: &str| std::fs::read(x.path().join("blobs/sha256").join(&d[7..])).unwrap();
+        let manifest: serde_json::Value = serde_json::from_slice(&blob(digest)).unwrap();
+        assert_eq!(manifest["config"]["digest"], pushed.config_digest);
+        for (layer, b) in manifest["layers"].as_array().unwrap().iter().zip(&blobs) {
+            assert_eq!(
+                layer["mediaType"],
+                "application/vnd.oci.image.layer.v1.tar+gzip"
+            );
+            let gz = blob(layer["digest"].as_str().unwrap());
+            assert_eq!(gz.len() as u64, layer["size"].as_u64().unwrap());
+            let mut tar = Vec::new();
+            std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&gz[..]), &mut tar)
+                .unwrap();
+            assert_eq!(common::image::sha256(&tar), b.diff_id, "diff_id kept");
+        }
+        if form == "oci" {
+            run_ok(
+                Command::new("skopeo")
+                    .args(["copy", "-q", &docker.skopeo_host()])
+                    .arg(format!("oci-archive:{}", out.display()))
+                    .arg(format!("docker-daemon:{name}")),
+            );
+        } else {
+            docker.ok(&["load", "-i", out.to_str().unwrap()]);
+        }
+        let (_t, tree) = docker.tree(&name);
+        let mut want = comparable(&tree);
+        undo_departures(&ours, &mut want);
+        assert_same(
+            &format!("{r} exported {form} --compress gzip"),
+            &ours,
+            &want,
+        );
     }
 }

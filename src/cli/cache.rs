@@ -6,9 +6,28 @@ use anyhow::{Result, bail};
 
 use super::*;
 
-pub fn cache_ls(common: &Common) -> Result<()> {
+pub fn cache_ls(common: &Common, json: bool) -> Result<()> {
     let cache = common.cache()?;
     let mut out = std::io::stdout().lock();
+    if json {
+        // One object per cached layer: whole (`layer`) or read by range
+        // (`range`, with the form of its table of contents or index).
+        for l in cache.list()? {
+            let o = serde_json::json!({
+                "kind": "layer", "digest": l.digest.to_string(), "blob_size": l.blob_size,
+                "unpacked_size": l.tar_size, "last_use": l.last_use, "images": l.images,
+            });
+            writeln!(out, "{o}")?;
+        }
+        for r in cache.ranged_list() {
+            let o = serde_json::json!({
+                "kind": "range", "digest": r.digest.to_string(), "bytes": r.bytes,
+                "last_use": r.last_use, "form": r.form,
+            });
+            writeln!(out, "{o}")?;
+        }
+        return Ok(());
+    }
     writeln!(
         out,
         "{:<19} {:>12} {:>12} {:<16} IMAGES",

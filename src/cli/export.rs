@@ -32,6 +32,11 @@ pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
         "rootfs" => rimg::export::Format::Rootfs,
         other => bail!("unknown export format {other:?} (docker, oci or rootfs)"),
     };
+    let compress = match args.compress.as_str() {
+        "keep" => rimg::export::Compress::Keep,
+        "gzip" => rimg::export::Compress::Gzip,
+        other => bail!("unknown --compress {other:?} (keep or gzip)"),
+    };
     let to_stdout = args.output == "-";
     if to_stdout && std::io::stdout().is_terminal() {
         bail!("refusing to write a tar archive to a terminal; give a file name or redirect stdout");
@@ -59,6 +64,7 @@ pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
             source,
             format,
             args.flatten,
+            compress,
             name,
             out,
         ))?;
@@ -87,6 +93,7 @@ pub fn export(common: &Common, args: &ExportArgs) -> Result<()> {
             source,
             format,
             args.flatten,
+            compress,
             name,
             out,
         ))

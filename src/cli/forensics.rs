@@ -20,7 +20,7 @@ use rimg::layer::{EntryKind, LayerIndex};
 use rimg::overlay::tree::{NodeId, Tree};
 
 /// Puts `bytes` in `obj` under `key` if UTF-8, else base64 under `key_bytes`.
-fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
+pub(super) fn put_bytes(obj: &mut Map<String, Value>, key: &str, bytes: &[u8]) {
     match std::str::from_utf8(bytes) {
         Ok(s) => {
             obj.insert(key.into(), s.into());
@@ -64,7 +64,7 @@ impl Names {
     }
 }
 
-fn kind_name(k: EntryKind) -> &'static str {
+pub(super) fn kind_name(k: EntryKind) -> &'static str {
     match k {
         EntryKind::File => "file",
         EntryKind::Dir => "dir",

@@ -97,7 +97,7 @@ pub(super) fn inspect_json(image: &ResolvedImage) -> serde_json::Value {
     })
 }
 
-pub fn tags(common: &Common, repository: &str) -> Result<()> {
+pub fn tags(common: &Common, repository: &str, json: bool) -> Result<()> {
     init_logging(common.verbose);
     let reference = parse_reference(repository)?;
     let client = common.client()?;
@@ -109,8 +109,14 @@ pub fn tags(common: &Common, repository: &str) -> Result<()> {
         )
     })?;
     let mut out = std::io::stdout().lock();
+    let repository = reference.name();
     for t in tags {
-        writeln!(out, "{t}")?;
+        if json {
+            let o = serde_json::json!({"repository": repository, "tag": t});
+            writeln!(out, "{o}")?;
+        } else {
+            writeln!(out, "{t}")?;
+        }
     }
     Ok(())
 }

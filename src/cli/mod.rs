@@ -9,6 +9,7 @@ use std::sync::Arc;
 use anyhow::{Context, Result, anyhow, bail};
 
 mod cache;
+mod docs;
 mod export;
 mod forensics;
 mod index;
@@ -17,6 +18,7 @@ mod ls;
 mod mount;
 
 pub use cache::{cache_clear, cache_ls, cache_prune, cache_verify};
+pub use docs::{completions, man};
 pub use export::export;
 pub use forensics::{GrepArgs, deleted, diff, grep, log};
 pub use index::index;
@@ -32,8 +34,8 @@ use rimg::image::{Blobs, ImageSource};
 use rimg::local::{self, Location};
 use rimg::reference::Reference;
 use rimg::registry::{
-    Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, RegistryError,
-    ResolvedImage,
+    Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, RegistriesConf,
+    RegistryError, ResolvedImage,
 };
 
 /// Options every subcommand shares.
@@ -68,6 +70,8 @@ pub struct LsArgs {
     pub layer: Option<i64>,
     pub long: bool,
     pub recursive: bool,
+    /// One JSON object per entry and line.
+    pub json: bool,
 }
 
 pub struct MountArgs {
@@ -85,6 +89,8 @@ pub struct ExportArgs {
     pub format: String,
     pub flatten: bool,
     pub tag: Option<String>,
+    /// `keep` or `gzip`: see [`rimg::export::Compress`].
+    pub compress: String,
 }
 
 /// An error chain on one line: `what: why: underlying cause`. Each level
@@ -165,11 +171,16 @@ impl Common {
         ) {
             mirrors.push(m.parse::<Mirror>().map_err(|e| anyhow!(e))?);
         }
+        // registries.conf's mirrors come after --mirror and RIMG_MIRRORS.
+        let conf = registries_conf()?;
+        mirrors.extend(conf.map(RegistriesConf::mirrors).unwrap_or_default());
+        let insecure_hosts = conf.map(RegistriesConf::insecure_hosts).unwrap_or_default();
         let opts = ClientOptions {
             plain_http: self.plain_http,
             insecure: self.insecure,
             ca_certs: self.ca_certs.clone(),
             mirrors,
+            insecure_hosts,
             credentials: CredentialStore::from_env(explicit),
             foreign_urls: self.allow_foreign_layers,
             ..ClientOptions::default()
@@ -188,9 +199,38 @@ impl Common {
     }
 }
 
-/// A registry reference, bare or after `docker://`.
+/// The containers-registries.conf files podman reads (see
+/// [`rimg::registry::RegistriesConf`]), read once; `None` when there are none.
+pub(crate) fn registries_conf() -> Result<Option<&'static RegistriesConf>> {
+    static CONF: std::sync::OnceLock<Result<Option<RegistriesConf>, String>> =
+        std::sync::OnceLock::new();
+    match CONF.get_or_init(|| RegistriesConf::load().map_err(|e| e.to_string())) {
+        Ok(c) => Ok(c.as_ref()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// The references `s` (bare or after `docker://`) may name, in the order to
+/// try them: a short name through registries.conf's aliases and search
+/// registries (docker's normalisation without them), each rewritten by its
+/// `[[registry]]` and refused when that registry is blocked.
+pub(crate) fn references(s: &str) -> Result<Vec<Reference>> {
+    let s = s.strip_prefix("docker://").unwrap_or(s);
+    let Some(conf) = registries_conf()? else {
+        return Ok(vec![Reference::parse(s)?]);
+    };
+    conf.candidates(s)?
+        .iter()
+        .map(|r| Ok(conf.rewrite(r)?))
+        .collect()
+}
+
+/// A registry reference, bare or after `docker://`: the first of [`references`].
 pub(crate) fn parse_reference(s: &str) -> Result<Reference> {
-    Ok(Reference::parse(s.strip_prefix("docker://").unwrap_or(s))?)
+    references(s)?
+        .into_iter()
+        .next()
+        .context("no reference to try")
 }
 
 pub(crate) async fn resolve(
@@ -290,11 +330,22 @@ impl Common {
                 Ok((image, blobs.into(), spec.absolute()?.to_string()))
             }
             Location::Registry(r) => {
-                let reference = parse_reference(r)?;
                 let client = self.client_with(creds)?;
-                let image = rt.block_on(resolve(&client, self, &reference))?;
-                let pinned = image.reference.with_digest(&image.digest).to_string();
-                Ok((image, client.into(), pinned))
+                // A short name may stand for several: the first that resolves.
+                let mut first_error = None;
+                for reference in references(r)? {
+                    match rt.block_on(resolve(&client, self, &reference)) {
+                        Ok(image) => {
+                            let pinned = image.reference.with_digest(&image.digest).to_string();
+                            return Ok((image, client.into(), pinned));
+                        }
+                        Err(e) => {
+                            tracing::info!("{}", one_line(&e));
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                Err(first_error.unwrap_or_else(|| anyhow!("{r}: no reference to try")))
             }
         }
     }
