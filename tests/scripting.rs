@@ -93,12 +93,17 @@ fn every_listing_command_prints_one_json_object_per_line_that_jq_parses() {
 
     // mounts
     let m = Mounted::new(&env, &r, &[]);
+    // Every rimg mount on the machine is listed (other tests' too): ours by path.
     let rows = jq_lines(&env.ok(&["mounts", "--json"]));
-    assert_eq!(rows.len(), 1, "{rows:?}");
-    assert_eq!(rows[0]["mountpoint"], m.path.display().to_string());
-    assert_eq!(rows[0]["state"], "live");
-    assert_eq!(rows[0]["digest"], pushed.manifest_digest);
-    assert!(rows[0]["pid"].as_u64().is_some());
+    let ours: Vec<_> = rows
+        .iter()
+        .filter(|v| v["mountpoint"] == m.path.display().to_string())
+        .collect();
+    assert_eq!(ours.len(), 1, "{rows:?}");
+    assert_eq!(ours[0]["state"], "live");
+    assert_eq!(ours[0]["reference"], r);
+    assert_eq!(ours[0]["digest"], pushed.manifest_digest);
+    assert!(ours[0]["pid"].as_u64().is_some());
 }
 
 #[test]
