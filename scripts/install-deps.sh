@@ -2,13 +2,17 @@
 # Installs what rimg's demo, tests and benchmarks need from Debian: FUSE, a
 # registry (CNCF distribution), skopeo and umoci as reference tools, podman,
 # Go's archive/tar test corpus (golang-1.19-src), containerd and stargz-snapshotter
-# (eStargz conversion for the TOC tests), and small utilities. Skips
+# (eStargz conversion for the TOC tests), Debian's docker engine (docker.io:
+# a real client for exports and pulls in tests/docker.rs), busybox (the
+# demo's image where neither ../shared/images nor Docker Hub is at hand), jq,
+# and small utilities. Skips
 # apt entirely when everything is already there.
 set -euo pipefail
 need=()
 for pair in fusermount3:fuse3 docker-registry:docker-registry skopeo:skopeo umoci:umoci \
   htpasswd:apache2-utils openssl:openssl getfattr:attr curl:curl podman:podman python3:python3 \
-  bzip2:bzip2 tar:tar containerd:containerd ctr-remote:stargz-snapshotter; do
+  bzip2:bzip2 tar:tar containerd:containerd ctr-remote:stargz-snapshotter \
+  dockerd:docker.io busybox:busybox jq:jq; do
   command -v "${pair%%:*}" >/dev/null 2>&1 || need+=("${pair#*:}")
 done
 # Go's archive/tar test corpus: rimg's tar reader is checked against it.

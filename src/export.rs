@@ -42,6 +42,25 @@ pub enum ExportError {
     Name(String),
     #[error("image config of {reference} is not JSON: {detail}")]
     Config { reference: String, detail: String },
+    /// A layer re-encoded for `--compress gzip` did not inflate to its diff_id.
+    #[error("re-encoding layer {digest}: uncompressed content is {got}, the config says {want}")]
+    Recompress {
+        digest: Digest,
+        got: Digest,
+        want: String,
+    },
+}
+
+/// How the layers of an exported image are compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Compress {
+    /// As the registry stores them (byte for byte, digests unchanged).
+    #[default]
+    Keep,
+    /// Gzip, which every engine loads (docker 20.10 refuses zstd): layers
+    /// stored otherwise are re-encoded, the manifest rewritten to match;
+    /// the config and its diff_ids stay as they are.
+    Gzip,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -253,6 +272,81 @@ struct ArchiveImage<'a> {
     layers: Vec<(Digest, &'a Path)>,
 }
 
+/// Whether a layer media type is gzip (docker's `tar.gzip`, OCI's `tar+gzip`).
+fn is_gzip(media_type: &str) -> bool {
+    media_type.ends_with("gzip")
+}
+
+/// A layer re-encoded as gzip: its digest, size and file.
+struct Regzipped {
+    digest: Digest,
+    size: u64,
+    file: tempfile::NamedTempFile,
+}
+
+/// Inflates the blob at `blob` (zstd or uncompressed, as `media_type` says)
+/// and deflates it again as gzip into a file under the cache, checking the
+/// uncompressed bytes against `diff_id`.
+fn regzip(
+    cache_root: &Path,
+    blob: &Path,
+    digest: &Digest,
+    media_type: &str,
+    diff_id: &str,
+) -> Result<Regzipped, ExportError> {
+    let input = io::BufReader::new(std::fs::File::open(blob)?);
+    let mut plain: Box<dyn Read> = if media_type.contains("zstd") {
+        Box::new(zstd::stream::read::Decoder::with_buffer(input)?)
+    } else {
+        Box::new(input)
+    };
+    let tmp = tempfile_in(cache_root)?;
+    let compressed = HashingWriter {
+        inner: io::BufWriter::new(tmp.reopen()?),
+        hasher: Digest::hasher(),
+        written: 0,
+    };
+    let mut uncompressed = HashingWriter {
+        inner: GzEncoder::new(compressed, Compression::default()),
+        hasher: Digest::hasher(),
+        written: 0,
+    };
+    io::copy(&mut plain, &mut uncompressed)?;
+    let got = Digest::from_hasher(uncompressed.hasher);
+    if got != *diff_id {
+        return Err(ExportError::Recompress {
+            digest: digest.clone(),
+            got,
+            want: diff_id.to_string(),
+        });
+    }
+    let mut compressed = uncompressed.inner.finish()?;
+    compressed.flush()?;
+    Ok(Regzipped {
+        digest: Digest::from_hasher(compressed.hasher),
+        size: compressed.written,
+        file: tmp,
+    })
+}
+
+/// The manifest with layer `i` replaced by gzip `new` (annotations dropped:
+/// they describe the old blob, e.g. a zstd:chunked table of contents).
+fn gzip_layer_in_manifest(manifest: &mut Value, i: usize, new: &Regzipped) {
+    let docker = manifest["mediaType"]
+        .as_str()
+        .is_some_and(|m| m.starts_with("application/vnd.docker."));
+    let media_type = if docker {
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+    } else {
+        "application/vnd.oci.image.layer.v1.tar+gzip"
+    };
+    manifest["layers"][i] = json!({
+        "mediaType": media_type,
+        "digest": new.digest,
+        "size": new.size,
+    });
+}
+
 /// Writes docker's files (when `docker`) and the OCI layout around one set of blobs.
 fn write_archive<W: Write>(
     img: &ArchiveImage<'_>,
@@ -374,6 +468,7 @@ pub async fn export<W: Write + Send + 'static>(
     source: Arc<ImageSource>,
     format: Format,
     flatten: bool,
+    compress: Compress,
     name: ArchiveName,
     out: W,
 ) -> Result<W, ExportError> {
@@ -404,10 +499,11 @@ pub async fn export<W: Write + Send + 'static>(
         .await
         .map_err(ExportError::Worker)?;
     }
+    let diff_ids: Vec<String> = layers.iter().map(|l| l.diff_id.clone()).collect();
     drop(layers);
     tokio::task::spawn_blocking(move || {
         let cache = source.cache();
-        let paths: Vec<(Digest, std::path::PathBuf)> = digests
+        let mut paths: Vec<(Digest, std::path::PathBuf)> = digests
             .iter()
             .map(|d| {
                 cache
@@ -416,8 +512,36 @@ pub async fn export<W: Write + Send + 'static>(
                     .ok_or_else(|| ExportError::MissingBlob { digest: d.clone() })
             })
             .collect::<Result<_, _>>()?;
+        let mut manifest = source.image.manifest_bytes.clone();
+        // Kept alive until the archive is written.
+        let mut regzipped = Vec::new();
+        if compress == Compress::Gzip {
+            let mut m: Value =
+                serde_json::from_slice(&manifest).map_err(|e| ExportError::Config {
+                    reference: source.image.reference.to_string(),
+                    detail: format!("manifest: {e}"),
+                })?;
+            for (i, desc) in source.image.layers.iter().enumerate() {
+                if is_gzip(&desc.media_type) {
+                    continue;
+                }
+                let r = regzip(
+                    cache.root(),
+                    &paths[i].1,
+                    &desc.digest,
+                    &desc.media_type,
+                    &diff_ids[i],
+                )?;
+                gzip_layer_in_manifest(&mut m, i, &r);
+                paths[i] = (r.digest.clone(), r.file.path().to_path_buf());
+                regzipped.push(r);
+            }
+            if !regzipped.is_empty() {
+                manifest = serde_json::to_vec(&m).expect("json");
+            }
+        }
         let img = ArchiveImage {
-            manifest: source.image.manifest_bytes.clone(),
+            manifest,
             manifest_media_type: source.image.media_type.clone(),
             config: source.image.config_bytes.clone(),
             // The config's digest, checked when the image was resolved.

@@ -114,7 +114,7 @@ fn unknown_tag_reports_the_registry_error_code_and_reference() {
 #[test]
 fn unreachable_registry_and_bad_references_fail_with_one_line() {
     let env = Env::new();
-    let port = free_port();
+    let port = dead_port();
     let err = env.fails(&["inspect", &format!("127.0.0.1:{port}/a:b")]);
     assert!(
         err.contains(&format!("127.0.0.1:{port}")) && err.contains("reach"),
@@ -418,10 +418,135 @@ fn mirrors_are_tried_first_and_fall_back_to_the_registry() {
     );
 
     // A dead mirror first: rimg falls back to the next mirror, then upstream.
-    let dead = format!("http://127.0.0.1:{}", free_port());
+    let dead = format!("http://127.0.0.1:{}", dead_port());
     let env = Env::new().set("RIMG_MIRRORS", &format!("{}={dead}", upstream.addr()));
     let out = env.ok(&["cat", &r, "/etc/alpine-release"]);
     assert_eq!(out.trim(), "3.10.9");
+}
+
+/// registries.conf as podman reads it (here through CONTAINERS_REGISTRIES_CONF):
+/// a `[[registry.mirror]]` serves the pull, `--mirror` comes before it, a
+/// blocked registry is refused (as skopeo, with the same containers/image
+/// code as podman, refuses it given the file by `--registries-conf`), a `prefix` is rewritten to its `location`,
+/// and a short name goes to the unqualified-search registry.
+#[test]
+fn registries_conf_mirrors_blocks_rewrites_and_short_names_as_podman_does() {
+    let upstream = Registry::start(Auth::None);
+    for repo in ["library/alpine", "rimgtest/app"] {
+        push_alpine(&upstream, repo, "3.10", "3.10.9", "amd64", false);
+    }
+    let mirror = Registry::proxy_of(&upstream);
+    let flag_mirror = Registry::proxy_of(&upstream);
+    let blocked = Registry::start(Auth::None);
+    push_alpine(&blocked, "a", "1", "3.10.9", "amd64", false);
+    let dir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("registries.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"unqualified-search-registries = ["{up}"]
+
+[[registry]]
+location = "{up}"
+insecure = true
+[[registry.mirror]]
+location = "{mirror}"
+
+[[registry]]
+location = "{blocked}"
+blocked = true
+
+[[registry]]
+prefix = "rewritten.example/team"
+location = "{up}/library"
+"#,
+            up = upstream.addr(),
+            mirror = mirror.addr(),
+            blocked = blocked.addr()
+        ),
+    )
+    .unwrap();
+    let conf_s = conf.display().to_string();
+    let env = Env::new().set("CONTAINERS_REGISTRIES_CONF", &conf_s);
+    // What a pull-through cache stored (its scheduler's state file aside,
+    // which it rewrites on its own time).
+    let files = |r: &Registry| {
+        walk_files(&r.dir.path().join("data"))
+            .iter()
+            .filter(|p| !p.ends_with("scheduler-state.json"))
+            .count()
+    };
+
+    let r = format!("{}/library/alpine:3.10", upstream.addr());
+    assert_eq!(env.ok(&["cat", &r, "/etc/alpine-release"]).trim(), "3.10.9");
+    assert!(
+        files(&mirror) > 0,
+        "the registries.conf mirror was not used"
+    );
+
+    // --mirror first: a fresh cache pulls through the flag's mirror.
+    let env2 = Env::new().set("CONTAINERS_REGISTRIES_CONF", &conf_s);
+    let before = files(&mirror);
+    let flag = format!("{}={}", upstream.addr(), flag_mirror.url());
+    env2.ok(&["--mirror", &flag, "cat", &r, "/etc/alpine-release"]);
+    assert!(files(&flag_mirror) > 0, "--mirror was not used first");
+    assert_eq!(
+        files(&mirror),
+        before,
+        "the file's mirror was asked before --mirror"
+    );
+
+    // Blocked, for rimg as for skopeo reading the same file.
+    let b = format!("{}/a:1", blocked.addr());
+    let err = env.fails(&["cat", &b, "/etc/alpine-release"]);
+    assert!(err.contains("blocked") && err.contains(&conf_s), "{err}");
+    let skopeo = std::process::Command::new("skopeo")
+        .args([
+            "--registries-conf",
+            &conf_s,
+            "inspect",
+            "--tls-verify=false",
+        ])
+        .arg(format!("docker://{b}"))
+        .output()
+        .unwrap();
+    assert!(!skopeo.status.success());
+    assert!(String::from_utf8_lossy(&skopeo.stderr).contains("blocked"));
+    // Without the file the same image is there.
+    assert_eq!(
+        Env::new().ok(&["cat", &b, "/etc/alpine-release"]).trim(),
+        "3.10.9"
+    );
+
+    // A prefix rewritten to its location (skopeo agrees), and a short name
+    // searched in the unqualified-search registry (skopeo's docker://
+    // normalises as docker does; podman pull searches, as rimg does).
+    let rewritten = "rewritten.example/team/alpine:3.10";
+    assert_eq!(
+        env.ok(&["cat", rewritten, "/etc/alpine-release"]).trim(),
+        "3.10.9"
+    );
+    let skopeo = std::process::Command::new("skopeo")
+        .args([
+            "--registries-conf",
+            &conf_s,
+            "inspect",
+            "--no-tags",
+            "--tls-verify=false",
+        ])
+        .arg(format!("docker://{rewritten}"))
+        .output()
+        .unwrap();
+    assert!(
+        skopeo.status.success(),
+        "{}",
+        String::from_utf8_lossy(&skopeo.stderr)
+    );
+    assert_eq!(
+        env.ok(&["cat", "rimgtest/app:3.10", "/etc/alpine-release"])
+            .trim(),
+        "3.10.9"
+    );
 }
 
 fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {

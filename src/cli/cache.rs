@@ -20,6 +20,9 @@ pub enum CacheAction {
 
 #[derive(clap::Args)]
 pub struct CacheArgs {
+    /// `ls`: one JSON object per cached layer and line.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub log: Verbosity,
     #[command(flatten)]
@@ -43,16 +46,35 @@ pub fn cache(action: &CacheAction) -> Result<()> {
     | CacheAction::Prune(PruneArgs { log, .. })) = action;
     init_logging(log.verbose);
     match action {
-        CacheAction::Ls(a) => cache_ls(&a.cache),
+        CacheAction::Ls(a) => cache_ls(&a.cache, a.json),
         CacheAction::Prune(a) => cache_prune(a),
         CacheAction::Clear(a) => cache_clear(&a.cache),
         CacheAction::Verify(a) => cache_verify(&a.cache),
     }
 }
 
-fn cache_ls(opts: &CacheOpts) -> Result<()> {
+fn cache_ls(opts: &CacheOpts, json: bool) -> Result<()> {
     let cache = opts.open()?;
     let mut out = std::io::stdout().lock();
+    if json {
+        // One object per cached layer: whole (`layer`) or read by range
+        // (`range`, with the form of its table of contents or index).
+        for l in cache.list()? {
+            let o = serde_json::json!({
+                "kind": "layer", "digest": l.digest.to_string(), "blob_size": l.blob_size,
+                "unpacked_size": l.tar_size, "last_use": l.last_use, "images": l.images,
+            });
+            writeln!(out, "{o}")?;
+        }
+        for r in cache.ranged_list() {
+            let o = serde_json::json!({
+                "kind": "range", "digest": r.digest.to_string(), "bytes": r.bytes,
+                "last_use": r.last_use, "form": r.form,
+            });
+            writeln!(out, "{o}")?;
+        }
+        return Ok(());
+    }
     writeln!(
         out,
         "{:<19} {:>12} {:>12} {:<16} IMAGES",

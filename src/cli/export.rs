@@ -52,6 +52,10 @@ pub struct ExportArgs {
     /// Image name in the archive [default: the reference].
     #[arg(long, value_name = "NAME:TAG")]
     pub tag: Option<String>,
+    /// Layer compression in the archive: `keep` as stored, or `gzip`
+    /// (re-encodes zstd and uncompressed layers, for docker 20.10).
+    #[arg(long, value_name = "keep|gzip", default_value = "keep")]
+    pub compress: String,
     #[command(flatten)]
     pub log: Verbosity,
     #[command(flatten)]
@@ -65,6 +69,11 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         ExportFormat::Docker => rimg::export::Format::Docker,
         ExportFormat::Oci => rimg::export::Format::Oci,
         ExportFormat::Rootfs => rimg::export::Format::Rootfs,
+    };
+    let compress = match args.compress.as_str() {
+        "keep" => rimg::export::Compress::Keep,
+        "gzip" => rimg::export::Compress::Gzip,
+        other => bail!("unknown --compress {other:?} (keep or gzip)"),
     };
     let to_stdout = args.output == "-";
     if to_stdout && std::io::stdout().is_terminal() {
@@ -93,6 +102,7 @@ pub fn export(args: &ExportArgs) -> Result<()> {
             source,
             format,
             args.flatten,
+            compress,
             name,
             out,
         )));
@@ -131,6 +141,7 @@ pub fn export(args: &ExportArgs) -> Result<()> {
         source,
         format,
         args.flatten,
+        compress,
         name,
         out,
     )));

@@ -28,6 +28,9 @@ pub struct InspectArgs {
 pub struct TagsArgs {
     /// The repository: HOST[:PORT]/NAME, or NAME on Docker Hub.
     pub repository: String,
+    /// One JSON object per tag and line.
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub log: Verbosity,
     #[command(flatten)]
@@ -146,8 +149,14 @@ pub fn tags(args: &TagsArgs) -> Result<()> {
         )
     })?;
     let mut out = std::io::stdout().lock();
+    let repository = reference.name();
     for t in tags {
-        writeln!(out, "{t}")?;
+        if args.json {
+            let o = serde_json::json!({"repository": repository, "tag": t});
+            writeln!(out, "{o}")?;
+        } else {
+            writeln!(out, "{t}")?;
+        }
     }
     Ok(())
 }

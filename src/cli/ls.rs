@@ -8,6 +8,7 @@ use rimg::layer::EntryKind;
 use rimg::names;
 use rimg::overlay::tree::NodeId;
 
+use super::forensics::{kind_name, put_bytes};
 use super::*;
 
 #[derive(clap::Args)]
@@ -43,6 +44,9 @@ pub struct LsArgs {
     /// List one layer as stored, whiteouts included (negative counts from the top).
     #[arg(long, allow_hyphen_values = true, value_name = "N")]
     pub layer: Option<i64>,
+    /// One JSON object per entry and line (the fields of `-l`).
+    #[arg(long)]
+    pub json: bool,
     #[command(flatten)]
     pub log: Verbosity,
     #[command(flatten)]
@@ -155,6 +159,28 @@ pub fn ls(args: &LsArgs) -> Result<()> {
     let name_out = |out: &mut dyn Write, name: &[u8]| names.write(out, name);
     let print = |out: &mut dyn Write, path: &[u8], id: NodeId| -> std::io::Result<()> {
         let n = tree.node(id);
+        if args.json {
+            let layer = layer_no(n.layer);
+            let mut o = serde_json::Map::new();
+            put_bytes(&mut o, "path", path);
+            o.insert("type".into(), kind_name(n.kind).into());
+            o.insert("mode".into(), format!("{:04o}", n.mode).into());
+            o.insert("uid".into(), n.uid.into());
+            o.insert("gid".into(), n.gid.into());
+            o.insert("size".into(), n.size.into());
+            o.insert("mtime".into(), n.mtime.into());
+            o.insert("layer".into(), layer.into());
+            let digest = source.image.layers[layer].digest.to_string();
+            o.insert("digest".into(), digest.into());
+            if let Some(l) = &n.link {
+                put_bytes(&mut o, "target", l);
+            }
+            if matches!(n.kind, EntryKind::Char | EntryKind::Block) {
+                o.insert("major".into(), n.rdev.0.into());
+                o.insert("minor".into(), n.rdev.1.into());
+            }
+            return writeln!(out, "{}", serde_json::Value::Object(o));
+        }
         if args.long {
             let layer = &source.image.layers[layer_no(n.layer)];
             let size = match n.kind {

@@ -14,6 +14,7 @@ use clap::{Parser, Subcommand};
 
 mod across;
 mod cache;
+mod docs;
 mod export;
 mod forensics;
 mod grep;
@@ -37,8 +38,8 @@ use rimg::image::{Blobs, ImageSource};
 use rimg::local::{self, Location};
 use rimg::reference::Reference;
 use rimg::registry::{
-    Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, RegistryError,
-    ResolvedImage,
+    Client, ClientOptions, CredentialStore, Credentials, Mirror, PlatformSpec, RegistriesConf,
+    RegistryError, ResolvedImage,
 };
 
 /// Mount, inspect and export container images straight from a registry.
@@ -100,6 +101,10 @@ pub enum Command {
     /// Check everything about an image: manifest, config and layer digests,
     /// every diff_id, every TOC and published index against its tar stream.
     Verify(verify::VerifyArgs),
+    /// Shell completions, generated from the same definitions as --help.
+    Completions(docs::CompletionsArgs),
+    /// Manual pages: rimg.1 to stdout, or every page into --dir.
+    Man(docs::ManArgs),
     /// Gzip checkpoint indexes: read plain gzip layers by range elsewhere.
     Index {
         #[command(subcommand)]
@@ -158,6 +163,8 @@ pub fn run(command: Command) -> ExitCode {
         Command::Mounts(a) => mount::mounts(&a),
         Command::Export(a) => export::export(&a),
         Command::Verify(a) => verify::verify(&a),
+        Command::Completions(a) => docs::completions(&a),
+        Command::Man(a) => docs::man(&a),
         Command::Index { action } => index::index(&action),
         Command::Cache { action } => cache::cache(&action),
     };
@@ -361,11 +368,16 @@ impl RegistryOpts {
         ) {
             mirrors.push(m.parse::<Mirror>().map_err(|e| anyhow!(e))?);
         }
+        // registries.conf's mirrors come after --mirror and RIMG_MIRRORS.
+        let conf = registries_conf()?;
+        mirrors.extend(conf.map(RegistriesConf::mirrors).unwrap_or_default());
+        let insecure_hosts = conf.map(RegistriesConf::insecure_hosts).unwrap_or_default();
         let opts = ClientOptions {
             plain_http: self.plain_http,
             insecure: self.insecure,
             ca_certs: self.ca_certs.clone(),
             mirrors,
+            insecure_hosts,
             credentials: CredentialStore::from_env(explicit),
             foreign_urls: self.allow_foreign_layers,
             deadline: std::time::Duration::from_secs(self.timeout),
@@ -408,7 +420,35 @@ pub(crate) fn parse_reference(s: &str) -> Result<Reference> {
             if path.is_dir() { "directory" } else { "file" }
         );
     }
-    Ok(Reference::parse(r)?)
+    Ok(references(r)?
+        .into_iter()
+        .next()
+        .context("no reference to try")?)
+}
+
+/// The containers-registries.conf files podman reads (see
+/// [`rimg::registry::RegistriesConf`]), read once; `None` when there are none.
+pub(crate) fn registries_conf() -> Result<Option<&'static RegistriesConf>> {
+    static CONF: std::sync::OnceLock<Result<Option<RegistriesConf>, String>> =
+        std::sync::OnceLock::new();
+    match CONF.get_or_init(|| RegistriesConf::load().map_err(|e| e.to_string())) {
+        Ok(c) => Ok(c.as_ref()),
+        Err(e) => bail!("{e}"),
+    }
+}
+
+/// The references `r` may name, in the order to try them: a short name
+/// through registries.conf's aliases and search registries (docker's
+/// normalisation without them), each rewritten by its `[[registry]]` and
+/// refused when that registry is blocked.
+pub(crate) fn references(r: &str) -> Result<Vec<Reference>> {
+    let Some(conf) = registries_conf()? else {
+        return Ok(vec![Reference::parse(r)?]);
+    };
+    conf.candidates(r)?
+        .iter()
+        .map(|c| Ok(conf.rewrite(c)?))
+        .collect()
 }
 
 /// Resolves `reference`; when the registry cannot be reached, the image it
@@ -493,14 +533,28 @@ impl Common {
                 Ok((image, blobs.into(), spec.absolute()?.to_string()))
             }
             Location::Registry(r) => {
-                let reference = parse_reference(r)?;
+                parse_reference(r)?;
+                let r = r.strip_prefix("docker://").unwrap_or(r);
                 let client = self.registry.client_with(creds)?;
-                let image = rt.block_on(resolve(&client, self, &reference))?;
-                // The trust step: before any layer is read. The image is
-                // read from these verified manifest bytes from here on.
-                self.admit(rt, &client, &reference, &image)?;
-                let pinned = image.reference.with_digest(&image.digest).to_string();
-                Ok((image, client.into(), pinned))
+                // A short name may stand for several (registries.conf's
+                // search registries): the first that resolves.
+                let mut first_error = None;
+                for reference in references(r)? {
+                    let image = match rt.block_on(resolve(&client, self, &reference)) {
+                        Ok(image) => image,
+                        Err(e) => {
+                            tracing::info!("{}", one_line(&e));
+                            first_error.get_or_insert(e);
+                            continue;
+                        }
+                    };
+                    // The trust step: before any layer is read. The image is
+                    // read from these verified manifest bytes from here on.
+                    self.admit(rt, &client, &reference, &image)?;
+                    let pinned = image.reference.with_digest(&image.digest).to_string();
+                    return Ok((image, client.into(), pinned));
+                }
+                Err(first_error.unwrap_or_else(|| anyhow!("{r}: no reference to try")))
             }
         }
     }

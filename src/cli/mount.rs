@@ -65,7 +65,11 @@ pub struct UmountArgs {
 }
 
 #[derive(clap::Args)]
-pub struct MountsArgs {}
+pub struct MountsArgs {
+    /// One JSON object per mount and line.
+    #[arg(long)]
+    pub json: bool,
+}
 
 pub fn mount(args: &MountArgs) -> Result<()> {
     init_logging(args.log.verbose);
@@ -412,9 +416,22 @@ pub(super) fn unmount_when_dead(mountpoint: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
-pub fn mounts(_: &MountsArgs) -> Result<()> {
+pub fn mounts(args: &MountsArgs) -> Result<()> {
     let list = mounts::list();
     let mut out = std::io::stdout().lock();
+    if args.json {
+        for r in list {
+            let mut o = serde_json::Map::new();
+            o.insert("reference".into(), r.reference.into());
+            o.insert("digest".into(), r.digest.into());
+            o.insert("state".into(), if r.dead { "dead" } else { "live" }.into());
+            o.insert("pid".into(), (r.pid != 0).then_some(r.pid).into());
+            let mountpoint = r.mountpoint.as_os_str().as_encoded_bytes();
+            super::forensics::put_bytes(&mut o, "mountpoint", mountpoint);
+            writeln!(out, "{}", serde_json::Value::Object(o))?;
+        }
+        return Ok(());
+    }
     writeln!(
         out,
         "{:<50} {:<19} {:<5} {:>7} MOUNTPOINT",

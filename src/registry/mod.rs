@@ -4,6 +4,7 @@
 mod blob;
 mod challenge;
 mod client;
+mod config;
 mod credentials;
 mod error;
 mod image;
@@ -16,7 +17,10 @@ mod types;
 
 pub use blob::BlobReader;
 pub use challenge::{Challenge, parse_challenges};
-pub use client::{Client, ClientOptions, DEFAULT_DEADLINE, DEFAULT_STALL, DEFAULT_TRIES, Mirror};
+pub use client::{
+    Client, ClientOptions, DEFAULT_DEADLINE, DEFAULT_STALL, DEFAULT_TRIES, Mirror, MirrorPulls,
+};
+pub use config::{ConfigError, MirrorConf, RegistriesConf, RegistryConf, is_short_name};
 pub use credentials::{CredentialStore, Credentials};
 pub use error::RegistryError;
 pub use image::{

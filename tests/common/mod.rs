@@ -3,7 +3,9 @@
 //! verifies for real, an image builder and pusher, and tree listings to compare
 //! rimg's view with umoci's.
 
+pub mod alpine;
 pub mod counting;
+pub mod docker;
 pub mod fixtures;
 pub mod image;
 pub mod lazy;
@@ -17,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+#[allow(unused_imports)] // not every test binary that compiles tests/common uses it
+pub use alpine::alpine;
 use token::TokenServer;
 
 #[allow(dead_code)] // not every test binary that compiles tests/common uses it
@@ -24,8 +28,11 @@ pub const USER: &str = "alice";
 #[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub const PASS: &str = "s3cret-pass";
 
+/// A loopback port nothing listens on now: for addresses that must refuse
+/// connections. Never hand it to a server (another process may take it
+/// first); servers bind port 0 themselves, see [`listening_port`].
 #[allow(dead_code)] // not every test binary that compiles tests/common uses it
-pub fn free_port() -> u16 {
+pub fn dead_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -33,17 +40,31 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// The TCP port process `pid` listens on, once it does: its socket inodes
+/// (`/proc/PID/fd`) found in a listening row of `/proc/PID/net/tcp`.
 #[allow(dead_code)] // not every test binary that compiles tests/common uses it
-pub fn shared_images() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/images")
+pub fn listening_port(pid: u32) -> Option<u16> {
+    let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()?
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|l| {
+            let l = l.to_str()?;
+            Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+        })
+        .collect();
+    let table = std::fs::read_to_string(format!("/proc/{pid}/net/tcp")).ok()?;
+    table.lines().skip(1).find_map(|row| {
+        let f: Vec<&str> = row.split_whitespace().collect();
+        // local_address is HEXIP:HEXPORT, st 0A is LISTEN, inode is field 9.
+        if f.get(3) != Some(&"0A") || !inodes.iter().any(|i| Some(&i.as_str()) == f.get(9)) {
+            return None;
+        }
+        u16::from_str_radix(f[1].rsplit(':').next()?, 16).ok()
+    })
 }
 
-#[allow(dead_code)] // not every test binary that compiles tests/common uses it
-pub fn alpine(version: &str, arch: &str) -> PathBuf {
-    shared_images().join(format!(
-        "alpine-{version}/alpine-minirootfs-{version}-{arch}.tar.gz"
-    ))
-}
+/// Stands for the port in a registry's config template: 0 (bind any) at first.
+const PORT_MARK: &str = "@PORT@";
 
 #[allow(dead_code)] // not every test binary that compiles tests/common uses it
 pub enum Auth {
@@ -87,9 +108,11 @@ impl Registry {
     #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     fn start_with(auth: Auth, proxy: Option<String>, tls: bool) -> Registry {
         let dir = tempfile::tempdir().unwrap();
-        let port = free_port();
+        // Port 0: the registry binds a free port itself (no window in which
+        // another process could take a port chosen for it); `restart` reads
+        // which one and pins it for the restarts that follow.
         let mut cfg = format!(
-            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}/data\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}/data\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{PORT_MARK}\n",
             dir.path().display()
         );
         match &auth {
@@ -140,7 +163,7 @@ impl Registry {
         let config = dir.path().join("config.yml");
         std::fs::write(&config, cfg).unwrap();
         let mut r = Registry {
-            port,
+            port: 0,
             dir,
             child: None,
             auth,
@@ -174,26 +197,47 @@ impl Registry {
         }
     }
 
+    /// Starts the registry again (on the port it had, once it has one) and
+    /// waits until it listens.
     #[allow(dead_code)] // not every test binary that compiles tests/common uses it
     pub fn restart(&mut self) {
         self.stop();
-        let log = std::fs::File::create(self.dir.path().join("registry.log")).unwrap();
-        let child = Command::new("docker-registry")
-            .arg("serve")
-            .arg(&self.config)
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("docker-registry must be installed (scripts/install-deps.sh)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if std::net::TcpStream::connect(self.addr()).is_ok() {
-                return;
+        let template = std::fs::read_to_string(&self.config).unwrap();
+        let config = self.dir.path().join("config-run.yml");
+        std::fs::write(&config, template.replace(PORT_MARK, &self.port.to_string())).unwrap();
+        let log_path = self.dir.path().join("registry.log");
+        // A pinned port can be taken while the registry is down: a few tries.
+        for _ in 0..20 {
+            let log = std::fs::File::create(&log_path).unwrap();
+            let mut child = Command::new("docker-registry")
+                .arg("serve")
+                .arg(&config)
+                .stdout(log.try_clone().unwrap())
+                .stderr(log)
+                .spawn()
+                .expect("docker-registry must be installed (scripts/install-deps.sh)");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while Instant::now() < deadline {
+                if child.try_wait().unwrap().is_some() {
+                    break;
+                }
+                if let Some(port) = listening_port(child.id()) {
+                    assert!(self.port == 0 || self.port == port);
+                    self.port = port;
+                    self.child = Some(child);
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            let _ = child.kill();
+            let _ = child.wait();
+            std::thread::sleep(Duration::from_millis(200));
         }
-        panic!("registry on {} did not start", self.addr());
+        panic!(
+            "registry on port {} did not start: {}",
+            self.port,
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
     }
 
     /// The Authorization header that lets the harness push.

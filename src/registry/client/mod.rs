@@ -41,6 +41,19 @@ const DEFAULT_TOKEN_TTL: u64 = 60;
 pub struct Mirror {
     pub registry: String,
     pub url: Url,
+    /// Which pulls may use the mirror (registries.conf's `pull-from-mirror`).
+    pub pulls: MirrorPulls,
+}
+
+/// Which references a mirror serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum MirrorPulls {
+    #[default]
+    All,
+    /// References by digest only (the same bytes whichever endpoint answers).
+    DigestOnly,
+    /// References by tag only.
+    TagOnly,
 }
 
 impl std::str::FromStr for Mirror {
@@ -55,7 +68,11 @@ impl std::str::FromStr for Mirror {
         if !matches!(url.scheme(), "http" | "https") {
             return Err(format!("mirror {url} must be http:// or https://"));
         }
-        Ok(Mirror { registry, url })
+        Ok(Mirror {
+            registry,
+            url,
+            pulls: MirrorPulls::All,
+        })
     }
 }
 
@@ -65,6 +82,9 @@ pub struct ClientOptions {
     pub plain_http: bool,
     /// Skip TLS verification.
     pub insecure: bool,
+    /// Hosts (`host[:port]`) that, like loopback ones, may speak plain HTTP
+    /// and whose certificates are not verified (registries.conf `insecure`).
+    pub insecure_hosts: Vec<String>,
     pub ca_certs: Vec<PathBuf>,
     pub mirrors: Vec<Mirror>,
     pub credentials: CredentialStore,
@@ -100,6 +120,7 @@ impl Default for ClientOptions {
         ClientOptions {
             plain_http: false,
             insecure: false,
+            insecure_hosts: Vec::new(),
             ca_certs: Vec::new(),
             mirrors: Vec::new(),
             credentials: CredentialStore::default(),
@@ -165,6 +186,8 @@ pub struct Client {
     plain: reqwest::Client,
     /// Trusts the system's CAs as well; built on first HTTPS use.
     tls: OnceLock<reqwest::Client>,
+    /// For `insecure_hosts` over HTTPS: certificates not verified.
+    tls_unverified: OnceLock<reqwest::Client>,
     extra_roots: Vec<reqwest::Certificate>,
     opts: ClientOptions,
     schemes: Mutex<HashMap<String, Scheme>>,
@@ -223,6 +246,7 @@ impl Client {
             layer_slots: tokio::sync::Semaphore::new(opts.parallel_layers.max(1)),
             plain,
             tls: OnceLock::new(),
+            tls_unverified: OnceLock::new(),
             extra_roots,
             opts,
             schemes: Mutex::default(),
@@ -264,6 +288,22 @@ impl Client {
         if url.scheme() == "http" {
             return &self.plain;
         }
+        let host = match url.port() {
+            Some(p) => format!("{}:{p}", url.host_str().unwrap_or_default()),
+            None => url.host_str().unwrap_or_default().to_string(),
+        };
+        if !self.opts.insecure && self.opts.insecure_hosts.contains(&host) {
+            return self.tls_unverified.get_or_init(|| {
+                let opts = ClientOptions {
+                    insecure: true,
+                    ..self.opts.clone()
+                };
+                Self::build_http(&opts, &self.extra_roots, true).unwrap_or_else(|e| {
+                    tracing::error!("{e}; HTTPS to {host} will use plain HTTP's client");
+                    self.plain.clone()
+                })
+            });
+        }
         self.tls.get_or_init(|| {
             Self::build_http(&self.opts, &self.extra_roots, true).unwrap_or_else(|e| {
                 tracing::error!("{e}; HTTPS will trust only --ca-cert");
@@ -282,6 +322,11 @@ impl Client {
             .mirrors
             .iter()
             .filter(|m| m.registry == reference.registry)
+            .filter(|m| match m.pulls {
+                MirrorPulls::All => true,
+                MirrorPulls::DigestOnly => reference.digest.is_some(),
+                MirrorPulls::TagOnly => reference.digest.is_none(),
+            })
             .map(|m| {
                 let mut base = m.url.clone();
                 base.set_path("");
@@ -318,7 +363,7 @@ impl Client {
         };
         let chosen = if self.opts.plain_http {
             parse("http")?
-        } else if is_loopback(host) {
+        } else if is_loopback(host) || self.opts.insecure_hosts.iter().any(|h| h == registry) {
             // Loopback registries may speak plain HTTP, as docker allows. Asking
             // in plain HTTP first costs no TLS set-up when that is the answer;
             // a TLS server says so in its 400 reply, or hangs up.
