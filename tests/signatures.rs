@@ -131,7 +131,8 @@ fn a_good_signature_is_accepted_and_verify_names_the_signer() {
         )),
         "{out}"
     );
-    assert!(out.trim_end().ends_with("accepted"), "{out}");
+    // Then the layers are checked, and the verdict is the last line.
+    assert!(out.trim_end().ends_with("verified"), "{out}");
     let inspect = f.env.ok(&f.args(&p, &rd, &["inspect", &image]));
     let v: serde_json::Value = serde_json::from_str(&inspect).unwrap();
     assert_eq!(v["policy"]["accepted"], true);

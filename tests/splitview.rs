@@ -628,3 +628,19 @@ fn once_prefetched_the_tar_a_tar_split_rebuilds_must_hash_to_the_diff_id() {
         drop(m);
     }
 }
+
+#[test]
+fn verify_names_the_split_view_of_a_lying_toc_with_or_without_tar_split() {
+    let f = fixture();
+    for repo in ["ts", "nots"] {
+        let out = Env::new().run(&["verify", &r(f, repo)]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{repo}: {text}");
+        assert!(
+            text.contains("toc FAILED (split view: its table of contents "),
+            "{repo}: {text}"
+        );
+        assert!(err.contains("failed verification"), "{repo}: {err}");
+    }
+}

@@ -103,7 +103,7 @@ pub(crate) fn decision_for(
 /// The decision as `rimg verify` prints it: the policy, then a line per
 /// signature found (who signed it, whether the policy accepts it).
 pub(crate) fn write_decision(out: &mut dyn Write, d: &Decision) -> std::io::Result<()> {
-    writeln!(out, "policy {} (scope {})", d.policy, d.scope)?;
+    writeln!(out, "policy     {} (scope {})", d.policy, d.scope)?;
     for s in &d.signatures {
         let verdict = if s.accepted {
             "accepted".to_string()
@@ -112,7 +112,7 @@ pub(crate) fn write_decision(out: &mut dyn Write, d: &Decision) -> std::io::Resu
         };
         writeln!(
             out,
-            "signature {}: signer {}; {verdict}",
+            "signature  {}: signer {}; {verdict}",
             s.source,
             s.signer.as_deref().unwrap_or("none trusted"),
         )?;

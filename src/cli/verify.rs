@@ -29,13 +29,12 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
     let rt = runtime()?;
     // Signatures first: a rejected image is reported, never read.
     let (name, decision) = trust::decision_for(common, &rt, reference)?;
-    {
-        let mut out = std::io::stdout().lock();
-        if json {
-            writeln!(out, "{}", trust::decision_json(&decision))?;
-        } else {
-            trust::write_decision(&mut out, &decision)?;
-        }
+    let policy = trust::decision_json(&decision);
+    if json && !decision.accepted {
+        let verdict = serde_json::json!({"reference": name, "ok": false, "policy": policy});
+        writeln!(std::io::stdout().lock(), "{verdict}")?;
+    } else if !json {
+        trust::write_decision(&mut std::io::stdout().lock(), &decision)?;
     }
     if !decision.accepted {
         decision.into_result(&name)?;
@@ -55,6 +54,7 @@ pub fn verify(args: &VerifyArgs) -> Result<()> {
             "config": report.config,
             "ok": failures.is_empty(),
             "failures": failures,
+            "policy": policy,
         });
         writeln!(out, "{verdict}")?;
     } else {

@@ -43,6 +43,8 @@ pub enum RangedOpenError {
     Cache(#[from] CacheError),
     #[error("its eStargz footer puts the table of contents at {at}, outside the {size}-byte blob")]
     Footer { at: u64, size: u64 },
+    #[error("reading it: {0}")]
+    Local(String),
     #[error(transparent)]
     Index(#[from] super::gzindex::GzIndexError),
     #[error(
@@ -595,10 +597,7 @@ pub(super) fn fetch_toc(
     desc: &LayerDesc,
     location: TocLocation,
 ) -> Result<toc::TocLayer, RangedOpenError> {
-    let get = |start: u64, len: u64| -> Result<Vec<u8>, RangedOpenError> {
-        if len > TOC_MAX {
-            return Err(RangedOpenError::TooLarge { len });
-        }
+    read_toc(desc, location, |start, len| {
         source
             .handle
             .block_on(
@@ -608,6 +607,22 @@ pub(super) fn fetch_toc(
             )
             .map(|b| b.to_vec())
             .map_err(RangedOpenError::Fetch)
+    })
+}
+
+/// Reads and parses layer `desc`'s table of contents at `location`, its
+/// bytes got from `get(start, len)` (by range from the registry, or from a
+/// blob on disk: `rimg verify`).
+pub(super) fn read_toc(
+    desc: &LayerDesc,
+    location: TocLocation,
+    get: impl Fn(u64, u64) -> Result<Vec<u8>, RangedOpenError>,
+) -> Result<toc::TocLayer, RangedOpenError> {
+    let get = |start: u64, len: u64| {
+        if len > TOC_MAX {
+            return Err(RangedOpenError::TooLarge { len });
+        }
+        get(start, len)
     };
     match location {
         TocLocation::Range {

@@ -159,16 +159,62 @@ impl ImageSource {
         if let Some(o) = self.verify_published_index(i, &layer).await {
             report.checks.push((LayerCheck::Index, o));
         }
-        if crate::layer::toc::locate(&desc.media_type, &desc.annotations).is_some() {
-            // The TOC-against-stream comparison lands with the TOC checks.
-            report.checks.push((
-                LayerCheck::Toc,
-                Outcome::Skipped(
-                    "comparing a table of contents with its tar stream is not built yet".into(),
-                ),
-            ));
+        // Only a pinned TOC says anything: a gzip layer whose annotations
+        // pin none is read whole, never through a TOC.
+        if let Some(location) = crate::layer::toc::locate(&desc.media_type, &desc.annotations)
+            .filter(|l| {
+                !matches!(
+                    l,
+                    crate::layer::toc::TocLocation::EstargzFooter { digest: None }
+                )
+            })
+        {
+            report
+                .checks
+                .push((LayerCheck::Toc, self.verify_toc(i, location, &layer).await));
         }
         Ok(report)
+    }
+
+    /// Compares layer `i`'s table of contents, read from its verified
+    /// blob, with the index of its tar stream: a split view is named by its
+    /// first difference.
+    async fn verify_toc(
+        &self,
+        i: usize,
+        location: crate::layer::toc::TocLocation,
+        layer: &Arc<Layer>,
+    ) -> Outcome {
+        let desc = self.image.layers[i].clone();
+        let Some(path) = self.cache.blob_path(&desc.digest) else {
+            return Outcome::Skipped("the layer's blob is not kept".into());
+        };
+        let layer = Arc::clone(layer);
+        let checked = tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::File::open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            let toc = super::ranged::read_toc(&desc, location, |start, len| {
+                let mut b = vec![0; len as usize];
+                f.read_exact_at(&mut b, start).map_err(|e| {
+                    super::RangedOpenError::Local(format!("{}: {e}", path.display()))
+                })?;
+                Ok(b)
+            })
+            .map_err(|e| crate::report::Chain(&e).to_string())?;
+            let real = layer
+                .index()
+                .map_err(|e| crate::report::Chain(&e).to_string())?;
+            match crate::layer::first_difference(&toc.index, &real, false) {
+                Some(d) => Err(format!("split view: its table of contents {d}")),
+                None => Ok(()),
+            }
+        })
+        .await
+        .unwrap_or_else(|e| Err(e.to_string()));
+        match checked {
+            Ok(()) => Outcome::Ok,
+            Err(why) => Outcome::Failed(why),
+        }
     }
 
     /// Compares the published gzip index of layer `i` (if any) with the

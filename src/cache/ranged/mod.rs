@@ -703,7 +703,7 @@ mod keep;
 mod stream;
 use keep::distrust;
 pub use keep::{Form, GZ_INDEX, RangedCache, TARSPLIT, TOC};
-pub use stream::{STREAM_AFTER_FRACTION, STREAM_AFTER_REQUESTS, STREAM_WINDOW};
+pub use stream::{STREAM_AFTER_FRACTION, STREAM_AFTER_REQUESTS, STREAM_WINDOW, STREAM_WORKERS};
 
 #[cfg(test)]
 mod tests {
