@@ -757,7 +757,7 @@ mod reference_grammar {
 #[test]
 fn a_refused_connection_fails_in_one_line_within_three_seconds() {
     let env = Env::new();
-    let r = format!("127.0.0.1:{}/x:y", free_port());
+    let r = format!("127.0.0.1:{}/x:y", dead_port());
     let started = std::time::Instant::now();
     let out = env.run(&["ls", &r]);
     let took = started.elapsed();
