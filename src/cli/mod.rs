@@ -420,10 +420,10 @@ pub(crate) fn parse_reference(s: &str) -> Result<Reference> {
             if path.is_dir() { "directory" } else { "file" }
         );
     }
-    Ok(references(r)?
+    references(r)?
         .into_iter()
         .next()
-        .context("no reference to try")?)
+        .context("no reference to try")
 }
 
 /// The containers-registries.conf files podman reads (see
