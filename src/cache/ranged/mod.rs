@@ -712,9 +712,9 @@ mod tests {
 
     /// Spans that "compress" by xoring with 0x5a; each span's decoded bytes
     /// are checked against the content they must have.
-    struct Xor {
-        spans: Vec<SpanLoc>,
-        content: Vec<u8>,
+    pub(super) struct Xor {
+        pub(super) spans: Vec<SpanLoc>,
+        pub(super) content: Vec<u8>,
     }
     impl SpanMap for Xor {
         fn count(&self) -> usize {

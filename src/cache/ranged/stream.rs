@@ -205,33 +205,13 @@ fn stream_worker(me: Weak<Ranged>) {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{BoxError, RangeSource, SpanLoc, SpanMap};
+    use super::super::{BoxError, RangeSource, SpanLoc};
     use super::*;
     use std::sync::atomic::AtomicUsize;
     use std::time::{Duration, Instant};
 
-    /// Spans stored xored with 0x5a, back to back; decoding checks the
-    /// content, so a wrong byte fails verification.
-    struct Xor {
-        spans: Vec<SpanLoc>,
-        content: Vec<u8>,
-    }
-    impl SpanMap for Xor {
-        fn count(&self) -> usize {
-            self.spans.len()
-        }
-        fn span(&self, i: usize) -> SpanLoc {
-            self.spans[i]
-        }
-        fn decode(&self, i: usize, c: &[u8]) -> Result<Vec<u8>, BoxError> {
-            let s = self.spans[i];
-            let out: Vec<u8> = c.iter().map(|b| b ^ 0x5a).collect();
-            if out[..] != self.content[s.start as usize..(s.start + s.len) as usize] {
-                return Err(format!("span {i}: digest mismatch").into());
-            }
-            Ok(out)
-        }
-    }
+    // The span map of the range cache's own tests: spans xored with 0x5a.
+    use super::super::tests::Xor;
 
     struct Blob {
         bytes: Vec<u8>,
