@@ -4,14 +4,19 @@
 //! Data flows one way; each stage imports only the stages before it:
 //!
 //! ```text
-//!            registry ─┐
-//! reference ─┤         ├─> cache ─> overlay ─> image ─> fuse | export | forensics
-//!            local ────┘   (store)
+//!            registry ─┬─> trust ─┐
+//! reference ─┤           │          ├─> image ─> fuse | export | forensics
+//!            local ────┴─> cache ─> overlay ┘
+//!                          (store)
 //! ```
 //!
 //! - [`reference`]: docker-style image references;
 //! - [`registry`]: the distribution API client (auth, manifests, blobs, byte
 //!   ranges, pushes and referrers);
+//! - [`trust`]: the containers trust policy (`policy.json`, `registries.d`),
+//!   cosign signatures and sigstore bundles checked with public keys, and
+//!   signing a published index; asked once per image before any layer is
+//!   read, and by [`image`] about a published index's signature;
 //! - [`local`]: images in files (`docker-archive:`, `oci:`, `oci-archive:`),
 //!   the other place blobs come from;
 //! - [`cache`], the store: layers fetched, verified, inflated and indexed on
