@@ -282,7 +282,7 @@ impl State {
         (ino, prov)
     }
 
-    /// The tree, built once. A failure is remembered for [`RETRY_AFTER`], so a
+    /// The tree, built once. A failure is remembered for `RETRY_AFTER`, so a
     /// burst of lookups does not retry it at once; after that an access retries.
     pub async fn mounted(&self) -> Result<Arc<Mounted>, Unavailable> {
         if let Some(m) = self.ready.get() {
